@@ -452,6 +452,7 @@ def test_writer_rejects_bad_input_and_writes_nothing() -> None:
         (lambda: w.write_hvm_context(b"x"), "not valid in an x86 PV stream"),
         (lambda: w.write_x86_pv_info(), "already written"),
         (lambda: w.write_record(0x13, b""), "unknown mandatory record type"),
+        (lambda: w.write_record(0x8000_0001, 5), "body must be bytes"),  # type: ignore[arg-type]
         (lambda: w.write_record(0x02, b"\x08\x03" + bytes(6)), "only 8/4 and 4/3"),
         (lambda: w.write_x86_cpuid_policy(bytes(23)), "multiple of 24"),
     ]

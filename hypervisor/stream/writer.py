@@ -129,6 +129,8 @@ class StreamWriter:
         if not isinstance(rtype, int) or not 0 <= rtype < 1 << 32:
             raise StreamError(f"record type {rtype!r} does not fit u32", offset=self._offset)
         name = record_type_name(rtype)
+        if not isinstance(body, bytes | bytearray | memoryview):
+            raise StreamError("body must be bytes", offset=self._offset, record=name)
         record_class = RECORD_CLASSES.get(rtype)
         if record_class is None:
             if not rtype & REC_TYPE_OPTIONAL:
