@@ -1,0 +1,388 @@
+"""The unicorn adapter: one physical CPU, and every unicorn quirk hvlab knows.
+
+Nothing outside this module touches a `Uc`. What unicorn 2.1.4 does and how we
+cope (measured; DESIGN.md §2):
+
+- Host memory is mapped as ONE region at machine address 0 (per-page regions
+  make unicorn's region insertion super-linear).
+- `UC_TLB_VIRTUAL` + one TLB-fill hook: unicorn walks no page tables; the MMU
+  object above translates every TLB miss. A refused fill ends the run with
+  `UC_ERR_EXCEPTION` and no interrupt hook, so the MMU records why first.
+- Instruction budgets come from a native counting hook (native_counter.py):
+  exact executed-instruction counts at the cost of unicorn's own `count=`.
+- `vmcall` is an invalid instruction to unicorn: the invalid-instruction hook
+  decodes it, steps over it and stops the run as a `Hypercall` exit.
+- `hlt` makes `emu_start` return normally, just like an exhausted budget; the
+  counter's "stopped" flag tells the two apart.
+- Faults and `int n` reach the interrupt hook; unicorn delivers nothing
+  through the guest IDT (the hypervisor does, via emulator/interrupts.py).
+  Unicorn never clears its "previous exception" after a hooked fault, so the
+  next fault would be promoted to #DF and then to a silent triple fault; after
+  every fault we reload a pristine context and write the registers back.
+- `cpuid`, `in`, `out`, `rdtsc`, `rdtscp` are answered synchronously inside
+  their hooks by the exit handler given from above (rdtsc returns virtual time).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from typing import Protocol
+
+from unicorn import (
+    UC_ARCH_X86,
+    UC_ERR_EXCEPTION,
+    UC_HOOK_CODE,
+    UC_HOOK_INSN,
+    UC_HOOK_INSN_INVALID,
+    UC_HOOK_INTR,
+    UC_HOOK_TLB_FILL,
+    UC_MEM_FETCH,
+    UC_MEM_WRITE,
+    UC_MODE_64,
+    UC_PROT_ALL,
+    UC_PROT_EXEC,
+    UC_PROT_READ,
+    UC_PROT_WRITE,
+    UC_TLB_VIRTUAL,
+    Uc,
+    UcError,
+)
+from unicorn import x86_const as X
+from unicorn.unicorn_py3.unicorn import uclib
+
+from emulator.exits import (
+    BudgetExhausted,
+    Cpuid,
+    EngineError,
+    Exit,
+    GuestException,
+    Halt,
+    Hypercall,
+    InvalidOpcode,
+    MmuFault,
+    PortIO,
+)
+from emulator.memory import HostMemory
+from emulator.native_counter import NativeCounter
+
+_UC_CTL_TLB_FLUSH = 10  # uc_control_type value; the 2.1.4 binding has no helper
+_UC_CTL_IO_WRITE = 1
+
+VMCALL = b"\x0f\x01\xc1"
+
+# Access kinds as the MMU sees them.
+READ, WRITE, FETCH = "read", "write", "fetch"
+
+PERM_R = UC_PROT_READ
+PERM_W = UC_PROT_WRITE
+PERM_X = UC_PROT_EXEC
+
+# Vectors whose hardware frame carries an error code.
+VECTORS_WITH_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
+FIRST_SOFTWARE_VECTOR = 32  # `int n` above the exception range: a trap, RIP already past it
+
+GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
+        "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+_REG = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in (
+    *GPRS, "rip", "rflags", "cr0", "cr2", "cr3", "cr4",
+    "cs", "ss", "ds", "es", "fs", "gs", "fs_base", "gs_base",
+)}
+_EFER_MSR = 0xC000_0080
+_KERNEL_GS_BASE_MSR = 0xC000_0102
+
+# Everything a fault scrub must carry over (order matters: control state
+# first, then descriptor tables, then selectors that load from them).
+_SCRUB_CONTROL = ("cr0", "cr3", "cr4")
+_SCRUB_SELECTORS = ("cs", "ss", "ds", "es")
+_SCRUB_PLAIN = (*GPRS, "rip", "rflags", "cr2", "fs_base", "gs_base")
+
+
+class Mmu(Protocol):
+    """Translation policy supplied from above (PV one-stage, HVM two-stage, ...)."""
+
+    def translate(self, gva: int, access: str) -> tuple[int, int] | None:
+        """Machine address of the page holding `gva` and unicorn perms, or None.
+
+        On None the MMU keeps the reason in `last_fault` for the exit.
+        """
+
+    @property
+    def last_fault(self) -> object: ...
+
+
+SyncExitHandler = Callable[[Exit], bool]
+
+
+class PhysicalCpu:
+    """One emulated physical CPU running whichever vCPU context is loaded."""
+
+    def __init__(self, index: int, memory: HostMemory) -> None:
+        self.index = index
+        self.memory = memory  # keeps the buffer alive while this engine maps it
+        uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+        uc.mem_map_ptr(0, memory.size, UC_PROT_ALL, memory.address)
+        # With an `until` address unicorn probes that page through the TLB-fill
+        # hook, and a refused probe poisons the whole run; an empty exit list
+        # means "no until", so only budgets, exits and hlt end a run.
+        uc.ctl_exits_enabled(True)
+        uc.ctl_set_exits([])
+        self.uc = uc
+        self.mmu: Mmu | None = None
+        self.sync_exit: SyncExitHandler = lambda exit_: False
+        self._exit: Exit | None = None
+        self._mmio: list[object] = []  # ctypes callbacks must outlive the engine's use
+        self.tlb_fills = 0
+
+        self.counter = NativeCounter(ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value)
+        handle = ctypes.c_size_t()
+        rc = uclib.uc_hook_add(
+            uc._uch, ctypes.byref(handle), UC_HOOK_CODE, ctypes.c_void_p(self.counter.entry),
+            ctypes.c_void_p(self.counter.user_data), ctypes.c_uint64(1), ctypes.c_uint64(0),
+        )
+        if rc != 0:
+            raise UcError(rc)
+        uc.hook_add(UC_HOOK_TLB_FILL, self._on_tlb_fill)
+        uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
+        uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
+        uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
+        uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
+        self._add_rdtsc_hooks()
+        self._pristine = uc.context_save()
+        self.tsc: Callable[[], int] = lambda: 0
+
+    def _add_rdtsc_hooks(self) -> None:
+        # Unicorn's C core hooks rdtsc/rdtscp (callback shaped like cpuid's:
+        # return 1 to skip the instruction) but the 2.1.4 Python binding refuses
+        # them, so register through the binding's internal adder.
+        from unicorn.unicorn_py3.arch.intel import HOOK_INSN_CPUID_CFUNC
+        from unicorn.unicorn_py3.unicorn import uccallback
+
+        @uccallback(self.uc, HOOK_INSN_CPUID_CFUNC)
+        def on_rdtsc(uc, _key):
+            return self._on_rdtsc(uc, None)
+
+        for insn in (X.UC_X86_INS_RDTSC, X.UC_X86_INS_RDTSCP):
+            self.uc._Uc__do_hook_add(UC_HOOK_INSN, on_rdtsc, 1, 0, ctypes.c_int(insn))
+
+    # ----------------------------------------------------------------- running
+    @property
+    def executed(self) -> int:
+        """Instructions started on this pCPU since it was created."""
+        return self.counter.executed
+
+    def run(self, budget: int) -> Exit:
+        """Run the loaded context for at most `budget` instructions."""
+        self._exit = None
+        self.counter.set_budget(budget)
+        rip = self.uc.reg_read(X.UC_X86_REG_RIP)
+        try:
+            self.uc.emu_start(rip, 0)
+        except UcError as err:
+            if self._exit is None:
+                self._exit = self._explain_error(err)
+        if self._exit is not None:
+            if isinstance(self._exit, GuestException):
+                self._scrub_exception_state()
+            return self._exit
+        rip = self.uc.reg_read(X.UC_X86_REG_RIP)
+        if self.counter.budget_ran_out:
+            return BudgetExhausted(rip)
+        return Halt(rip)
+
+    def _explain_error(self, err: UcError) -> Exit:
+        rip = self.uc.reg_read(X.UC_X86_REG_RIP)
+        if err.errno == UC_ERR_EXCEPTION and self._pending_fill_fault is not None:
+            gva, access = self._pending_fill_fault
+            reason = self.mmu.last_fault if self.mmu is not None else None
+            return MmuFault(rip, gva, access, reason)
+        return EngineError(rip, f"unicorn: {err}")
+
+    # ------------------------------------------------------------------- hooks
+    _pending_fill_fault: tuple[int, str] | None = None
+
+    def _on_tlb_fill(self, uc: Uc, vaddr: int, access: int, entry, _ud) -> bool:
+        kind = FETCH if access == UC_MEM_FETCH else WRITE if access == UC_MEM_WRITE else READ
+        self.tlb_fills += 1
+        result = self.mmu.translate(vaddr, kind) if self.mmu is not None else None
+        if result is None:
+            self._pending_fill_fault = (vaddr, kind)
+            return False
+        self._pending_fill_fault = None
+        entry.paddr, entry.perms = result
+        return True
+
+    def _on_invalid(self, uc: Uc, _ud) -> bool:
+        rip = uc.reg_read(X.UC_X86_REG_RIP)
+        if self.read_virtual(rip, 3) == VMCALL:
+            self._exit = Hypercall(rip, 3)
+            uc.reg_write(X.UC_X86_REG_RIP, rip + 3)
+        else:
+            self._exit = InvalidOpcode(rip)
+        uc.emu_stop()
+        return True
+
+    def _on_interrupt(self, uc: Uc, vector: int, _ud) -> None:
+        rip = uc.reg_read(X.UC_X86_REG_RIP)
+        if vector == 3 or vector >= FIRST_SOFTWARE_VECTOR:
+            # unicorn leaves RIP after `int3` (1 byte) / `int n` (2 bytes);
+            # report the instruction itself. (`int n` with n < 32 is
+            # indistinguishable from the fault n and is reported as that fault.)
+            length = 1 if vector == 3 else 2
+            self._exit = GuestException(rip - length, vector, None, None, rip)
+        else:
+            err = 0 if vector in VECTORS_WITH_ERROR_CODE else None
+            cr2 = uc.reg_read(X.UC_X86_REG_CR2) if vector == 14 else None
+            self._exit = GuestException(rip, vector, err, cr2, rip)
+        uc.emu_stop()
+
+    def _sync(self, exit_: Exit) -> bool:
+        if self.sync_exit(exit_):
+            return True
+        self._exit = exit_
+        self.uc.emu_stop()
+        return False
+
+    def _on_cpuid(self, uc: Uc, _ud) -> int:
+        rip = uc.reg_read(X.UC_X86_REG_RIP)
+        leaf = uc.reg_read(X.UC_X86_REG_EAX)
+        sub = uc.reg_read(X.UC_X86_REG_ECX)
+        self._sync(Cpuid(rip, leaf, sub, 2))
+        return 1  # the handler wrote the result registers: skip unicorn's cpuid
+
+    def _on_in(self, uc: Uc, port: int, size: int, _ud) -> int:
+        rip = uc.reg_read(X.UC_X86_REG_RIP)
+        self._io_value = 0
+        self._sync(PortIO(rip, port, size, False, 0))
+        return self._io_value
+
+    def _on_out(self, uc: Uc, port: int, size: int, value: int, _ud) -> None:
+        rip = uc.reg_read(X.UC_X86_REG_RIP)
+        self._sync(PortIO(rip, port, size, True, value))
+
+    def complete_port_read(self, value: int) -> None:
+        """The value an `in` instruction reads (called by the exit handler)."""
+        self._io_value = value
+
+    def _on_rdtsc(self, uc: Uc, _ud) -> int:
+        tsc = self.tsc()
+        uc.reg_write(X.UC_X86_REG_RAX, tsc & 0xFFFF_FFFF)
+        uc.reg_write(X.UC_X86_REG_RDX, tsc >> 32)
+        return 1  # skip unicorn's host-derived TSC
+
+    # ----------------------------------------------------- quirk: #DF promotion
+    def _scrub_exception_state(self) -> None:
+        """Forget unicorn's record of the last fault so the next one is not a #DF."""
+        regs = {name: self.uc.reg_read(_REG[name]) for name in
+                (*_SCRUB_CONTROL, *_SCRUB_SELECTORS, *_SCRUB_PLAIN)}
+        efer = self.uc.reg_read(X.UC_X86_REG_MSR, _EFER_MSR)
+        kgs = self.uc.reg_read(X.UC_X86_REG_MSR, _KERNEL_GS_BASE_MSR)
+        gdtr = self.uc.reg_read(X.UC_X86_REG_GDTR)
+        idtr = self.uc.reg_read(X.UC_X86_REG_IDTR)
+        self.uc.context_restore(self._pristine)
+        self.uc.reg_write(X.UC_X86_REG_MSR, (_EFER_MSR, efer))
+        for name in _SCRUB_CONTROL:
+            self.uc.reg_write(_REG[name], regs[name])
+        self.uc.reg_write(X.UC_X86_REG_GDTR, gdtr)
+        self.uc.reg_write(X.UC_X86_REG_IDTR, idtr)
+        for name in _SCRUB_SELECTORS:
+            self.uc.reg_write(_REG[name], regs[name])
+        for name in _SCRUB_PLAIN:
+            self.uc.reg_write(_REG[name], regs[name])
+        self.uc.reg_write(X.UC_X86_REG_MSR, (_KERNEL_GS_BASE_MSR, kgs))
+
+    # ------------------------------------------------------------ guest access
+    def read_virtual(self, gva: int, size: int) -> bytes:
+        """Read guest-virtual memory through the MMU (used for decoding/delivery)."""
+        out = bytearray()
+        while size:
+            chunk = min(size, 0x1000 - (gva & 0xFFF))
+            ma = self._translate_or_raise(gva, READ)
+            out += self.memory.read(ma, chunk)
+            gva += chunk
+            size -= chunk
+        return bytes(out)
+
+    def write_virtual(self, gva: int, data: bytes) -> None:
+        pos = 0
+        while pos < len(data):
+            chunk = min(len(data) - pos, 0x1000 - (gva & 0xFFF))
+            ma = self._translate_or_raise(gva, WRITE)
+            self.memory.write(ma, data[pos : pos + chunk])
+            gva += chunk
+            pos += chunk
+
+    def _translate_or_raise(self, gva: int, access: str) -> int:
+        result = self.mmu.translate(gva & ~0xFFF, access) if self.mmu is not None else None
+        if result is None:
+            raise GuestMemoryFault(gva, access)
+        return result[0] + (gva & 0xFFF)
+
+    # --------------------------------------------------------------- registers
+    def reg(self, name: str) -> int:
+        if name == "efer":
+            return self.uc.reg_read(X.UC_X86_REG_MSR, _EFER_MSR)
+        return self.uc.reg_read(_REG[name])
+
+    def set_reg(self, name: str, value: int) -> None:
+        if name == "efer":
+            self.uc.reg_write(X.UC_X86_REG_MSR, (_EFER_MSR, value))
+        else:
+            self.uc.reg_write(_REG[name], value)
+
+    def set_descriptor_table(self, which: str, base: int, limit: int) -> None:
+        reg = X.UC_X86_REG_GDTR if which == "gdtr" else X.UC_X86_REG_IDTR
+        self.uc.reg_write(reg, (0, base, limit, 0))
+
+    def descriptor_table(self, which: str) -> tuple[int, int]:
+        reg = X.UC_X86_REG_GDTR if which == "gdtr" else X.UC_X86_REG_IDTR
+        _sel, base, limit, _flags = self.uc.reg_read(reg)
+        return base, limit
+
+    # ----------------------------------------------------- contexts and the TLB
+    def save_context(self):
+        """Opaque snapshot of the architectural state (for vCPU switching)."""
+        return self.uc.context_save()
+
+    def load_context(self, ctx) -> None:
+        self.uc.context_restore(ctx)
+        self.flush_tlb()  # cached translations belong to the previous context
+
+    def update_context(self, ctx) -> None:
+        self.uc.context_update(ctx)
+
+    def flush_translations(self) -> None:
+        """Forget translated code (after the host rewrote guest code pages)."""
+        self.uc.ctl_flush_tb()
+
+    def flush_tlb(self) -> None:
+        self.uc.ctl(_UC_CTL_TLB_FLUSH, _UC_CTL_IO_WRITE)
+
+    # -------------------------------------------------------------------- MMIO
+    def map_mmio(self, base: int, size: int,
+                 read: Callable[[int, int], int], write: Callable[[int, int, int], None]) -> None:
+        """Machine-address window whose accesses go to a device model."""
+        def on_read(_uc, offset, sz, _ud):
+            return read(offset, sz)
+
+        def on_write(_uc, offset, sz, value, _ud):
+            write(offset, sz, value)
+
+        self._mmio.append((on_read, on_write))
+        self.uc.mmio_map(base, size, on_read, None, on_write, None)
+
+    def close(self) -> None:
+        """Release the engine (the host memory stays)."""
+        self.uc = None  # type: ignore[assignment]
+
+
+class GuestMemoryFault(Exception):
+    """A hypervisor-side access to guest-virtual memory was refused by the MMU."""
+
+    def __init__(self, gva: int, access: str) -> None:
+        super().__init__(f"guest address {gva:#x} not mapped for {access}")
+        self.gva = gva
+        self.access = access
+
