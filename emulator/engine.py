@@ -342,6 +342,11 @@ class PhysicalCpu:
         return base, limit
 
     # ----------------------------------------------------- contexts and the TLB
+    def reset(self) -> None:
+        """Load the power-on state (64-bit mode, flat, no fault pending)."""
+        self.uc.context_restore(self._pristine)
+        self.flush_tlb()
+
     def save_context(self):
         """Opaque snapshot of the architectural state (for vCPU switching)."""
         return self.uc.context_save()

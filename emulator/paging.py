@@ -35,6 +35,7 @@ class Translation:
     ma: int  # machine address of the 4 KiB page
     writable: bool
     executable: bool
+    dirty: bool  # the leaf's D bit: a read fill may grant write only once it is set
     # machine addresses of the entries used, top level first (for tracing/tests)
     entry_mas: tuple[int, ...]
 
@@ -94,12 +95,12 @@ def walk(
         table_ma = next_addr
     if (write and not writable) or (fetch and not executable):
         return WalkFault(gva, _error_code(True, write, fetch), 1)
-    if write and set_accessed:
-        leaf_ma = used[-1]
-        entry = int(mem_u64[leaf_ma >> 3])
-        if not entry & D:
-            mem_u64[leaf_ma >> 3] = entry | D
-    return Translation(table_ma, writable, executable, tuple(used))
+    leaf_ma = used[-1]
+    leaf = int(mem_u64[leaf_ma >> 3])
+    if write and set_accessed and not leaf & D:
+        leaf |= D
+        mem_u64[leaf_ma >> 3] = leaf
+    return Translation(table_ma, writable, executable, bool(leaf & D), tuple(used))
 
 
 def _error_code(present: bool, write: bool, fetch: bool) -> int:

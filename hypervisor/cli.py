@@ -1,0 +1,80 @@
+"""The `hvlab` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from hypervisor.errors import HvlabError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from hypervisor.runner import print_report, run_scenario
+    from hypervisor.scenario import load_scenario
+
+    scenario = load_scenario(args.scenario)
+    trace = sys.stderr if args.trace else None
+    result = run_scenario(scenario, trace=trace, trace_limit=args.trace_limit)
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print_report(result)
+    return 0
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from hypervisor.runner import run_scenario
+    from hypervisor.scenario import load_scenario
+
+    scenario = load_scenario(args.scenario)
+    run_scenario(scenario, trace=sys.stdout, trace_limit=args.limit)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from hypervisor.bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hvlab", description=(
+        "An x86-64 hypervisor emulator for live-update research and teaching labs."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a scenario")
+    run.add_argument("scenario")
+    run.add_argument("--json", action="store_true", help="print one JSON object")
+    run.add_argument("--trace", action="store_true",
+                     help="also print disassembled execution to stderr")
+    run.add_argument("--trace-limit", type=int, default=10_000, metavar="N")
+    run.set_defaults(func=_cmd_run)
+
+    trace = sub.add_parser("trace", help="print disassembled execution per vCPU")
+    trace.add_argument("scenario")
+    trace.add_argument("--limit", type=int, default=2_000, metavar="N",
+                       help="stop after N trace lines (default 2000)")
+    trace.set_defaults(func=_cmd_trace)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench.add_argument("which", choices=["emulator"])
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except HvlabError as err:
+        print(f"hvlab: {err}", file=sys.stderr)
+        return err.exit_status
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Domains: a guest's memory, vCPUs, console, events and fate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hypervisor.evtchn import EventChannels
+from hypervisor.vcpu import Vcpu
+
+SHUTDOWN_REASONS = {0: "poweroff", 1: "reboot", 2: "suspend", 3: "crash", 4: "watchdog"}
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    reason: str
+    code: int | None
+    virtual_ns: int
+
+
+@dataclass
+class Domain:
+    domid: int
+    name: str
+    kind: str  # "pv" (HVM arrives with issue C)
+    p2m: np.ndarray  # pfn -> mfn (uint64)
+    shared_info_mfn: int
+    vcpus: list[Vcpu] = field(default_factory=list)
+    console: bytearray = field(default_factory=bytearray)
+    shutdown: Shutdown | None = None
+    crash_report: str | None = None
+    evtchn: EventChannels | None = None
+    start_info_va: int = 0
+    virt_base: int = 0
+    extra_frames: list[int] = field(default_factory=list)  # owned, outside the P2M
+
+    @property
+    def nr_pages(self) -> int:
+        return int(self.p2m.size)
+
+    @property
+    def alive(self) -> bool:
+        return self.shutdown is None
+
+    def console_text(self) -> str:
+        return self.console.decode("utf-8", errors="replace")

@@ -1,0 +1,58 @@
+"""The host frame allocator: which machine frames are free, deterministically.
+
+Frames are handed out lowest-first so the same scenario always places the
+same data at the same machine addresses (determinism across runs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from emulator.addr import MFN
+from hypervisor.errors import HvlabError
+
+
+class OutOfFrames(HvlabError):
+    pass
+
+
+class FrameAllocator:
+    def __init__(self, nr_frames: int, reserved: int = 1) -> None:
+        # frame 0 stays reserved so that MFN 0 never names a live page
+        self.nr_frames = nr_frames
+        self.free = np.ones(nr_frames, dtype=bool)
+        self.free[:reserved] = False
+        self._cursor = reserved
+
+    @property
+    def nr_free(self) -> int:
+        return int(self.free.sum())
+
+    def alloc(self, count: int, what: str = "frames") -> np.ndarray:
+        """`count` free frames, lowest first (not necessarily contiguous)."""
+        found = np.flatnonzero(self.free[self._cursor :])[:count] + self._cursor
+        if found.size < count:
+            found = np.flatnonzero(self.free)[:count]
+        if found.size < count:
+            raise OutOfFrames(
+                f"host memory exhausted: {what} need {count} frames, {self.nr_free} free"
+            )
+        self.free[found] = False
+        self._cursor = int(found[-1]) + 1
+        return found.astype(np.uint64)
+
+    def alloc_one(self, what: str = "frame") -> MFN:
+        return MFN(int(self.alloc(1, what)[0]))
+
+    def release(self, mfns: np.ndarray | list[int]) -> None:
+        mfns = np.asarray(mfns, dtype=np.int64)
+        if mfns.size == 0:
+            return
+        if self.free[mfns].any():
+            raise ValueError("releasing a frame that is already free")
+        self.free[mfns] = True
+        self._cursor = min(self._cursor, int(mfns.min()))
+
+    def mark_used(self, mfns: np.ndarray) -> None:
+        """Claim frames that already hold data (restoring ownership after a live update)."""
+        self.free[np.asarray(mfns, dtype=np.int64)] = False

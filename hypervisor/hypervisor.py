@@ -1,0 +1,330 @@
+"""The hypervisor: domains and vCPUs on a machine of N physical CPUs."""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from emulator.addr import PAGE_SIZE
+from emulator.engine import PhysicalCpu
+from emulator.exits import Cpuid, Exit, PortIO
+from emulator.memory import HostMemory
+from emulator.paging import WalkFault
+from hypervisor.dispatch import ExitDispatcher
+from hypervisor.domain import SHUTDOWN_REASONS, Domain, Shutdown
+from hypervisor.elf import load_kernel
+from hypervisor.errno import EINVAL
+from hypervisor.errors import HvlabError
+from hypervisor.evtchn import VCPU_INFO_SIZE, VIRQ_TIMER, EventChannels
+from hypervisor.frames import FrameAllocator
+from hypervisor.hypercalls import GuestAccessError
+from hypervisor.mmu import GDT_VA, PvMmu
+from hypervisor.pv_builder import build_pv_memory
+from hypervisor.scheduler import Scheduler
+from hypervisor.stream.vcpu_context import VcpuGuestContext
+from hypervisor.vcpu import DOWN, RUNNABLE, Vcpu
+
+DEFAULT_QUANTUM_NS = 1_000_000  # 1 ms of virtual time = 1 M instructions
+KERNEL_CS, KERNEL_DS = 0x08, 0x10
+# null, 64-bit code (DPL 0), data (DPL 0)
+GDT = struct.pack("<QQQ", 0, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF)
+INITIAL_RFLAGS = 0x2
+CR0_PE_PG = 0x8005_0033  # PE, MP, ET, NE, WP, AM, PG: what a 64-bit kernel runs with
+CR4_PAE = 0x20
+VCPU_TIME_OFFSET = 32  # vcpu_time_info inside vcpu_info
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    pcpus: int
+    memory: int  # bytes
+    quantum_ns: int = DEFAULT_QUANTUM_NS
+
+
+class Hypervisor:
+    def __init__(self, machine: MachineConfig, build: str = "4.19",
+                 memory: HostMemory | None = None) -> None:
+        self.machine = machine
+        self.build = build
+        self.memory = memory if memory is not None else HostMemory(machine.memory)
+        self.frames = FrameAllocator(self.memory.nr_frames)
+        self.pcpus = [PhysicalCpu(i, self.memory) for i in range(machine.pcpus)]
+        self.loaded: list[Vcpu | None] = [None] * machine.pcpus
+        self.gdt_mfn = self.frames.alloc_one("the hypervisor GDT")
+        self.memory.write(self.gdt_mfn * PAGE_SIZE, GDT)
+        self.domains: list[Domain] = []
+        self.scheduler = Scheduler(machine.pcpus)
+        self.dispatcher = ExitDispatcher(self)
+        self.now = 0  # virtual ns at the start of the current slice
+        self.exits: Counter[str] = Counter()
+        self.tracer = None
+        for cpu in self.pcpus:
+            cpu.sync_exit = self._sync_exit_for(cpu)
+
+    @property
+    def build_version(self) -> tuple[int, int]:
+        major, minor = self.build.split(".")[:2]
+        return int(major), int(minor)
+
+    # ---------------------------------------------------------------- domains
+    def create_pv_domain(self, name: str, kernel_path: str, memory: int, vcpus: int) -> Domain:
+        kernel = load_kernel(kernel_path)
+        nr_pages = memory // PAGE_SIZE
+        if nr_pages <= 0:
+            raise HvlabError(f"domain {name}: memory must be at least 4 KiB")
+        if not 1 <= vcpus <= 32:
+            raise HvlabError(f"domain {name}: vcpus must be between 1 and 32")
+        p2m = self.frames.alloc(nr_pages, f"domain {name}")
+        try:
+            shared_info = self.frames.alloc_one(f"domain {name} shared_info")
+        except HvlabError:
+            self.frames.release(p2m)
+            raise
+        try:
+            layout, l4_ma = build_pv_memory(self.memory, kernel, p2m, shared_info, vcpus, name)
+        except HvlabError:
+            self._scrub_and_release(np.append(p2m, shared_info))
+            raise
+        dom = Domain(len(self.domains), name, "pv", p2m, shared_info,
+                     start_info_va=layout.va(layout.start_info_pfn), virt_base=layout.virt_base)
+        dom.evtchn = EventChannels(dom.domid, vcpus, self.memory.frame_u8(shared_info),
+                                   kick=lambda vid, d=dom: d.vcpus[vid].wake(),
+                                   peer=self._domain_evtchn)
+        self._init_shared_info(dom, vcpus)
+        for vid in range(vcpus):
+            vcpu = Vcpu(dom, vid, PvMmu(self.memory, self.gdt_mfn * PAGE_SIZE))
+            dom.vcpus.append(vcpu)
+            self.scheduler.place(vcpu)
+        self.domains.append(dom)
+        boot = dom.vcpus[0]
+        self._start_vcpu(boot, {"rip": kernel.entry, "rsp": layout.stack_top,
+                                "rsi": dom.start_info_va, "rflags": INITIAL_RFLAGS}, l4_ma)
+        boot.runstate = RUNNABLE
+        return dom
+
+    def _domain_evtchn(self, domid: int) -> EventChannels | None:
+        if 0 <= domid < len(self.domains) and self.domains[domid].alive:
+            return self.domains[domid].evtchn
+        return None
+
+    def _init_shared_info(self, dom: Domain, nr_vcpus: int) -> None:
+        page = self.memory.frame_u8(dom.shared_info_mfn)
+        for vid in range(nr_vcpus):
+            base = VCPU_INFO_SIZE * vid
+            page[base + 1] = 1  # evtchn_upcall_mask: events masked until the guest is ready
+            # vcpu_time_info: version 2, tsc_timestamp 0, system_time 0, mul 2^31, shift 1
+            t = base + VCPU_TIME_OFFSET
+            page[t : t + 32] = np.frombuffer(struct.pack("<IIQQIbB2x", 2, 0, 0, 0,
+                                                         0x8000_0000, 1, 0), np.uint8)
+
+    def _scrub_and_release(self, mfns: np.ndarray) -> None:
+        self.memory.u64.reshape(-1, 512)[mfns.astype(np.int64)] = 0
+        self.frames.release(mfns)
+
+    # ------------------------------------------------------------------ vCPUs
+    def _start_vcpu(self, v: Vcpu, regs: dict[str, int], base_ma: int) -> None:
+        """Give a vCPU its first architectural state: 64-bit mode on the hypervisor GDT."""
+        cpu = self.pcpus[v.pcpu]
+        self._unload(v.pcpu)
+        cpu.reset()
+        v.mmu.base_ma = base_ma
+        cpu.mmu = v.mmu
+        cpu.set_reg("cr4", CR4_PAE)
+        cpu.set_reg("cr3", base_ma)
+        cpu.set_reg("cr0", CR0_PE_PG)
+        cpu.set_descriptor_table("gdtr", GDT_VA, len(GDT) - 1)
+        cpu.set_reg("cs", KERNEL_CS)
+        for seg in ("ss", "ds", "es"):
+            cpu.set_reg(seg, KERNEL_DS)
+        for name, value in regs.items():
+            cpu.set_reg(name, value)
+        v.context = cpu.save_context()
+        self.loaded[v.pcpu] = v
+
+    def initialise_vcpu(self, v: Vcpu, ctx: VcpuGuestContext) -> int:
+        """VCPUOP_initialise: a second vCPU from a `vcpu_guest_context`."""
+        base_ma = ctx.ctrlreg[3] & ~0xFFF
+        if base_ma == 0 or not self._owns_frame(v.domain, base_ma >> 12):
+            return -EINVAL
+        r = ctx.user_regs
+        regs = {name: getattr(r, name) for name in (
+            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
+            "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip")}
+        regs["rflags"] = (r.rflags | INITIAL_RFLAGS) & 0x3F7FD7 & ~(1 << 9)
+        calling = self.loaded[v.pcpu]
+        self._start_vcpu(v, regs, base_ma)
+        if calling is not None and calling is not v and calling.pcpu == v.pcpu:
+            self._switch(v.pcpu, calling)
+        v.event_callback = ctx.event_callback_eip
+        v.failsafe_callback = ctx.failsafe_callback_eip
+        v.syscall_callback = ctx.syscall_callback_eip
+        for t in ctx.trap_ctxt:
+            if t.address:
+                from hypervisor.vcpu import TrapEntry
+
+                v.trap_table[t.vector] = TrapEntry(t.vector, t.flags, t.cs, t.address)
+        v.runstate = DOWN
+        return 0
+
+    def _owns_frame(self, dom: Domain, mfn: int) -> bool:
+        return bool(np.any(dom.p2m == mfn))
+
+    def _unload(self, pcpu: int) -> None:
+        current = self.loaded[pcpu]
+        if current is not None:
+            self.pcpus[pcpu].update_context(current.context)
+            self.loaded[pcpu] = None
+
+    def _switch(self, pcpu: int, v: Vcpu) -> PhysicalCpu:
+        cpu = self.pcpus[pcpu]
+        if self.loaded[pcpu] is not v:
+            self._unload(pcpu)
+            cpu.load_context(v.context)
+            cpu.mmu = v.mmu
+            self.loaded[pcpu] = v
+        return cpu
+
+    def _sync_exit_for(self, cpu: PhysicalCpu):
+        def on_sync(exit_: Exit) -> bool:
+            v = self.loaded[cpu.index]
+            assert v is not None and isinstance(exit_, Cpuid | PortIO)
+            return self.dispatcher.handle_sync(cpu, v, exit_)
+
+        return on_sync
+
+    # ----------------------------------------------------------- guest memory
+    def copy_from_guest(self, v: Vcpu, gva: int, size: int) -> bytes:
+        return b"".join(self.memory.read(ma, n) for ma, n in self._guest_pages(v, gva, size,
+                                                                               "read"))
+
+    def copy_to_guest(self, v: Vcpu, gva: int, data: bytes) -> None:
+        pos = 0
+        for ma, n in self._guest_pages(v, gva, len(data), "write"):
+            self.memory.write(ma, data[pos : pos + n])
+            pos += n
+
+    def _guest_pages(self, v: Vcpu, gva: int, size: int, access: str):
+        while size > 0:
+            n = min(size, PAGE_SIZE - (gva & 0xFFF))
+            t = v.mmu.lookup(gva & ~0xFFF, access)
+            if isinstance(t, WalkFault):
+                raise GuestAccessError(f"{gva:#x}")
+            yield t.ma + (gva & 0xFFF), n
+            gva += n
+            size -= n
+
+    def write_vcpu_info(self, v: Vcpu, offset: int, data: bytes) -> None:
+        ma = v.domain.shared_info_mfn * PAGE_SIZE + VCPU_INFO_SIZE * v.vcpu_id + offset
+        self.memory.write(ma, data)
+
+    # ------------------------------------------------------------- lifecycle
+    def shutdown_domain(self, dom: Domain, reason: int, code: int | None) -> None:
+        if dom.alive:
+            dom.shutdown = Shutdown(SHUTDOWN_REASONS.get(reason, f"reason {reason}"), code,
+                                    self.vcpu_time(dom))
+
+    def crash_domain(self, dom: Domain, report: str) -> None:
+        if dom.alive:
+            dom.crash_report = report
+            dom.shutdown = Shutdown("crash", None, self.vcpu_time(dom))
+
+    def vcpu_time(self, dom: Domain) -> int:
+        return self._clock
+
+    def count_exit(self, name: str) -> None:
+        self.exits[name] += 1
+
+    # -------------------------------------------------------------------- run
+    _clock = 0  # virtual time of the instruction being handled
+
+    def run(self, until_ns: int) -> str:
+        """Run until every domain has shut down or virtual time reaches `until_ns`.
+
+        Returns why it stopped: "shutdown", "time-limit", "idle" (every vCPU
+        blocked with no timer pending: nothing can ever happen again) or
+        "trace-limit".
+        """
+        while True:
+            if not any(d.alive for d in self.domains):
+                return "shutdown"
+            if self.now >= until_ns:
+                return "time-limit"
+            if self.tracer is not None and self.tracer.exhausted:
+                return "trace-limit"
+            end = min(self.now + self.machine.quantum_ns, until_ns)
+            busy = False
+            reached = self.now
+            for pcpu in range(len(self.pcpus)):
+                ran, t = self._run_slice(pcpu, self.now, end)
+                busy |= ran
+                reached = max(reached, t)
+            if not any(d.alive for d in self.domains):
+                self.now = reached  # the run ends when the last guest stopped, not at the slice end
+                return "shutdown"
+            if not busy:
+                nxt = self._next_deadline(self.now)
+                if nxt is None:
+                    return "idle"
+                end = max(end, min(nxt, until_ns))  # skip idle time: asleep costs nothing
+            self.now = end
+
+    def _next_deadline(self, after: int) -> int | None:
+        deadlines = [d for p in range(len(self.pcpus))
+                     if (d := self.scheduler.next_deadline(p, after)) is not None]
+        return min(deadlines) if deadlines else None
+
+    def _fire_timers(self, pcpu: int, now: int) -> None:
+        for v in self.scheduler.vcpus_on(pcpu):
+            if v.timer_deadline_ns is not None and v.timer_deadline_ns <= now and v.domain.alive:
+                v.timer_deadline_ns = None
+                v.domain.evtchn.raise_virq(v.vcpu_id, VIRQ_TIMER)
+
+    def _run_slice(self, pcpu: int, start: int, end: int) -> tuple[bool, int]:
+        """Run pCPU `pcpu` from virtual time `start` to `end`.
+
+        Returns whether any vCPU ran and the virtual time the pCPU reached.
+        """
+        t = start
+        ran = False
+        while t < end:
+            self._fire_timers(pcpu, t)
+            v = self.scheduler.pick(pcpu)
+            if v is None:
+                nxt = self.scheduler.next_deadline(pcpu, t)
+                if nxt is None or nxt >= end:
+                    break
+                t = nxt  # idle until the next timer on this pCPU
+                continue
+            limit = end
+            if v.timer_deadline_ns is not None:
+                limit = min(limit, max(v.timer_deadline_ns, t + 1))
+            t += self._run_vcpu(pcpu, v, t, limit - t)
+            ran = True
+        return ran, t
+
+    def _run_vcpu(self, pcpu: int, v: Vcpu, start: int, budget: int) -> int:
+        """Run `v` for up to `budget` instructions; returns the virtual ns used."""
+        cpu = self._switch(pcpu, v)
+        used = 0
+        v.yield_requested = False
+        while used < budget and v.runnable and not v.yield_requested:
+            if v.event_callback and v.domain.evtchn.upcall_deliverable(v.vcpu_id):
+                self.dispatcher.deliver_upcall(cpu, v)
+                if not v.runnable:
+                    break
+            base_time = start + used
+            before = cpu.executed
+            cpu.tsc = lambda b=base_time, n=before: b + (cpu.executed - n)
+            self._clock = base_time
+            exit_ = cpu.run(budget - used)
+            ran = cpu.executed - before
+            used += ran
+            v.instructions += ran
+            self._clock = start + used
+            self.dispatcher.handle(cpu, v, exit_)
+            if ran == 0 and not v.runnable:
+                break
+        return max(used, 1)  # even a vCPU that stops at once costs a nanosecond

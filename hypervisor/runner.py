@@ -1,0 +1,85 @@
+"""Running a scenario and describing the outcome (as data, then as text or JSON)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+import unicorn
+
+from hypervisor.hypervisor import Hypervisor, MachineConfig
+from hypervisor.scenario import Scenario
+from hypervisor.tracing import Tracer
+
+
+def boot_scenario(scenario: Scenario, build: str = "4.19") -> Hypervisor:
+    hv = Hypervisor(MachineConfig(scenario.pcpus, scenario.memory, scenario.quantum_ns), build)
+    for spec in scenario.domains:
+        hv.create_pv_domain(spec.name, str(spec.kernel), spec.memory, spec.vcpus)
+    return hv
+
+
+def run_scenario(scenario: Scenario, trace: TextIO | None = None,
+                 trace_limit: int = 10_000, build: str = "4.19") -> dict[str, Any]:
+    started = time.perf_counter()
+    hv = boot_scenario(scenario, build)
+    if trace is not None:
+        hv.tracer = Tracer(hv, trace, trace_limit)
+    stop = hv.run(scenario.virtual_time_ns)
+    wall = time.perf_counter() - started
+    return describe(hv, scenario, stop, wall)
+
+
+def describe(hv: Hypervisor, scenario: Scenario, stop: str, wall_s: float) -> dict[str, Any]:
+    domains = []
+    for d in hv.domains:
+        sd = d.shutdown
+        domains.append({
+            "name": d.name,
+            "type": d.kind,
+            "memory_pages": d.nr_pages,
+            "console": d.console_text(),
+            "shutdown": None if sd is None else {"reason": sd.reason, "code": sd.code,
+                                                  "virtual_ns": sd.virtual_ns},
+            "crash_report": d.crash_report,
+            "vcpus": [{"id": v.vcpu_id, "pcpu": v.pcpu, "instructions": v.instructions,
+                       "upcalls": v.upcalls, "state": v.runstate} for v in d.vcpus],
+        })
+    instructions = sum(v.instructions for d in hv.domains for v in d.vcpus)
+    return {
+        "scenario": str(scenario.path),
+        "build": hv.build,
+        "unicorn": unicorn.__version__,
+        "seed": 0,
+        "stop": stop,
+        "virtual_ns": hv.now,
+        "instructions": instructions,
+        "exits": dict(sorted(hv.exits.items())),
+        "tlb_fills": sum(cpu.tlb_fills for cpu in hv.pcpus),
+        "domains": domains,
+        "wall_s": round(wall_s, 6),
+    }
+
+
+def print_report(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
+    for d in result["domains"]:
+        for line in d["console"].splitlines():
+            out.write(f"[{d['name']}] {line}\n")
+    out.write("\n")
+    for d in result["domains"]:
+        sd = d["shutdown"]
+        if sd is None:
+            fate = "still running"
+        elif sd["reason"] == "crash":
+            fate = f"CRASHED at {sd['virtual_ns'] / 1e6:.3f} ms: {d['crash_report']}"
+        else:
+            fate = (f"shut down ({sd['reason']}, code {sd['code']}) "
+                    f"at {sd['virtual_ns'] / 1e6:.3f} ms virtual")
+        out.write(f"{d['name']}: {fate}\n")
+    exits = ", ".join(f"{k} {v}" for k, v in result["exits"].items())
+    wall = result["wall_s"]
+    mips = result["instructions"] / wall / 1e6 if wall else 0.0
+    out.write(f"\n{result['instructions']:,} instructions in {result['virtual_ns'] / 1e6:.3f} ms "
+              f"virtual, {wall:.2f} s wall ({mips:.1f} MIPS); stop: {result['stop']}\n")
+    out.write(f"exits: {exits}\n")

@@ -1,0 +1,163 @@
+"""Scenario files (TOML): the machine, its domains and the run's limits.
+
+```toml
+[machine]
+pcpus = 2              # physical CPUs
+memory = "64M"         # host memory: bytes, or with K/M/G suffix
+quantum = "1ms"        # optional: virtual time per scheduling slice
+
+[[domain]]
+name = "hello"
+kernel = "guests/pv_hello.elf"   # relative to this file
+memory = "4M"
+vcpus = 1
+type = "pv"            # optional; "pv" is the default
+
+[limits]
+virtual_time = "2s"    # stop after this much virtual time (ns/us/ms/s suffixes)
+```
+
+Every key is checked: a key that is unknown or of the wrong type is an
+error naming the key, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hypervisor.errors import HvlabError
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+_TIME = re.compile(r"^\s*(\d+)\s*(ns|us|ms|s)\s*$")
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_TIME_UNITS = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000}
+
+
+class ScenarioError(HvlabError):
+    pass
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    name: str
+    kernel: Path
+    memory: int
+    vcpus: int
+    type: str = "pv"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    path: Path
+    pcpus: int
+    memory: int
+    quantum_ns: int
+    domains: tuple[DomainSpec, ...]
+    virtual_time_ns: int
+
+
+def parse_size(value: Any, where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str) and (m := _SIZE.match(value)):
+        return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+    raise ScenarioError(f"{where}: expected a size like \"64M\", got {value!r}")
+
+
+def parse_time(value: Any, where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str) and (m := _TIME.match(value)):
+        return int(m.group(1)) * _TIME_UNITS[m.group(2)]
+    raise ScenarioError(f"{where}: expected a time like \"2s\" or \"500ms\", got {value!r}")
+
+
+def _table(data: dict[str, Any], key: str, where: str, required: bool = True) -> dict[str, Any]:
+    value = data.get(key)
+    if value is None:
+        if required:
+            raise ScenarioError(f"{where}: missing table [{key}]")
+        return {}
+    if not isinstance(value, dict):
+        raise ScenarioError(f"{where}: [{key}] must be a table")
+    return value
+
+
+def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise ScenarioError(f"{where}: unknown key '{key}' (allowed: "
+                                f"{', '.join(sorted(allowed))})")
+
+
+def _int(table: dict[str, Any], key: str, where: str, default: int | None = None) -> int:
+    value = table.get(key, default)
+    if value is None:
+        raise ScenarioError(f"{where}: missing key '{key}'")
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ScenarioError(f"{where}: '{key}' must be a positive integer, got {value!r}")
+    return value
+
+
+def _str(table: dict[str, Any], key: str, where: str, default: str | None = None) -> str:
+    value = table.get(key, default)
+    if value is None:
+        raise ScenarioError(f"{where}: missing key '{key}'")
+    if not isinstance(value, str):
+        raise ScenarioError(f"{where}: '{key}' must be a string, got {value!r}")
+    return value
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    path = Path(path)
+    where = str(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ScenarioError(f"{where}: no such scenario file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ScenarioError(f"{where}: cannot read ({err})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ScenarioError(f"{where}: not valid TOML ({err})") from None
+    _check_keys(data, {"machine", "domain", "limits"}, where)
+
+    machine = _table(data, "machine", where)
+    _check_keys(machine, {"pcpus", "memory", "quantum"}, f"{where} [machine]")
+    pcpus = _int(machine, "pcpus", f"{where} [machine]", 1)
+    if pcpus > 64:
+        raise ScenarioError(f"{where} [machine]: pcpus must be at most 64")
+    memory = parse_size(machine.get("memory", "64M"), f"{where} [machine] memory")
+    if memory % 4096:
+        raise ScenarioError(f"{where} [machine] memory: not a multiple of 4 KiB")
+    quantum = parse_time(machine.get("quantum", "1ms"), f"{where} [machine] quantum")
+
+    raw_domains = data.get("domain")
+    if not isinstance(raw_domains, list) or not raw_domains:
+        raise ScenarioError(f"{where}: needs at least one [[domain]]")
+    domains = []
+    for i, raw in enumerate(raw_domains):
+        dwhere = f"{where} [[domain]] #{i + 1}"
+        if not isinstance(raw, dict):
+            raise ScenarioError(f"{dwhere}: must be a table")
+        _check_keys(raw, {"name", "kernel", "memory", "vcpus", "type"}, dwhere)
+        name = _str(raw, "name", dwhere)
+        dwhere = f"{where} domain '{name}'"
+        kind = _str(raw, "type", dwhere, "pv")
+        if kind != "pv":
+            raise ScenarioError(f"{dwhere}: type must be \"pv\" (got {kind!r})")
+        kernel = (path.parent / _str(raw, "kernel", dwhere)).resolve()
+        dmem = parse_size(raw.get("memory", "4M"), f"{dwhere} memory")
+        vcpus = _int(raw, "vcpus", dwhere, 1)
+        domains.append(DomainSpec(name, kernel, dmem, vcpus, kind))
+    names = [d.name for d in domains]
+    if len(set(names)) != len(names):
+        raise ScenarioError(f"{where}: domain names must be unique")
+
+    limits = _table(data, "limits", where, required=False)
+    _check_keys(limits, {"virtual_time"}, f"{where} [limits]")
+    vtime = parse_time(limits.get("virtual_time", "10s"), f"{where} [limits] virtual_time")
+    return Scenario(path, pcpus, memory, quantum, tuple(domains), vtime)
