@@ -51,6 +51,7 @@ from unicorn import (
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uclib
 
+from emulator.disasm import data_addresses
 from emulator.exits import (
     BudgetExhausted,
     Cpuid,
@@ -195,10 +196,33 @@ class PhysicalCpu:
     def _explain_error(self, err: UcError) -> Exit:
         rip = self.uc.reg_read(X.UC_X86_REG_RIP)
         if err.errno == UC_ERR_EXCEPTION and self._pending_fill_fault is not None:
-            gva, access = self._pending_fill_fault
+            page, access = self._pending_fill_fault
             reason = self.mmu.last_fault if self.mmu is not None else None
-            return MmuFault(rip, gva, access, reason)
+            return MmuFault(rip, self._exact_fault_address(rip, page, access), access, reason)
         return EngineError(rip, f"unicorn: {err}")
+
+    def _exact_fault_address(self, rip: int, page: int, access: str) -> int:
+        """The byte address that faulted: unicorn's fill hook is only told the page.
+
+        The instruction is decoded and its data addresses computed; one that
+        lies in the refused page is the answer. An access that crosses into
+        the page faults at the page's first byte, which is the page address.
+        """
+        if access == FETCH:
+            return rip if rip >> 12 == page >> 12 else page
+        try:
+            code = self.read_virtual(rip, 15 if (rip & 0xFFF) <= 0xFF1 else 0x1000 - (rip & 0xFFF))
+        except GuestMemoryFault:
+            return page
+        for address in data_addresses(code, rip, self._reg_by_capstone_name):
+            if address >> 12 == page >> 12:
+                return address
+        return page
+
+    def _reg_by_capstone_name(self, name: str) -> int:
+        if name in ("fs_base", "gs_base"):
+            return self.reg(name)
+        return self.uc.reg_read(getattr(X, f"UC_X86_REG_{name.upper()}"))
 
     # ------------------------------------------------------------------- hooks
     _pending_fill_fault: tuple[int, str] | None = None

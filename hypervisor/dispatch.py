@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from emulator.disasm import disassemble_at
+from emulator.disasm import disassemble_with
 from emulator.engine import GPRS, PhysicalCpu
 from emulator.exits import (
     BudgetExhausted,
@@ -149,7 +149,7 @@ class ExitDispatcher:
                       cr2: int | None, rip: int, why: str) -> str:
         name = VECTOR_NAMES.get(vector, f"vector {vector}")
         parts = [f"{v.name}: unhandled {name} (vector {vector}, {why}) at RIP {rip:#x}:"
-                 f" {disassemble_at(cpu, rip)}"]
+                 f" {disassemble_with(cpu.read_virtual, rip)}"]
         if error_code is not None:
             parts.append(f"error code {error_code:#x}")
         if cr2 is not None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from emulator.addr import PAGE_SIZE
 from emulator.memory import HostMemory
-from emulator.paging import ADDR_MASK, A, D, P, RW
+from emulator.paging import ADDR_MASK, RW, A, D, P
 from hypervisor.elf import KernelImage
 from hypervisor.errors import HvlabError
 
