@@ -32,7 +32,6 @@ from typing import Protocol
 from unicorn import (
     UC_ARCH_X86,
     UC_ERR_EXCEPTION,
-    UC_HOOK_CODE,
     UC_HOOK_INSN,
     UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
@@ -49,7 +48,6 @@ from unicorn import (
     UcError,
 )
 from unicorn import x86_const as X
-from unicorn.unicorn_py3.unicorn import uclib
 
 from emulator.disasm import data_addresses
 from emulator.exits import (
@@ -136,14 +134,8 @@ class PhysicalCpu:
         self._mmio: list[object] = []  # ctypes callbacks must outlive the engine's use
         self.tlb_fills = 0
 
-        self.counter = NativeCounter(ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value)
-        handle = ctypes.c_size_t()
-        rc = uclib.uc_hook_add(
-            uc._uch, ctypes.byref(handle), UC_HOOK_CODE, ctypes.c_void_p(self.counter.entry),
-            ctypes.c_void_p(self.counter.user_data), ctypes.c_uint64(1), ctypes.c_uint64(0),
-        )
-        if rc != 0:
-            raise UcError(rc)
+        self.counter = NativeCounter()
+        self.counter.install(uc)
         uc.hook_add(UC_HOOK_TLB_FILL, self._on_tlb_fill)
         uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
         uc.hook_add(UC_HOOK_INTR, self._on_interrupt)

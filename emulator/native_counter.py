@@ -25,6 +25,9 @@ from __future__ import annotations
 import ctypes
 import mmap
 
+from unicorn import UC_HOOK_CODE, UcError
+from unicorn.unicorn_py3.unicorn import uclib
+
 _CODE = bytes.fromhex("488b01" "483b4108" "7307" "48ffc0" "488901" "c3" "c6411801" "ff6110")
 
 
@@ -43,8 +46,9 @@ class NativeCounter:
     _page: mmap.mmap | None = None
     _entry: int = 0
 
-    def __init__(self, stop_fn_address: int) -> None:
-        self.block = _CounterBlock(0, 0, stop_fn_address)
+    def __init__(self) -> None:
+        stop_fn = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
+        self.block = _CounterBlock(0, 0, stop_fn)
         self.entry = self._code_address()
 
     @classmethod
@@ -56,6 +60,16 @@ class NativeCounter:
             cls._page = page
             cls._entry = ctypes.addressof(ctypes.c_char.from_buffer(page))
         return cls._entry
+
+    def install(self, uc) -> None:
+        """Add the counting hook to engine `uc` (before any code is translated)."""
+        handle = ctypes.c_size_t()
+        rc = uclib.uc_hook_add(
+            uc._uch, ctypes.byref(handle), UC_HOOK_CODE, ctypes.c_void_p(self.entry),
+            ctypes.c_void_p(self.user_data), ctypes.c_uint64(1), ctypes.c_uint64(0),
+        )
+        if rc != 0:
+            raise UcError(rc)
 
     @property
     def user_data(self) -> int:
