@@ -13,7 +13,9 @@ and compares it with the frame table. It shares no code with `typerefs` or
 entry at level L pointing at another table of level L is a linear entry (one
 reference of type L), anything else is a child of type L-1. A frame asked to be
 two types (two page-table levels, or a page table and writable) is reported:
-no frame may be both a page table and writable.
+no frame may be both a page table and writable. One case needs the recorded
+type: a table that only linear entries keep alive (see
+`_with_linear_only_tables`).
 """
 
 from __future__ import annotations
@@ -108,18 +110,24 @@ def check_typerefs(
     guest_l4 = np.ones(ENTRIES_PER_TABLE, dtype=bool)
     guest_l4[XEN_L4_FIRST_SLOT : XEN_L4_LAST_SLOT + 1] = False
     mfn_mask = np.uint64((1 << MFN_FIELD_BITS) - 1)
-    for level in (4, 3, 2, 1):
-        t = tables[level]
-        t = t[(t >= 0) & (t < n)]
-        if t.size == 0:
-            continue
+    def read(t: np.ndarray, level: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(table row, entry, target) of every present guest entry of tables `t`."""
         entries = mem2d[t]
         present = (entries & np.uint64(PTE_PRESENT)) != 0
         if level == 4:
             present &= guest_l4
         rows, cols = np.nonzero(present)
         e = entries[rows, cols]
-        target = ((e >> np.uint64(12)) & mfn_mask).astype(np.int64)
+        return rows, e, ((e >> np.uint64(12)) & mfn_mask).astype(np.int64)
+
+    for level in (4, 3, 2, 1):
+        t = tables[level]
+        t = t[(t >= 0) & (t < n)]
+        if t.size == 0:
+            continue
+        if level > 1:
+            t = _with_linear_only_tables(frames, domid, t, level, read)
+        rows, e, target = read(t, level)
         if level == 1:
             want(target[(e & np.uint64(PTE_RW)) != 0], _WRITABLE_BIT)
             continue
@@ -173,6 +181,31 @@ def check_typerefs(
         diffs.append(Difference(int(check[i]), "pinned", bool(exp_pinned[i]),
                                 bool(actual_pinned[i])))
     return diffs
+
+
+def _with_linear_only_tables(frames: FrameTable, domid: int, tables: np.ndarray, level: int,
+                             read) -> np.ndarray:
+    """`tables` plus the level-`level` tables only linear entries keep alive.
+
+    Once its pin or parent goes, a table can stay validated because a read-only
+    same-level entry still references it. The page tables alone cannot tell such
+    an entry from one onto a child one level down, so here (and only here) the
+    recorded type decides: a read-only target recorded as a validated, in-use
+    table of this level is taken as one.
+    """
+    known = np.unique(tables)
+    frontier = known
+    layout = frames.layout
+    while frontier.size:
+        _, e, target = read(frontier, level)
+        cand = target[((e & np.uint64(PTE_RW)) == 0) & (target >= 0) & (target < frames.nr_frames)]
+        cand = np.setdiff1d(np.unique(cand), known)
+        ti = frames.type_info[cand]
+        keep = ((layout.type_of(ti) == level) & (layout.count_of(ti) > 0)
+                & layout.validated_of(ti) & (frames.owner[cand] == domid))
+        frontier = cand[keep]
+        known = np.union1d(known, frontier)
+    return known
 
 
 def _type_name(code: int) -> str:

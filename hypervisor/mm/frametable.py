@@ -130,6 +130,10 @@ class FrameTable:
             return
         if m[0] < 0 or m[-1] >= self.nr_frames:
             raise FrameTableError(f"mfns {m[0]:#x}..{m[-1]:#x} are outside the frame table")
+        if m[0] == 0 and domid < DOMID_FIRST_RESERVED:
+            # As on Xen (where it belongs to DOM_IO), MFN 0 is never a guest's
+            # frame: 0 means "none" for CR3s and base pointers.
+            raise FrameTableError("mfn 0 cannot be given to a guest domain")
         busy = m[(self.owner[m] != DOMID_INVALID) | (self.count_info[m] != 0)]
         if busy.size:
             raise FrameTableError(f"mfn {int(busy[0]):#x} is not free (owner "

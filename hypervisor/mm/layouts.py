@@ -86,6 +86,7 @@ def anonymous_memory(nr_frames: int) -> np.ndarray:
 
 def _free_frames(frames: FrameTable, count: int) -> np.ndarray:
     free = np.flatnonzero((frames.owner == DOMID_INVALID) & (frames.count_info == 0))
+    free = free[free != 0]  # mfn 0 is never a guest's
     if free.size < count:
         raise FrameTableError(f"need {count} free frames, the frame table has {free.size}")
     return free[:count]
