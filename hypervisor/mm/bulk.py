@@ -52,7 +52,7 @@ _U1, _U11, _U12 = np.uint64(1), np.uint64(11), np.uint64(12)
 _ONE = np.uint64(1)
 _MFN_MASK = np.uint64((1 << MFN_FIELD_BITS) - 1)
 _MFN_MASK2 = np.uint64(((1 << MFN_FIELD_BITS) - 1) << 1)
-# L1 tables per vectorised step: 1 M entries (8 MiB), small enough to stay in cache.
+# L1 tables per vectorised step: 1 M entries (8 MiB), so temporaries stay small.
 _L1_CHUNK = 2048
 _APPLY_CHUNK = 1 << 20
 

@@ -12,6 +12,12 @@ preempted validation continues where it stopped.
 Each request is one transaction: a refused request leaves the frame table as it
 was (see `typerefs` for the one exception, a failed continuation).
 
+MMU_NORMAL_PT_UPDATE on a validated page table of the domain checks the new
+entry like a validation would (get_page_from_lNe), takes its references, writes
+it and then drops the old entry's. As in Xen, on any other frame of the domain
+that can be typed writable it is a plain 8-byte write (a page table that is not
+in use, count 0, thereby becomes a writable page); anything else is -EINVAL.
+
 TLB flushes go through the context's `flush_tlb`: explicit flush commands, the
 CR3 switch of NEW_BASEPTR, and one flush of every pCPU that may run the domain
 after a request that changed a frame's type (where Xen flushes in
