@@ -29,6 +29,7 @@ from hypervisor.errors import HvlabError
 from hypervisor.runner import boot_scenario
 from hypervisor.scenario import load_scenario
 
+BARE_BASE = 0x40_0000
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 
 
@@ -51,12 +52,15 @@ def _bare_unicorn(kernel_path: Path, quantum: int) -> tuple[int, float]:
         begin, end = kernel.symbols["spin_begin"], kernel.symbols["spin_end"]
     except KeyError:
         raise HvlabError(f"{kernel_path}: needs symbols spin_begin and spin_end") from None
+    # Unpaged unicorn cannot fetch from the kernel's high link address; the
+    # loop uses registers only, so it runs the same shifted down to BARE_BASE.
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     low = kernel.low & ~0xFFF
     size = ((kernel.high - low) + 0xFFFF) & ~0xFFF
-    uc.mem_map(low, size, UC_PROT_ALL)
+    uc.mem_map(BARE_BASE, size, UC_PROT_ALL)
     for seg in kernel.segments:
-        uc.mem_write(seg.vaddr, seg.data)
+        uc.mem_write(seg.vaddr - low + BARE_BASE, seg.data)
+    begin, end = begin - low + BARE_BASE, end - low + BARE_BASE
     counter = NativeCounter()
     counter.install(uc)
     rip = begin

@@ -62,7 +62,8 @@ def describe(hv: Hypervisor, scenario: Scenario, stop: str, wall_s: float) -> di
     }
 
 
-def print_report(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
+def print_report(result: dict[str, Any], out: TextIO | None = None) -> None:
+    out = out if out is not None else sys.stdout
     for d in result["domains"]:
         for line in d["console"].splitlines():
             out.write(f"[{d['name']}] {line}\n")

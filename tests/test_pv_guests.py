@@ -1,0 +1,93 @@
+"""End to end: the PV guest kernels under the full hypervisor, through the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from hypervisor.cli import main
+
+SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
+
+
+def run_json(capsys, scenario: str, *extra: str) -> dict:
+    assert main(["run", str(SCENARIOS / scenario), "--json", *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def without_wall(value):
+    if isinstance(value, dict):
+        return {k: without_wall(v) for k, v in value.items() if "wall" not in k}
+    if isinstance(value, list):
+        return [without_wall(v) for v in value]
+    return value
+
+
+def domain(result: dict, name: str) -> dict:
+    return next(d for d in result["domains"] if d["name"] == name)
+
+
+def test_pv_hello_json_has_the_promised_shape(capsys):
+    result = run_json(capsys, "pv-hello.toml")
+    (hello,) = result["domains"]
+    assert "all checks passed" in hello["console"]
+    assert hello["shutdown"]["reason"] == "poweroff" and hello["shutdown"]["code"] == 0
+    assert result["instructions"] > 0 and result["virtual_ns"] > 0
+    assert result["exits"]["hypercall"] > 0
+    assert result["stop"] == "shutdown"
+    assert {"build", "unicorn", "seed", "wall_s", "tlb_fills"} <= set(result)
+
+
+def test_pv_hello_text_output_shows_console_and_shutdown(capsys):
+    assert main(["run", str(SCENARIOS / "pv-hello.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "[hello] pv_hello: all checks passed" in out
+    assert re.search(r"hello: shut down \(poweroff, code 0\)", out)
+
+
+def test_pv_smp_counts_its_ticks_and_ipis_and_runs_identically_twice(capsys):
+    first = run_json(capsys, "pv-smp.toml")
+    second = run_json(capsys, "pv-smp.toml")
+    assert without_wall(first) == without_wall(second)
+    (smp,) = first["domains"]
+    assert smp["shutdown"] == {"reason": "poweroff", "code": 0,
+                               "virtual_ns": smp["shutdown"]["virtual_ns"]}, smp["console"]
+    assert len(smp["vcpus"]) == 2 and all(v["upcalls"] > 0 for v in smp["vcpus"])
+    # both vCPUs ran on different pCPUs of the two-pCPU machine
+    assert {v["pcpu"] for v in smp["vcpus"]} == {0, 1}
+
+
+def test_pv_faults_passes_its_own_checks(capsys):
+    result = run_json(capsys, "pv-faults.toml")
+    (faults,) = result["domains"]
+    assert faults["shutdown"]["code"] == 0, faults["console"]
+    assert "cr2 = 0xffffffff90000000 ok" in faults["console"]
+    assert result["exits"]["page_fault"] >= 3 and result["exits"]["exception"] >= 4
+
+
+def test_a_crashing_domain_takes_down_only_itself(capsys):
+    result = run_json(capsys, "pv-crash.toml")
+    crashed = [d for d in result["domains"] if d["shutdown"]["reason"] == "crash"]
+    fine = [d for d in result["domains"] if d["shutdown"]["reason"] == "poweroff"]
+    assert len(crashed) == 1 and len(fine) == 1
+    report = crashed[0]["crash_report"]
+    assert re.search(r"unhandled #\w+ \(vector \d+", report)
+    assert "at RIP 0x" in report and ":" in report.split("at RIP")[1]
+    assert fine[0]["shutdown"]["code"] == 0
+
+
+def test_trace_prints_disassembly_and_exits(capsys):
+    assert main(["trace", str(SCENARIOS / "pv-hello.toml"), "--limit", "200"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 201  # 200 lines and the note that the limit was reached
+    assert any(re.search(r"hello/v0 p0 0xffffffff8\w+  \w+", line) for line in out)
+    assert any("-- exit Hypercall" in line for line in out)
+
+
+@pytest.mark.parametrize("scenario", ["pv-spin.toml", "pv-touch.toml"])
+def test_benchmark_guests_finish_cleanly(capsys, scenario):
+    result = run_json(capsys, scenario)
+    assert all(d["shutdown"]["code"] == 0 for d in result["domains"])
