@@ -13,8 +13,11 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from hypervisor.errno import EFAULT, EINVAL, ENOENT, ENOSYS
 from hypervisor.evtchn import EventChannels
+from hypervisor.mm.pv_mmu import FlushKind, TlbFlush, do_mmu_update, do_mmuext_op
 from hypervisor.stream.vcpu_context import VcpuGuestContext
 from hypervisor.vcpu import BLOCKED, DOWN, RUNNABLE, TrapEntry, Vcpu
 
@@ -38,6 +41,9 @@ VCPUOP_INITIALISE, VCPUOP_UP, VCPUOP_DOWN, VCPUOP_IS_UP = 0, 1, 2, 3
 XENVER_VERSION, XENVER_EXTRAVERSION = 0, 1
 
 MAX_CONSOLE_WRITE = 64 << 10
+MAX_MMU_REQUESTS = 1 << 16
+MMU_UPDATE_SIZE = 16  # {u64 ptr; u64 val}
+MMUEXT_OP_SIZE = 24  # {u32 cmd; u32 pad; u64 arg1; u64 arg2}
 MAX_TRAP_ENTRIES = 256
 TRAP_INFO_SIZE = 16
 
@@ -151,6 +157,65 @@ def event_channel_op(hv: Hypervisor, v: Vcpu, cmd: int, arg: int, *_: int) -> in
     return rc
 
 
+class VcpuMmuContext:
+    """What the PV MMU hypercalls (hypervisor/mm/pv_mmu.py) need, for the calling vCPU.
+
+    Hypercalls are atomic in virtual time in hvlab, so they are never
+    preempted (`hypercall_preempt_check` is always False).
+    """
+
+    def __init__(self, hv: Hypervisor, v: Vcpu) -> None:
+        self.hv, self.v = hv, v
+        self.domid = v.domain.domid
+        self.frames = hv.frame_table
+        self.mem = hv.memory.u64
+        self.m2p = hv.m2p
+
+    def get_cr3(self) -> int:
+        return self.v.mmu.base_ma >> 12
+
+    def set_cr3(self, mfn: int) -> None:
+        self.hv.set_base_pointer(self.v, mfn << 12)
+
+    def get_user_cr3(self) -> int:
+        return self.v.user_base_ma >> 12
+
+    def set_user_cr3(self, mfn: int) -> None:
+        self.v.user_base_ma = mfn << 12
+
+    def flush_tlb(self, flush: TlbFlush) -> None:
+        if flush.kind == FlushKind.LOCAL:
+            self.hv.pcpus[self.v.pcpu].flush_tlb()
+        else:  # MULTI and ALL: every pCPU that may hold the domain's translations
+            for cpu in self.hv.pcpus:
+                cpu.flush_tlb()
+
+    def hypercall_preempt_check(self) -> bool:
+        return False
+
+
+def _mmu_batch(hv: Hypervisor, v: Vcpu, ptr: int, count: int, done_ptr: int, foreigndom: int,
+               size: int, run) -> int:
+    if count > MAX_MMU_REQUESTS:
+        return -EINVAL
+    raw = hv.copy_from_guest(v, ptr, count * size)
+    requests = np.frombuffer(raw, dtype=np.uint64).reshape(count, size // 8)
+    rc, done = run(VcpuMmuContext(hv, v), requests, foreigndom & 0xFFFF_FFFF)
+    if done_ptr:
+        hv.copy_to_guest(v, done_ptr, struct.pack("<I", done))
+    return rc
+
+
+def mmu_update(hv: Hypervisor, v: Vcpu, reqs: int, count: int, done: int, foreigndom: int,
+               *_: int) -> int:
+    return _mmu_batch(hv, v, reqs, count, done, foreigndom, MMU_UPDATE_SIZE, do_mmu_update)
+
+
+def mmuext_op(hv: Hypervisor, v: Vcpu, ops: int, count: int, done: int, foreigndom: int,
+              *_: int) -> int:
+    return _mmu_batch(hv, v, ops, count, done, foreigndom, MMUEXT_OP_SIZE, do_mmuext_op)
+
+
 def _evtchn(v: Vcpu) -> EventChannels:
     assert v.domain.evtchn is not None
     return v.domain.evtchn
@@ -158,6 +223,8 @@ def _evtchn(v: Vcpu) -> EventChannels:
 
 TABLE: dict[int, tuple[str, Handler]] = {
     HYPERVISOR_SET_TRAP_TABLE: ("set_trap_table", set_trap_table),
+    HYPERVISOR_MMU_UPDATE: ("mmu_update", mmu_update),
+    HYPERVISOR_MMUEXT_OP: ("mmuext_op", mmuext_op),
     HYPERVISOR_SET_CALLBACKS: ("set_callbacks", set_callbacks),
     HYPERVISOR_SET_TIMER_OP: ("set_timer_op", set_timer_op),
     HYPERVISOR_XEN_VERSION: ("xen_version", xen_version),

@@ -13,6 +13,7 @@ from emulator.engine import PhysicalCpu
 from emulator.exits import Cpuid, Exit, PortIO
 from emulator.memory import HostMemory
 from emulator.paging import WalkFault
+from hypervisor.builds import get_build
 from hypervisor.dispatch import ExitDispatcher
 from hypervisor.domain import SHUTDOWN_REASONS, Domain, Shutdown
 from hypervisor.elf import load_kernel
@@ -21,6 +22,10 @@ from hypervisor.errors import HvlabError
 from hypervisor.evtchn import VCPU_INFO_SIZE, VIRQ_TIMER, EventChannels
 from hypervisor.frames import FrameAllocator
 from hypervisor.hypercalls import GuestAccessError
+from hypervisor.mm.check import Difference, check_typerefs
+from hypervisor.mm.errors import ERESTART, errno_name
+from hypervisor.mm.frametable import FrameTable
+from hypervisor.mm.typerefs import PageTyping
 from hypervisor.mmu import GDT_VA, PvMmu
 from hypervisor.pv_builder import build_pv_memory
 from hypervisor.scheduler import Scheduler
@@ -35,6 +40,7 @@ INITIAL_RFLAGS = 0x2
 CR0_PE_PG = 0x8005_0033  # PE, MP, ET, NE, WP, AM, PG: what a 64-bit kernel runs with
 CR4_PAE = 0x20
 VCPU_TIME_OFFSET = 32  # vcpu_time_info inside vcpu_info
+INVALID_PFN = 0xFFFF_FFFF_FFFF_FFFF
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,10 @@ class Hypervisor:
         self.build = build
         self.memory = memory if memory is not None else HostMemory(machine.memory)
         self.frames = FrameAllocator(self.memory.nr_frames)
+        # page_info for every machine frame, in this build's layout (DESIGN.md §3)
+        self.frame_table = FrameTable(self.memory.nr_frames, get_build(build))
+        self.typing = PageTyping(self.frame_table, self.memory.u64)
+        self.m2p = np.full(self.memory.nr_frames, INVALID_PFN, dtype=np.uint64)
         self.pcpus = [PhysicalCpu(i, self.memory) for i in range(machine.pcpus)]
         self.loaded: list[Vcpu | None] = [None] * machine.pcpus
         self.gdt_mfn = self.frames.alloc_one("the hypervisor GDT")
@@ -90,6 +100,17 @@ class Hypervisor:
             raise
         dom = Domain(len(self.domains), name, "pv", p2m, shared_info,
                      start_info_va=layout.va(layout.start_info_pfn), virt_base=layout.virt_base)
+        self.frame_table.assign(np.append(p2m, shared_info), dom.domid)
+        self.m2p[p2m.astype(np.int64)] = np.arange(nr_pages, dtype=np.uint64)
+        # As Xen's builder: the initial L4 is pinned, which validates the whole
+        # bootstrap tree, and vCPU 0's CR3 takes its own reference.
+        l4_mfn = l4_ma >> 12
+        for what, op in (("pin", lambda: self.typing.pin_table(l4_mfn, 4, dom.domid)),
+                         ("CR3 reference", lambda: self.typing.get_root_ref(l4_mfn, dom.domid))):
+            rc = _until_done(op)
+            if rc:
+                raise HvlabError(f"domain {name}: initial page tables refused ({what}: "
+                                 f"{errno_name(rc)})")
         dom.evtchn = EventChannels(dom.domid, vcpus, self.memory.frame_u8(shared_info),
                                    kick=lambda vid, d=dom: d.vcpus[vid].wake(),
                                    peer=self._domain_evtchn)
@@ -147,8 +168,11 @@ class Hypervisor:
     def initialise_vcpu(self, v: Vcpu, ctx: VcpuGuestContext) -> int:
         """VCPUOP_initialise: a second vCPU from a `vcpu_guest_context`."""
         base_ma = ctx.ctrlreg[3] & ~0xFFF
-        if base_ma == 0 or not self._owns_frame(v.domain, base_ma >> 12):
+        if base_ma == 0 or base_ma >> 12 >= self.memory.nr_frames:
             return -EINVAL
+        rc = _until_done(lambda: self.typing.get_root_ref(base_ma >> 12, v.domain.domid))
+        if rc:
+            return rc
         r = ctx.user_regs
         regs = {name: getattr(r, name) for name in (
             "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
@@ -169,8 +193,20 @@ class Hypervisor:
         v.runstate = DOWN
         return 0
 
-    def _owns_frame(self, dom: Domain, mfn: int) -> bool:
-        return bool(np.any(dom.p2m == mfn))
+    def set_base_pointer(self, v: Vcpu, base_ma: int) -> None:
+        """NEW_BASEPTR: the vCPU now translates through another (referenced) L4."""
+        v.mmu.base_ma = base_ma
+        if self.loaded[v.pcpu] is v:
+            self.pcpus[v.pcpu].flush_tlb()
+
+    def check_typerefs(self, dom: Domain) -> list[Difference]:
+        """Every frame's type state recomputed from the domain's tables, pins and CR3s."""
+        owned = self.frame_table.frames_of(dom.domid)
+        pinned = owned[self.frame_table.pinned(owned)]
+        pins = {int(m): int(self.frame_table.page_type(int(m))) for m in pinned}
+        cr3s = [v.mmu.base_ma >> 12 for v in dom.vcpus if v.context is not None]
+        cr3s += [v.user_base_ma >> 12 for v in dom.vcpus if v.user_base_ma]
+        return check_typerefs(self.memory.u64, self.frame_table, dom.domid, pins, cr3s)
 
     def _unload(self, pcpu: int) -> None:
         current = self.loaded[pcpu]
@@ -328,3 +364,11 @@ class Hypervisor:
             if ran == 0 and not v.runnable:
                 break
         return max(used, 1)  # even a vCPU that stops at once costs a nanosecond
+
+
+def _until_done(op) -> int:
+    """Run a preemptible typing operation to completion (hvlab never defers it)."""
+    rc = op()
+    while rc == -ERESTART:
+        rc = op()
+    return rc

@@ -43,6 +43,8 @@ def describe(hv: Hypervisor, scenario: Scenario, stop: str, wall_s: float) -> di
             "shutdown": None if sd is None else {"reason": sd.reason, "code": sd.code,
                                                   "virtual_ns": sd.virtual_ns},
             "crash_report": d.crash_report,
+            # the typeref invariant recomputed independently (DESIGN.md §3); [] = clean
+            "typeref_differences": [str(diff) for diff in hv.check_typerefs(d)],
             "vcpus": [{"id": v.vcpu_id, "pcpu": v.pcpu, "instructions": v.instructions,
                        "upcalls": v.upcalls, "state": v.runstate} for v in d.vcpus],
         })
@@ -78,6 +80,9 @@ def print_report(result: dict[str, Any], out: TextIO | None = None) -> None:
             fate = (f"shut down ({sd['reason']}, code {sd['code']}) "
                     f"at {sd['virtual_ns'] / 1e6:.3f} ms virtual")
         out.write(f"{d['name']}: {fate}\n")
+        if d["typeref_differences"]:
+            out.write(f"{d['name']}: TYPEREF CHECK FAILED, {len(d['typeref_differences'])} "
+                      f"differences, first: {d['typeref_differences'][0]}\n")
     exits = ", ".join(f"{k} {v}" for k, v in result["exits"].items())
     wall = result["wall_s"]
     mips = result["instructions"] / wall / 1e6 if wall else 0.0

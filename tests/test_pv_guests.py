@@ -39,6 +39,7 @@ def test_pv_hello_json_has_the_promised_shape(capsys):
     assert result["exits"]["hypercall"] > 0
     assert result["stop"] == "shutdown"
     assert {"build", "unicorn", "seed", "wall_s", "tlb_fills"} <= set(result)
+    assert hello["typeref_differences"] == []
 
 
 def test_pv_hello_text_output_shows_console_and_shutdown(capsys):
@@ -56,6 +57,7 @@ def test_pv_smp_counts_its_ticks_and_ipis_and_runs_identically_twice(capsys):
     assert smp["shutdown"] == {"reason": "poweroff", "code": 0,
                                "virtual_ns": smp["shutdown"]["virtual_ns"]}, smp["console"]
     assert len(smp["vcpus"]) == 2 and all(v["upcalls"] > 0 for v in smp["vcpus"])
+    assert smp["typeref_differences"] == []
     # both vCPUs ran on different pCPUs of the two-pCPU machine
     assert {v["pcpu"] for v in smp["vcpus"]} == {0, 1}
 
@@ -91,3 +93,22 @@ def test_trace_prints_disassembly_and_exits(capsys):
 def test_benchmark_guests_finish_cleanly(capsys, scenario):
     result = run_json(capsys, scenario)
     assert all(d["shutdown"]["code"] == 0 for d in result["domains"])
+
+
+def test_booting_validates_and_pins_the_initial_tables():
+    from hypervisor.builds import PageType
+    from hypervisor.runner import boot_scenario
+    from hypervisor.scenario import load_scenario
+
+    hv = boot_scenario(load_scenario(SCENARIOS / "pv-hello.toml"))
+    (dom,) = hv.domains
+    ft = hv.frame_table
+    l4 = dom.vcpus[0].mmu.base_ma >> 12
+    assert ft.page_type(l4) == PageType.L4 and ft.is_pinned(l4) and ft.is_validated(l4)
+    assert ft.type_count(l4) == 2  # the pin and vCPU 0's CR3
+    owned = ft.frames_of(dom.domid)
+    types = ft.types(owned)
+    # the bootstrap tree: one L4, one L3, one L2, L1s; every mapped data page writable
+    assert (types == PageType.L3).sum() == 1 and (types == PageType.L2).sum() == 1
+    assert (types == PageType.WRITABLE).sum() > 0
+    assert hv.check_typerefs(dom) == []

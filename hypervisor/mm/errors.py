@@ -1,38 +1,27 @@
-"""Xen's error numbers (public/errno.h) and the memory-typing exceptions.
+"""The memory-typing exceptions, and Xen's error numbers (from hypervisor.errno).
 
 Operations that a guest can make fail return a negative errno, as Xen does.
 Exceptions are for misuse by the hypervisor itself (bad arguments, a frame
 table in an impossible state).
 """
 
-EPERM = 1
-ENOENT = 2
-ESRCH = 3
-EINTR = 4
-EIO = 5
-ENOMEM = 12
-EACCES = 13
-EFAULT = 14
-EBUSY = 16
-EINVAL = 22
-ENOSYS = 38
-EILSEQ = 84
-ERESTART = 85
-EOPNOTSUPP = 95
-
-_NAMES = {
-    value: name
-    for name, value in dict(globals()).items()
-    if name.startswith("E") and isinstance(value, int)
-}
-
-
-def errno_name(rc: int) -> str:
-    """'-EINVAL' for -22, '0' for 0, the number otherwise."""
-    if rc == 0:
-        return "0"
-    name = _NAMES.get(-rc)
-    return f"-{name}" if name and rc < 0 else str(rc)
+from hypervisor.errno import (  # noqa: F401 - re-exported for the mm modules
+    EACCES,
+    EBUSY,
+    EFAULT,
+    EILSEQ,
+    EINTR,
+    EINVAL,
+    EIO,
+    ENOENT,
+    ENOMEM,
+    ENOSYS,
+    EOPNOTSUPP,
+    EPERM,
+    ERESTART,
+    ESRCH,
+    errno_name,
+)
 
 
 class MmError(Exception):
