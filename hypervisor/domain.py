@@ -33,7 +33,6 @@ class Domain:
     evtchn: EventChannels | None = None
     start_info_va: int = 0
     virt_base: int = 0
-    extra_frames: list[int] = field(default_factory=list)  # owned, outside the P2M
 
     @property
     def nr_pages(self) -> int:

@@ -89,18 +89,14 @@ class Hypervisor:
             raise HvlabError(f"domain {name}: vcpus must be between 1 and 32")
         p2m = self.frames.alloc(nr_pages, f"domain {name}")
         try:
-            shared_info = self.frames.alloc_one(f"domain {name} shared_info")
+            layout, l4_ma = build_pv_memory(self.memory, kernel, p2m, name)
         except HvlabError:
-            self.frames.release(p2m)
+            self._scrub_and_release(p2m)
             raise
-        try:
-            layout, l4_ma = build_pv_memory(self.memory, kernel, p2m, shared_info, vcpus, name)
-        except HvlabError:
-            self._scrub_and_release(np.append(p2m, shared_info))
-            raise
+        shared_info = int(p2m[layout.shared_info_pfn])
         dom = Domain(len(self.domains), name, "pv", p2m, shared_info,
                      start_info_va=layout.va(layout.start_info_pfn), virt_base=layout.virt_base)
-        self.frame_table.assign(np.append(p2m, shared_info), dom.domid)
+        self.frame_table.assign(p2m, dom.domid)
         self.m2p[p2m.astype(np.int64)] = np.arange(nr_pages, dtype=np.uint64)
         # As Xen's builder: the initial L4 is pinned, which validates the whole
         # bootstrap tree, and vCPU 0's CR3 takes its own reference.

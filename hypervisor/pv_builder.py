@@ -2,7 +2,7 @@
 
 It lays out the start-of-day region the way Xen's builder does (docs/pv-abi.md):
 the kernel at its link addresses, then the P2M list, start_info, the
-shared_info mapping, the bootstrap page tables (mapped read-only: a page
+shared_info page, the bootstrap page tables (mapped read-only: a page
 table must never be writable) and a stack, all mapped through 4-level tables
 that hold machine frame numbers.
 """
@@ -41,7 +41,7 @@ class PvLayout:
     p2m_pfn: int
     p2m_pages: int
     start_info_pfn: int
-    shared_info_pfn: int  # this slot maps the shared_info frame, not the pfn
+    shared_info_pfn: int  # the domain's own frame serves as its shared_info page
     pt_pfn: int
     nr_pt_frames: int
     stack_pfn: int
@@ -88,13 +88,14 @@ def build_pv_memory(
     memory: HostMemory,
     kernel: KernelImage,
     p2m: np.ndarray,
-    shared_info_mfn: int,
-    nr_vcpus: int,
     domain_name: str,
 ) -> tuple[PvLayout, int]:
     """Write the kernel, tables, start_info and P2M list into the domain's frames.
 
-    Returns the layout and the machine address of the L4.
+    Returns the layout and the machine address of the L4. The shared_info
+    page is the domain frame at `layout.shared_info_pfn` (in Xen it is a
+    hypervisor page; making it a guest pfn lets saved images carry its
+    mapping like any other).
     """
     nr_pages = int(p2m.size)
     layout = plan_layout(kernel, nr_pages)
@@ -115,9 +116,9 @@ def build_pv_memory(
         _write_virtual(memory, ma_of_va, seg.vaddr, seg.data)
     _write_hypercall_page(memory, ma_of_va(kernel.symbols["hypercall_page"]))
     memory.u8[ma_of_va(layout.va(layout.p2m_pfn)):][: nr_pages * 8] = p2m.view(np.uint8)
-    l4_ma = _build_tables(memory, layout, p2m, shared_info_mfn)
+    l4_ma = _build_tables(memory, layout, p2m)
     _write_start_info(memory, ma_of_va(layout.va(layout.start_info_pfn)), layout, nr_pages,
-                      shared_info_mfn)
+                      int(p2m[layout.shared_info_pfn]))
     return layout, l4_ma
 
 
@@ -138,8 +139,7 @@ def _write_hypercall_page(memory: HostMemory, page_ma: int) -> None:
     memory.write(page_ma, bytes(stubs))
 
 
-def _build_tables(memory: HostMemory, layout: PvLayout, p2m: np.ndarray,
-                  shared_info_mfn: int) -> int:
+def _build_tables(memory: HostMemory, layout: PvLayout, p2m: np.ndarray) -> int:
     pt_mfns = [int(p2m[layout.pt_pfn + i]) for i in range(layout.nr_pt_frames)]
     next_table = iter(pt_mfns)
     l4 = next(next_table)
@@ -162,11 +162,8 @@ def _build_tables(memory: HostMemory, layout: PvLayout, p2m: np.ndarray,
     for pfn in range(layout.mapped_pages):
         va = layout.va(pfn)
         l1 = table_for(1, va)
-        if pfn == layout.shared_info_pfn:
-            entry = (shared_info_mfn << 12) | DATA_FLAGS
-        else:
-            flags = PT_FLAGS if pfn in pt_range else DATA_FLAGS
-            entry = ((int(p2m[pfn]) << 12) & ADDR_MASK) | flags
+        flags = PT_FLAGS if pfn in pt_range else DATA_FLAGS
+        entry = ((int(p2m[pfn]) << 12) & ADDR_MASK) | flags
         memory.frame_u64(l1)[(va >> 12) & 0x1FF] = np.uint64(entry)
     return l4 * PAGE_SIZE
 
