@@ -85,8 +85,8 @@ GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 _REG = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in (
     *GPRS, "rip", "rflags", "cr0", "cr2", "cr3", "cr4",
-    "cs", "ss", "ds", "es", "fs", "gs", "fs_base", "gs_base",
-)}
+    "cs", "ss", "ds", "es", "fs", "gs", "fs_base", "gs_base", "mxcsr",
+)} | {f"xmm{i}": X.UC_X86_REG_XMM0 + i for i in range(16)}
 _EFER_MSR = 0xC000_0080
 _KERNEL_GS_BASE_MSR = 0xC000_0102
 

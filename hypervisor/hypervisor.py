@@ -30,7 +30,7 @@ from hypervisor.mmu import GDT_VA, PvMmu
 from hypervisor.pv_builder import build_pv_memory
 from hypervisor.scheduler import Scheduler
 from hypervisor.stream.vcpu_context import VcpuGuestContext
-from hypervisor.vcpu import DOWN, RUNNABLE, Vcpu
+from hypervisor.vcpu import DOWN, REGISTERS, RUNNABLE, Vcpu
 
 DEFAULT_QUANTUM_NS = 1_000_000  # 1 ms of virtual time = 1 M instructions
 KERNEL_CS, KERNEL_DS = 0x08, 0x10
@@ -188,6 +188,11 @@ class Hypervisor:
                 v.trap_table[t.vector] = TrapEntry(t.vector, t.flags, t.cs, t.address)
         v.runstate = DOWN
         return 0
+
+    def read_vcpu_registers(self, v: Vcpu) -> dict[str, int]:
+        """Every architectural register the vCPU's state is made of (REGISTERS)."""
+        cpu = self._switch(v.pcpu, v)
+        return {name: cpu.reg(name) for name in REGISTERS}
 
     def set_base_pointer(self, v: Vcpu, base_ma: int) -> None:
         """NEW_BASEPTR: the vCPU now translates through another (referenced) L4."""

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
              "rip", "rflags", "cr0", "cr2", "cr3", "cr4", "cs", "ss", "ds", "es",
-             "fs_base", "gs_base")
+             "fs_base", "gs_base", "mxcsr", *(f"xmm{i}" for i in range(16)))
 
 DOWN, RUNNABLE, BLOCKED = "down", "runnable", "blocked"
 
