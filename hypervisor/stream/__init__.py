@@ -36,7 +36,7 @@ from .hvm_records import (
     iter_hvm_context,
     pack_hvm_context,
 )
-from .reader import SkippedRecord, StreamReader
+from .reader import OpaqueRecord, SkippedRecord, StreamReader
 from .records import (
     CheckpointRecord,
     EndRecord,
@@ -65,7 +65,7 @@ __all__ = [
     "IHDR_VERSION", "MAX_BATCH_SIZE", "PAGE_SIZE",
     "DomainHeader", "DomainType", "ImageHeader", "Pfinfo", "RecordType", "StreamError",
     "check_pfns", "pfinfo_has_data", "record_type_name",
-    "StreamReader", "SkippedRecord", "StreamWriter",
+    "StreamReader", "SkippedRecord", "OpaqueRecord", "StreamWriter",
     "open_image_for_read", "open_image_for_write",
     "Record", "PageDataRecord", "X86PvInfoRecord", "X86PvP2mFramesRecord", "X86PvVcpuRecord",
     "X86PvVcpuBasicRecord", "X86PvVcpuExtendedRecord", "X86PvVcpuXsaveRecord",

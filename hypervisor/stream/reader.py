@@ -79,10 +79,28 @@ class SkippedRecord:
         return record_type_name(self.type)
 
 
-class StreamReader:
-    """Validate the headers of ``fileobj`` now; ``iter(reader)`` yields records up to END."""
+@dataclass(frozen=True)
+class OpaqueRecord:
+    """An optional record of a type this reader does not decode, kept on request."""
 
-    def __init__(self, fileobj: BinaryIO) -> None:
+    type: int
+    body: bytes
+    offset: int
+
+    @property
+    def name(self) -> str:
+        return record_type_name(self.type)
+
+
+class StreamReader:
+    """Validate the headers of ``fileobj`` now; ``iter(reader)`` yields records up to END.
+
+    Unknown optional records are skipped, except those whose type is in
+    ``keep``: they are returned as ``OpaqueRecord`` (hvlab's own state).
+    """
+
+    def __init__(self, fileobj: BinaryIO, keep: frozenset[int] = frozenset()) -> None:
+        self._keep = keep
         self._f = fileobj
         self._pos = 0
         self._size = _remaining_size(fileobj)
@@ -192,6 +210,8 @@ class StreamReader:
 
         record_class = RECORD_CLASSES.get(rtype)
         if record_class is None:
+            if rtype & REC_TYPE_OPTIONAL and rtype in self._keep:
+                return OpaqueRecord(rtype, bytes(raw), start)  # type: ignore[return-value]
             if rtype & REC_TYPE_OPTIONAL:
                 self.skipped.append(SkippedRecord(rtype, start, length))
                 return None
