@@ -33,6 +33,10 @@ class Domain:
     evtchn: EventChannels | None = None
     start_info_va: int = 0
     virt_base: int = 0
+    shared_info_pfn: int = 0
+    # the guest's clock minus the hypervisor's: a restored domain's time goes on
+    # from where it was saved (like a TSC offset)
+    time_offset: int = 0
 
     @property
     def nr_pages(self) -> int:

@@ -79,7 +79,8 @@ def set_callbacks(hv: Hypervisor, v: Vcpu, event: int, failsafe: int, syscall: i
 
 
 def set_timer_op(hv: Hypervisor, v: Vcpu, deadline: int, *_: int) -> int:
-    v.timer_deadline_ns = deadline if deadline else None
+    # the guest speaks its own time; the scheduler the hypervisor's
+    v.timer_deadline_ns = deadline - v.domain.time_offset if deadline else None
     return 0
 
 

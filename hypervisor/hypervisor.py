@@ -24,7 +24,7 @@ from hypervisor.frames import FrameAllocator
 from hypervisor.hypercalls import GuestAccessError
 from hypervisor.mm.check import Difference, check_typerefs
 from hypervisor.mm.errors import ERESTART, errno_name
-from hypervisor.mm.frametable import FrameTable
+from hypervisor.mm.frametable import DOMID_INVALID, FrameTable
 from hypervisor.mm.typerefs import PageTyping
 from hypervisor.mmu import GDT_VA, PvMmu
 from hypervisor.pv_builder import build_pv_memory
@@ -93,34 +93,64 @@ class Hypervisor:
         except HvlabError:
             self._scrub_and_release(p2m)
             raise
-        shared_info = int(p2m[layout.shared_info_pfn])
-        dom = Domain(len(self.domains), name, "pv", p2m, shared_info,
-                     start_info_va=layout.va(layout.start_info_pfn), virt_base=layout.virt_base)
-        self.frame_table.assign(p2m, dom.domid)
-        self.m2p[p2m.astype(np.int64)] = np.arange(nr_pages, dtype=np.uint64)
+        domid = len(self.domains)
+        self.claim_frames(p2m, domid)
         # As Xen's builder: the initial L4 is pinned, which validates the whole
         # bootstrap tree, and vCPU 0's CR3 takes its own reference.
         l4_mfn = l4_ma >> 12
-        for what, op in (("pin", lambda: self.typing.pin_table(l4_mfn, 4, dom.domid)),
-                         ("CR3 reference", lambda: self.typing.get_root_ref(l4_mfn, dom.domid))):
-            rc = _until_done(op)
+        for what, op in (("pin", lambda: self.typing.pin_table(l4_mfn, 4, domid)),
+                         ("CR3 reference", lambda: self.typing.get_root_ref(l4_mfn, domid))):
+            rc = until_done(op)
             if rc:
                 raise HvlabError(f"domain {name}: initial page tables refused ({what}: "
                                  f"{errno_name(rc)})")
-        dom.evtchn = EventChannels(dom.domid, vcpus, self.memory.frame_u8(shared_info),
-                                   kick=lambda vid, d=dom: d.vcpus[vid].wake(),
-                                   peer=self._domain_evtchn)
+        dom = self.install_pv_domain(name, p2m, layout.shared_info_pfn,
+                                     layout.va(layout.start_info_pfn), layout.virt_base, vcpus)
         self._init_shared_info(dom, vcpus)
-        for vid in range(vcpus):
-            vcpu = Vcpu(dom, vid, PvMmu(self.memory, self.gdt_mfn * PAGE_SIZE))
-            dom.vcpus.append(vcpu)
-            self.scheduler.place(vcpu)
-        self.domains.append(dom)
         boot = dom.vcpus[0]
         self._start_vcpu(boot, {"rip": kernel.entry, "rsp": layout.stack_top,
                                 "rsi": dom.start_info_va, "rflags": INITIAL_RFLAGS}, l4_ma)
         boot.runstate = RUNNABLE
         return dom
+
+    def claim_frames(self, p2m: np.ndarray, domid: int) -> None:
+        """Give allocated frames to domain `domid`: ownership and the M2P."""
+        self.frame_table.assign(p2m, domid)
+        self.m2p[p2m.astype(np.int64)] = np.arange(p2m.size, dtype=np.uint64)
+
+    def unclaim_frames(self, p2m: np.ndarray) -> None:
+        """Undo `claim_frames` and everything typed since: the rows return to free."""
+        rows = p2m.astype(np.int64)
+        ft = self.frame_table
+        ft.type_info[rows] = 0
+        ft.count_info[rows] = 0
+        ft.owner[rows] = ft.owner.dtype.type(DOMID_INVALID)
+        ft.nr_validated_ptes[rows] = 0
+        ft.partial_flags[rows] = 0
+        ft.linear_pt_count[rows] = 0
+        self.m2p[rows] = INVALID_PFN
+        self._scrub_and_release(p2m)
+
+    def install_pv_domain(self, name: str, p2m: np.ndarray, shared_info_pfn: int,
+                          start_info_va: int, virt_base: int, nr_vcpus: int) -> Domain:
+        """A domain whose frames are claimed and filled: events and vCPUs (not yet started)."""
+        domid = len(self.domains)
+        shared_info = int(p2m[shared_info_pfn])
+        dom = Domain(domid, name, "pv", p2m, shared_info, start_info_va=start_info_va,
+                     virt_base=virt_base, shared_info_pfn=shared_info_pfn)
+        dom.evtchn = EventChannels(domid, nr_vcpus, self.memory.frame_u8(shared_info),
+                                   kick=lambda vid, d=dom: d.vcpus[vid].wake(),
+                                   peer=self._domain_evtchn)
+        for vid in range(nr_vcpus):
+            vcpu = Vcpu(dom, vid, PvMmu(self.memory, self.gdt_mfn * PAGE_SIZE))
+            dom.vcpus.append(vcpu)
+            self.scheduler.place(vcpu)
+        self.domains.append(dom)
+        return dom
+
+    def start_vcpu(self, v: Vcpu, registers: dict[str, int], base_ma: int) -> None:
+        """Give a (restored) vCPU its architectural state."""
+        self._start_vcpu(v, registers, base_ma)
 
     def _domain_evtchn(self, domid: int) -> EventChannels | None:
         if 0 <= domid < len(self.domains) and self.domains[domid].alive:
@@ -166,7 +196,7 @@ class Hypervisor:
         base_ma = ctx.ctrlreg[3] & ~0xFFF
         if base_ma == 0 or base_ma >> 12 >= self.memory.nr_frames:
             return -EINVAL
-        rc = _until_done(lambda: self.typing.get_root_ref(base_ma >> 12, v.domain.domid))
+        rc = until_done(lambda: self.typing.get_root_ref(base_ma >> 12, v.domain.domid))
         if rc:
             return rc
         r = ctx.user_regs
@@ -354,7 +384,8 @@ class Hypervisor:
                     break
             base_time = start + used
             before = cpu.executed
-            cpu.tsc = lambda b=base_time, n=before: b + (cpu.executed - n)
+            guest_time = base_time + v.domain.time_offset
+            cpu.tsc = lambda b=guest_time, n=before: b + (cpu.executed - n)
             self._clock = base_time
             exit_ = cpu.run(budget - used)
             ran = cpu.executed - before
@@ -367,7 +398,7 @@ class Hypervisor:
         return max(used, 1)  # even a vCPU that stops at once costs a nanosecond
 
 
-def _until_done(op) -> int:
+def until_done(op) -> int:
     """Run a preemptible typing operation to completion (hvlab never defers it)."""
     rc = op()
     while rc == -ERESTART:
