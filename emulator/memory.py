@@ -82,6 +82,23 @@ class HostMemory:
     def zero_frame(self, mfn: MFN) -> None:
         self.frame_u64(mfn)[:] = 0
 
+    def resident_frames(self) -> np.ndarray | None:
+        """Which frames have ever been touched (anonymous memory only), else None.
+
+        An anonymous page the host never faulted in is still all zero, so
+        savers can skip reading it; mincore(2) tells which ones those are.
+        File-backed pages may hold data while not resident: no answer there.
+        """
+        if self.path is not None:
+            return None
+        libc = ctypes.CDLL(None, use_errno=True)
+        vec = np.zeros(self.nr_frames, dtype=np.uint8)
+        rc = libc.mincore(ctypes.c_void_p(self.address), ctypes.c_size_t(self.size),
+                          vec.ctypes.data_as(ctypes.c_void_p))
+        if rc != 0:
+            return None
+        return (vec & 1).astype(bool)
+
     def flush(self) -> None:
         """Write a file-backed mapping through to its file."""
         if self.path is not None:

@@ -299,7 +299,8 @@ class Hypervisor:
             dom.shutdown = Shutdown("crash", None, self.vcpu_time(dom))
 
     def vcpu_time(self, dom: Domain) -> int:
-        return self._clock
+        """The domain's own clock now (restored domains keep theirs)."""
+        return self._clock + dom.time_offset
 
     def count_exit(self, name: str) -> None:
         self.exits[name] += 1

@@ -16,7 +16,12 @@ from hypervisor.tracing import Tracer
 def boot_scenario(scenario: Scenario, build: str = "4.19") -> Hypervisor:
     hv = Hypervisor(MachineConfig(scenario.pcpus, scenario.memory, scenario.quantum_ns), build)
     for spec in scenario.domains:
-        hv.create_pv_domain(spec.name, str(spec.kernel), spec.memory, spec.vcpus)
+        if spec.image is not None:
+            from hypervisor.restore import restore_domain
+
+            restore_domain(hv, spec.image, name=spec.name)
+        else:
+            hv.create_pv_domain(spec.name, str(spec.kernel), spec.memory, spec.vcpus)
     return hv
 
 

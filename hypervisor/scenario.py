@@ -9,7 +9,8 @@ quantum = "1ms"        # optional: virtual time per scheduling slice
 [[domain]]
 name = "hello"
 kernel = "guests/pv_hello.elf"   # relative to this file
-memory = "4M"
+# image = "images/x.img.zst"     # instead of kernel: restore a saved guest
+memory = "4M"                    # (with image: taken from the image)
 vcpus = 1
 type = "pv"            # optional; "pv" is the default
 
@@ -44,10 +45,11 @@ class ScenarioError(HvlabError):
 @dataclass(frozen=True)
 class DomainSpec:
     name: str
-    kernel: Path
+    kernel: Path | None  # exactly one of kernel and image
     memory: int
     vcpus: int
     type: str = "pv"
+    image: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -143,16 +145,22 @@ def load_scenario(path: str | Path) -> Scenario:
         dwhere = f"{where} [[domain]] #{i + 1}"
         if not isinstance(raw, dict):
             raise ScenarioError(f"{dwhere}: must be a table")
-        _check_keys(raw, {"name", "kernel", "memory", "vcpus", "type"}, dwhere)
+        _check_keys(raw, {"name", "kernel", "image", "memory", "vcpus", "type"}, dwhere)
         name = _str(raw, "name", dwhere)
         dwhere = f"{where} domain '{name}'"
         kind = _str(raw, "type", dwhere, "pv")
         if kind != "pv":
             raise ScenarioError(f"{dwhere}: type must be \"pv\" (got {kind!r})")
-        kernel = (path.parent / _str(raw, "kernel", dwhere)).resolve()
+        if ("kernel" in raw) == ("image" in raw):
+            raise ScenarioError(f"{dwhere}: give exactly one of 'kernel' and 'image'")
+        kernel = image = None
+        if "kernel" in raw:
+            kernel = (path.parent / _str(raw, "kernel", dwhere)).resolve()
+        else:
+            image = (path.parent / _str(raw, "image", dwhere)).resolve()
         dmem = parse_size(raw.get("memory", "4M"), f"{dwhere} memory")
         vcpus = _int(raw, "vcpus", dwhere, 1)
-        domains.append(DomainSpec(name, kernel, dmem, vcpus, kind))
+        domains.append(DomainSpec(name, kernel, dmem, vcpus, kind, image))
     names = [d.name for d in domains]
     if len(set(names)) != len(names):
         raise ScenarioError(f"{where}: domain names must be unique")
