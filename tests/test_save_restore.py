@@ -182,7 +182,8 @@ def test_cli_reports_a_bad_image_in_one_line_with_status_2(tmp_path, hello_image
     assert err.count("\n") == 1 and "bad.img" in err
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzzed_images_never_crash_and_never_touch_other_frames(tmp_path, hello_image, data):
     image = bytearray(hello_image)
