@@ -52,11 +52,15 @@ class MachineConfig:
 
 class Hypervisor:
     def __init__(self, machine: MachineConfig, build: str = "4.19",
-                 memory: HostMemory | None = None) -> None:
+                 memory: HostMemory | None = None, in_use: np.ndarray | None = None) -> None:
+        """Boot on `machine`. A live update passes the host memory it keeps and the
+        frames the guests hold (`in_use`), so this build allocates around them."""
         self.machine = machine
         self.build = build
         self.memory = memory if memory is not None else HostMemory(machine.memory)
         self.frames = FrameAllocator(self.memory.nr_frames)
+        if in_use is not None:
+            self.frames.mark_used(in_use)
         # page_info for every machine frame, in this build's layout (DESIGN.md §3)
         self.frame_table = FrameTable(self.memory.nr_frames, get_build(build))
         self.typing = PageTyping(self.frame_table, self.memory.u64)
@@ -73,6 +77,18 @@ class Hypervisor:
         self.tracer = None
         for cpu in self.pcpus:
             cpu.sync_exit = self._sync_exit_for(cpu)
+
+    def teardown(self) -> None:
+        """Leave the machine: engines gone, the hypervisor's own frames scrubbed and freed.
+
+        Guest frames and their contents stay where they are (a live update).
+        """
+        for cpu in self.pcpus:
+            cpu.close()
+        self.pcpus = []
+        self.loaded = []
+        self._scrub_and_release(np.array([self.gdt_mfn], dtype=np.uint64))
+        self.domains = []
 
     @property
     def build_version(self) -> tuple[int, int]:

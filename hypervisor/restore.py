@@ -20,6 +20,7 @@ import numpy as np
 
 from emulator.addr import PAGE_SIZE
 from emulator.paging import ADDR_MASK, P
+from hypervisor.domain import Shutdown
 from hypervisor.errors import HvlabError
 from hypervisor.evtchn import EventChannelState
 from hypervisor.hypervisor import until_done
@@ -201,6 +202,7 @@ def _finish(hv: Hypervisor, st: _Pending, domid: int, path: Path, name: str | No
     if 0 not in st.vcpus:
         raise RestoreError(f"{path}: no X86_PV_VCPU_BASIC record for vCPU 0")
     meta = st.hvlab
+    meta.setdefault("virtual_ns", st.tsc_nsec or 0)
     for key in ("start_info_pfn", "shared_info_pfn"):
         if not 0 <= int(meta.get(key, -1)) < st.nr_pages:
             raise RestoreError(f"{path}: record HVLAB_DOMAIN: {key} lies outside the domain")
@@ -231,24 +233,36 @@ def _finish(hv: Hypervisor, st: _Pending, domid: int, path: Path, name: str | No
                 raise _fail(path, "X86_PV_VCPU_BASIC", offset,
                             f"vCPU {vid}'s page tables failed validation ({errno_name(rc)})")
         bases[vid] = (base, user)
-    nr_vcpus = max(len(meta.get("vcpus", [])), max(st.vcpus) + 1)
+    contexts = {vid: ctx for vid, (ctx, _) in st.vcpus.items()}
+    return install_domain(hv, meta, st.p2m, contexts, bases, name or meta.get("name") or path.stem)
+
+
+def install_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray,
+                   contexts: dict[int, VcpuGuestContext], bases: dict[int, tuple[int, int]],
+                   name: str | None = None) -> Domain:
+    """Make a domain of claimed, typed frames: events, vCPUs, clock (restore and live update).
+
+    `bases` gives each vCPU's CR3 and user CR3 as MFNs (references already taken).
+    """
+    nr_vcpus = max(len(meta.get("vcpus", [])), max(contexts) + 1)
     virt_base = int(meta["virt_base"])
-    dom = hv.install_pv_domain(name or meta.get("name") or path.stem, st.p2m,
-                               int(meta["shared_info_pfn"]),
+    dom = hv.install_pv_domain(name or meta["name"], p2m, int(meta["shared_info_pfn"]),
                                virt_base + int(meta["start_info_pfn"]) * PAGE_SIZE,
                                virt_base, nr_vcpus)
-    saved_ns = int(meta.get("virtual_ns", st.tsc_nsec or 0))
-    dom.time_offset = saved_ns - hv.now
+    dom.time_offset = int(meta["virtual_ns"]) - hv.now
     dom.console += meta.get("console", "").encode("latin-1")
+    if meta.get("shutdown") is not None:
+        dom.shutdown = Shutdown(**meta["shutdown"])
+        dom.crash_report = meta.get("crash_report")
     ev = meta.get("evtchn", {})
     ports = dict(port_from_json(p) for p in ev.get("ports", []))
     virqs = {(p.notify_vcpu, p.virq): port for port, p in ports.items() if p.state == "virq"}
     dom.evtchn.restore(EventChannelState(ports, virqs, ev.get("sent", 0), ev.get("raised", 0)))
     vmeta = meta.get("vcpus", [])
     for v in dom.vcpus:
-        if v.vcpu_id not in st.vcpus:
+        if v.vcpu_id not in contexts:
             continue
-        ctx, _ = st.vcpus[v.vcpu_id]
+        ctx = contexts[v.vcpu_id]
         base, user = bases[v.vcpu_id]
         hv.start_vcpu(v, _registers(ctx), base * PAGE_SIZE)
         v.user_base_ma = user * PAGE_SIZE

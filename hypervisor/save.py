@@ -85,7 +85,8 @@ def normalise_tables(pages: np.ndarray, levels: np.ndarray, m2p: np.ndarray) -> 
     return entries.view(np.uint8).reshape(-1, PAGE_SIZE)
 
 
-def vcpu_context(hv: Hypervisor, v) -> VcpuGuestContext:
+def vcpu_context(hv: Hypervisor, v, normalise: bool = True) -> VcpuGuestContext:
+    """The vCPU as Xen's vcpu_guest_context; CR3s as PFNs (images) or MFNs (hand-over)."""
     regs = hv.read_vcpu_registers(v)
     user = CpuUserRegs(**{name: regs[name] for name in _USER_REG_NAMES})
     fpu = bytearray(512)
@@ -97,11 +98,13 @@ def vcpu_context(hv: Hypervisor, v) -> VcpuGuestContext:
     ctx.flags = VGCF_IN_KERNEL | VGCF_I387_VALID | (0 if v.runstate == DOWN else VGCF_ONLINE)
     for entry in v.trap_table.values():
         ctx.trap_ctxt[entry.vector] = TrapInfo(entry.vector, entry.flags, entry.cs, entry.address)
-    m2p = hv.m2p
+    def frame(ma: int) -> int:
+        return int(hv.m2p[ma >> 12]) if normalise else ma >> 12
+
     ctx.ctrlreg = [regs["cr0"], 0, regs["cr2"], 0, regs["cr4"], 0, 0, 0]
-    ctx.ctrlreg[3] = int(m2p[v.mmu.base_ma >> 12]) << 12  # normalised: a PFN
+    ctx.ctrlreg[3] = frame(v.mmu.base_ma) << 12
     if v.user_base_ma:
-        ctx.ctrlreg[1] = int(m2p[v.user_base_ma >> 12]) << 12
+        ctx.ctrlreg[1] = frame(v.user_base_ma) << 12
     ctx.event_callback_eip = v.event_callback
     ctx.failsafe_callback_eip = v.failsafe_callback
     ctx.syscall_callback_eip = v.syscall_callback
@@ -127,6 +130,8 @@ def domain_state(hv: Hypervisor, dom: Domain) -> dict[str, Any]:
             "sent": ev.sent,
             "raised": ev.raised,
         },
+        "shutdown": None if dom.shutdown is None else vars(dom.shutdown),
+        "crash_report": dom.crash_report,
         "vcpus": [{
             "runstate": v.runstate,
             "timer_deadline_ns": (None if v.timer_deadline_ns is None
