@@ -6,8 +6,12 @@
 # Usage: scenarios/guests/build.sh            (from anywhere)
 set -euo pipefail
 
-GUESTS=(pv_hello pv_smp pv_faults pv_crash pv_spin pv_touch)
+GUESTS=(pv_hello pv_smp pv_faults pv_crash pv_spin pv_touch pv_ptchurn pv_hostile)
 LIBS=(hypercall_page console check)
+# Linked only into the guests that manage page tables, so that adding them
+# left the other kernels byte-identical.
+MM_GUESTS=(pv_ptchurn pv_hostile)
+MM_LIBS=(expect mm)
 
 AS=${AS:-as}
 LD=${LD:-ld}
@@ -42,10 +46,20 @@ for lib in "${LIBS[@]}"; do
     lib_objects+=("build/lib_$lib.o")
 done
 
+mm_objects=()
+for lib in "${MM_LIBS[@]}"; do
+    assemble "lib/$lib.s" "build/lib_$lib.o"
+    mm_objects+=("build/lib_$lib.o")
+done
+
 for guest in "${GUESTS[@]}"; do
     [[ -f "$guest.s" ]] || die "missing source $guest.s"
     assemble "$guest.s" "build/$guest.o"
-    "$LD" "${LDFLAGS[@]}" -o "$guest.elf" "build/$guest.o" "${lib_objects[@]}" \
+    objects=("build/$guest.o" "${lib_objects[@]}")
+    if [[ " ${MM_GUESTS[*]} " == *" $guest "* ]]; then
+        objects+=("${mm_objects[@]}")
+    fi
+    "$LD" "${LDFLAGS[@]}" -o "$guest.elf" "${objects[@]}" \
         || die "linking $guest.elf"
     echo "built $guest.elf"
 done
