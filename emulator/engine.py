@@ -31,6 +31,8 @@ from typing import Protocol
 
 from unicorn import (
     UC_ARCH_X86,
+    UC_CTL_IO_WRITE,
+    UC_CTL_TLB_FLUSH,
     UC_ERR_EXCEPTION,
     UC_HOOK_INSN,
     UC_HOOK_INSN_INVALID,
@@ -64,9 +66,6 @@ from emulator.exits import (
 )
 from emulator.memory import HostMemory
 from emulator.native_counter import NativeCounter
-
-_UC_CTL_TLB_FLUSH = 10  # uc_control_type value; the 2.1.4 binding has no helper
-_UC_CTL_IO_WRITE = 1
 
 VMCALL = b"\x0f\x01\xc1"
 
@@ -379,7 +378,8 @@ class PhysicalCpu:
         self.uc.ctl_flush_tb()
 
     def flush_tlb(self) -> None:
-        self.uc.ctl(_UC_CTL_TLB_FLUSH, _UC_CTL_IO_WRITE)
+        # the 2.1.4 binding has a TB-flush helper but none for the TLB
+        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
     # -------------------------------------------------------------------- MMIO
     def map_mmio(self, base: int, size: int,

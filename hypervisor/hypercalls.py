@@ -194,6 +194,9 @@ class VcpuMmuContext:
     def hypercall_preempt_check(self) -> bool:
         return False
 
+    def domain_exists(self, domid: int) -> bool:
+        return 0 <= domid < len(self.hv.domains)
+
 
 def _mmu_batch(hv: Hypervisor, v: Vcpu, ptr: int, count: int, done_ptr: int, foreigndom: int,
                size: int, run) -> int:
@@ -201,7 +204,10 @@ def _mmu_batch(hv: Hypervisor, v: Vcpu, ptr: int, count: int, done_ptr: int, for
         return -EINVAL
     raw = hv.copy_from_guest(v, ptr, count * size)
     requests = np.frombuffer(raw, dtype=np.uint64).reshape(count, size // 8)
+    hv.before_page_table_hypercall(v.domain)
     rc, done = run(VcpuMmuContext(hv, v), requests, foreigndom & 0xFFFF_FFFF)
+    if done and hv.pt_change_log is not None:
+        hv.pt_change_log.add(v.domain.domid)
     if done_ptr:
         hv.copy_to_guest(v, done_ptr, struct.pack("<I", done))
     return rc

@@ -112,3 +112,29 @@ def test_booting_validates_and_pins_the_initial_tables():
     assert (types == PageType.L3).sum() == 1 and (types == PageType.L2).sum() == 1
     assert (types == PageType.WRITABLE).sum() > 0
     assert hv.check_typerefs(dom) == []
+
+
+def test_pv_hostile_refuses_every_attack_and_stays_consistent(capsys):
+    result = run_json(capsys, "pv-hostile.toml")
+    hostile = domain(result, "hostile")
+    match = re.search(r"attacks refused: (\d+)/(\d+)", hostile["console"])
+    assert match and match.group(1) == match.group(2) and int(match.group(1)) >= 10
+    assert hostile["shutdown"]["code"] == 0
+    assert all(d["typeref_differences"] == [] for d in result["domains"])
+    assert domain(result, "bystander")["shutdown"]["code"] == 0
+
+
+def test_pv_ptchurn_keeps_the_typeref_invariant_all_along():
+    from hypervisor.runner import boot_scenario
+    from hypervisor.scenario import load_scenario
+
+    scenario = load_scenario(SCENARIOS / "pv-ptchurn.toml")
+    hv = boot_scenario(scenario)
+    (dom,) = hv.domains
+    checks = 0
+    while dom.alive and hv.now < scenario.virtual_time_ns:
+        hv.run(hv.now + 500_000)  # the checker between every half millisecond of churn
+        assert hv.check_typerefs(dom) == [], f"at {hv.now} ns"
+        checks += 1
+    assert checks >= 5
+    assert dom.shutdown.code == 0, dom.console_text()[-500:]

@@ -42,6 +42,7 @@ from hypervisor.mm.errors import (
     EINVAL,
     ENOSYS,
     EOPNOTSUPP,
+    EPERM,
     ERESTART,
     ESRCH,
     MmError,
@@ -161,8 +162,19 @@ class _Hypercall:
             self.type_changed = False
             self.ctx.flush_tlb(TlbFlush(FlushKind.ALL))
 
-    def own_domain(self, foreigndom: int) -> bool:
-        return foreigndom in (DOMID_SELF, self.domid)
+    def foreign_rc(self, foreigndom: int) -> int:
+        """0 for DOMID_SELF; Xen's refusal for any other `foreigndom`.
+
+        Naming oneself explicitly is -ESRCH ("cannot specify itself as foreign
+        domain"); another existing domain needs privileges the model's domains
+        lack (XSM: -EPERM); a domain that does not exist is -ESRCH.
+        """
+        if foreigndom == DOMID_SELF:
+            return 0
+        exists = getattr(self.ctx, "domain_exists", None)
+        if foreigndom != self.domid and exists is not None and exists(foreigndom):
+            return -EPERM
+        return -ESRCH
 
 
 # ---------------------------------------------------------------------------
@@ -180,8 +192,11 @@ def do_mmu_update(
     call = _Hypercall(ctx)
     # Page tables and pages of another domain need privileges the model's
     # domains do not have (Xen: get_pg_owner / rcu_lock_domain_by_id fail).
-    if (foreigndom >> 16) not in (0, ctx.domid + 1) or not call.own_domain(foreigndom & 0xFFFF):
+    if (foreigndom >> 16) not in (0, ctx.domid + 1):
         return -ESRCH, 0
+    rc = call.foreign_rc(foreigndom & 0xFFFF)
+    if rc:
+        return rc, 0
     done, rc = 0, 0
     for i, (ptr, val) in enumerate(requests.tolist()):
         if i and ctx.hypercall_preempt_check():
@@ -266,8 +281,9 @@ def do_mmuext_op(
     """HYPERVISOR_mmuext_op: apply {cmd, arg1, arg2} operations in order; (rc, done)."""
     requests = _requests(ops, 3, "mmuext_op")
     call = _Hypercall(ctx)
-    if not call.own_domain(foreigndom):
-        return -ESRCH, 0
+    rc = call.foreign_rc(foreigndom)
+    if rc:
+        return rc, 0
     done, rc = 0, 0
     for i, (word0, arg1, arg2) in enumerate(requests.tolist()):
         if i and ctx.hypercall_preempt_check():
