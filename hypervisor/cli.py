@@ -57,6 +57,33 @@ def _cmd_save(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_update(args: argparse.Namespace) -> int:
+    from hypervisor.liveupdate.costs import load_costs
+    from hypervisor.liveupdate.driver import run_with_updates
+    from hypervisor.liveupdate.orchestrator import UpdatePlan
+    from hypervisor.liveupdate.report import print_update_report
+    from hypervisor.scenario import UpdateSpec, load_scenario, parse_time
+
+    scenario = load_scenario(args.scenario)
+    updates = list(scenario.updates)
+    if args.at is not None:
+        if args.to is None or args.strategy is None:
+            raise HvlabError("--at needs --to BUILD and --strategy S")
+        updates = [UpdateSpec(parse_time(args.at, "--at"), args.to, args.strategy)]
+    if not updates:
+        raise HvlabError(f"{args.scenario}: no [[update]] in the scenario and no --at given")
+    plan = UpdatePlan(to_build=updates[0].to, strategy=updates[0].strategy,
+                      fail_at=args.fail_at, corrupt_stream=args.corrupt_stream,
+                      costs=load_costs(args.costs))
+    result = run_with_updates(scenario, updates, plan)
+    if args.json:
+        json.dump(result, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        print_update_report(result)
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from hypervisor.bench import run_bench
 
@@ -89,6 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("-o", "--output", required=True, help="image file (.zst compresses)")
     save.add_argument("--json", action="store_true")
     save.set_defaults(func=_cmd_save)
+
+    update = sub.add_parser("update", help="run a scenario through a live update")
+    update.add_argument("scenario")
+    update.add_argument("--at", help="virtual time of the update (else the scenario's [[update]])")
+    update.add_argument("--to", help="the build to update to, e.g. 4.12")
+    update.add_argument("--strategy", help="full-walk | transfer | lazy | prevalidate")
+    update.add_argument("--fail-at", metavar="PHASE",
+                        help="inject a failure in a phase: pause, save, teardown, restore, "
+                             "typerefs, resume")
+    update.add_argument("--corrupt-stream", action="store_true",
+                        help="damage the hand-over stream after it is written")
+    update.add_argument("--costs", metavar="FILE", help="JSON overrides of the cost table")
+    update.add_argument("--json", action="store_true")
+    update.set_defaults(func=_cmd_update)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench.add_argument("which", choices=["emulator"])

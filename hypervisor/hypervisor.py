@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,7 @@ GDT = struct.pack("<QQQ", 0, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF)
 INITIAL_RFLAGS = 0x2
 CR0_PE_PG = 0x8005_0033  # PE, MP, ET, NE, WP, AM, PG: what a 64-bit kernel runs with
 CR4_PAE = 0x20
+MXCSR_RESET = 0x1F80  # all SSE exceptions masked, as after a CPU reset
 VCPU_TIME_OFFSET = 32  # vcpu_time_info inside vcpu_info
 INVALID_PFN = 0xFFFF_FFFF_FFFF_FFFF
 
@@ -75,6 +77,11 @@ class Hypervisor:
         self.now = 0  # virtual ns at the start of the current slice
         self.exits: Counter[str] = Counter()
         self.tracer = None
+        # called after every slice (a live update's background sweeper, for one)
+        self.slice_hooks: list[Callable[[], None]] = []
+        # domids whose page tables changed since a prevalidation started (None: not logging)
+        self.pt_change_log: set[int] | None = None
+        self.lazy_update = None  # a live update's lazy typeref state, until shadow-off
         for cpu in self.pcpus:
             cpu.sync_exit = self._sync_exit_for(cpu)
 
@@ -202,6 +209,7 @@ class Hypervisor:
         cpu.set_reg("cs", KERNEL_CS)
         for seg in ("ss", "ds", "es"):
             cpu.set_reg(seg, KERNEL_DS)
+        cpu.set_reg("mxcsr", MXCSR_RESET)
         for name, value in regs.items():
             cpu.set_reg(name, value)
         v.context = cpu.save_context()
@@ -239,6 +247,12 @@ class Hypervisor:
         """Every architectural register the vCPU's state is made of (REGISTERS)."""
         cpu = self._switch(v.pcpu, v)
         return {name: cpu.reg(name) for name in REGISTERS}
+
+    def before_page_table_hypercall(self, dom: Domain) -> None:
+        """A domain still being validated lazily is finished before its tables change."""
+        lazy = dom.vcpus[0].mmu.lazy if dom.vcpus else None
+        if lazy is not None:
+            lazy.finish()
 
     def set_base_pointer(self, v: Vcpu, base_ma: int) -> None:
         """NEW_BASEPTR: the vCPU now translates through another (referenced) L4."""
@@ -345,6 +359,8 @@ class Hypervisor:
                 ran, t = self._run_slice(pcpu, self.now, end)
                 busy |= ran
                 reached = max(reached, t)
+            for hook in list(self.slice_hooks):
+                hook()
             if not any(d.alive for d in self.domains):
                 self.now = reached  # the run ends when the last guest stopped, not at the slice end
                 return "shutdown"

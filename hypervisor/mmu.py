@@ -10,9 +10,19 @@ hypervisor's read-only GDT page.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from emulator.engine import PERM_R, PERM_W, PERM_X
 from emulator.memory import HostMemory
 from emulator.paging import Translation, WalkFault, walk
+
+
+class LazyTyping(Protocol):
+    def may_map_writable(self, mfn: int) -> bool: ...
+
+    def validate_walk(self, mem_u64, base_ma: int, gva: int) -> None: ...
+
+    def finish(self) -> None: ...
 
 HYPERVISOR_START = 0xFFFF_8000_0000_0000  # L4 slot 256
 HYPERVISOR_END = 0xFFFF_8800_0000_0000  # end of slot 271
@@ -26,6 +36,9 @@ class PvMmu:
         self.base_ma = 0  # machine address of the L4 the vCPU runs on
         self.last_fault: WalkFault | None = None
         self.fills = 0
+        # During a lazy live update: validates the tables a walk goes through and
+        # forbids writable mappings of any page table, validated yet or not.
+        self.lazy: LazyTyping | None = None
 
     def translate(self, gva: int, access: str) -> tuple[int, int] | None:
         self.fills += 1
@@ -34,14 +47,19 @@ class PvMmu:
                 return self.gdt_ma, PERM_R
             self.last_fault = WalkFault(gva, 1 | (2 if access == "write" else 0), 4)
             return None
-        result = walk(self.memory.u64, self.base_ma, gva, access)
+        result = self.lookup(gva, access)
         if isinstance(result, WalkFault):
             self.last_fault = result
             return None
-        return result.ma, _perms(result)
+        perms = _perms(result)
+        if self.lazy is not None and not self.lazy.may_map_writable(result.ma >> 12):
+            perms &= ~PERM_W
+        return result.ma, perms
 
     def lookup(self, gva: int, access: str) -> Translation | WalkFault:
         """A walk for the hypervisor's own guest accesses (copy to/from guest)."""
+        if self.lazy is not None:
+            self.lazy.validate_walk(self.memory.u64, self.base_ma, gva)
         return walk(self.memory.u64, self.base_ma, gva, access)
 
 

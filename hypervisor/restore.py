@@ -298,7 +298,7 @@ def _registers(ctx: VcpuGuestContext) -> dict[str, int]:
     regs["fs_base"] = ctx.fs_base
     regs["gs_base"] = ctx.gs_base_kernel
     fpu = ctx.fpu_ctxt
-    regs["mxcsr"] = int.from_bytes(fpu[FXSAVE_MXCSR : FXSAVE_MXCSR + 4], "little") or 0x1F80
+    regs["mxcsr"] = int.from_bytes(fpu[FXSAVE_MXCSR : FXSAVE_MXCSR + 4], "little")
     for i in range(16):
         start = FXSAVE_XMM0 + 16 * i
         regs[f"xmm{i}"] = int.from_bytes(fpu[start : start + 16], "little")

@@ -26,9 +26,9 @@ def boot_scenario(scenario: Scenario, build: str = "4.19") -> Hypervisor:
 
 
 def run_scenario(scenario: Scenario, trace: TextIO | None = None,
-                 trace_limit: int = 10_000, build: str = "4.19") -> dict[str, Any]:
+                 trace_limit: int = 10_000, build: str | None = None) -> dict[str, Any]:
     started = time.perf_counter()
-    hv = boot_scenario(scenario, build)
+    hv = boot_scenario(scenario, build or scenario.build)
     if trace is not None:
         hv.tracer = Tracer(hv, trace, trace_limit)
     stop = hv.run(scenario.virtual_time_ns)

@@ -161,9 +161,7 @@ def save_domain(hv: Hypervisor, dom: Domain, path: str | Path) -> dict[str, Any]
     resident = hv.memory.resident_frames()
     frames = hv.memory.u8.reshape(-1, PAGE_SIZE)
     stats = {"pages": nr_pages, "data_pages": 0, "xalloc_pages": 0, "page_tables": 0, "pins": 0}
-    p2m_list_pfn = _p2m_list_pfn(hv, dom)
-    p2m_frames = np.arange(p2m_list_pfn, p2m_list_pfn + -(-nr_pages * 8 // PAGE_SIZE),
-                           dtype=np.uint64)
+    p2m_frames = p2m_frame_pfns(hv, dom)
     major, minor = hv.build_version
     with open_image_for_write(path) as f:
         w = StreamWriter(f, DomainType.X86_PV, xen_major=major, xen_minor=minor)
@@ -201,12 +199,12 @@ def save_domain(hv: Hypervisor, dom: Domain, path: str | Path) -> dict[str, Any]
     return stats
 
 
-def _p2m_list_pfn(hv: Hypervisor, dom: Domain) -> int:
-    """The pfn where the guest's P2M list (start_info.mfn_list) begins."""
+def p2m_frame_pfns(hv: Hypervisor, dom: Domain) -> np.ndarray:
+    """The pfns of the pages holding the guest's P2M list (start_info.mfn_list)."""
     start_info = hv.memory.read(int(dom.p2m[(dom.start_info_va - dom.virt_base) // PAGE_SIZE])
                                 * PAGE_SIZE, 112)
-    mfn_list_va = int.from_bytes(start_info[104:112], "little")
-    return (mfn_list_va - dom.virt_base) // PAGE_SIZE
+    first = (int.from_bytes(start_info[104:112], "little") - dom.virt_base) // PAGE_SIZE
+    return np.arange(first, first + -(-dom.nr_pages * 8 // PAGE_SIZE), dtype=np.uint64)
 
 
 def domain_digest(hv: Hypervisor, dom: Domain) -> list[str]:

@@ -5,6 +5,7 @@
 pcpus = 2              # physical CPUs
 memory = "64M"         # host memory: bytes, or with K/M/G suffix
 quantum = "1ms"        # optional: virtual time per scheduling slice
+build = "4.19"         # optional: the hypervisor build that boots
 
 [[domain]]
 name = "hello"
@@ -16,6 +17,11 @@ type = "pv"            # optional; "pv" is the default
 
 [limits]
 virtual_time = "2s"    # stop after this much virtual time (ns/us/ms/s suffixes)
+
+[[update]]             # optional, several allowed: a live update during the run
+at = "5ms"
+to = "4.12"
+strategy = "lazy"      # full-walk | transfer | lazy | prevalidate
 ```
 
 Every key is checked: a key that is unknown or of the wrong type is an
@@ -53,6 +59,15 @@ class DomainSpec:
 
 
 @dataclass(frozen=True)
+class UpdateSpec:
+    """A live update during the run (several allowed, in time order)."""
+
+    at_ns: int
+    to: str
+    strategy: str
+
+
+@dataclass(frozen=True)
 class Scenario:
     path: Path
     pcpus: int
@@ -60,6 +75,8 @@ class Scenario:
     quantum_ns: int
     domains: tuple[DomainSpec, ...]
     virtual_time_ns: int
+    updates: tuple[UpdateSpec, ...] = ()
+    build: str = "4.19"
 
 
 def parse_size(value: Any, where: str) -> int:
@@ -125,10 +142,11 @@ def load_scenario(path: str | Path) -> Scenario:
         raise ScenarioError(f"{where}: cannot read ({err})") from None
     except tomllib.TOMLDecodeError as err:
         raise ScenarioError(f"{where}: not valid TOML ({err})") from None
-    _check_keys(data, {"machine", "domain", "limits"}, where)
+    _check_keys(data, {"machine", "domain", "limits", "update"}, where)
 
     machine = _table(data, "machine", where)
-    _check_keys(machine, {"pcpus", "memory", "quantum"}, f"{where} [machine]")
+    _check_keys(machine, {"pcpus", "memory", "quantum", "build"}, f"{where} [machine]")
+    build = _str(machine, "build", f"{where} [machine]", "4.19")
     pcpus = _int(machine, "pcpus", f"{where} [machine]", 1)
     if pcpus > 64:
         raise ScenarioError(f"{where} [machine]: pcpus must be at most 64")
@@ -168,4 +186,16 @@ def load_scenario(path: str | Path) -> Scenario:
     limits = _table(data, "limits", where, required=False)
     _check_keys(limits, {"virtual_time"}, f"{where} [limits]")
     vtime = parse_time(limits.get("virtual_time", "10s"), f"{where} [limits] virtual_time")
-    return Scenario(path, pcpus, memory, quantum, tuple(domains), vtime)
+    raw_updates = data.get("update", [])
+    if not isinstance(raw_updates, list):
+        raise ScenarioError(f"{where}: updates are written [[update]]")
+    updates = []
+    for i, raw in enumerate(raw_updates):
+        uwhere = f"{where} [[update]] #{i + 1}"
+        if not isinstance(raw, dict):
+            raise ScenarioError(f"{uwhere}: must be a table")
+        _check_keys(raw, {"at", "to", "strategy"}, uwhere)
+        updates.append(UpdateSpec(parse_time(raw.get("at"), f"{uwhere} at"),
+                                  _str(raw, "to", uwhere), _str(raw, "strategy", uwhere)))
+    updates.sort(key=lambda u: u.at_ns)
+    return Scenario(path, pcpus, memory, quantum, tuple(domains), vtime, tuple(updates), build)

@@ -1,0 +1,136 @@
+"""The `lazy` strategy at run time: hybrid shadow mode until every table is validated.
+
+After the blackout (in which only the roots' own references are taken and
+the tables on the path of each vCPU's RIP and RSP are validated) the
+domain's MMUs run in shadow mode: a TLB fill first validates every
+not-yet-validated table its walk goes through ("faults become typerefs"),
+and never maps a page-table frame writable, validated yet or not. A
+background sweeper validates the rest, a budget per scheduling quantum. When
+nothing is left, shadow mode switches off and the proof of the type state
+runs (a loud failure if it differs from the old build's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from emulator.paging import ADDR_MASK, P
+from hypervisor.liveupdate.handover import DomainHandover
+from hypervisor.liveupdate.strategies import SWEEP_BUDGET_PTES, roots_of, table_frames
+
+if TYPE_CHECKING:
+    from hypervisor.domain import Domain
+    from hypervisor.hypervisor import Hypervisor
+    from hypervisor.mm.incremental import IncrementalTyping
+
+
+class LazyDomain:
+    """The MMU-side face of one domain's incremental typing."""
+
+    def __init__(self, typing: IncrementalTyping) -> None:
+        self.typing = typing
+
+    def may_map_writable(self, mfn: int) -> bool:
+        return self.typing.may_map_writable(mfn)
+
+    def validate_walk(self, mem_u64: np.ndarray, base_ma: int, gva: int) -> None:
+        path = [base_ma >> 12]
+        table = base_ma
+        for level in (4, 3, 2):
+            entry = int(mem_u64[(table >> 3) + ((gva >> (12 + 9 * (level - 1))) & 0x1FF)])
+            if not entry & P:
+                break
+            table = entry & ADDR_MASK
+            path.append(table >> 12)
+        self.typing.validate_path(path)
+
+    def finish(self) -> None:
+        while not self.typing.done:
+            self.typing.sweep(1 << 30)
+
+
+class LazyUpdate:
+    """Every lazily validated domain of a hypervisor, the sweeper and shadow-off."""
+
+    def __init__(self, hv: Hypervisor) -> None:
+        self.hv = hv
+        self.domains: list[tuple[Domain, LazyDomain]] = []
+        self.started_ns = hv.now
+        self.shadow_off_ns: int | None = None
+        self.sweeper_steps = 0
+        self.on_done: Callable[[], None] | None = None
+        self.instructions_at_start = 0
+        self.instructions_at_end = 0
+
+    def add(self, dom: Domain, lazy: LazyDomain) -> None:
+        self.domains.append((dom, lazy))
+        for v in dom.vcpus:
+            v.mmu.lazy = lazy
+
+    def sweep(self) -> None:
+        """One quantum's worth of background validation (a slice hook)."""
+        budget = SWEEP_BUDGET_PTES
+        for _dom, lazy in self.domains:
+            if lazy.typing.done or budget <= 0:
+                continue
+            step = lazy.typing.sweep(budget)
+            budget -= max(step.ptes, 1)
+            self.sweeper_steps += 1
+        if all(lazy.typing.done for _, lazy in self.domains):
+            self._shadow_off()
+
+    def _shadow_off(self) -> None:
+        for dom, _ in self.domains:
+            for v in dom.vcpus:
+                v.mmu.lazy = None
+        for cpu in self.hv.pcpus:
+            cpu.flush_tlb()  # read-only shadow mappings may now be writable ones
+        self.hv.slice_hooks.remove(self.sweep)
+        self.shadow_off_ns = self.hv.now
+        self.instructions_at_end = _instructions(self.hv)
+        if self.on_done is not None:
+            self.on_done()
+
+    def counters(self, hv: Hypervisor) -> dict[str, Any]:
+        t = [lazy.typing for _, lazy in self.domains]
+        return {
+            "lazy_fill_validations": sum(x.fill_validations for x in t),
+            "sweeper_steps": self.sweeper_steps,
+            "lazy_ptes_examined": sum(x.ptes_examined for x in t),
+            "lazy_pages_validated": sum(x.pages_validated for x in t),
+            "lazy_refs_taken": sum(x.refs_taken for x in t),
+            "shadow_off_virtual_ns": (None if self.shadow_off_ns is None
+                                      else self.shadow_off_ns - self.started_ns),
+            "lazy_period_instructions": self.instructions_at_end - self.instructions_at_start,
+        }
+
+
+def _instructions(hv: Hypervisor) -> int:
+    return sum(v.instructions for d in hv.domains for v in d.vcpus)
+
+
+def start_lazy(hv: Hypervisor, dom: Domain, ho: DomainHandover) -> LazyDomain:
+    """Roots referenced, RIP/RSP paths validated, shadow mode on, sweeper armed."""
+    from hypervisor.mm.incremental import IncrementalTyping
+
+    _, pins, cr3s = roots_of(ho)
+    typing = IncrementalTyping(hv.memory.u64, hv.frame_table, dom.domid, table_frames(ho),
+                               pins, cr3s)
+    lazy = LazyDomain(typing)
+    update = getattr(hv, "lazy_update", None)
+    if update is None:
+        update = LazyUpdate(hv)
+        hv.lazy_update = update
+        hv.slice_hooks.append(update.sweep)
+        update.instructions_at_start = _instructions(hv)
+    update.add(dom, lazy)
+    for v in dom.vcpus:
+        if v.context is not None:
+            regs = hv.read_vcpu_registers(v)
+            for gva in (regs["rip"], regs["rsp"]):
+                lazy.validate_walk(hv.memory.u64, v.mmu.base_ma, gva)
+    typing.fill_validations = 0  # the blackout's path validations are not fills
+    return lazy

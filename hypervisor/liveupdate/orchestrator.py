@@ -1,0 +1,269 @@
+"""The live update: replace the running hypervisor by another build, memory in place.
+
+Phases (DESIGN.md §4): pause every domain at a restartable boundary (the
+hypervisor is between slices); the old build writes the hand-over streams;
+the old hypervisor is torn down (engines gone, its own frames scrubbed); the
+new build boots on the same host memory around the guests' frames, restores
+ownership, then page types (by the chosen strategy), then vCPU and event
+state with timers rearmed; then the guests resume, virtual time advanced by
+the modelled downtime.
+
+The point of no return is the teardown. A fault injected before it (or a
+hand-over stream that does not read back) resumes the old build; a fault
+after it is recovered by the new build starting that phase over from the
+hand-over streams, which are still on disk. Either way the proof must pass.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hypervisor.errors import HvlabError
+from hypervisor.hypervisor import Hypervisor
+from hypervisor.liveupdate import strategies
+from hypervisor.liveupdate.costs import DEFAULT_COSTS_NS, modelled_ns
+from hypervisor.liveupdate.handover import (
+    DomainHandover,
+    HandoverError,
+    read_handover,
+    write_handover,
+)
+from hypervisor.liveupdate.lazy import start_lazy
+from hypervisor.liveupdate.proof import ProofFailed, Snapshot, capture, verify
+from hypervisor.restore import install_domain
+
+PHASES = ("pause", "save", "teardown", "restore", "typerefs", "resume")
+POINT_OF_NO_RETURN = "teardown"
+
+
+class InjectedFault(Exception):
+    """A failure `--fail-at` asked for."""
+
+
+class UpdateError(HvlabError):
+    pass
+
+
+@dataclass
+class UpdatePlan:
+    to_build: str
+    strategy: str
+    fail_at: str | None = None
+    corrupt_stream: bool = False
+    costs: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_COSTS_NS))
+    workdir: Path | None = None
+
+
+def check_plan(hv: Hypervisor, plan: UpdatePlan) -> None:
+    """Refuse a plan that cannot work before anything is paused."""
+    from hypervisor.builds import get_build
+
+    if plan.strategy not in strategies.STRATEGIES:
+        raise UpdateError(f"unknown strategy '{plan.strategy}' "
+                          f"(choose from {', '.join(strategies.STRATEGIES)})")
+    try:
+        get_build(plan.to_build)
+    except Exception as err:  # noqa: BLE001 - the build registry's own message
+        raise UpdateError(str(err)) from None
+    if plan.fail_at is not None and plan.fail_at not in PHASES:
+        raise UpdateError(f"--fail-at {plan.fail_at}: phases are {', '.join(PHASES)}")
+    if plan.strategy == "transfer":
+        strategies.translator_for(hv.build, plan.to_build)
+    for dom in hv.domains:
+        if dom.kind != "pv":
+            raise UpdateError(f"domain {dom.name}: live update of {dom.kind} domains is not "
+                              "supported yet")
+
+
+class _Phases:
+    """Wall time per phase, and the one injected fault."""
+
+    def __init__(self, fail_at: str | None) -> None:
+        self.wall: dict[str, float] = {}
+        self.fail_at = fail_at
+        self.injected: list[str] = []
+
+    @contextmanager
+    def phase(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+            if self.fail_at == name and name not in self.injected:
+                self.injected.append(name)
+                raise InjectedFault(f"injected failure at the end of phase '{name}'")
+        finally:
+            self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - started
+
+
+def prepare(hv: Hypervisor, plan: UpdatePlan) -> strategies.Prevalidation | None:
+    """Work done while guests still run (only `prevalidate` has any)."""
+    check_plan(hv, plan)
+    if plan.strategy == "prevalidate":
+        return strategies.prevalidate(hv, plan.to_build)
+    return None
+
+
+def live_update(hv: Hypervisor, plan: UpdatePlan,
+                prepared: strategies.Prevalidation | None = None) -> tuple[Hypervisor, dict]:
+    """Replace `hv` by a hypervisor of `plan.to_build`; returns it and the report."""
+    check_plan(hv, plan)
+    phases = _Phases(plan.fail_at)
+    counters: dict[str, Any] = {"vcpus": sum(len(d.vcpus) for d in hv.domains)}
+    report: dict[str, Any] = {"strategy": plan.strategy, "from_build": hv.build,
+                              "to_build": plan.to_build, "at_ns": hv.now}
+    workdir = plan.workdir or Path(tempfile.mkdtemp(prefix="hvlab-handover-"))
+    blackout_started = time.perf_counter()
+
+    # ---- before the point of no return: any failure resumes the old build
+    try:
+        with phases.phase("pause"):
+            before = capture(hv)
+        with phases.phase("save"):
+            counters.update(write_handover(hv, workdir, plan.strategy == "transfer"))
+            if plan.corrupt_stream:
+                _corrupt(workdir)
+            read_handover(workdir)  # read back: a stream the new build cannot read is fatal
+    except (InjectedFault, HandoverError) as err:
+        report.update(_aborted(hv, phases, str(err), blackout_started))
+        return hv, report
+
+    # ---- the point of no return
+    changed = set(hv.pt_change_log or ())
+    in_use = np.concatenate([d.p2m for d in hv.domains]) if hv.domains else np.zeros(0)
+    machine, memory, now, old_build = hv.machine, hv.memory, hv.now, hv.build
+    _retrying(phases, "teardown", hv.teardown)
+
+    def restore() -> tuple[Hypervisor, list[DomainHandover]]:
+        new = Hypervisor(machine, plan.to_build, memory, in_use=in_use)
+        new.now = now
+        handovers = read_handover(workdir)
+        for domid, ho in enumerate(handovers):
+            new.claim_frames(ho.p2m, domid)
+        counters["frames_claimed"] = int(sum(ho.p2m.size for ho in handovers))
+        return new, handovers
+
+    new, handovers = _retrying(phases, "restore", restore, cleanup=lambda: None)
+
+    def typerefs() -> dict[str, Any]:
+        if plan.strategy == "full-walk":
+            return strategies.full_walk(new, handovers)
+        if plan.strategy == "transfer":
+            return strategies.transfer(new, handovers, old_build)
+        if plan.strategy == "prevalidate":
+            if prepared is None:
+                raise UpdateError("strategy prevalidate: nothing was prepared before the pause")
+            return strategies.install_prevalidated(new, handovers, prepared, changed)
+        return {}  # lazy: roots only, below, once the domains exist
+
+    def reset_types() -> None:
+        for ho in handovers:
+            rows = ho.p2m.astype(np.int64)
+            new.frame_table.type_info[rows] = 0
+            new.frame_table.count_info[rows] = 0
+            new.frame_table.linear_pt_count[rows] = 0
+            new.frame_table.assign(ho.p2m, handovers.index(ho))
+
+    counters.update(_retrying(phases, "typerefs", typerefs, cleanup=reset_types))
+    report["translator"] = counters.pop("translator", None)
+
+    def resume() -> None:
+        if new.domains:
+            return  # a retried resume: the domains were installed already
+        for ho in handovers:
+            bases = {vid: (ctx.ctrlreg[3] >> 12, ctx.ctrlreg[1] >> 12)
+                     for vid, ctx in ho.contexts.items()}
+            if plan.strategy != "lazy":
+                install_domain(new, ho.meta, ho.p2m, ho.contexts, bases)
+            else:
+                dom = install_domain(new, ho.meta, ho.p2m, ho.contexts, bases)
+                start_lazy(new, dom, ho)
+
+    _retrying(phases, "resume", resume)
+    blackout_wall = time.perf_counter() - blackout_started
+
+    proof = verify(before, new, check_types=plan.strategy != "lazy")
+    if not proof["ok"]:
+        raise ProofFailed("live update proof failed: " + "; ".join(proof["problems"][:5]))
+    downtime = modelled_ns(counters, plan.costs)
+    new.now += downtime  # guests see the blackout as time that passed (their offsets stay)
+    report.update({
+        "outcome": "updated",
+        "blackout_wall_s": round(blackout_wall, 6),
+        "modelled_downtime_ns": downtime,
+        "phases": {p: round(phases.wall.get(p, 0.0), 6) for p in PHASES},
+        "counters": counters,
+        "proof": proof,
+        "injected": phases.injected,
+        "handover_dir": str(workdir),
+    })
+    if plan.strategy == "lazy":
+        _arm_lazy_proof(new, before, report)
+    return new, report
+
+
+def _arm_lazy_proof(new: Hypervisor, before: Snapshot, report: dict[str, Any]) -> None:
+    """When the lazy sweeper finishes, prove the type state too (a loud failure if not)."""
+    lazy = new.lazy_update
+
+    def on_done() -> None:
+        # frames were not touched by typing; only compare type state and tables now
+        proof = verify_types_only(before, new)
+        report["proof_after_lazy"] = proof
+        report["counters"].update(lazy.counters(new))
+        if not proof["ok"]:
+            raise ProofFailed("lazy typeref reconstruction differs: "
+                              + "; ".join(proof["problems"][:5]))
+
+    lazy.on_done = on_done
+
+
+def verify_types_only(before: Snapshot, hv: Hypervisor) -> dict[str, Any]:
+    from hypervisor.liveupdate.proof import type_state
+
+    problems = []
+    for dom in hv.domains:
+        now = type_state(hv, dom.p2m)
+        for key, old in before.types[dom.domid].items():
+            bad = np.flatnonzero(now[key] != old)
+            if bad.size:
+                problems.append(f"{dom.name}: type state '{key}' differs on {bad.size} frames")
+    return {"ok": not problems, "problems": problems}
+
+
+def _retrying(phases: _Phases, name: str, fn: Callable[[], Any],
+              cleanup: Callable[[], None] | None = None) -> Any:
+    """After the point of no return: a failed phase is done again, from the streams."""
+    try:
+        with phases.phase(name):
+            return fn()
+    except InjectedFault:
+        if cleanup is not None:
+            cleanup()
+        with phases.phase(name):
+            return fn()
+
+
+def _aborted(hv: Hypervisor, phases: _Phases, why: str, started: float) -> dict[str, Any]:
+    return {"outcome": "aborted: the old build resumed", "reason": why,
+            "blackout_wall_s": round(time.perf_counter() - started, 6),
+            "modelled_downtime_ns": 0,
+            "phases": {p: round(phases.wall.get(p, 0.0), 6) for p in PHASES},
+            "counters": {}, "proof": {"ok": True, "checks": {}, "problems": []},
+            "injected": phases.injected}
+
+
+def _corrupt(workdir: Path) -> None:
+    """Damage the first stream's first record header (for fault-injection tests)."""
+    path = sorted(workdir.glob("dom*.stream"))[0]
+    data = bytearray(path.read_bytes())
+    data[40:48] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+

@@ -1,0 +1,34 @@
+"""The live-update report as a person reads it."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+from hypervisor.runner import print_report
+
+
+def print_update_report(result: dict[str, Any], out: TextIO | None = None) -> None:
+    out = out if out is not None else sys.stdout
+    for u in result["updates"]:
+        out.write(f"live update {u['from_build']} -> {u['to_build']} at "
+                  f"{u['at_ns'] / 1e6:.3f} ms, strategy {u['strategy']}: {u['outcome']}\n")
+        if u.get("translator"):
+            out.write(f"  translator: {u['translator']}\n")
+        out.write(f"  blackout {u['blackout_wall_s'] * 1e3:.1f} ms wall, modelled native "
+                  f"downtime {u['modelled_downtime_ns'] / 1e6:.3f} ms\n")
+        phases = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in u["phases"].items())
+        out.write(f"  phases (ms wall): {phases}\n")
+        counters = ", ".join(f"{k} {v}" for k, v in sorted(u["counters"].items()))
+        out.write(f"  counters: {counters}\n")
+        proof = u["proof"]
+        verdict = "ok" if proof["ok"] else "FAILED: " + "; ".join(proof["problems"])
+        out.write(f"  proof: {verdict} {proof.get('checks', {})}\n")
+        if "proof_after_lazy" in u:
+            lazy_ok = u["proof_after_lazy"]["ok"]
+            out.write(f"  proof when lazy finished: {'ok' if lazy_ok else 'FAILED'}\n")
+        if u.get("throughput"):
+            t = ", ".join(f"{k} {v}" for k, v in u["throughput"].items())
+            out.write(f"  guest throughput (instructions per virtual ms): {t}\n")
+    out.write("\n")
+    print_report(result, out)
