@@ -89,12 +89,14 @@ class Hypervisor:
         """Leave the machine: engines gone, the hypervisor's own frames scrubbed and freed.
 
         Guest frames and their contents stay where they are (a live update).
+        Tearing down twice is harmless (a teardown interrupted is finished).
         """
         for cpu in self.pcpus:
             cpu.close()
         self.pcpus = []
         self.loaded = []
-        self._scrub_and_release(np.array([self.gdt_mfn], dtype=np.uint64))
+        if not self.frames.free[self.gdt_mfn]:
+            self._scrub_and_release(np.array([self.gdt_mfn], dtype=np.uint64))
         self.domains = []
 
     @property

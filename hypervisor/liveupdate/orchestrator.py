@@ -38,6 +38,7 @@ from hypervisor.liveupdate.handover import (
 )
 from hypervisor.liveupdate.lazy import start_lazy
 from hypervisor.liveupdate.proof import ProofFailed, Snapshot, capture, verify
+from hypervisor.mm.frametable import DOMID_INVALID
 from hypervisor.restore import install_domain
 
 PHASES = ("pause", "save", "teardown", "restore", "typerefs", "resume")
@@ -164,12 +165,15 @@ def live_update(hv: Hypervisor, plan: UpdatePlan,
         return {}  # lazy: roots only, below, once the domains exist
 
     def reset_types() -> None:
-        for ho in handovers:
+        """A typeref phase that failed half way starts over from bare ownership."""
+        ft = new.frame_table
+        for domid, ho in enumerate(handovers):
             rows = ho.p2m.astype(np.int64)
-            new.frame_table.type_info[rows] = 0
-            new.frame_table.count_info[rows] = 0
-            new.frame_table.linear_pt_count[rows] = 0
-            new.frame_table.assign(ho.p2m, handovers.index(ho))
+            for name in ("type_info", "count_info", "nr_validated_ptes", "partial_flags",
+                         "linear_pt_count"):
+                getattr(ft, name)[rows] = 0
+            ft.owner[rows] = DOMID_INVALID
+            ft.assign(ho.p2m, domid)
 
     counters.update(_retrying(phases, "typerefs", typerefs, cleanup=reset_types))
     report["translator"] = counters.pop("translator", None)

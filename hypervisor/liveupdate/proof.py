@@ -41,11 +41,19 @@ def frame_hashes(memory: HostMemory, mfns: np.ndarray) -> np.ndarray:
 
 
 def type_state(hv: Hypervisor, mfns: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-frame type state in layout-independent terms."""
+    """Per-frame type state in layout-independent terms.
+
+    A frame's type and validated flag only mean something while its type
+    count is non-zero: at count 0 Xen leaves whatever type the frame last had
+    (writable pages keep it), which is history, not state any rebuild from
+    pins and CR3s can or should reproduce. Those are compared as "none".
+    """
     ft = hv.frame_table
     mfns = mfns.astype(np.int64)
-    return {"type": ft.types(mfns).astype(np.int64), "count": ft.type_counts(mfns),
-            "pinned": ft.pinned(mfns), "validated": ft.validated(mfns),
+    counts = ft.type_counts(mfns)
+    live = counts > 0
+    return {"type": np.where(live, ft.types(mfns).astype(np.int64), 0), "count": counts,
+            "pinned": ft.pinned(mfns), "validated": ft.validated(mfns) & live,
             "general": ft.general_counts(mfns),
             "linear": ft.linear_pt_count[mfns].astype(np.int64)}
 
