@@ -178,3 +178,36 @@ def test_delivery_pushes_the_hardware_frame(machine):
     assert frame == (0x6, 0x1234, 0x08, 0x202, 0x8008, 0x10)
     assert cpu.reg("rip") == 0x3000
     assert not cpu.reg("rflags") & 0x200  # an interrupt gate clears IF
+
+
+class RemappingMmu(IdentityMmu):
+    """Identity, except that guest page 0x5000 maps to whichever machine page is chosen."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.target = 0x6000
+
+    def translate(self, gva: int, access: str):
+        if gva & ~0xFFF == 0x5000:
+            return self.target, PERM_R | PERM_W | PERM_X
+        return super().translate(gva, access)
+
+
+def test_flush_tlb_makes_a_changed_mapping_visible(machine):
+    mem, cpu = machine
+    mmu = RemappingMmu(mem.size)
+    cpu.mmu = mmu
+    mem.write_u64(0x6008, 0x1111)
+    mem.write_u64(0x7008, 0x2222)
+    try:
+        for target, flush, expected in ((0x6000, False, 0x1111), (0x7000, False, 0x1111),
+                                        (0x7000, True, 0x2222)):
+            mmu.target = target
+            if flush:
+                cpu.flush_tlb()
+            cpu = load(machine, "488b042508500000f4")  # mov rax, [0x5008]; hlt
+            assert isinstance(cpu.run(100), Halt)
+            assert cpu.reg("rax") == expected  # stale until flushed, as hardware
+    finally:
+        cpu.mmu = IdentityMmu(mem.size)
+        cpu.flush_tlb()
