@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Build the PV guest kernels: <name>.s + lib/*.s -> <name>.elf (committed).
+# Build the PV guest kernels: <name>.s + lib/*.s -> <name>.elf (committed),
+# and the HVM guest kernels, linked at guest-physical 1 MiB (hvm_kernel.ld)
+# with the HVM-only library objects as well.
 #
 # Needs GNU as and ld (binutils).  Objects go to build/ (git-ignored).  The
 # output is reproducible: no timestamps, no build id, relative file names.
@@ -8,6 +10,8 @@ set -euo pipefail
 
 GUESTS=(pv_hello pv_smp pv_faults pv_crash pv_spin pv_touch pv_ptchurn pv_hostile)
 LIBS=(hypercall_page console check)
+HVM_GUESTS=(hvm_lapic hvm_memtouch hvm_crash)
+HVM_LIBS=(hvm_idt)
 # Linked only into the guests that manage page tables, so that adding them
 # left the other kernels byte-identical.
 MM_GUESTS=(pv_ptchurn pv_hostile)
@@ -20,6 +24,8 @@ NM=${NM:-nm}
 ASFLAGS=(--64 --fatal-warnings -I include)
 LDFLAGS=(-m elf_x86_64 -T kernel.ld -static -nostdlib --build-id=none
          -z max-page-size=4096 -z noexecstack --fatal-warnings)
+HVM_LDFLAGS=(-m elf_x86_64 -T hvm_kernel.ld -static -nostdlib --build-id=none
+             -z max-page-size=4096 -z noexecstack --fatal-warnings)
 
 die() { echo "build.sh: error: $*" >&2; exit 1; }
 
@@ -61,5 +67,19 @@ for guest in "${GUESTS[@]}"; do
     fi
     "$LD" "${LDFLAGS[@]}" -o "$guest.elf" "${objects[@]}" \
         || die "linking $guest.elf"
+    echo "built $guest.elf"
+done
+
+hvm_lib_objects=()
+for lib in "${HVM_LIBS[@]}"; do
+    assemble "lib/$lib.s" "build/lib_$lib.o"
+    hvm_lib_objects+=("build/lib_$lib.o")
+done
+
+for guest in "${HVM_GUESTS[@]}"; do
+    [[ -f "$guest.s" ]] || die "missing source $guest.s"
+    assemble "$guest.s" "build/$guest.o"
+    "$LD" "${HVM_LDFLAGS[@]}" -o "$guest.elf" "build/$guest.o" "${lib_objects[@]}" \
+        "${hvm_lib_objects[@]}" || die "linking $guest.elf"
     echo "built $guest.elf"
 done
