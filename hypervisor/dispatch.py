@@ -70,6 +70,10 @@ class ExitDispatcher:
 
     # ------------------------------------------------------------------ entry
     def handle(self, cpu: PhysicalCpu, v: Vcpu, exit_: Exit) -> None:
+        if v.hvm is not None:
+            # HVM: EPT violations, hlt, faults through the guest IDT (hypervisor/hvm/support.py)
+            self.hv.hvm.handle_exit(cpu, v, exit_)
+            return
         self.hv.count_exit(EXIT_NAMES[type(exit_)])
         if self.hv.tracer is not None:
             self.hv.tracer.exit(v, exit_)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hypervisor.evtchn import EventChannels
 from hypervisor.vcpu import Vcpu
+
+if TYPE_CHECKING:
+    from hypervisor.hvm.domain import HvmDomain
 
 SHUTDOWN_REASONS = {0: "poweroff", 1: "reboot", 2: "suspend", 3: "crash", 4: "watchdog"}
 
@@ -23,7 +27,7 @@ class Shutdown:
 class Domain:
     domid: int
     name: str
-    kind: str  # "pv" (HVM arrives with issue C)
+    kind: str  # "pv" or "hvm"
     p2m: np.ndarray  # pfn -> mfn (uint64)
     shared_info_mfn: int
     vcpus: list[Vcpu] = field(default_factory=list)
@@ -37,6 +41,7 @@ class Domain:
     # the guest's clock minus the hypervisor's: a restored domain's time goes on
     # from where it was saved (like a TSC offset)
     time_offset: int = 0
+    hvm: HvmDomain | None = None  # P2M/EPT, layout, EPT violation counts (HVM only)
 
     @property
     def nr_pages(self) -> int:

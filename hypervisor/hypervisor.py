@@ -22,6 +22,8 @@ from hypervisor.errno import EINVAL
 from hypervisor.errors import HvlabError
 from hypervisor.evtchn import VCPU_INFO_SIZE, VIRQ_TIMER, EventChannels
 from hypervisor.frames import FrameAllocator
+from hypervisor.hvm.domain import SourceConfig
+from hypervisor.hvm.support import HvmSupport
 from hypervisor.hypercalls import GuestAccessError
 from hypervisor.mm.check import Difference, check_typerefs
 from hypervisor.mm.errors import ERESTART, errno_name
@@ -74,11 +76,12 @@ class Hypervisor:
         self.domains: list[Domain] = []
         self.scheduler = Scheduler(machine.pcpus)
         self.dispatcher = ExitDispatcher(self)
+        self.hvm = HvmSupport(self)  # HVM domains: builder, entry path, exits, reports
         self.now = 0  # virtual ns at the start of the current slice
         self.exits: Counter[str] = Counter()
         self.tracer = None
-        # called after every slice (a live update's background sweeper, for one)
-        self.slice_hooks: list[Callable[[], None]] = []
+        # called with the slice's end time after every slice (a lazy sweeper, say)
+        self.slice_hooks: list[Callable[[int], None]] = []
         # domids whose page tables changed since a prevalidation started (None: not logging)
         self.pt_change_log: set[int] | None = None
         self.lazy_update = None  # a live update's lazy typeref state, until shadow-off
@@ -138,6 +141,12 @@ class Hypervisor:
         boot.runstate = RUNNABLE
         return dom
 
+    def create_hvm_domain(self, name: str, kernel_path: str, memory: int, vcpus: int, *,
+                          pod: bool = False, sources: tuple[SourceConfig, ...] = ()) -> Domain:
+        """An HVM domain behind EPT, all vCPUs runnable at the kernel entry (hypervisor/hvm)."""
+        return self.hvm.create_domain(name, kernel_path, memory, vcpus, pod=pod,
+                                      sources=sources)
+
     def claim_frames(self, p2m: np.ndarray, domid: int) -> None:
         """Give allocated frames to domain `domid`: ownership and the M2P."""
         self.frame_table.assign(p2m, domid)
@@ -172,6 +181,16 @@ class Hypervisor:
             self.scheduler.place(vcpu)
         self.domains.append(dom)
         return dom
+
+    def start_vcpu_with(self, v: Vcpu, setup: Callable[[PhysicalCpu], None]) -> None:
+        """Give an HVM vCPU its first architectural state: `setup` writes it on a reset CPU."""
+        cpu = self.pcpus[v.pcpu]
+        self._unload(v.pcpu)
+        cpu.reset()
+        cpu.mmu = v.mmu
+        setup(cpu)
+        v.context = cpu.save_context()
+        self.loaded[v.pcpu] = v
 
     def start_vcpu(self, v: Vcpu, registers: dict[str, int], base_ma: int) -> None:
         """Give a (restored) vCPU its architectural state."""
@@ -264,6 +283,8 @@ class Hypervisor:
 
     def check_typerefs(self, dom: Domain) -> list[Difference]:
         """Every frame's type state recomputed from the domain's tables, pins and CR3s."""
+        if dom.hvm is not None:
+            return []  # HVM memory carries no PV page types
         owned = self.frame_table.frames_of(dom.domid)
         pinned = owned[self.frame_table.pinned(owned)]
         pins = {int(m): int(self.frame_table.page_type(int(m))) for m in pinned}
@@ -362,7 +383,7 @@ class Hypervisor:
                 busy |= ran
                 reached = max(reached, t)
             for hook in list(self.slice_hooks):
-                hook()
+                hook(end)
             if not any(d.alive for d in self.domains):
                 self.now = reached  # the run ends when the last guest stopped, not at the slice end
                 return "shutdown"
@@ -380,6 +401,9 @@ class Hypervisor:
 
     def _fire_timers(self, pcpu: int, now: int) -> None:
         for v in self.scheduler.vcpus_on(pcpu):
+            if v.hvm is not None:  # LAPIC timer, interrupt sources, waking from hlt
+                self.hvm.on_time(v, now)
+                continue
             if v.timer_deadline_ns is not None and v.timer_deadline_ns <= now and v.domain.alive:
                 v.timer_deadline_ns = None
                 v.domain.evtchn.raise_virq(v.vcpu_id, VIRQ_TIMER)
@@ -417,12 +441,18 @@ class Hypervisor:
                 self.dispatcher.deliver_upcall(cpu, v)
                 if not v.runnable:
                     break
+            run_budget = budget - used
+            if v.hvm is not None:  # HVM: sync the LAPIC, inject, cut at its deadlines
+                self._clock = start + used
+                run_budget = self.hvm.enter(cpu, v, start + used, run_budget)
+                if not v.runnable:
+                    break
             base_time = start + used
             before = cpu.executed
             guest_time = base_time + v.domain.time_offset
             cpu.tsc = lambda b=guest_time, n=before: b + (cpu.executed - n)
             self._clock = base_time
-            exit_ = cpu.run(budget - used)
+            exit_ = cpu.run(run_budget)
             ran = cpu.executed - before
             used += ran
             v.instructions += ran

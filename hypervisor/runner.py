@@ -20,6 +20,9 @@ def boot_scenario(scenario: Scenario, build: str = "4.19") -> Hypervisor:
             from hypervisor.restore import restore_domain
 
             restore_domain(hv, spec.image, name=spec.name)
+        elif spec.type == "hvm":
+            hv.create_hvm_domain(spec.name, str(spec.kernel), spec.memory, spec.vcpus,
+                                 pod=spec.pod, sources=spec.sources)
         else:
             hv.create_pv_domain(spec.name, str(spec.kernel), spec.memory, spec.vcpus)
     return hv
@@ -40,7 +43,7 @@ def describe(hv: Hypervisor, scenario: Scenario, stop: str, wall_s: float) -> di
     domains = []
     for d in hv.domains:
         sd = d.shutdown
-        domains.append({
+        entry: dict[str, Any] = {
             "name": d.name,
             "type": d.kind,
             "memory_pages": d.nr_pages,
@@ -52,7 +55,12 @@ def describe(hv: Hypervisor, scenario: Scenario, stop: str, wall_s: float) -> di
             "typeref_differences": [str(diff) for diff in hv.check_typerefs(d)],
             "vcpus": [{"id": v.vcpu_id, "pcpu": v.pcpu, "instructions": v.instructions,
                        "upcalls": v.upcalls, "state": v.runstate} for v in d.vcpus],
-        })
+        }
+        if d.hvm is not None:  # EPT/PoD figures; per vCPU timer ticks, IPIs, sources
+            entry["hvm"] = hv.hvm.describe_domain(d)
+            for row, v in zip(entry["vcpus"], d.vcpus, strict=True):
+                row.update(hv.hvm.describe_vcpu(v))
+        domains.append(entry)
     instructions = sum(v.instructions for d in hv.domains for v in d.vcpus)
     return {
         "scenario": str(scenario.path),
@@ -85,6 +93,11 @@ def print_report(result: dict[str, Any], out: TextIO | None = None) -> None:
             fate = (f"shut down ({sd['reason']}, code {sd['code']}) "
                     f"at {sd['virtual_ns'] / 1e6:.3f} ms virtual")
         out.write(f"{d['name']}: {fate}\n")
+        for v in d["vcpus"] if "hvm" in d else []:
+            sources = "".join(f", {s['name']} {s['posted']} posted / {s['delivered']} delivered"
+                              for s in v["sources"])
+            out.write(f"{d['name']}/v{v['id']}: {v['timer_ticks']} timer ticks, IPIs "
+                      f"{v['ipis_sent']} sent / {v['ipis_received']} received{sources}\n")
         if d["typeref_differences"]:
             out.write(f"{d['name']}: TYPEREF CHECK FAILED, {len(d['typeref_differences'])} "
                       f"differences, first: {d['typeref_differences'][0]}\n")

@@ -13,7 +13,16 @@ kernel = "guests/pv_hello.elf"   # relative to this file
 # image = "images/x.img.zst"     # instead of kernel: restore a saved guest
 memory = "4M"                    # (with image: taken from the image)
 vcpus = 1
-type = "pv"            # optional; "pv" is the default
+type = "pv"            # optional; "pv" is the default, or "hvm"
+# pod = true           # HVM only: populate-on-demand (memory backed on first touch)
+
+# [[domain.source]]    # HVM only, several allowed: a device posting an interrupt
+# name = "disk"
+# vcpu = 0             # the vCPU whose posted-interrupt descriptor it posts into
+# vector = 0x50        # 32..255
+# period = "50us"
+# start = "200us"      # optional: first post (default: one period in)
+# count = 100          # optional: stop after this many posts
 
 [limits]
 virtual_time = "2s"    # stop after this much virtual time (ns/us/ms/s suffixes)
@@ -37,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from hypervisor.errors import HvlabError
+from hypervisor.hvm.domain import SourceConfig
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 _TIME = re.compile(r"^\s*(\d+)\s*(ns|us|ms|s)\s*$")
@@ -56,6 +66,8 @@ class DomainSpec:
     vcpus: int
     type: str = "pv"
     image: Path | None = None
+    pod: bool = False  # HVM: populate-on-demand
+    sources: tuple[SourceConfig, ...] = ()  # HVM: interrupt sources
 
 
 @dataclass(frozen=True)
@@ -163,12 +175,20 @@ def load_scenario(path: str | Path) -> Scenario:
         dwhere = f"{where} [[domain]] #{i + 1}"
         if not isinstance(raw, dict):
             raise ScenarioError(f"{dwhere}: must be a table")
-        _check_keys(raw, {"name", "kernel", "image", "memory", "vcpus", "type"}, dwhere)
+        _check_keys(raw, {"name", "kernel", "image", "memory", "vcpus", "type", "pod",
+                          "source"}, dwhere)
         name = _str(raw, "name", dwhere)
         dwhere = f"{where} domain '{name}'"
         kind = _str(raw, "type", dwhere, "pv")
-        if kind != "pv":
-            raise ScenarioError(f"{dwhere}: type must be \"pv\" (got {kind!r})")
+        if kind not in ("pv", "hvm"):
+            raise ScenarioError(f"{dwhere}: type must be \"pv\" or \"hvm\" (got {kind!r})")
+        if kind == "pv" and ("pod" in raw or "source" in raw):
+            raise ScenarioError(f"{dwhere}: 'pod' and [[domain.source]] are for HVM domains")
+        if kind == "hvm" and "image" in raw:
+            raise ScenarioError(f"{dwhere}: HVM domains boot from a 'kernel' (images are PV)")
+        pod = raw.get("pod", False)
+        if not isinstance(pod, bool):
+            raise ScenarioError(f"{dwhere}: 'pod' must be true or false, got {pod!r}")
         if ("kernel" in raw) == ("image" in raw):
             raise ScenarioError(f"{dwhere}: give exactly one of 'kernel' and 'image'")
         kernel = image = None
@@ -178,7 +198,8 @@ def load_scenario(path: str | Path) -> Scenario:
             image = (path.parent / _str(raw, "image", dwhere)).resolve()
         dmem = parse_size(raw.get("memory", "4M"), f"{dwhere} memory")
         vcpus = _int(raw, "vcpus", dwhere, 1)
-        domains.append(DomainSpec(name, kernel, dmem, vcpus, kind, image))
+        sources = _sources(raw.get("source", []), vcpus, dwhere)
+        domains.append(DomainSpec(name, kernel, dmem, vcpus, kind, image, pod, sources))
     names = [d.name for d in domains]
     if len(set(names)) != len(names):
         raise ScenarioError(f"{where}: domain names must be unique")
@@ -199,3 +220,33 @@ def load_scenario(path: str | Path) -> Scenario:
                                   _str(raw, "to", uwhere), _str(raw, "strategy", uwhere)))
     updates.sort(key=lambda u: u.at_ns)
     return Scenario(path, pcpus, memory, quantum, tuple(domains), vtime, tuple(updates), build)
+
+
+def _sources(raw_sources: Any, vcpus: int, where: str) -> tuple[SourceConfig, ...]:
+    """[[domain.source]] tables: interrupt sources of an HVM domain."""
+    if not isinstance(raw_sources, list):
+        raise ScenarioError(f"{where}: interrupt sources are written [[domain.source]]")
+    sources: list[SourceConfig] = []
+    for i, raw in enumerate(raw_sources):
+        swhere = f"{where} [[domain.source]] #{i + 1}"
+        if not isinstance(raw, dict):
+            raise ScenarioError(f"{swhere}: must be a table")
+        _check_keys(raw, {"name", "vcpu", "vector", "period", "start", "count"}, swhere)
+        name = _str(raw, "name", swhere)
+        swhere = f"{where} source '{name}'"
+        vcpu = raw.get("vcpu", 0)
+        if not isinstance(vcpu, int) or isinstance(vcpu, bool) or not 0 <= vcpu < vcpus:
+            raise ScenarioError(f"{swhere}: 'vcpu' must be 0..{vcpus - 1}, got {vcpu!r}")
+        vector = raw.get("vector")
+        if not isinstance(vector, int) or isinstance(vector, bool) or not 32 <= vector <= 255:
+            raise ScenarioError(f"{swhere}: 'vector' must be 32..255, got {vector!r}")
+        period = parse_time(raw.get("period"), f"{swhere} period")
+        start = parse_time(raw["start"], f"{swhere} start") if "start" in raw else None
+        count = _int(raw, "count", swhere) if "count" in raw else None
+        sources.append(SourceConfig(name, vcpu, vector, period, start, count))
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise ScenarioError(f"{where}: interrupt source names must be unique")
+    if len({(s.vcpu, s.vector) for s in sources}) != len(sources):
+        raise ScenarioError(f"{where}: two interrupt sources share a vCPU and a vector")
+    return tuple(sources)

@@ -49,5 +49,9 @@ class Scheduler:
     def next_deadline(self, pcpu: int, after: int) -> int | None:
         deadlines = [v.timer_deadline_ns for v in self.runqueues[pcpu]
                      if v.timer_deadline_ns is not None and v.domain.alive]
+        # HVM vCPUs: LAPIC timers and interrupt sources (kept on the guest's clock)
+        deadlines += [d - v.domain.time_offset for v in self.runqueues[pcpu]
+                      if v.hvm is not None and v.domain.alive
+                      and (d := v.hvm.next_deadline_ns()) is not None]
         due = [d for d in deadlines if d > after]
         return min(due) if due else None

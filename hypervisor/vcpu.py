@@ -9,6 +9,7 @@ from hypervisor.mmu import PvMmu
 
 if TYPE_CHECKING:
     from hypervisor.domain import Domain
+    from hypervisor.hvm.vcpu import HvmVcpu
 
 REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
@@ -51,7 +52,7 @@ class VcpuState:
 class Vcpu:
     domain: Domain
     vcpu_id: int
-    mmu: PvMmu
+    mmu: PvMmu  # an HvmMmu (same translate/lookup protocol) for HVM vCPUs
     pcpu: int = 0
     runstate: str = DOWN
     context: object | None = None  # the engine's saved architectural state
@@ -64,6 +65,7 @@ class Vcpu:
     yield_requested: bool = False
     instructions: int = 0  # instructions this vCPU has executed
     upcalls: int = 0
+    hvm: HvmVcpu | None = None  # vLAPIC, posted interrupts, sources (HVM vCPUs only)
 
     @property
     def name(self) -> str:

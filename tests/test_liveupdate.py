@@ -119,3 +119,28 @@ def test_cost_table_overrides_change_the_model(tmp_path, capsys):
     costs.write_text('{"nonsense": 1}')
     assert main([*args, "--costs", str(costs)]) == 2
     assert "unknown cost 'nonsense'" in capsys.readouterr().err
+
+
+def test_lazy_a_guest_touching_a_fresh_region_validates_by_fill(tmp_path):
+    """pv_touch walks its whole start-of-day region; with 2 GiB of RAM the P2M list alone
+    spans an L1 that neither RIP nor RSP uses, so the guest's first touch validates it."""
+    scenario = tmp_path / "touch.toml"
+    scenario.write_text(f"""
+[machine]
+pcpus = 1
+memory = "2100M"
+[[domain]]
+name = "touch"
+kernel = "{SCENARIOS / 'guests' / 'pv_touch.elf'}"
+memory = "2G"
+[limits]
+virtual_time = "3ms"
+""")
+    result = run_with_updates(load_scenario(scenario), [UpdateSpec(1_000_000, "4.12", "lazy")],
+                              UpdatePlan("4.12", "lazy"))
+    (report,) = result["updates"]
+    counters = report["counters"]
+    assert counters["lazy_fill_validations"] >= 1
+    assert counters["lazy_pages_validated"] > counters["blackout_pages_validated"]
+    assert report["proof"]["ok"] and report["proof_after_lazy"]["ok"]
+    assert result["domains"][0]["typeref_differences"] == []

@@ -34,8 +34,6 @@ class LapicWindow:
 
     def __init__(self, machine_address: int) -> None:
         self.ma = machine_address
-        self.reads = 0
-        self.writes = 0
         self._installed: set[int] = set()
 
     def install(self, cpu: PhysicalCpu, current: CurrentVcpu) -> None:
@@ -47,7 +45,7 @@ class LapicWindow:
             hv = current()
             if hv is None:
                 return 0
-            self.reads += 1
+            hv.lapic_reads += 1
             try:
                 return hv.lapic.mmio_read(offset, size, now_ns=cpu.tsc())
             except VLapicError:
@@ -57,7 +55,7 @@ class LapicWindow:
             hv = current()
             if hv is None:
                 return
-            self.writes += 1
+            hv.lapic_writes += 1
             now = cpu.tsc()
             try:
                 hv.lapic.mmio_write(offset, size, value, now_ns=now)
@@ -65,6 +63,7 @@ class LapicWindow:
                 return
             hv.track_timer(now)
             # Stop after this instruction so the hypervisor re-evaluates the LAPIC.
+            hv.lapic_exit = True
             cpu.counter.set_budget(0)
 
         cpu.map_mmio(self.ma, PAGE_SIZE, read, write)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from hypervisor.hvm.builder import HvmLayout
-from hypervisor.hvm.physmap import GuestPhysmap
+if TYPE_CHECKING:  # kept light: scenario parsing imports SourceConfig
+    from hypervisor.hvm.builder import HvmLayout
+    from hypervisor.hvm.physmap import GuestPhysmap
 
 
 @dataclass(frozen=True)

@@ -162,24 +162,31 @@ class HvmMmu:
         return False
 
     # --------------------------------------------------------------------- walking
-    def _ept(self, gfn: int) -> tuple[int, int, int | None]:
-        """(mfn, EPT perms, p2m type) of a gfn, through the per-MMU cache."""
-        ept = self.physmap.ept
+    def _ept_lookup(self) -> Callable[[int], tuple[int, int, int | None]]:
+        """gfn -> (mfn, EPT perms, p2m type) through the per-MMU cache, valid for one walk."""
+        ept = self.physmap.p2m.ept
+        assert ept is not None
+        cache = self._cache
         if ept is not self._cached_ept or ept.generation != self._cached_generation:
-            self._cache.clear()
+            cache.clear()
             self._cached_ept = ept
             self._cached_generation = ept.generation
-        hit = self._cache.get(gfn)
-        if hit is None:
-            w = ept.walk(gfn << 12)
-            hit = _UNMAPPED if w is None else (int(w.mfn), int(w.perms), int(w.p2m_type))
-            self._cache[gfn] = hit
-        return hit
+
+        def lookup(gfn: int) -> tuple[int, int, int | None]:
+            hit = cache.get(gfn)
+            if hit is None:
+                w = ept.walk(gfn << 12)
+                hit = _UNMAPPED if w is None else (int(w.mfn), int(w.perms), int(w.p2m_type))
+                cache[gfn] = hit
+            return hit
+
+        return lookup
 
     def _walk(self, gva: int, access: str
               ) -> tuple[Translation, int, bool] | WalkFault | EptViolation:
+        ept = self._ept_lookup()
         cr3 = self.cr3() & ADDR_MASK
-        mfn, perms, ptype = self._ept(cr3 >> 12)
+        mfn, perms, ptype = ept(cr3 >> 12)
         if perms & _TABLE_NEEDS != _TABLE_NEEDS:
             return _table_violation(cr3 + 8 * ((gva >> 39) & 511), gva, perms, ptype)
         violation: list[EptViolation] = []
@@ -191,7 +198,7 @@ class HvmMmu:
             level[0] = lv - 1
             gfn = gpa >> 12
             if lv > 1:  # gpa is the next table; the walker reads the entry for gva in it
-                mfn, perms, ptype = self._ept(gfn)
+                mfn, perms, ptype = ept(gfn)
                 if perms & _TABLE_NEEDS != _TABLE_NEEDS:
                     entry = gpa + 8 * ((gva >> (12 + 9 * (lv - 2))) & 511)
                     violation.append(_table_violation(entry, gva, perms, ptype))
@@ -204,7 +211,7 @@ class HvmMmu:
                     return None
                 final.append(EPT_R | EPT_W)
                 return self.lapic_ma
-            mfn, perms, ptype = self._ept(gfn)
+            mfn, perms, ptype = ept(gfn)
             if not perms & _NEEDED[access] or not perms & EPT_R:
                 violation.append(EptViolation(gpa | (gva & 0xFFF), access, gva, ptype, False))
                 return None

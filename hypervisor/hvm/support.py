@@ -52,6 +52,7 @@ from emulator.irqsource import InterruptSource, InterruptSourceError
 from emulator.paging import WalkFault
 from emulator.posted import PostedInterruptDescriptor
 from hypervisor import hypercalls
+from hypervisor.dispatch import EXIT_NAMES, VECTOR_NAMES
 from hypervisor.domain import Domain
 from hypervisor.elf import load_kernel
 from hypervisor.ept import P2mType
@@ -79,7 +80,7 @@ from hypervisor.hvm.mmu import EptViolation, HvmMmu
 from hypervisor.hvm.physmap import GuestPhysmap, PhysmapError, ept_layout_for
 from hypervisor.hvm.vcpu import HvmSource, HvmVcpu
 from hypervisor.vcpu import BLOCKED, DOWN, RUNNABLE, Vcpu
-from hypervisor.vlapic import IpiShorthand, VLapic
+from hypervisor.vlapic import REG_ESR, IpiShorthand, VLapic
 
 if TYPE_CHECKING:
     from hypervisor.hypervisor import Hypervisor
@@ -98,16 +99,6 @@ _HVM_HYPERCALLS = {hypercalls.HYPERVISOR_XEN_VERSION, hypercalls.HYPERVISOR_CONS
                    hypercalls.HYPERVISOR_SCHED_OP}
 _HVM_SCHEDOPS = {hypercalls.SCHEDOP_YIELD, hypercalls.SCHEDOP_SHUTDOWN,
                  hypercalls.SCHEDOP_SHUTDOWN_CODE}
-
-_EXIT_NAMES = {
-    BudgetExhausted: "budget", Hypercall: "hypercall", Halt: "halt", Cpuid: "cpuid",
-    PortIO: "port_io", GuestException: "exception", MmuFault: "page_fault",
-    InvalidOpcode: "invalid_opcode", EngineError: "engine_error",
-}
-_VECTOR_NAMES = {0: "#DE", 1: "#DB", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM",
-                 8: "#DF", 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF",
-                 17: "#AC", 18: "#MC", 19: "#XM"}
-
 
 class HvmSupport:
     """HVM domains on one hypervisor (see the module docstring)."""
@@ -139,7 +130,6 @@ class HvmSupport:
 
         dom = Domain(len(hv.domains), name, "hvm", physmap.p2m.mfns, 0)
         dom.hvm = HvmDomain(physmap, layout, int(posted_mfn))
-        dom.extra_frames.append(int(posted_mfn))
         for cpu in hv.pcpus:
             self.lapic_window.install(cpu, self._current_on(cpu.index))
         for vid in range(vcpus):
@@ -232,11 +222,8 @@ class HvmSupport:
     def on_time(self, v: Vcpu, now: int) -> None:
         """Virtual time on `v`'s pCPU reached `now`: timers fire, sources post, sleepers wake."""
         if v.domain.alive:
-            v.hvm.advance(now)
+            v.hvm.advance(now + v.domain.time_offset)  # the LAPIC runs on the guest's clock
             self._wake_if_deliverable(v)
-
-    def next_deadline(self, v: Vcpu) -> int | None:
-        return v.hvm.next_deadline_ns() if v.domain.alive else None
 
     def enter(self, cpu: PhysicalCpu, v: Vcpu, now: int, budget: int) -> int:
         """Before `v` runs at `now`: sync interrupts, inject one if the guest can take it.
@@ -246,6 +233,7 @@ class HvmSupport:
         """
         hvm: HvmVcpu = v.hvm
         mmu: HvmMmu = v.mmu  # type: ignore[assignment]
+        now += v.domain.time_offset  # the LAPIC and the sources run on the guest's clock
         hvm.advance(now)
         hvm.fold_pir()
         if mmu.needs_flush():
@@ -282,8 +270,14 @@ class HvmSupport:
     # ================================================================= exits
     def handle_exit(self, cpu: PhysicalCpu, v: Vcpu, exit_: Exit) -> None:
         """The dispatcher's HVM branch: every exit of an HVM vCPU."""
-        is_ept = isinstance(exit_, MmuFault) and isinstance(exit_.reason, EptViolation)
-        self.hv.count_exit("ept_violation" if is_ept else _EXIT_NAMES[type(exit_)])
+        if isinstance(exit_, MmuFault) and isinstance(exit_.reason, EptViolation):
+            name = "ept_violation"
+        elif isinstance(exit_, BudgetExhausted) and v.hvm.lapic_exit:
+            name = "lapic_write"  # the run was stopped right after a LAPIC write
+        else:
+            name = EXIT_NAMES[type(exit_)]
+        v.hvm.lapic_exit = False
+        self.hv.count_exit(name)
         if self.hv.tracer is not None:
             self.hv.tracer.exit(v, exit_)
         match exit_:
@@ -332,7 +326,7 @@ class HvmSupport:
         try:
             deliver_vector(cpu, v.mmu, vector, return_rip, error_code)  # type: ignore[arg-type]
         except DeliveryError as err:
-            name = _VECTOR_NAMES.get(vector, f"vector {vector}")
+            name = VECTOR_NAMES.get(vector, f"vector {vector}")
             details = f"unhandled {name} (vector {vector}, {err})"
             if error_code is not None:
                 details += f"; error code {error_code:#x}"
@@ -420,6 +414,7 @@ class HvmSupport:
         return {"populate_on_demand": hd.physmap.pod,
                 "pod_pages_populated": stats.pod_pages,
                 "pod_faults": stats.pod_faults,
+                "pod_superpage_faults": stats.pod_superpages,
                 "ept_violations": dict(sorted(hd.violations.items())),
                 "ept_leaves": hd.physmap.superpage_counts(),
                 "log_dirty": hd.physmap.logdirty}
@@ -432,7 +427,11 @@ class HvmSupport:
                 "ipis_sent": counters.ipis_sent,
                 "ipis_received": hvm.ipis_received,
                 "interrupts_delivered": hvm.interrupts_delivered,
-                "esr_errors": hvm.lapic.pending_esr,
+                "lapic_reads": hvm.lapic_reads,
+                "lapic_writes": hvm.lapic_writes,
+                # ESR as the guest reads it, and errors since its last ESR write
+                "esr": hvm.lapic.mmio_read(REG_ESR, 4),
+                "esr_pending": hvm.lapic.pending_esr,
                 "sources": [s.report() for s in hvm.sources]}
 
 

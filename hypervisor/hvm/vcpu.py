@@ -85,6 +85,9 @@ class HvmVcpu:
     timer_ns: int = 0  # virtual ns the LAPIC timer ran in periodic mode (closed spans)
     timer_since: int | None = None  # start of the current periodic span
     timer_period_ns: int = 0  # period of the last periodic arming
+    lapic_reads: int = 0  # guest accesses to the LAPIC page
+    lapic_writes: int = 0
+    lapic_exit: bool = False  # the last run ended because of a LAPIC write
     window: int = 0  # interrupt-window polls since the last injection (backoff)
     shadow_stepped: bool = False  # one instruction was run for an interrupt shadow
 

@@ -48,8 +48,7 @@ class LazyDomain:
         self.typing.validate_path(path)
 
     def finish(self) -> None:
-        while not self.typing.done:
-            self.typing.sweep(1 << 30)
+        self.typing.finish()
 
 
 class LazyUpdate:
@@ -64,13 +63,14 @@ class LazyUpdate:
         self.on_done: Callable[[], None] | None = None
         self.instructions_at_start = 0
         self.instructions_at_end = 0
+        self.blackout: dict[str, int] = {}
 
     def add(self, dom: Domain, lazy: LazyDomain) -> None:
         self.domains.append((dom, lazy))
         for v in dom.vcpus:
             v.mmu.lazy = lazy
 
-    def sweep(self) -> None:
+    def sweep(self, now: int) -> None:
         """One quantum's worth of background validation (a slice hook)."""
         budget = SWEEP_BUDGET_PTES
         for _dom, lazy in self.domains:
@@ -80,16 +80,16 @@ class LazyUpdate:
             budget -= max(step.ptes, 1)
             self.sweeper_steps += 1
         if all(lazy.typing.done for _, lazy in self.domains):
-            self._shadow_off()
+            self._shadow_off(now)
 
-    def _shadow_off(self) -> None:
+    def _shadow_off(self, now: int) -> None:
         for dom, _ in self.domains:
             for v in dom.vcpus:
                 v.mmu.lazy = None
         for cpu in self.hv.pcpus:
             cpu.flush_tlb()  # read-only shadow mappings may now be writable ones
         self.hv.slice_hooks.remove(self.sweep)
-        self.shadow_off_ns = self.hv.now
+        self.shadow_off_ns = now
         self.instructions_at_end = _instructions(self.hv)
         if self.on_done is not None:
             self.on_done()
@@ -132,5 +132,9 @@ def start_lazy(hv: Hypervisor, dom: Domain, ho: DomainHandover) -> LazyDomain:
             regs = hv.read_vcpu_registers(v)
             for gva in (regs["rip"], regs["rsp"]):
                 lazy.validate_walk(hv.memory.u64, v.mmu.base_ma, gva)
-    typing.fill_validations = 0  # the blackout's path validations are not fills
+    # the blackout's own work (roots and the RIP/RSP paths) is priced; fills come later
+    for key in ("ptes_examined", "pages_validated", "refs_taken"):
+        update.blackout[f"blackout_{key}"] = (update.blackout.get(f"blackout_{key}", 0)
+                                              + getattr(typing, key))
+    typing.fill_validations = 0
     return lazy

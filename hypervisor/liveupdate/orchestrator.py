@@ -191,6 +191,8 @@ def live_update(hv: Hypervisor, plan: UpdatePlan,
                 start_lazy(new, dom, ho)
 
     _retrying(phases, "resume", resume)
+    if new.lazy_update is not None:
+        counters.update(new.lazy_update.blackout)
     blackout_wall = time.perf_counter() - blackout_started
 
     proof = verify(before, new, check_types=plan.strategy != "lazy")
