@@ -48,7 +48,7 @@ def test_good_scenario_parses(tmp_path):
     ("[machine]\npcpus = 1\n", "needs at least one [[domain]]"),
     ("[machine\n", "not valid TOML"),
     (GOOD + '\n[[domain]]\nname = "a"\nkernel = "k.elf"\n', "names must be unique"),
-    (GOOD.replace('name = "a"', 'name = "a"\ntype = "hvm"'), "type must be \"pv\""),
+    (GOOD.replace('name = "a"', 'name = "a"\ntype = "kvm"'), "type must be \"pv\" or \"hvm\""),
 ])
 def test_bad_scenarios_name_the_problem(tmp_path, text, message):
     path = write(tmp_path, text)
