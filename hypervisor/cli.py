@@ -74,8 +74,9 @@ def _cmd_update(args: argparse.Namespace) -> int:
         raise HvlabError(f"{args.scenario}: no [[update]] in the scenario and no --at given")
     plan = UpdatePlan(to_build=updates[0].to, strategy=updates[0].strategy,
                       fail_at=args.fail_at, corrupt_stream=args.corrupt_stream,
-                      costs=load_costs(args.costs))
-    result = run_with_updates(scenario, updates, plan)
+                      costs=load_costs(args.costs), exec_new_process=args.exec_)
+    # with --exec the process that finishes the run (and prints) is a new one
+    result = run_with_updates(scenario, updates, plan, "json" if args.json else "text")
     if args.json:
         json.dump(result, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
@@ -128,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--corrupt-stream", action="store_true",
                         help="damage the hand-over stream after it is written")
     update.add_argument("--costs", metavar="FILE", help="JSON overrides of the cost table")
+    update.add_argument("--exec", dest="exec_", action="store_true",
+                        help="run the new build in a fresh process on the same (file-backed) "
+                             "host memory")
     update.add_argument("--json", action="store_true")
     update.set_defaults(func=_cmd_update)
 

@@ -8,13 +8,17 @@ from typing import Any, TextIO
 
 import unicorn
 
+from emulator.memory import HostMemory
 from hypervisor.hypervisor import Hypervisor, MachineConfig
 from hypervisor.scenario import Scenario
 from hypervisor.tracing import Tracer
 
 
-def boot_scenario(scenario: Scenario, build: str = "4.19") -> Hypervisor:
-    hv = Hypervisor(MachineConfig(scenario.pcpus, scenario.memory, scenario.quantum_ns), build)
+def boot_scenario(scenario: Scenario, build: str | None = None,
+                  memory: HostMemory | None = None) -> Hypervisor:
+    """The scenario's machine with its domains, on `build` (default: the scenario's)."""
+    hv = Hypervisor(MachineConfig(scenario.pcpus, scenario.memory, scenario.quantum_ns),
+                    build or scenario.build, memory)
     for spec in scenario.domains:
         if spec.image is not None:
             from hypervisor.restore import restore_domain

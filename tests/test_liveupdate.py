@@ -144,3 +144,28 @@ virtual_time = "3ms"
     assert counters["lazy_pages_validated"] > counters["blackout_pages_validated"]
     assert report["proof"]["ok"] and report["proof_after_lazy"]["ok"]
     assert result["domains"][0]["typeref_differences"] == []
+
+
+def _strip_run_specific(value):
+    if isinstance(value, dict):
+        return {k: _strip_run_specific(v) for k, v in value.items()
+                if "wall" not in k and k not in ("exec", "handover_dir", "phases")}
+    if isinstance(value, list):
+        return [_strip_run_specific(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("strategy", ["full-walk", "lazy"])
+def test_exec_into_a_new_process_gives_the_same_proof_and_final_state(strategy, capsys):
+    import subprocess
+    import sys
+
+    args = ["update", str(SCENARIOS / "pv-smp.toml"), "--at", "2ms", "--to", "4.12",
+            "--strategy", strategy, "--json"]
+    assert main(args) == 0
+    in_process = json.loads(capsys.readouterr().out)
+    done = subprocess.run([sys.executable, "-m", "hypervisor.cli", *args, "--exec"],
+                          capture_output=True, text=True, timeout=120, check=True)
+    execed = json.loads(done.stdout)
+    assert execed["proof"]["ok"] and "exec" in execed["updates"][0]
+    assert _strip_run_specific(execed) == _strip_run_specific(in_process)

@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from emulator.memory import HostMemory
 from hypervisor.errors import HvlabError
-from hypervisor.hypervisor import Hypervisor
+from hypervisor.hypervisor import Hypervisor, MachineConfig
 from hypervisor.liveupdate import strategies
 from hypervisor.liveupdate.costs import DEFAULT_COSTS_NS, modelled_ns
 from hypervisor.liveupdate.handover import (
@@ -59,6 +60,7 @@ class UpdatePlan:
     strategy: str
     fail_at: str | None = None
     corrupt_stream: bool = False
+    exec_new_process: bool = False
     costs: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_COSTS_NS))
     workdir: Path | None = None
 
@@ -92,6 +94,9 @@ class _Phases:
         self.fail_at = fail_at
         self.injected: list[str] = []
 
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(vars(self))
+
     @contextmanager
     def phase(self, name: str):
         started = time.perf_counter()
@@ -112,16 +117,41 @@ def prepare(hv: Hypervisor, plan: UpdatePlan) -> strategies.Prevalidation | None
     return None
 
 
+@dataclass
+class Blackout:
+    """Everything the new build needs to finish an update: plain data, picklable, so
+    that with `--exec` a fresh process can take over after the old one has gone."""
+
+    plan: UpdatePlan
+    phases: _Phases
+    counters: dict[str, Any]
+    report: dict[str, Any]
+    workdir: Path
+    before: Snapshot
+    prepared: strategies.Prevalidation | None
+    changed: set[int]
+    in_use: np.ndarray
+    machine: MachineConfig
+    now: int
+    old_build: str
+    started: float  # time.monotonic(): system-wide, comparable across processes
+
+
 def live_update(hv: Hypervisor, plan: UpdatePlan,
-                prepared: strategies.Prevalidation | None = None) -> tuple[Hypervisor, dict]:
-    """Replace `hv` by a hypervisor of `plan.to_build`; returns it and the report."""
+                prepared: strategies.Prevalidation | None = None,
+                handoff: Callable[[Blackout], None] | None = None) -> tuple[Hypervisor, dict]:
+    """Replace `hv` by a hypervisor of `plan.to_build`; returns it and the report.
+
+    With `handoff`, the old process hands the blackout over after the teardown
+    (`--exec`: the callable execs a new process and does not return).
+    """
     check_plan(hv, plan)
     phases = _Phases(plan.fail_at)
     counters: dict[str, Any] = {"vcpus": sum(len(d.vcpus) for d in hv.domains)}
     report: dict[str, Any] = {"strategy": plan.strategy, "from_build": hv.build,
                               "to_build": plan.to_build, "at_ns": hv.now}
     workdir = plan.workdir or Path(tempfile.mkdtemp(prefix="hvlab-handover-"))
-    blackout_started = time.perf_counter()
+    started = time.monotonic()
 
     # ---- before the point of no return: any failure resumes the old build
     try:
@@ -133,35 +163,46 @@ def live_update(hv: Hypervisor, plan: UpdatePlan,
                 _corrupt(workdir)
             read_handover(workdir)  # read back: a stream the new build cannot read is fatal
     except (InjectedFault, HandoverError) as err:
-        report.update(_aborted(hv, phases, str(err), blackout_started))
+        report.update(_aborted(phases, str(err), started))
         return hv, report
 
     # ---- the point of no return
-    changed = set(hv.pt_change_log or ())
-    in_use = np.concatenate([d.p2m for d in hv.domains]) if hv.domains else np.zeros(0)
-    machine, memory, now, old_build = hv.machine, hv.memory, hv.now, hv.build
+    blackout = Blackout(
+        plan, phases, counters, report, workdir, before, prepared,
+        set(hv.pt_change_log or ()),
+        np.concatenate([d.p2m for d in hv.domains]) if hv.domains else np.zeros(0),
+        hv.machine, hv.now, hv.build, started)
+    memory = hv.memory
     _retrying(phases, "teardown", hv.teardown)
+    if handoff is not None:
+        handoff(blackout)
+    return complete_update(blackout, memory)
+
+
+def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]:
+    """The new build's side: restore ownership, typerefs, vCPU state; prove; resume."""
+    plan, phases, counters, report = bo.plan, bo.phases, bo.counters, bo.report
 
     def restore() -> tuple[Hypervisor, list[DomainHandover]]:
-        new = Hypervisor(machine, plan.to_build, memory, in_use=in_use)
-        new.now = now
-        handovers = read_handover(workdir)
+        new = Hypervisor(bo.machine, plan.to_build, memory, in_use=bo.in_use)
+        new.now = bo.now
+        handovers = read_handover(bo.workdir)
         for domid, ho in enumerate(handovers):
             new.claim_frames(ho.p2m, domid)
         counters["frames_claimed"] = int(sum(ho.p2m.size for ho in handovers))
         return new, handovers
 
-    new, handovers = _retrying(phases, "restore", restore, cleanup=lambda: None)
+    new, handovers = _retrying(phases, "restore", restore)
 
     def typerefs() -> dict[str, Any]:
         if plan.strategy == "full-walk":
             return strategies.full_walk(new, handovers)
         if plan.strategy == "transfer":
-            return strategies.transfer(new, handovers, old_build)
+            return strategies.transfer(new, handovers, bo.old_build)
         if plan.strategy == "prevalidate":
-            if prepared is None:
+            if bo.prepared is None:
                 raise UpdateError("strategy prevalidate: nothing was prepared before the pause")
-            return strategies.install_prevalidated(new, handovers, prepared, changed)
+            return strategies.install_prevalidated(new, handovers, bo.prepared, bo.changed)
         return {}  # lazy: roots only, below, once the domains exist
 
     def reset_types() -> None:
@@ -184,18 +225,16 @@ def live_update(hv: Hypervisor, plan: UpdatePlan,
         for ho in handovers:
             bases = {vid: (ctx.ctrlreg[3] >> 12, ctx.ctrlreg[1] >> 12)
                      for vid, ctx in ho.contexts.items()}
-            if plan.strategy != "lazy":
-                install_domain(new, ho.meta, ho.p2m, ho.contexts, bases)
-            else:
-                dom = install_domain(new, ho.meta, ho.p2m, ho.contexts, bases)
+            dom = install_domain(new, ho.meta, ho.p2m, ho.contexts, bases)
+            if plan.strategy == "lazy":
                 start_lazy(new, dom, ho)
 
     _retrying(phases, "resume", resume)
     if new.lazy_update is not None:
         counters.update(new.lazy_update.blackout)
-    blackout_wall = time.perf_counter() - blackout_started
+    blackout_wall = time.monotonic() - bo.started
 
-    proof = verify(before, new, check_types=plan.strategy != "lazy")
+    proof = verify(bo.before, new, check_types=plan.strategy != "lazy")
     if not proof["ok"]:
         raise ProofFailed("live update proof failed: " + "; ".join(proof["problems"][:5]))
     downtime = modelled_ns(counters, plan.costs)
@@ -208,10 +247,10 @@ def live_update(hv: Hypervisor, plan: UpdatePlan,
         "counters": counters,
         "proof": proof,
         "injected": phases.injected,
-        "handover_dir": str(workdir),
+        "handover_dir": str(bo.workdir),
     })
     if plan.strategy == "lazy":
-        _arm_lazy_proof(new, before, report)
+        _arm_lazy_proof(new, bo.before, report)
     return new, report
 
 
@@ -257,9 +296,9 @@ def _retrying(phases: _Phases, name: str, fn: Callable[[], Any],
             return fn()
 
 
-def _aborted(hv: Hypervisor, phases: _Phases, why: str, started: float) -> dict[str, Any]:
+def _aborted(phases: _Phases, why: str, started: float) -> dict[str, Any]:
     return {"outcome": "aborted: the old build resumed", "reason": why,
-            "blackout_wall_s": round(time.perf_counter() - started, 6),
+            "blackout_wall_s": round(time.monotonic() - started, 6),
             "modelled_downtime_ns": 0,
             "phases": {p: round(phases.wall.get(p, 0.0), 6) for p in PHASES},
             "counters": {}, "proof": {"ok": True, "checks": {}, "problems": []},
