@@ -86,9 +86,40 @@ def _cmd_update(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.which == "revalidate":
+        from hypervisor.bench_revalidate import run_revalidate_bench
+        from hypervisor.scenario import parse_size
+
+        run_revalidate_bench(parse_size(args.mem, "--mem"), args.build, args.json)
+        return 0
+    if args.which == "update":
+        from hypervisor.bench_update import run_update_bench
+
+        run_update_bench(args.json, sizes=args.sizes)
+        return 0
     from hypervisor.bench import run_bench
 
     return run_bench(args)
+
+
+def _cmd_image(args: argparse.Namespace) -> int:
+    from hypervisor import images
+
+    if args.action == "info":
+        images.image_info(args.image, args.json)
+        return 0
+    if args.action == "verify":
+        verdict = images.image_verify(args.image)
+        return 0 if verdict["ok"] else 2
+    from hypervisor.scenario import parse_size
+
+    kind = "hvm" if args.hvm else "pv"
+    stats = images.image_make(kind, parse_size(args.mem, "--mem"), args.layout, args.seed,
+                              args.output)
+    if args.json:
+        json.dump(stats, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,10 +166,33 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--json", action="store_true")
     update.set_defaults(func=_cmd_update)
 
-    bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("which", choices=["emulator"])
+    bench = sub.add_parser("bench", help="benchmarks (ratios measured in one run)")
+    bench.add_argument("which", choices=["emulator", "revalidate", "update"])
     bench.add_argument("--json", action="store_true")
+    bench.add_argument("--mem", default="1G", help="revalidate: guest memory (default 1G)")
+    bench.add_argument("--build", default="4.19", help="revalidate: the build's layout")
+    bench.add_argument("--sizes", default="1G,4G,16G,64G",
+                       help="update: guest sizes, comma-separated (default 1G,4G,16G,64G)")
     bench.set_defaults(func=_cmd_bench)
+
+    image = sub.add_parser("image", help="stored guest images (migration stream v2)")
+    image_sub = image.add_subparsers(dest="action", required=True)
+    info = image_sub.add_parser("info", help="records, sizes, page types, pins, vCPUs")
+    info.add_argument("image")
+    info.add_argument("--json", action="store_true")
+    verify = image_sub.add_parser("verify", help="structure and page-table validity")
+    verify.add_argument("image")
+    make = image_sub.add_parser("make", help="generate a large guest image")
+    kind = make.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--pv", action="store_true")
+    kind.add_argument("--hvm", action="store_true")
+    make.add_argument("--mem", required=True, help="guest memory, e.g. 64G")
+    make.add_argument("--layout", default="linux-like",
+                      choices=["linux-like", "dense", "sparse", "aliased"])
+    make.add_argument("--seed", type=int, default=1)
+    make.add_argument("-o", "--output", required=True)
+    make.add_argument("--json", action="store_true")
+    image.set_defaults(func=_cmd_image)
     return parser
 
 

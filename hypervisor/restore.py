@@ -23,8 +23,9 @@ from emulator.paging import ADDR_MASK, P
 from hypervisor.domain import Shutdown
 from hypervisor.errors import HvlabError
 from hypervisor.evtchn import EventChannelState
-from hypervisor.hypervisor import until_done
+from hypervisor.mm.bulk import bulk_validate
 from hypervisor.mm.errors import errno_name
+from hypervisor.mm.typerefs import Root
 from hypervisor.save import (
     FXSAVE_MXCSR,
     FXSAVE_XMM0,
@@ -172,9 +173,8 @@ def _load_pages(hv: Hypervisor, st: _Pending, record: PageDataRecord, path: Path
     if tables.any():
         data[tables] = _localise(data[tables], st, record, path, pfns[has_data][tables])
     hv.memory.u8.reshape(-1, PAGE_SIZE)[st.p2m[pfns[has_data]].astype(np.int64)] = data
-    for pfn, t, level in zip(pfns.tolist(), types.tolist(), levels.tolist(), strict=True):
-        if t & 0x8 and level:
-            st.pins.append((pfn, level, record.offset))
+    pinned = np.flatnonzero((types & 0x8).astype(bool) & (levels > 0))
+    st.pins += [(int(pfns[i]), int(levels[i]), record.offset) for i in pinned]
 
 
 def _localise(pages: np.ndarray, st: _Pending, record: PageDataRecord, path: Path,
@@ -213,13 +213,14 @@ def _finish(hv: Hypervisor, st: _Pending, domid: int, path: Path, name: str | No
         hv.memory.write(shared_info_mfn * PAGE_SIZE, st.shared_info)
     start_info_ma = int(st.p2m[meta["start_info_pfn"]]) * PAGE_SIZE
     hv.memory.write_u64(start_info_ma + 40, shared_info_mfn * PAGE_SIZE)
-    # Restoring validates: pin what was pinned, then each vCPU's CR3.
+    # Restoring validates, as Xen's restore does: pin what was pinned, then take each
+    # vCPU's CR3 references. The bulk validator gives exactly the reference's frame
+    # table (and refusals) in vectorised passes: a 64 GiB guest in seconds.
+    roots: list[Root] = []
+    blame: list[tuple[str, int, str]] = []  # per root: record, offset, what it was
     for pfn, level, offset in st.pins:
-        rc = until_done(lambda m=int(st.p2m[pfn]), lv=level: hv.typing.pin_table(m, lv, domid))
-        if rc:
-            raise _fail(path, "PAGE_DATA", offset,
-                        f"pinning the L{level} table at pfn {pfn} failed validation "
-                        f"({errno_name(rc)})")
+        roots.append(Root(int(st.p2m[pfn]), level, True))
+        blame.append(("PAGE_DATA", offset, f"pinning the L{level} table at pfn {pfn}"))
     bases: dict[int, tuple[int, int]] = {}
     for vid, (ctx, offset) in sorted(st.vcpus.items()):
         cr3_pfn, user_pfn = ctx.ctrlreg[3] >> 12, ctx.ctrlreg[1] >> 12
@@ -228,11 +229,14 @@ def _finish(hv: Hypervisor, st: _Pending, domid: int, path: Path, name: str | No
         base = int(st.p2m[cr3_pfn])
         user = int(st.p2m[user_pfn]) if ctx.ctrlreg[1] else 0
         for root in (base, user) if user else (base,):
-            rc = until_done(lambda r=root: hv.typing.get_root_ref(r, domid))
-            if rc:
-                raise _fail(path, "X86_PV_VCPU_BASIC", offset,
-                            f"vCPU {vid}'s page tables failed validation ({errno_name(rc)})")
+            roots.append(Root(root, 4, False))
+            blame.append(("X86_PV_VCPU_BASIC", offset, f"vCPU {vid}'s page tables"))
         bases[vid] = (base, user)
+    result = bulk_validate(hv.memory.u64, hv.frame_table, domid, roots)
+    if result.failures:
+        failure = result.failures[0]
+        record, offset, what = blame[failure.index]
+        raise _fail(path, record, offset, f"{what} failed validation ({errno_name(failure.rc)})")
     contexts = {vid: ctx for vid, (ctx, _) in st.vcpus.items()}
     return install_domain(hv, meta, st.p2m, contexts, bases, name or meta.get("name") or path.stem)
 
