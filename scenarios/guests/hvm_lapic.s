@@ -22,6 +22,8 @@
  *   - after MIN_PASSES passes, sleeps in `hlt` between interrupts until its
  *     share is done, then stops its timer and compares its tick count with
  *     the time the timer ran (rdtsc is virtual time, 1 ns per instruction).
+ * Waiting for the other vCPU also sleeps in `hlt` (the timer wakes it every
+ * period to look again), so a waiting vCPU costs no host time.
  * vCPU0 also writes a reserved LAPIC register (0x3F0), which must set
  * "illegal register address" in ESR and raise one LVT error interrupt, and
  * nothing else.  vCPU1 then goes down (cli; hlt); vCPU0 checks and prints
@@ -97,6 +99,7 @@ percpus:    .skip NR_VCPUS * PERCPU_SIZE
 idt_ready:  .skip 8
 version:    .skip 8                     /* LAPIC version register */
 esr_seen:   .skip 8                     /* ESR after the reserved write */
+vcpu1_late: .skip 8                     /* 1: vCPU1 did not finish in time */
     .balign PAGE_SIZE
 buffers:    .skip NR_VCPUS * BUF_QWORDS * 8
 
@@ -175,8 +178,16 @@ work:
     hlt
     jmp     1b
 2:  sti
+    test    r12, r12
+    jnz     stop_timer
+
+/* vCPU0: wait for vCPU1 while its own timer still ticks (and wakes it). */
+    lea     rdi, [rip + percpus + PERCPU_SIZE + PC_DONE]
+    call    wait_until_set
+    mov     [rip + vcpu1_late], rax
 
 /* Stop the timer; a tick already in IRR is taken right after the write. */
+stop_timer:
     rdtsc
     shl     rdx, 32
     or      rax, rdx
@@ -192,11 +203,9 @@ park:
     hlt
     jmp     park
 
-/* vCPU0: wait for vCPU1, then check everything. */
+/* vCPU0: check everything. */
 report:
-    lea     rdi, [rip + percpus + PERCPU_SIZE + PC_DONE]
-    call    wait_until_set
-    mov     rdi, rax
+    mov     rdi, [rip + vcpu1_late]
     xor     esi, esi
     CHECK_DEC 8, "vcpu1 finished (0 = in time)"
     lea     rbx, [rip + percpus]
@@ -376,7 +385,8 @@ share_done:
     mov     eax, 1
 1:  ret
 
-/* wait_until_set(rdi = &flag) -> rax = 0 once the flag is set, 1 on timeout. */
+/* wait_until_set(rdi = &flag) -> rax = 0 once the flag is set, 1 on timeout.
+ * Sleeps in hlt between checks: the caller's LAPIC timer must be running. */
 wait_until_set:
     push    rbx
     push    r12
@@ -385,17 +395,21 @@ wait_until_set:
     shl     rdx, 32
     or      rax, rdx
     lea     r12, [rax + WAIT_TIMEOUT]
-1:  xor     eax, eax
+1:  cli                                 /* check, then sleep, without a race */
+    xor     eax, eax
     cmp     qword ptr [rbx], 0
     jne     2f
-    pause
     rdtsc
     shl     rdx, 32
     or      rax, rdx
     cmp     rax, r12
-    jb      1b
     mov     eax, 1
-2:  pop     r12
+    jae     2f
+    sti
+    hlt
+    jmp     1b
+2:  sti
+    pop     r12
     pop     rbx
     ret
 
