@@ -37,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from emulator.addr import GPA
 from emulator.engine import PERM_R, PERM_W, PERM_X
 from emulator.memory import HostMemory
 from emulator.paging import ADDR_MASK, Translation, WalkFault, walk
@@ -175,7 +176,7 @@ class HvmMmu:
         def lookup(gfn: int) -> tuple[int, int, int | None]:
             hit = cache.get(gfn)
             if hit is None:
-                w = ept.walk(gfn << 12)
+                w = ept.walk(GPA(gfn << 12))
                 hit = _UNMAPPED if w is None else (int(w.mfn), int(w.perms), int(w.p2m_type))
                 cache[gfn] = hit
             return hit

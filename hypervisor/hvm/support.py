@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -138,18 +139,18 @@ class HvmSupport:
             self._attach_source(dom, spec)
         hv.domains.append(dom)
         for v in dom.vcpus:
-            hv.start_vcpu_with(v, lambda cpu, v=v: self._initial_state(cpu, v, kernel.entry))
+            hv.start_vcpu_with(v, partial(self._initial_state, v=v, entry=kernel.entry))
             v.runstate = RUNNABLE
         return dom
 
     def _create_vcpu(self, dom: Domain, vid: int, posted_mfn: int) -> Vcpu:
         hv = self.hv
-        physmap = dom.hvm.physmap
-        mmu = HvmMmu(hv.memory, physmap, lambda: 0, hv.memory.size,
-                     resolve=lambda viol, d=dom: self._resolve(d, viol))
+        physmap = _hd(dom).physmap
+        mmu = HvmMmu(hv.memory, physmap, lambda: 0, hv.memory.size,  # CR3 reader: below
+                     resolve=partial(self._resolve, dom))
         v = Vcpu(dom, vid, mmu)  # type: ignore[arg-type]
         hv.scheduler.place(v)
-        mmu.cr3 = self._cr3_reader(v, dom.hvm.layout.page_tables)
+        mmu.cr3 = self._cr3_reader(v, _hd(dom).layout.page_tables)
         base = posted_mfn * PAGE_SIZE + 64 * vid
         descriptor = PostedInterruptDescriptor(hv.memory.u8[base:base + 64])
         descriptor.nv = POSTED_NOTIFICATION_VECTOR
@@ -161,9 +162,9 @@ class HvmSupport:
     def _attach_source(self, dom: Domain, spec: SourceConfig) -> None:
         v = dom.vcpus[spec.vcpu]
         start = self.hv.now + (spec.period_ns if spec.start_ns is None else spec.start_ns)
-        source = InterruptSource(spec.name, v.hvm.posted, spec.vector, spec.period_ns, start,
-                                 notify=lambda _ndst, _nv, v=v: self._wake_if_deliverable(v))
-        v.hvm.sources.append(HvmSource(source, spec.vcpu, spec.count))
+        source = InterruptSource(spec.name, _hvm(v).posted, spec.vector, spec.period_ns, start,
+                                 notify=partial(self._notified, v))
+        _hvm(v).sources.append(HvmSource(source, spec.vcpu, spec.count))
 
     def _cr3_reader(self, v: Vcpu, initial: int) -> Callable[[], int]:
         """The guest's CR3 is the CPU's CR3 while `v` is loaded; else the last one seen."""
@@ -184,8 +185,8 @@ class HvmSupport:
 
         return current
 
-    def _initial_state(self, cpu: PhysicalCpu, v: Vcpu, entry: int) -> None:
-        layout: HvmLayout = v.domain.hvm.layout
+    def _initial_state(self, cpu: PhysicalCpu, *, v: Vcpu, entry: int) -> None:
+        layout: HvmLayout = _hd(v.domain).layout
         cpu.set_reg("cr4", CR4_PAE)
         cpu.set_reg("cr3", layout.page_tables)
         cpu.set_reg("cr0", CR0_PE_PG)
@@ -195,7 +196,7 @@ class HvmSupport:
         for seg in ("ss", "ds", "es"):
             cpu.set_reg(seg, KERNEL_DS)
         for reg, value in (("rip", entry), ("rsp", layout.stack_top(v.vcpu_id)),
-                           ("rdi", v.hvm.apic_id), ("rsi", layout.start_info),
+                           ("rdi", _hvm(v).apic_id), ("rsi", layout.start_info),
                            ("rflags", INITIAL_RFLAGS)):
             cpu.set_reg(reg, value)
 
@@ -205,24 +206,28 @@ class HvmSupport:
             for t in dom.vcpus:
                 if shorthand == "all-excluding-self" and t.vcpu_id == sender:
                     continue
-                if shorthand == "none" and dest not in (t.hvm.apic_id, BROADCAST_APIC_ID):
+                if shorthand == "none" and dest not in (_hvm(t).apic_id, BROADCAST_APIC_ID):
                     continue
-                t.hvm.receive_ipi(vector)
+                _hvm(t).receive_ipi(vector)
                 self._wake_if_deliverable(t)
 
         return send_ipi
 
+    def _notified(self, v: Vcpu, _ndst: int, _nv: int) -> None:
+        """A source's post-notification: what wakes a vCPU sleeping in hlt (Xen's pi_wakeup)."""
+        self._wake_if_deliverable(v)
+
     def _wake_if_deliverable(self, v: Vcpu) -> None:
         if v.runstate != BLOCKED or not v.domain.alive:
             return
-        v.hvm.fold_pir()
-        if v.hvm.lapic.pending_vector() is not None:
+        _hvm(v).fold_pir()
+        if _hvm(v).lapic.pending_vector() is not None:
             v.wake()
 
     def on_time(self, v: Vcpu, now: int) -> None:
         """Virtual time on `v`'s pCPU reached `now`: timers fire, sources post, sleepers wake."""
         if v.domain.alive:
-            v.hvm.advance(now + v.domain.time_offset)  # the LAPIC runs on the guest's clock
+            _hvm(v).advance(now + v.domain.time_offset)  # the LAPIC runs on the guest's clock
             self._wake_if_deliverable(v)
 
     def enter(self, cpu: PhysicalCpu, v: Vcpu, now: int, budget: int) -> int:
@@ -231,7 +236,7 @@ class HvmSupport:
         Returns the instruction budget for this run: cut at the vCPU's next deadline and,
         while a vector waits for IF or an interrupt shadow, kept short (see interrupts.py).
         """
-        hvm: HvmVcpu = v.hvm
+        hvm = _hvm(v)
         mmu: HvmMmu = v.mmu  # type: ignore[assignment]
         now += v.domain.time_offset  # the LAPIC and the sources run on the guest's clock
         hvm.advance(now)
@@ -272,11 +277,11 @@ class HvmSupport:
         """The dispatcher's HVM branch: every exit of an HVM vCPU."""
         if isinstance(exit_, MmuFault) and isinstance(exit_.reason, EptViolation):
             name = "ept_violation"
-        elif isinstance(exit_, BudgetExhausted) and v.hvm.lapic_exit:
+        elif isinstance(exit_, BudgetExhausted) and _hvm(v).lapic_exit:
             name = "lapic_write"  # the run was stopped right after a LAPIC write
         else:
             name = EXIT_NAMES[type(exit_)]
-        v.hvm.lapic_exit = False
+        _hvm(v).lapic_exit = False
         self.hv.count_exit(name)
         if self.hv.tracer is not None:
             self.hv.tracer.exit(v, exit_)
@@ -314,8 +319,8 @@ class HvmSupport:
             if all(u.runstate == DOWN for u in v.domain.vcpus):
                 self.hv.shutdown_domain(v.domain, 0, None)
             return
-        v.hvm.fold_pir()
-        if v.hvm.lapic.pending_vector() is None:
+        _hvm(v).fold_pir()
+        if _hvm(v).lapic.pending_vector() is None:
             v.runstate = BLOCKED
 
     def _exception(self, cpu: PhysicalCpu, v: Vcpu, vector: int, error_code: int | None,
@@ -338,7 +343,7 @@ class HvmSupport:
     def _resolve(self, dom: Domain, violation: EptViolation, *, from_exit: bool = False
                  ) -> bool:
         """Serve a violation that is not the guest's fault; False if it is genuine."""
-        hd: HvmDomain = dom.hvm
+        hd = _hd(dom)
         if violation.lapic:
             return False  # mapped per vCPU, by the exit handler
         if violation.p2m_type == P2mType.POPULATE_ON_DEMAND:
@@ -359,7 +364,7 @@ class HvmSupport:
     def _ept_violation(self, cpu: PhysicalCpu, v: Vcpu, exit_: MmuFault,
                        violation: EptViolation) -> None:
         dom = v.domain
-        hd: HvmDomain = dom.hvm
+        hd = _hd(dom)
         if not violation.paging_structure and not violation.lapic:
             exact = (violation.gpa & ~0xFFF) | (exit_.gva & 0xFFF)
             violation = dataclasses.replace(violation, gpa=exact, gva=exit_.gva)
@@ -398,18 +403,18 @@ class HvmSupport:
 
     # ============================================================ log-dirty
     def enable_logdirty(self, dom: Domain) -> None:
-        dom.hvm.physmap.enable_logdirty()
+        _hd(dom).physmap.enable_logdirty()
 
     def take_dirty(self, dom: Domain) -> np.ndarray:
-        return dom.hvm.physmap.take_dirty()
+        return _hd(dom).physmap.take_dirty()
 
     def lapic_records(self, v: Vcpu, now: int) -> tuple[bytes, bytes]:
         """Xen's LAPIC and LAPIC_REGS save records of `v` (PIR folded in first)."""
-        return v.hvm.lapic_records(now)
+        return _hvm(v).lapic_records(now)
 
     # =============================================================== reports
     def describe_domain(self, dom: Domain) -> dict[str, Any]:
-        hd: HvmDomain = dom.hvm
+        hd = _hd(dom)
         stats = hd.physmap.stats
         return {"populate_on_demand": hd.physmap.pod,
                 "pod_pages_populated": stats.pod_pages,
@@ -420,7 +425,7 @@ class HvmSupport:
                 "log_dirty": hd.physmap.logdirty}
 
     def describe_vcpu(self, v: Vcpu) -> dict[str, Any]:
-        hvm: HvmVcpu = v.hvm
+        hvm = _hvm(v)
         counters = hvm.lapic.counters
         return {**hvm.timer_report(),
                 "timer_coalesced": counters.timer_coalesced,
@@ -433,6 +438,16 @@ class HvmSupport:
                 "esr": hvm.lapic.mmio_read(REG_ESR, 4),
                 "esr_pending": hvm.lapic.pending_esr,
                 "sources": [s.report() for s in hvm.sources]}
+
+
+def _hvm(v: Vcpu) -> HvmVcpu:
+    assert v.hvm is not None, f"{v.name} is not an HVM vCPU"
+    return v.hvm
+
+
+def _hd(dom: Domain) -> HvmDomain:
+    assert dom.hvm is not None, f"domain {dom.name} is not an HVM domain"
+    return dom.hvm
 
 
 def _ram_reader(mmu: HvmMmu) -> Callable[[int, int], bytes]:
