@@ -101,6 +101,7 @@ _HVM_HYPERCALLS = {hypercalls.HYPERVISOR_XEN_VERSION, hypercalls.HYPERVISOR_CONS
 _HVM_SCHEDOPS = {hypercalls.SCHEDOP_YIELD, hypercalls.SCHEDOP_SHUTDOWN,
                  hypercalls.SCHEDOP_SHUTDOWN_CODE}
 
+
 class HvmSupport:
     """HVM domains on one hypervisor (see the module docstring)."""
 
