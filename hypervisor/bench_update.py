@@ -56,6 +56,7 @@ def _one(image: Path, guest_bytes: int, strategy: str) -> dict[str, Any]:
         limit = hv.now + LAZY_RUN_LIMIT_NS
         while lazy.shadow_off_ns is None and hv.now < limit and hv.domains[0].alive:
             hv.run(hv.now + 1_000_000)
+        lazy.finish_now()
         counters = lazy.counters(hv)
         background_s = counters["lazy_background_wall_s"]
         report["counters"].update(counters)
@@ -124,16 +125,20 @@ def _goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     small, large = sizes[0], sizes[-1]
     lazy_small, lazy_large = row("lazy", small), row("lazy", large)
     if lazy_small and lazy_large and small != large:
-        ratio = lazy_large["blackout_wall_s"] / lazy_small["blackout_wall_s"]
-        goals[f"lazy blackout {large:g}G <= 1.5x {small:g}G"] = {"ratio": round(ratio, 3),
-                                                                 "met": ratio <= 1.5}
+        wall = lazy_large["blackout_wall_s"] / lazy_small["blackout_wall_s"]
+        modelled = lazy_large["modelled_downtime_ns"] / lazy_small["modelled_downtime_ns"]
+        goals[f"lazy blackout {large:g}G <= 1.5x {small:g}G"] = {
+            "wall_ratio": round(wall, 3), "modelled_ratio": round(modelled, 3),
+            "met_wall": wall <= 1.5, "met_modelled": modelled <= 1.5}
     walks = [row("full-walk", s) for s in sizes]
     modelled = [w["modelled_downtime_ns"] for w in walks if w]
     goals["full-walk grows with size"] = {"modelled_ns": modelled,
                                           "met": modelled == sorted(modelled)}
     pre, walk = row("prevalidate", large), row("full-walk", large)
     if pre and walk:
-        ratio = pre["blackout_wall_s"] / walk["blackout_wall_s"]
+        wall = pre["blackout_wall_s"] / walk["blackout_wall_s"]
+        modelled = pre["modelled_downtime_ns"] / walk["modelled_downtime_ns"]
         goals[f"prevalidate blackout <= 0.2x full-walk at {large:g}G"] = {
-            "ratio": round(ratio, 3), "met": ratio <= 0.2}
+            "wall_ratio": round(wall, 3), "modelled_ratio": round(modelled, 3),
+            "met_wall": wall <= 0.2, "met_modelled": modelled <= 0.2}
     return goals

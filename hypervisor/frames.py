@@ -10,6 +10,7 @@ import numpy as np
 
 from emulator.addr import MFN
 from hypervisor.errors import HvlabError
+from hypervisor.extents import runs_of
 
 
 class OutOfFrames(HvlabError):
@@ -55,4 +56,9 @@ class FrameAllocator:
 
     def mark_used(self, mfns: np.ndarray) -> None:
         """Claim frames that already hold data (restoring ownership after a live update)."""
-        self.free[np.asarray(mfns, dtype=np.int64)] = False
+        runs = runs_of(mfns)
+        if runs is None:
+            self.free[np.asarray(mfns, dtype=np.int64)] = False
+            return
+        for _index, first, count in runs.tolist():
+            self.free[first : first + count] = False

@@ -21,6 +21,7 @@ from hypervisor.elf import load_kernel
 from hypervisor.errno import EINVAL
 from hypervisor.errors import HvlabError
 from hypervisor.evtchn import VCPU_INFO_SIZE, VIRQ_TIMER, EventChannels
+from hypervisor.extents import runs_of
 from hypervisor.frames import FrameAllocator
 from hypervisor.hvm.domain import SourceConfig
 from hypervisor.hvm.support import HvmSupport
@@ -56,15 +57,16 @@ class MachineConfig:
 
 class Hypervisor:
     def __init__(self, machine: MachineConfig, build: str = "4.19",
-                 memory: HostMemory | None = None, in_use: np.ndarray | None = None) -> None:
+                 memory: HostMemory | None = None,
+                 in_use: list[np.ndarray] | None = None) -> None:
         """Boot on `machine`. A live update passes the host memory it keeps and the
         frames the guests hold (`in_use`), so this build allocates around them."""
         self.machine = machine
         self.build = build
         self.memory = memory if memory is not None else HostMemory(machine.memory)
         self.frames = FrameAllocator(self.memory.nr_frames)
-        if in_use is not None:
-            self.frames.mark_used(in_use)
+        for frames in in_use or ():
+            self.frames.mark_used(frames)
         # page_info for every machine frame, in this build's layout (DESIGN.md §3)
         self.frame_table = FrameTable(self.memory.nr_frames, get_build(build))
         self.typing = PageTyping(self.frame_table, self.memory.u64)
@@ -149,8 +151,14 @@ class Hypervisor:
 
     def claim_frames(self, p2m: np.ndarray, domid: int) -> None:
         """Give allocated frames to domain `domid`: ownership and the M2P."""
-        self.frame_table.assign(p2m, domid)
-        self.m2p[p2m.astype(np.int64)] = np.arange(p2m.size, dtype=np.uint64)
+        runs = runs_of(p2m)
+        if runs is None:
+            self.frame_table.assign(p2m, domid)
+            self.m2p[p2m.astype(np.int64)] = np.arange(p2m.size, dtype=np.uint64)
+            return
+        self.frame_table.assign_runs(runs, domid)
+        for pfn, first, count in runs.tolist():
+            self.m2p[first : first + count] = np.arange(pfn, pfn + count, dtype=np.uint64)
 
     def unclaim_frames(self, p2m: np.ndarray) -> None:
         """Undo `claim_frames` and everything typed since: the rows return to free."""

@@ -5,7 +5,7 @@ live update would cost natively, each phase counts the work it did and this
 table prices it. The defaults are order-of-magnitude figures for a modern
 x86 server hypervisor (a cache-missing page-table entry read ~2 ns; a page's
 page_info cmpxchg-based type change ~20 ns; pausing a vCPU ~10 us with the
-IPI and VMEXIT; writing a hand-over record per frame ~1 ns sequential).
+IPI and VMEXIT; a hand-over entry ~2 ns sequential).
 They are deliberately simple and overridable (`--costs FILE` with a JSON
 object of the same keys), so a researcher can plug in measured numbers.
 """
@@ -20,8 +20,11 @@ from hypervisor.errors import HvlabError
 DEFAULT_COSTS_NS: dict[str, float] = {
     "pause_per_vcpu": 10_000.0,
     "resume_per_vcpu": 5_000.0,
-    "handover_per_frame": 1.0,  # writing/reading pfn, mfn and type of a frame
-    "claim_per_frame": 0.5,  # restoring ownership
+    # The hand-over describes ownership as runs of consecutive frames and lists
+    # page-table frames only; the new build keeps ownership as extents (an
+    # owner lookup is a search of a few runs), so neither grows with memory.
+    "handover_per_entry": 2.0,  # one run or one page-table frame, written and read
+    "claim_per_run": 50.0,  # one ownership extent restored
     "pte_examined": 2.0,  # one page-table entry read and checked
     "page_validated": 20.0,  # one table's type transition (+ its bookkeeping)
     "ref_taken": 5.0,  # one typeref / general ref increment
@@ -55,8 +58,8 @@ def modelled_ns(counters: dict[str, int], costs: dict[str, float]) -> int:
     """Blackout work priced: only counters that happen inside the blackout."""
     c = counters.get
     total = (c("vcpus", 0) * (costs["pause_per_vcpu"] + costs["resume_per_vcpu"])
-             + c("handover_frames", 0) * 2 * costs["handover_per_frame"]
-             + c("frames_claimed", 0) * costs["claim_per_frame"]
+             + c("handover_entries", 0) * costs["handover_per_entry"]
+             + c("ownership_runs", 0) * costs["claim_per_run"]
              + c("blackout_ptes_examined", 0) * costs["pte_examined"]
              + c("blackout_pages_validated", 0) * costs["page_validated"]
              + c("blackout_refs_taken", 0) * costs["ref_taken"]

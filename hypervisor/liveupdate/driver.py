@@ -108,6 +108,8 @@ class UpdateRun:
 
     def _finish(self, hv: Hypervisor) -> dict[str, Any]:
         stop = hv.run(self.scenario.virtual_time_ns)
+        if hv.lazy_update is not None:
+            hv.lazy_update.finish_now()  # the guests stopped before the sweeper did
         end_ns, end_instr = hv.now, _instructions(hv)
         lazy = hv.lazy_update
         reports = []

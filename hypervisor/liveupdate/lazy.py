@@ -20,7 +20,7 @@ import numpy as np
 
 from emulator.paging import ADDR_MASK, P
 from hypervisor.liveupdate.handover import DomainHandover
-from hypervisor.liveupdate.strategies import SWEEP_BUDGET_PTES, roots_of, table_frames
+from hypervisor.liveupdate.strategies import roots_of, table_frames
 
 if TYPE_CHECKING:
     from hypervisor.domain import Domain
@@ -58,8 +58,9 @@ class LazyDomain:
 class LazyUpdate:
     """Every lazily validated domain of a hypervisor, the sweeper and shadow-off."""
 
-    def __init__(self, hv: Hypervisor) -> None:
+    def __init__(self, hv: Hypervisor, budget_ptes: int) -> None:
         self.hv = hv
+        self.budget_ptes = budget_ptes
         self.domains: list[tuple[Domain, LazyDomain]] = []
         self.started_ns = hv.now
         self.shadow_off_ns: int | None = None
@@ -84,7 +85,7 @@ class LazyUpdate:
             self.background_wall_s += time.perf_counter() - started
 
     def _sweep(self, now: int) -> None:
-        budget = SWEEP_BUDGET_PTES
+        budget = self.budget_ptes
         for _dom, lazy in self.domains:
             if lazy.typing.done or budget <= 0:
                 continue
@@ -106,6 +107,13 @@ class LazyUpdate:
         if self.on_done is not None:
             self.on_done()
 
+    def finish_now(self) -> None:
+        """Validate everything left at once (the run is ending, or must)."""
+        if self.shadow_off_ns is None:
+            for _, lazy in self.domains:
+                lazy.finish()
+            self._shadow_off(self.hv.now)
+
     def counters(self, hv: Hypervisor) -> dict[str, Any]:
         t = [lazy.typing for _, lazy in self.domains]
         return {
@@ -126,7 +134,8 @@ def _instructions(hv: Hypervisor) -> int:
     return sum(v.instructions for d in hv.domains for v in d.vcpus)
 
 
-def start_lazy(hv: Hypervisor, dom: Domain, ho: DomainHandover) -> LazyDomain:
+def start_lazy(hv: Hypervisor, dom: Domain, ho: DomainHandover,
+               budget_ptes: int) -> LazyDomain:
     """Roots referenced, RIP/RSP paths validated, shadow mode on, sweeper armed."""
     from hypervisor.mm.incremental import IncrementalTyping
 
@@ -136,7 +145,7 @@ def start_lazy(hv: Hypervisor, dom: Domain, ho: DomainHandover) -> LazyDomain:
     lazy = LazyDomain(typing)
     update = getattr(hv, "lazy_update", None)
     if update is None:
-        update = LazyUpdate(hv)
+        update = LazyUpdate(hv, budget_ptes)
         hv.lazy_update = update
         hv.slice_hooks.append(update.sweep)
         update.instructions_at_start = _instructions(hv)

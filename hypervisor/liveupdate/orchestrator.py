@@ -61,6 +61,7 @@ class UpdatePlan:
     fail_at: str | None = None
     corrupt_stream: bool = False
     exec_new_process: bool = False
+    sweep_budget_ptes: int = strategies.SWEEP_BUDGET_PTES  # lazy: per quantum
     costs: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_COSTS_NS))
     workdir: Path | None = None
 
@@ -130,7 +131,7 @@ class Blackout:
     before: Snapshot
     prepared: strategies.Prevalidation | None
     changed: set[int]
-    in_use: np.ndarray
+    in_use: list[np.ndarray]
     machine: MachineConfig
     now: int
     old_build: str
@@ -174,7 +175,7 @@ def live_update(hv: Hypervisor, plan: UpdatePlan,
     blackout = Blackout(
         plan, phases, counters, report, workdir, before, prepared,
         set(hv.pt_change_log or ()),
-        np.concatenate([d.p2m for d in hv.domains]) if hv.domains else np.zeros(0),
+        [d.p2m for d in hv.domains],
         hv.machine, hv.now, hv.build, started)
     memory = hv.memory
     _retrying(phases, "teardown", hv.teardown)
@@ -193,7 +194,7 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
         handovers = read_handover(bo.workdir)
         for domid, ho in enumerate(handovers):
             new.claim_frames(ho.p2m, domid)
-        counters["frames_claimed"] = int(sum(ho.p2m.size for ho in handovers))
+        counters["frames_claimed"] = int(sum(ho.p2m.size for ho in handovers))  # (unpriced)
         return new, handovers
 
     new, handovers = _retrying(phases, "restore", restore)
@@ -231,7 +232,7 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
                      for vid, ctx in ho.contexts.items()}
             dom = install_domain(new, ho.meta, ho.p2m, ho.contexts, bases)
             if plan.strategy == "lazy":
-                start_lazy(new, dom, ho)
+                start_lazy(new, dom, ho, plan.sweep_budget_ptes)
 
     _retrying(phases, "resume", resume)
     if new.lazy_update is not None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hypervisor.builds import Build, PageType, TypeInfo, TypeInfoLayout
+from hypervisor.extents import runs_of
 from hypervisor.mm.errors import FrameTableError
 from hypervisor.mm.pte import ENTRIES_PER_TABLE
 
@@ -124,8 +125,13 @@ class FrameTable:
         """Give free frames to `domid`: allocated, one (allocation) reference, no type."""
         if not 0 <= domid < DOMID_FIRST_RESERVED and domid not in (DOMID_XEN, DOMID_IO):
             raise FrameTableError(f"domain id {domid:#x} cannot own frames")
-        m = _sorted_unique(np.asarray(list(mfns) if not isinstance(mfns, np.ndarray)
-                                      else mfns, dtype=np.int64))
+        m = np.asarray(list(mfns) if not isinstance(mfns, np.ndarray) else mfns,
+                       dtype=np.int64)
+        runs = runs_of(m)
+        if runs is not None:
+            self.assign_runs(runs, domid)
+            return
+        m = _sorted_unique(m)
         if m.size == 0:
             return
         if m[0] < 0 or m[-1] >= self.nr_frames:
@@ -144,6 +150,33 @@ class FrameTable:
         self.nr_validated_ptes[m] = 0
         self.partial_flags[m] = 0
         self.linear_pt_count[m] = 0
+
+    def assign_runs(self, runs: np.ndarray, domid: int) -> None:
+        """`assign` for runs (index, first mfn, count) of consecutive frames, on slices.
+
+        Fields already zero are not written: a fresh table's pages stay untouched.
+        """
+        for _index, first, count in runs.tolist():
+            last = first + count - 1
+            if first < 0 or last >= self.nr_frames:
+                raise FrameTableError(f"mfns {first:#x}..{last:#x} are outside the frame table")
+            if first == 0 and domid < DOMID_FIRST_RESERVED:
+                raise FrameTableError("mfn 0 cannot be given to a guest domain")
+            rows = slice(first, first + count)
+            busy = np.flatnonzero((self.owner[rows] != DOMID_INVALID)
+                                  | (self.count_info[rows] != 0))
+            if busy.size:
+                mfn = first + int(busy[0])
+                raise FrameTableError(f"mfn {mfn:#x} is not free (owner "
+                                      f"{int(self.owner[mfn]):#x})")
+        for _index, first, count in runs.tolist():
+            rows = slice(first, first + count)
+            self.owner[rows] = domid
+            self.count_info[rows] = PGC_ALLOCATED | 1
+            for array in (self.type_info, self.nr_validated_ptes, self.partial_flags,
+                          self.linear_pt_count):
+                if array[rows].any():
+                    array[rows] = 0
 
     # --- one frame ----------------------------------------------------------
 
