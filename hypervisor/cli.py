@@ -14,6 +14,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from hypervisor.scenario import load_scenario
 
     scenario = load_scenario(args.scenario)
+    if scenario.updates:  # the scenario's own [[update]]s: the same as `hvlab update`
+        args.at = args.to = args.strategy = args.fail_at = args.costs = None
+        args.corrupt_stream = args.exec_ = False
+        return _cmd_update(args)
     trace = sys.stderr if args.trace else None
     result = run_scenario(scenario, trace=trace, trace_limit=args.trace_limit)
     if args.json:

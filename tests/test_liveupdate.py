@@ -169,3 +169,20 @@ def test_exec_into_a_new_process_gives_the_same_proof_and_final_state(strategy, 
     execed = json.loads(done.stdout)
     assert execed["proof"]["ok"] and "exec" in execed["updates"][0]
     assert _strip_run_specific(execed) == _strip_run_specific(in_process)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_update_mixed_stored_guests_to_4_19_and_back(strategy):
+    """pv_ptchurn and pv_smp saved mid-run, a generated 1 GiB guest, on build 4.12."""
+    scenario = load_scenario(SCENARIOS / "update-mixed.toml")
+    assert scenario.build == "4.12"
+    specs = [UpdateSpec(1_000_000, "4.19", strategy), UpdateSpec(3_000_000, "4.12", "full-walk")]
+    result = run_with_updates(scenario, specs, UpdatePlan("4.19", strategy))
+    first, back = result["updates"]
+    assert (first["from_build"], first["to_build"]) == ("4.12", "4.19")
+    assert (back["from_build"], back["to_build"]) == ("4.19", "4.12")
+    assert first["proof"]["ok"] and back["proof"]["ok"]
+    if strategy == "lazy":
+        assert first["proof_after_lazy"]["ok"]
+    assert final_codes(result) == {"ptchurn": 0, "smp": 0, "linux-1g": 0}
+    assert all(d["typeref_differences"] == [] for d in result["domains"])

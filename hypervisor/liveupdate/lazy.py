@@ -31,8 +31,10 @@ if TYPE_CHECKING:
 class LazyDomain:
     """The MMU-side face of one domain's incremental typing."""
 
-    def __init__(self, typing: IncrementalTyping) -> None:
+    def __init__(self, typing: IncrementalTyping, dom: Domain, update: LazyUpdate) -> None:
         self.typing = typing
+        self.dom = dom
+        self.update = update
         self.fill_wall_s = 0.0
 
     def may_map_writable(self, mfn: int) -> bool:
@@ -52,7 +54,9 @@ class LazyDomain:
         self.fill_wall_s += time.perf_counter() - started
 
     def finish(self) -> None:
+        """Validate the rest now (a page-table hypercall is about to change the tables)."""
         self.typing.finish()
+        self.update.domain_done(self)
 
 
 class LazyUpdate:
@@ -66,6 +70,10 @@ class LazyUpdate:
         self.shadow_off_ns: int | None = None
         self.sweeper_steps = 0
         self.on_done: Callable[[], None] | None = None
+        # called once per domain the moment its tables are all validated, before
+        # the guest can change any of them: that is when its type state is proved
+        self.on_domain_done: Callable[[Domain], None] | None = None
+        self._proved: set[int] = set()
         self.instructions_at_start = 0
         self.instructions_at_end = 0
         self.blackout: dict[str, int] = {}
@@ -88,12 +96,22 @@ class LazyUpdate:
         budget = self.budget_ptes
         for _dom, lazy in self.domains:
             if lazy.typing.done or budget <= 0:
+                self.domain_done(lazy)
                 continue
             step = lazy.typing.sweep(budget)
             budget -= max(step.ptes, 1)
             self.sweeper_steps += 1
+            self.domain_done(lazy)
         if all(lazy.typing.done for _, lazy in self.domains):
             self._shadow_off(now)
+
+    def domain_done(self, lazy: LazyDomain) -> None:
+        if lazy.typing.done and lazy.dom.domid not in self._proved:
+            self._proved.add(lazy.dom.domid)
+            for v in lazy.dom.vcpus:  # this domain's shadow mode ends here
+                v.mmu.lazy = None
+            if self.on_domain_done is not None:
+                self.on_domain_done(lazy.dom)
 
     def _shadow_off(self, now: int) -> None:
         for dom, _ in self.domains:
@@ -142,13 +160,13 @@ def start_lazy(hv: Hypervisor, dom: Domain, ho: DomainHandover,
     _, pins, cr3s = roots_of(ho)
     typing = IncrementalTyping(hv.memory.u64, hv.frame_table, dom.domid, table_frames(ho),
                                pins, cr3s)
-    lazy = LazyDomain(typing)
-    update = getattr(hv, "lazy_update", None)
+    update = hv.lazy_update
     if update is None:
         update = LazyUpdate(hv, budget_ptes)
         hv.lazy_update = update
         hv.slice_hooks.append(update.sweep)
         update.instructions_at_start = _instructions(hv)
+    lazy = LazyDomain(typing, dom, update)
     update.add(dom, lazy)
     for v in dom.vcpus:
         if v.context is not None:

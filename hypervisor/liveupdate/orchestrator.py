@@ -38,7 +38,7 @@ from hypervisor.liveupdate.handover import (
     write_handover,
 )
 from hypervisor.liveupdate.lazy import start_lazy
-from hypervisor.liveupdate.proof import ProofFailed, Snapshot, capture, verify
+from hypervisor.liveupdate.proof import ProofFailed, Snapshot, capture, type_state, verify
 from hypervisor.mm.frametable import DOMID_INVALID
 from hypervisor.restore import install_domain
 
@@ -262,32 +262,28 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
 
 
 def _arm_lazy_proof(new: Hypervisor, before: Snapshot, report: dict[str, Any]) -> None:
-    """When the lazy sweeper finishes, prove the type state too (a loud failure if not)."""
+    """Prove each domain's type state the moment its lazy validation completes
+    (before its guest can change a table), and report when all are done."""
     lazy = new.lazy_update
+    problems: list[str] = []
 
-    def on_done() -> None:
-        # frames were not touched by typing; only compare type state and tables now
-        proof = verify_types_only(before, new)
-        report["proof_after_lazy"] = proof
-        report["counters"].update(lazy.counters(new))
-        if not proof["ok"]:
-            raise ProofFailed("lazy typeref reconstruction differs: "
-                              + "; ".join(proof["problems"][:5]))
-
-    lazy.on_done = on_done
-
-
-def verify_types_only(before: Snapshot, hv: Hypervisor) -> dict[str, Any]:
-    from hypervisor.liveupdate.proof import type_state
-
-    problems = []
-    for dom in hv.domains:
-        now = type_state(hv, dom.p2m)
+    def on_domain_done(dom) -> None:
+        now = type_state(new, dom.p2m)
         for key, old in before.types[dom.domid].items():
             bad = np.flatnonzero(now[key] != old)
             if bad.size:
-                problems.append(f"{dom.name}: type state '{key}' differs on {bad.size} frames")
-    return {"ok": not problems, "problems": problems}
+                problems.append(f"{dom.name}: type state '{key}' differs on {bad.size} frames, "
+                                f"first pfn {bad[0]}")
+        if problems:
+            raise ProofFailed("lazy typeref reconstruction differs: " + "; ".join(problems[:5]))
+
+    def on_done() -> None:
+        report["proof_after_lazy"] = {"ok": not problems, "problems": problems,
+                                      "domains": len(lazy.domains)}
+        report["counters"].update(lazy.counters(new))
+
+    lazy.on_domain_done = on_domain_done
+    lazy.on_done = on_done
 
 
 def _retrying(phases: _Phases, name: str, fn: Callable[[], Any],
