@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hypervisor.errno import EFAULT, EINVAL, ENOENT, ENOSYS
+from hypervisor.errno import EEXIST, EFAULT, EINVAL, ENOENT, ENOSYS
 from hypervisor.evtchn import EventChannels
 from hypervisor.mm.pv_mmu import FlushKind, TlbFlush, do_mmu_update, do_mmuext_op
 from hypervisor.stream.vcpu_context import VcpuGuestContext
@@ -128,7 +128,7 @@ def vcpu_op(hv: Hypervisor, v: Vcpu, cmd: int, vcpu_id: int, arg: int, *_: int) 
     target = dom.vcpus[vcpu_id]
     if cmd == VCPUOP_INITIALISE:
         if target.context is not None:
-            return -EINVAL  # Xen: -EEXIST-like refusal of re-initialising a live vCPU
+            return -EEXIST  # Xen refuses to initialise a vCPU twice
         ctx = VcpuGuestContext.unpack(hv.copy_from_guest(v, arg, VcpuGuestContext.SIZE))
         return hv.initialise_vcpu(target, ctx)
     if cmd == VCPUOP_UP:

@@ -34,7 +34,7 @@ from hypervisor.mmu import GDT_VA, PvMmu
 from hypervisor.pv_builder import build_pv_memory
 from hypervisor.scheduler import Scheduler
 from hypervisor.stream.vcpu_context import VcpuGuestContext
-from hypervisor.vcpu import DOWN, REGISTERS, RUNNABLE, Vcpu
+from hypervisor.vcpu import DOWN, REGISTERS, RUNNABLE, TrapEntry, Vcpu
 
 DEFAULT_QUANTUM_NS = 1_000_000  # 1 ms of virtual time = 1 M instructions
 KERNEL_CS, KERNEL_DS = 0x08, 0x10
@@ -264,11 +264,8 @@ class Hypervisor:
         v.event_callback = ctx.event_callback_eip
         v.failsafe_callback = ctx.failsafe_callback_eip
         v.syscall_callback = ctx.syscall_callback_eip
-        for t in ctx.trap_ctxt:
-            if t.address:
-                from hypervisor.vcpu import TrapEntry
-
-                v.trap_table[t.vector] = TrapEntry(t.vector, t.flags, t.cs, t.address)
+        v.trap_table.update({t.vector: TrapEntry(t.vector, t.flags, t.cs, t.address)
+                             for t in ctx.trap_ctxt if t.address})
         v.runstate = DOWN
         return 0
 

@@ -95,9 +95,6 @@ class _Phases:
         self.fail_at = fail_at
         self.injected: list[str] = []
 
-    def __getstate__(self) -> dict[str, Any]:
-        return dict(vars(self))
-
     @contextmanager
     def phase(self, name: str):
         started = time.perf_counter()
