@@ -62,15 +62,18 @@ class PageClasses:
 
 
 def classify_pages(hv: Hypervisor, dom: Domain) -> PageClasses:
+    """Decode every frame's type once; counts and pins only for page-table candidates
+    (a few thousand frames of a 64 GiB guest, not millions)."""
     ft = hv.frame_table
     mfns = dom.p2m.astype(np.int64)
     types = ft.types(mfns).astype(np.uint8)
-    counts = ft.type_counts(mfns)
-    levels = np.where((types >= PageType.L1) & (types <= PageType.L4) & (counts > 0), types, 0)
-    levels = levels.astype(np.uint8)
-    pfinfo = np.where(levels > 0, levels, Pfinfo.NOTAB).astype(np.uint8)
-    pfinfo = np.where(ft.pinned(mfns) & (levels > 0), pfinfo + PIN_OFFSET, pfinfo)
-    return PageClasses(pfinfo.astype(np.uint8), levels)
+    candidates = np.flatnonzero((types >= PageType.L1) & (types <= PageType.L4))
+    live = candidates[ft.type_counts(mfns[candidates]) > 0]
+    levels = np.zeros(mfns.size, dtype=np.uint8)
+    levels[live] = types[live]
+    pfinfo = np.full(mfns.size, Pfinfo.NOTAB, dtype=np.uint8)
+    pfinfo[live] = types[live] + np.where(ft.pinned(mfns[live]), PIN_OFFSET, 0).astype(np.uint8)
+    return PageClasses(pfinfo, levels)
 
 
 def normalise_tables(pages: np.ndarray, levels: np.ndarray, m2p: np.ndarray) -> np.ndarray:
