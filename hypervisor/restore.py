@@ -87,9 +87,13 @@ def restore_domain(hv: Hypervisor, path: str | Path, name: str | None = None) ->
     try:
         with open_image_for_read(path) as f:
             reader = StreamReader(f, keep=frozenset({HVLAB_DOMAIN_RECORD}))
+            if reader.domain_header.type == DomainType.X86_HVM:
+                from hypervisor.hvm.image import restore_hvm_domain  # imports this module
+
+                return restore_hvm_domain(hv, reader, path, name)
             if reader.domain_header.type != DomainType.X86_PV:
-                raise RestoreError(f"{path}: domain header: only x86 PV images can be restored "
-                                   f"here (type {reader.domain_header.type})")
+                raise RestoreError(f"{path}: domain header: only x86 PV and HVM images can be "
+                                   f"restored here (type {reader.domain_header.type})")
             for record in reader:
                 _apply(hv, state, record, domid, path)
                 if isinstance(record, EndRecord):

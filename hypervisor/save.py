@@ -153,6 +153,10 @@ def port_from_json(entry: dict[str, Any]) -> tuple[int, Port]:
 
 def save_domain(hv: Hypervisor, dom: Domain, path: str | Path) -> dict[str, Any]:
     """Write `dom` to `path` (zstd-compressed if it ends in .zst); returns statistics."""
+    if dom.kind == "hvm":
+        from hypervisor.hvm.image import save_hvm_domain  # HVM records: hypervisor/hvm/image.py
+
+        return save_hvm_domain(hv, dom, path)
     if dom.kind != "pv":
         raise SaveError(f"domain {dom.name}: saving {dom.kind} domains is not supported yet")
     if not dom.alive:
