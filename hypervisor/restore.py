@@ -6,7 +6,8 @@ does, the pinned tables are pinned through get_page_type, which validates
 every table reachable from them, and each vCPU's CR3 takes its reference.
 Any problem raises `RestoreError` naming the record and its offset, after
 the hypervisor has been put back exactly as it was (no frame allocated, the
-frame table rows of the would-be domain free again).
+frame table rows of the would-be domain free again). HVM images are handed to
+hypervisor/hvm/image.py.
 """
 
 from __future__ import annotations

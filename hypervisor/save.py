@@ -3,7 +3,7 @@
 The domain must be paused (the hypervisor is between slices). Page-table
 pages are *normalised* (each present entry's MFN replaced by its PFN) so the
 image does not depend on the host frames it came from; pages that are all
-zero go out as XALLOC without data.
+zero go out as XALLOC without data. HVM domains are saved by hypervisor/hvm/image.py.
 """
 
 from __future__ import annotations

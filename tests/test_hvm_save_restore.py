@@ -93,6 +93,17 @@ def test_round_trip_mid_run_is_identical_to_an_uninterrupted_run(tmp_path):
     assert outcome(fresh, scenario.virtual_time_ns) == expected
 
 
+@pytest.mark.parametrize("build", ["4.12", "4.4"])
+def test_restoring_on_another_build_rebuilds_ept_in_its_layout(tmp_path, lapic_image, build):
+    scenario = load_scenario(LAPIC)
+    expected = outcome(boot_scenario(scenario), scenario.virtual_time_ns)
+    fresh = Hypervisor(MachineConfig(scenario.pcpus, scenario.memory, scenario.quantum_ns), build)
+    fresh.now = SAVE_AT
+    dom = restore_domain(fresh, lapic_image, name="lapic")
+    assert scenario.build != "4.12" and dom.hvm.physmap.ept.layout.build == "4.12"
+    assert outcome(fresh, scenario.virtual_time_ns) == expected
+
+
 def test_round_trip_of_a_split_run_matches_the_saver_going_on(tmp_path):
     """Saved off the slice grid: the restored domain does what the saving hypervisor does.
 
