@@ -172,13 +172,16 @@ def test_cli_save_then_a_scenario_with_the_image_runs_to_code_0(tmp_path, capsys
     assert "all checks passed" in dom["console"]
 
 
-def test_the_stored_image_restores_and_passes(tmp_path):
+def test_the_stored_image_restores_and_passes():
     assert STORED.exists(), "make it: hvlab save scenarios/hvm-lapic.toml --domain lapic " \
                             "--at 2ms -o scenarios/images/hvm-lapic-2ms.img.zst"
-    hv = Hypervisor(MachineConfig(2, 64 << 20, 100_000))
-    dom = restore_domain(hv, STORED)
-    assert dom.name == "lapic" and hv.vcpu_time(dom) == SAVE_AT
-    hv.run(1_000_000_000)
+    scenario = load_scenario(SCENARIOS / "hvm-lapic-image.toml")
+    assert scenario.domains[0].image == STORED
+    hv = boot_scenario(scenario)
+    (dom,) = hv.domains
+    assert dom.kind == "hvm" and hv.vcpu_time(dom) == SAVE_AT
+    expected = outcome(boot_scenario(load_scenario(LAPIC)), scenario.virtual_time_ns)
+    assert outcome(hv, scenario.virtual_time_ns) == expected  # hv.now 0: the same grid
     assert dom.shutdown is not None and (dom.shutdown.reason, dom.shutdown.code) == ("poweroff", 0)
     assert "hvm_lapic: all checks passed" in dom.console_text()
 
