@@ -10,7 +10,7 @@ import unicorn
 
 from emulator.memory import HostMemory
 from hypervisor.hypervisor import Hypervisor, MachineConfig
-from hypervisor.scenario import Scenario
+from hypervisor.scenario import Scenario, ScenarioError
 from hypervisor.tracing import Tracer
 
 
@@ -23,7 +23,11 @@ def boot_scenario(scenario: Scenario, build: str | None = None,
         if spec.image is not None:
             from hypervisor.restore import restore_domain
 
-            restore_domain(hv, spec.image, name=spec.name)
+            dom = restore_domain(hv, spec.image, name=spec.name)
+            if spec.type not in ("image", dom.kind):
+                raise ScenarioError(f"{scenario.path} domain '{spec.name}': type is "
+                                    f"{spec.type!r} but {spec.image.name} holds a {dom.kind} "
+                                    "domain")
         elif spec.type == "hvm":
             hv.create_hvm_domain(spec.name, str(spec.kernel), spec.memory, spec.vcpus,
                                  pod=spec.pod, sources=spec.sources)

@@ -64,7 +64,7 @@ class DomainSpec:
     kernel: Path | None  # exactly one of kernel and image
     memory: int
     vcpus: int
-    type: str = "pv"
+    type: str = "pv"  # "pv", "hvm", or "image" (an image's own header decides)
     image: Path | None = None
     pod: bool = False  # HVM: populate-on-demand
     sources: tuple[SourceConfig, ...] = ()  # HVM: interrupt sources
@@ -184,8 +184,9 @@ def load_scenario(path: str | Path) -> Scenario:
             raise ScenarioError(f"{dwhere}: type must be \"pv\" or \"hvm\" (got {kind!r})")
         if kind == "pv" and ("pod" in raw or "source" in raw):
             raise ScenarioError(f"{dwhere}: 'pod' and [[domain.source]] are for HVM domains")
-        if kind == "hvm" and "image" in raw:
-            raise ScenarioError(f"{dwhere}: HVM domains boot from a 'kernel' (images are PV)")
+        if "image" in raw and ("pod" in raw or "source" in raw):
+            raise ScenarioError(f"{dwhere}: an image brings its own memory and devices "
+                                "('pod' and [[domain.source]] are for kernels)")
         pod = raw.get("pod", False)
         if not isinstance(pod, bool):
             raise ScenarioError(f"{dwhere}: 'pod' must be true or false, got {pod!r}")
@@ -199,6 +200,8 @@ def load_scenario(path: str | Path) -> Scenario:
         dmem = parse_size(raw.get("memory", "4M"), f"{dwhere} memory")
         vcpus = _int(raw, "vcpus", dwhere, 1)
         sources = _sources(raw.get("source", []), vcpus, dwhere)
+        if image is not None and "type" not in raw:
+            kind = "image"  # the image's domain header says whether it is PV or HVM
         domains.append(DomainSpec(name, kernel, dmem, vcpus, kind, image, pod, sources))
     names = [d.name for d in domains]
     if len(set(names)) != len(names):

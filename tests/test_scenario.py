@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from hypervisor.cli import main
@@ -85,3 +87,15 @@ def test_non_elf_kernel_is_one_line_and_status_2(tmp_path, capsys):
 def test_missing_scenario_file(tmp_path, capsys):
     status, _, err = run_cli(["run", str(tmp_path / "nope.toml")], capsys)
     assert status == 2 and "no such scenario file" in err
+
+
+def test_an_image_domain_takes_its_kind_from_the_image(tmp_path, capsys):
+    images = Path(__file__).resolve().parent.parent / "scenarios" / "images"
+    text = ('[machine]\nmemory = "64M"\n[[domain]]\nname = "x"\n'
+            f'image = "{images / "pv-hello-100us.img.zst"}"\n')
+    ok = write(tmp_path, text)
+    assert load_scenario(ok).domains[0].type == "image"
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text(text + 'type = "hvm"\n')
+    status, _, err = run_cli(["run", str(wrong)], capsys)
+    assert status == 2 and "holds a pv domain" in err
