@@ -12,6 +12,7 @@ import numpy as np
 
 # Below this many frames per run on average, scattered (fancy) indexing is as good.
 _MIN_FRAMES_PER_RUN = 64
+_CHUNK = 1 << 20
 
 
 def runs_of(mfns: np.ndarray) -> np.ndarray | None:
@@ -24,10 +25,13 @@ def runs_of(mfns: np.ndarray) -> np.ndarray | None:
     m = m.view(np.int64) if m.dtype == np.uint64 else m.astype(np.int64, copy=False)
     if m.size == 0:
         return np.zeros((0, 3), dtype=np.int64)
-    step = np.diff(m)
-    if (step <= 0).any():
-        return None
-    starts = np.concatenate(([0], np.flatnonzero(step != 1) + 1))
+    breaks = []
+    for start in range(0, m.size - 1, _CHUNK):  # chunked: small, reused temporaries
+        step = np.diff(m[start : start + _CHUNK + 1])
+        if (step <= 0).any():
+            return None
+        breaks.append(np.flatnonzero(step != 1) + start + 1)
+    starts = np.concatenate([[0], *breaks]).astype(np.int64)
     if m.size < _MIN_FRAMES_PER_RUN * starts.size:
         return None
     counts = np.diff(np.concatenate((starts, [m.size])))
