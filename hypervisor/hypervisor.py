@@ -102,6 +102,11 @@ class Hypervisor:
         self.loaded = []
         if not self.frames.free[self.gdt_mfn]:
             self._scrub_and_release(np.array([self.gdt_mfn], dtype=np.uint64))
+        for dom in self.domains:  # HVM: the EPT tables are this build's, in its layout
+            if dom.hvm is not None:
+                tables = np.array(sorted(dom.hvm.physmap.ept.frames), dtype=np.uint64)
+                tables = tables[~self.frames.free[tables.astype(np.int64)]]
+                self._scrub_and_release(tables)
         self.domains = []
 
     @property

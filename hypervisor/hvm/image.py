@@ -262,6 +262,89 @@ def hvm_domain_digest(hv: Hypervisor, dom: Domain) -> list[str]:
             for m in mfns.tolist()]
 
 
+# ==================================================================== live update
+
+
+def folded_lapic_state(v: Vcpu) -> VLapicState:
+    """`v`'s vLAPIC state as if PIR were folded into IRR now, leaving both untouched."""
+    hvm = v.hvm
+    assert hvm is not None
+    scratch = VLapic(hvm.apic_id, lambda *_: None)
+    scratch.restore(hvm.lapic.save())
+    bits = hvm.posted.pir_bits()
+    for vector in range(256):
+        if bits >> vector & 1:
+            scratch.accept(vector)
+    return scratch.save()
+
+
+def hvm_handover_state(hv: Hypervisor, dom: Domain) -> tuple[dict[str, Any], bytes, int]:
+    """A live update's HVLAB_DOMAIN, HVM_CONTEXT blob and guest time of `dom`.
+
+    Unlike saving, nothing is advanced or folded: the posted-interrupt descriptors stay
+    in host memory with their PIR (the new build adopts them and folds PIR on the next
+    entry), so every interrupt is delivered exactly once. The Xen LAPIC records show
+    PIR folded into IRR (what they mean), computed on a scratch copy.
+    """
+    assert dom.hvm is not None
+    now = hv.now + dom.time_offset
+    entries: list[HvmRecord] = []
+    for v in dom.vcpus:
+        scratch = VLapic(v.vcpu_id, lambda *_: None)
+        scratch.restore(folded_lapic_state(v))
+        entries += [HvmRecord(HVM_SAVE_CPU, v.vcpu_id, cpu_record(hv, v, now).pack()),
+                    HvmRecord(HVM_SAVE_LAPIC, v.vcpu_id, scratch.hvm_lapic_record()),
+                    HvmRecord(HVM_SAVE_LAPIC_REGS, v.vcpu_id, scratch.hvm_lapic_regs_record())]
+    blob = HvmContext(HvmSaveHeader(gtsc_khz=TSC_KHZ), entries).pack()
+    meta = hvm_domain_state(hv, dom)
+    meta["posted_mfn"] = dom.hvm.posted_mfn
+    return meta, blob, now
+
+
+def adopt_hvm_domain(hv: Hypervisor, records: list[Any], p2m: Any, posted_mfn: int,
+                     where: Path) -> Domain:
+    """A live update's new build: the handed-over HVM domain, memory left in place.
+
+    `p2m` (a `P2M` rebuilt from the hand-over) keeps the guest frames where they are;
+    its EPT is built in this build's layout; the posted-interrupt descriptors at
+    `posted_mfn` are adopted as they are (PIR posted during the blackout included).
+    `records` are the stream's HVLAB_DOMAIN, TSC_INFO, HVM_CONTEXT and HVM_PARAMS.
+    On failure only the EPT frames this took are given back: guest frames stay.
+    """
+    st = _Pending(adopted=True)
+    try:
+        for record in records:
+            match record:
+                case OpaqueRecord(type=rtype, body=body) if rtype == HVLAB_DOMAIN_RECORD:
+                    _adopt_memory(hv, st, body, record.offset, where, p2m, posted_mfn)
+                case _:
+                    _apply(hv, st, record, where, None)
+        return _finish(hv, st, where, None)
+    except BaseException:
+        _undo(hv, st)
+        raise
+
+
+def _adopt_memory(hv: Hypervisor, st: _Pending, body: bytes, offset: int, path: Path,
+                  p2m: Any, posted_mfn: int) -> None:
+    try:
+        meta = json.loads(body)
+        if meta.get("version") != HVLAB_HVM_VERSION:
+            raise ValueError(f"version {meta.get('version')}")
+        if meta["nr_pages"] != p2m.nr_gfns or not isinstance(meta["pod"], bool):
+            raise ValueError("nr_pages or pod disagree with the handed-over P2M")
+    except (ValueError, AttributeError, KeyError, TypeError) as err:
+        raise _fail(path, "HVLAB_DOMAIN", offset, f"unreadable: {err}") from None
+    st.meta, st.meta_offset = meta, offset
+    try:
+        st.physmap = GuestPhysmap.adopt(hv.memory, hv.frames, p2m, ept_layout_for(hv.build),
+                                        f"domain {meta.get('name')}", pod=meta["pod"])
+    except HvlabError as err:
+        raise _fail(path, "HVLAB_DOMAIN", offset, f"cannot rebuild EPT: {err}") from None
+    st.posted_mfn = posted_mfn
+    st.seen = np.zeros(p2m.nr_gfns, dtype=bool)
+
+
 # ===================================================================== restoring
 
 
@@ -278,6 +361,7 @@ class _Pending:
     context: dict[tuple[int, int], tuple[bytes, int]] = field(default_factory=dict)
     context_offset: int = -1
     params: dict[int, int] = field(default_factory=dict)
+    adopted: bool = False  # a live update: guest frames and descriptors are not ours to free
 
 
 def restore_hvm_domain(hv: Hypervisor, reader: StreamReader, path: Path,
@@ -594,7 +678,7 @@ def _install(hv: Hypervisor, st: _Pending, plan: _DomainPlan, vcpus: list[_VcpuP
     assert physmap is not None and posted_mfn is not None
     support = hv.hvm
     physmap.stats = plan.stats
-    if plan.log_dirty:
+    if plan.log_dirty and not st.adopted:  # adopted: the P2M came with its log
         physmap.enable_logdirty()  # a fresh log: what was dirty before the save is not kept
     dom = Domain(len(hv.domains), plan.name, "hvm", physmap.p2m.mfns, 0)
     dom.hvm = HvmDomain(physmap, plan.layout, posted_mfn, plan.violations,
@@ -605,7 +689,7 @@ def _install(hv: Hypervisor, st: _Pending, plan: _DomainPlan, vcpus: list[_VcpuP
         support.lapic_window.install(cpu, support._current_on(cpu.index))
     try:
         for vid, vplan in enumerate(vcpus):
-            dom.vcpus.append(_make_vcpu(hv, dom, vid, vplan, posted_mfn))
+            dom.vcpus.append(_make_vcpu(hv, dom, vid, vplan, posted_mfn, not st.adopted))
         hv.domains.append(dom)
         for v, vplan in zip(dom.vcpus, vcpus, strict=True):
             hv.start_vcpu_with(v, partial(_load_registers, cpu_state=vplan.cpu, physmap=physmap))
@@ -621,7 +705,8 @@ def _install(hv: Hypervisor, st: _Pending, plan: _DomainPlan, vcpus: list[_VcpuP
     return dom
 
 
-def _make_vcpu(hv: Hypervisor, dom: Domain, vid: int, plan: _VcpuPlan, posted_mfn: int) -> Vcpu:
+def _make_vcpu(hv: Hypervisor, dom: Domain, vid: int, plan: _VcpuPlan, posted_mfn: int,
+               write_descriptor: bool = True) -> Vcpu:
     support = hv.hvm
     v = support._create_vcpu(dom, vid, posted_mfn)
     if plan.pcpu != v.pcpu and plan.pcpu < len(hv.pcpus):  # keep the saved placement
@@ -636,8 +721,9 @@ def _make_vcpu(hv: Hypervisor, dom: Domain, vid: int, plan: _VcpuPlan, posted_mf
     hvm = v.hvm
     assert hvm is not None
     hvm.lapic.restore(plan.lapic)
-    base = posted_mfn * PAGE_SIZE + 64 * vid
-    hv.memory.u8[base:base + 64] = np.frombuffer(plan.posted, np.uint8)
+    if write_descriptor:  # a live update adopts the descriptor: sources may have posted
+        base = posted_mfn * PAGE_SIZE + 64 * vid
+        hv.memory.u8[base:base + 64] = np.frombuffer(plan.posted, np.uint8)
     for sp in plan.sources:
         state = sp.state
         source = InterruptSource(state.name, hvm.posted, state.vector, state.period_ns,
@@ -715,6 +801,11 @@ def _load_registers(cpu: PhysicalCpu, *, cpu_state: HvmHwCpu, physmap: GuestPhys
 
 def _undo(hv: Hypervisor, st: _Pending) -> None:
     """Scrub and give back every frame the restore took (RAM, EPT tables, descriptors)."""
+    if st.adopted:  # only the EPT tables were ours; guest frames and descriptors stay
+        if st.physmap is not None and st.physmap.p2m.ept is not None:
+            st.physmap.p2m.drop_ept()
+        st.physmap = st.posted_mfn = None
+        return
     if st.physmap is not None:
         frames = st.physmap.owned_frames().astype(np.int64)
         hv.memory.u64.reshape(-1, 512)[frames] = 0

@@ -108,6 +108,31 @@ class GuestPhysmap:
                 frames.release([f])
             raise PhysmapError(f"{owner}: {err}") from None
 
+    @classmethod
+    def adopt(cls, memory: HostMemory, frames: FrameAllocator, p2m: P2M, layout: EptLayout,
+              owner: str, *, pod: bool) -> GuestPhysmap:
+        """A live update: take over a P2M whose frames are already this domain's (marked
+        used in `frames`) and build its EPT in `layout`. Only EPT table frames are taken;
+        on failure they are given back and PhysmapError says why."""
+        self = cls.__new__(cls)
+        self.memory, self.frames, self.owner, self.pod = memory, frames, owner, pod
+        self.stats = PhysmapStats()
+        self.restrictions = 0
+        self.p2m = p2m
+        self._ept_frames = []
+        try:
+            p2m.build_ept(layout, memory.u64, self._alloc_table, self._free_table)
+        except (OutOfFrames, P2MError) as err:
+            for f in list(self._ept_frames):
+                self._free_table(f)
+            raise PhysmapError(f"{owner}: {err}") from None
+        return self
+
+    def ept_entries(self) -> int:
+        """Non-zero entries in this domain's EPT tables (what building them wrote)."""
+        tables = np.array(sorted(self.ept.frames), dtype=np.int64)
+        return int(np.count_nonzero(self.memory.u64.reshape(-1, 512)[tables]))
+
     # -- EPT table frames -------------------------------------------------------------
 
     def _alloc_table(self) -> int:

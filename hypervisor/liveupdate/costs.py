@@ -64,5 +64,6 @@ def modelled_ns(counters: dict[str, int], costs: dict[str, float]) -> int:
              + c("blackout_pages_validated", 0) * costs["page_validated"]
              + c("blackout_refs_taken", 0) * costs["ref_taken"]
              + c("frames_translated", 0) * costs["frame_translated"]
-             + c("frames_copied", 0) * costs["frame_copied"])
+             + c("frames_copied", 0) * costs["frame_copied"]
+             + c("ept_entries_written", 0) * costs["ept_entry_written"])
     return int(round(total))

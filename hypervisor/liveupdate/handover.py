@@ -10,6 +10,15 @@ CR3s as MFNs (nothing is normalised). For the `transfer` strategy,
 count in the *old* build's layout. Everything else Xen's records do not hold
 is in `HVLAB_DOMAIN` (as in saved images).
 A manifest (JSON) names the streams and the machine-level state.
+
+HVM domains (domain type 2) carry, in this order: `HVLAB_DOMAIN` (as in saved
+HVM images, plus `posted_mfn`: the frame of the vCPUs' posted-interrupt
+descriptors, which the new build adopts in place), `HVLAB_FRAMES` runs of the
+*backed* gfns (PoD gfns not populated have none and stay PoD), `HVLAB_P2M`
+(the p2m type and access of every gfn as runs, the log-dirty flag and dirty
+gfns), then `X86_TSC_INFO`, `HVM_CONTEXT` (CPU, LAPIC, LAPIC_REGS) and
+`HVM_PARAMS`. No page contents, and no EPT: the new build rebuilds it from the
+P2M in its own layout.
 """
 
 from __future__ import annotations
@@ -22,10 +31,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hypervisor.ept import INVALID_MFN
 from hypervisor.errors import HvlabError
 from hypervisor.extents import runs_of
+from hypervisor.hvm.image import HVM_PARAM_PAE_ENABLED, hvm_handover_state
+from hypervisor.p2m import P2M, P2MError, P2MState
 from hypervisor.save import (
     HVLAB_DOMAIN_RECORD,
+    TSC_KHZ,
     classify_pages,
     domain_state,
     p2m_frame_pfns,
@@ -51,6 +64,7 @@ if TYPE_CHECKING:
 HVLAB_FRAMES_RECORD = 0x8000_4802
 HVLAB_TYPEINFO_RECORD = 0x8000_4803
 HVLAB_TABLES_RECORD = 0x8000_4804
+HVLAB_P2M_RECORD = 0x8000_4805
 FRAMES_PER_RECORD = 1 << 20  # keeps each record far below the 128 MiB record limit
 _RANGE = struct.Struct("<QQ")
 _COUNT = struct.Struct("<Q")
@@ -73,6 +87,21 @@ class DomainHandover:
     type_info: np.ndarray | None = None  # old layout, per pfn (transfer)
     count_info: np.ndarray | None = None
     linear_pt_count: np.ndarray | None = None
+    kind: str = "pv"
+    # HVM: the P2M rebuilt from the stream (no EPT yet), the descriptors' frame, and the
+    # records the new build restores vCPUs and devices from
+    hvm_p2m: P2M | None = None
+    posted_mfn: int | None = None
+    hvm_records: list[Any] = field(default_factory=list)
+
+
+def frames_in_use(dom: Domain) -> np.ndarray:
+    """The host frames a domain keeps across an update: its RAM and, for HVM, the
+    posted-interrupt descriptors (hardware keeps posting into them)."""
+    if dom.hvm is None:
+        return dom.p2m
+    mfns = dom.p2m[dom.p2m != INVALID_MFN]
+    return np.append(mfns, np.uint64(dom.hvm.posted_mfn))
 
 
 def write_handover(hv: Hypervisor, directory: Path, with_type_state: bool) -> dict[str, Any]:
@@ -100,9 +129,8 @@ def write_handover(hv: Hypervisor, directory: Path, with_type_state: bool) -> di
 def _write_domain(f, hv: Hypervisor, dom: Domain,
                   with_type_state: bool) -> tuple[int, int, int]:
     """One domain's stream; returns (bytes, ownership runs, page-table entries)."""
-    if dom.kind != "pv":
-        raise HandoverError(f"domain {dom.name}: live update of {dom.kind} domains "
-                            "is not supported yet")
+    if dom.hvm is not None:
+        return _write_hvm_domain(f, hv, dom)
     major, minor = hv.build_version
     w = StreamWriter(f, DomainType.X86_PV, xen_major=major, xen_minor=minor)
     w.write_x86_pv_info(8, 4)
@@ -140,6 +168,123 @@ def _write_domain(f, hv: Hypervisor, dom: Domain,
     return w.offset, len(runs), int(tables.size)
 
 
+def _backed_runs(mfns: np.ndarray) -> np.ndarray:
+    """(gfn, first mfn, count) rows for every run of backed gfns with consecutive frames."""
+    gfns = np.flatnonzero(mfns != INVALID_MFN)
+    if not gfns.size:
+        return np.zeros((0, 3), np.int64)
+    m = mfns[gfns].astype(np.int64)
+    breaks = np.flatnonzero((np.diff(gfns) != 1) | (np.diff(m) != 1)) + 1
+    starts = np.concatenate([[0], breaks])
+    counts = np.diff(np.concatenate([starts, [gfns.size]]))
+    return np.stack([gfns[starts], m[starts], counts], axis=1)
+
+
+def _value_runs(values: np.ndarray) -> np.ndarray:
+    """(start, count, value) rows for the runs of equal values."""
+    if not values.size:
+        return np.zeros((0, 3), np.int64)
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(values) != 0) + 1])
+    counts = np.diff(np.concatenate([starts, [values.size]]))
+    return np.stack([starts, counts, values[starts].astype(np.int64)], axis=1)
+
+
+def _write_hvm_domain(f, hv: Hypervisor, dom: Domain) -> tuple[int, int, int]:
+    """An HVM domain's stream (see the module docstring); returns (bytes, runs, entries)."""
+    assert dom.hvm is not None
+    meta, blob, now = hvm_handover_state(hv, dom)
+    meta["build"] = hv.build
+    p2m = dom.hvm.physmap.p2m
+    major, minor = hv.build_version
+    w = StreamWriter(f, DomainType.X86_HVM, xen_major=major, xen_minor=minor)
+    w.write_record(HVLAB_DOMAIN_RECORD, json.dumps(meta).encode())
+    runs = _backed_runs(p2m.mfns)
+    for start in range(0, len(runs), FRAMES_PER_RECORD):
+        chunk = runs[start : start + FRAMES_PER_RECORD]
+        w.write_record(HVLAB_FRAMES_RECORD,
+                       _COUNT.pack(len(chunk)) + chunk.astype("<u8").tobytes())
+    # type and access of every gfn, as runs of one u16 value (type | access << 8)
+    kinds = _value_runs(p2m.types.astype(np.uint16) | (p2m.accesses.astype(np.uint16) << 8))
+    state = p2m.save()
+    dirty = np.flatnonzero(np.unpackbits(np.frombuffer(state.dirty_bitmap, np.uint8),
+                                         bitorder="little", count=p2m.nr_gfns))
+    w.write_record(HVLAB_P2M_RECORD, b"".join((
+        _COUNT.pack(int(state.logdirty)), _COUNT.pack(len(kinds)),
+        kinds.astype("<u8").tobytes(), _COUNT.pack(dirty.size),
+        dirty.astype("<u8").tobytes())))
+    w.write_x86_tsc_info(0, TSC_KHZ, now, 0)
+    w.write_hvm_context(blob)
+    w.write_hvm_params([(HVM_PARAM_PAE_ENABLED, 1)])
+    w.write_end()
+    return w.offset, len(runs), len(kinds)
+
+
+def _read_hvm_domain(reader: StreamReader) -> DomainHandover:
+    """An HVM domain's hand-over: its P2M rebuilt (frames in place), the other records kept."""
+    meta: dict[str, Any] | None = None
+    mfns: np.ndarray | None = None
+    kinds: np.ndarray | None = None
+    logdirty, dirty = False, np.zeros(0, np.int64)
+    records: list[Any] = []
+    for record in reader:
+        match record:
+            case EndRecord():
+                break
+            case OpaqueRecord(type=rtype, body=body, offset=offset) if rtype in (
+                    HVLAB_DOMAIN_RECORD, HVLAB_FRAMES_RECORD, HVLAB_P2M_RECORD):
+                if rtype == HVLAB_DOMAIN_RECORD:
+                    try:
+                        meta = json.loads(body)
+                        nr_pages, posted = meta["nr_pages"], meta["posted_mfn"]
+                        if not isinstance(nr_pages, int) or nr_pages <= 0:
+                            raise ValueError(f"nr_pages {nr_pages!r}")
+                        if not isinstance(posted, int) or posted < 0:
+                            raise ValueError(f"posted_mfn {posted!r}")
+                    except (ValueError, KeyError, TypeError) as err:
+                        raise StreamError(f"unreadable: {err}", offset=offset,
+                                          record=record.name) from None
+                    mfns = np.full(nr_pages, INVALID_MFN, np.uint64)
+                    records.append(record)
+                    continue
+                if mfns is None or meta is None:
+                    raise StreamError("P2M records before HVLAB_DOMAIN", offset=offset,
+                                      record=record.name)
+                if rtype == HVLAB_FRAMES_RECORD:
+                    runs = _array(body, 3, offset, record.name)
+                    if runs.size and int((runs[:, 0] + runs[:, 2]).max()) > mfns.size:
+                        raise StreamError("a run lies beyond the domain", offset=offset,
+                                          record=record.name)
+                    for gfn, first, count in runs.tolist():
+                        mfns[gfn : gfn + count] = np.arange(first, first + count,
+                                                            dtype=np.uint64)
+                    continue
+                logdirty = bool(_COUNT.unpack_from(body)[0])
+                rest = body[_COUNT.size:]
+                kinds = _array(rest, 3, offset, record.name, trailing=True)
+                tail = rest[_COUNT.size + 24 * len(kinds):]
+                dirty = _array(tail, 1, offset, record.name)[:, 0].astype(np.int64)
+            case _:
+                records.append(record)
+    if meta is None or mfns is None or kinds is None:
+        raise StreamError("no HVLAB_DOMAIN or no HVLAB_P2M", offset=reader.offset, record="END")
+    n = mfns.size
+    if int(kinds[:, 1].sum()) != n or (dirty.size and int(dirty.max()) >= n):
+        raise StreamError("the p2m types do not cover the domain", offset=reader.offset,
+                          record="HVLAB_P2M")
+    values = np.repeat(kinds[:, 2], kinds[:, 1].astype(np.int64))
+    bitmap = np.zeros(n, bool)
+    bitmap[dirty] = True
+    try:
+        p2m = P2M.restore(P2MState(
+            n, mfns.astype("<u8").tobytes(), (values & 0xFF).astype(np.uint8).tobytes(),
+            (values >> 8).astype(np.uint8).tobytes(), logdirty,
+            np.packbits(bitmap, bitorder="little").tobytes()))
+    except P2MError as err:
+        raise StreamError(str(err), offset=reader.offset, record="HVLAB_P2M") from None
+    return DomainHandover(meta, mfns, np.zeros(n, np.uint8), kind="hvm", hvm_p2m=p2m,
+                          posted_mfn=meta["posted_mfn"], hvm_records=records)
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
     try:
         return json.loads((directory / MANIFEST).read_text())
@@ -155,9 +300,13 @@ def read_handover(directory: Path) -> list[DomainHandover]:
         path = directory / name
         try:
             with path.open("rb") as f:
-                domains.append(_read_domain(StreamReader(f, keep=frozenset(
+                reader = StreamReader(f, keep=frozenset(
                     {HVLAB_FRAMES_RECORD, HVLAB_TABLES_RECORD, HVLAB_TYPEINFO_RECORD,
-                     HVLAB_DOMAIN_RECORD}))))
+                     HVLAB_DOMAIN_RECORD, HVLAB_P2M_RECORD}))
+                if reader.domain_header.type == DomainType.X86_HVM:
+                    domains.append(_read_hvm_domain(reader))
+                else:
+                    domains.append(_read_domain(reader))
         except StreamError as err:
             raise HandoverError(f"hand-over stream {path.name}: {err}") from None
         except OSError as err:
@@ -221,10 +370,15 @@ def _read_domain(reader: StreamReader) -> DomainHandover:
     return DomainHandover(meta, p2m, pfinfo, contexts, type_info, count_info, linear)
 
 
-def _array(body: bytes, width: int, offset: int, name: str) -> np.ndarray:
-    """A counted array of `width`-word rows, its length checked against the body."""
+def _array(body: bytes, width: int, offset: int, name: str,
+           trailing: bool = False) -> np.ndarray:
+    """A counted array of `width`-word rows, its length checked against the body
+    (with `trailing`, more may follow it)."""
+    if len(body) < _COUNT.size:
+        raise StreamError("no count", offset=offset, record=name)
     (count,) = _COUNT.unpack_from(body)
-    if len(body) != _COUNT.size + 8 * width * count:
+    size = _COUNT.size + 8 * width * count
+    if len(body) < size if trailing else len(body) != size:
         raise StreamError(f"{count} entries do not fill a {len(body)}-octet body",
                           offset=offset, record=name)
     return np.frombuffer(body, "<u8", count * width, _COUNT.size).reshape(count, width)

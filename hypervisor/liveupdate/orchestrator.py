@@ -28,12 +28,14 @@ import numpy as np
 
 from emulator.memory import HostMemory
 from hypervisor.errors import HvlabError
+from hypervisor.hvm.image import adopt_hvm_domain
 from hypervisor.hypervisor import Hypervisor, MachineConfig
 from hypervisor.liveupdate import strategies
 from hypervisor.liveupdate.costs import DEFAULT_COSTS_NS, modelled_ns
 from hypervisor.liveupdate.handover import (
     DomainHandover,
     HandoverError,
+    frames_in_use,
     read_handover,
     write_handover,
 )
@@ -82,9 +84,9 @@ def check_plan(hv: Hypervisor, plan: UpdatePlan) -> None:
     if plan.strategy == "transfer":
         strategies.translator_for(hv.build, plan.to_build)
     for dom in hv.domains:
-        if dom.kind != "pv":
+        if dom.kind not in ("pv", "hvm"):
             raise UpdateError(f"domain {dom.name}: live update of {dom.kind} domains is not "
-                              "supported yet")
+                              "supported")
 
 
 class _Phases:
@@ -172,7 +174,7 @@ def live_update(hv: Hypervisor, plan: UpdatePlan,
     blackout = Blackout(
         plan, phases, counters, report, workdir, before, prepared,
         set(hv.pt_change_log or ()),
-        [d.p2m for d in hv.domains],
+        [frames_in_use(d) for d in hv.domains],
         hv.machine, hv.now, hv.build, started)
     memory = hv.memory
     _retrying(phases, "teardown", hv.teardown)
@@ -190,7 +192,8 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
         new.now = bo.now
         handovers = read_handover(bo.workdir)
         for domid, ho in enumerate(handovers):
-            new.claim_frames(ho.p2m, domid)
+            if ho.kind == "pv":  # HVM frames carry no PV ownership (as when built)
+                new.claim_frames(ho.p2m, domid)
         counters["frames_claimed"] = int(sum(ho.p2m.size for ho in handovers))  # (unpriced)
         return new, handovers
 
@@ -211,6 +214,8 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
         """A typeref phase that failed half way starts over from bare ownership."""
         ft = new.frame_table
         for domid, ho in enumerate(handovers):
+            if ho.kind != "pv":
+                continue
             rows = ho.p2m.astype(np.int64)
             for name in ("type_info", "count_info", "nr_validated_ptes", "partial_flags",
                          "linear_pt_count"):
@@ -224,7 +229,15 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
     def resume() -> None:
         if new.domains:
             return  # a retried resume: the domains were installed already
+        counters["ept_entries_written"] = 0
         for ho in handovers:
+            if ho.kind == "hvm":
+                assert ho.hvm_p2m is not None and ho.posted_mfn is not None
+                dom = adopt_hvm_domain(new, ho.hvm_records, ho.hvm_p2m, ho.posted_mfn,
+                                       bo.workdir / f"dom{len(new.domains)}.stream")
+                assert dom.hvm is not None
+                counters["ept_entries_written"] += dom.hvm.physmap.ept_entries()
+                continue  # EPT is rebuilt from the P2M whatever the strategy
             bases = {vid: (ctx.ctrlreg[3] >> 12, ctx.ctrlreg[1] >> 12)
                      for vid, ctx in ho.contexts.items()}
             dom = install_domain(new, ho.meta, ho.p2m, ho.contexts, bases)
@@ -263,6 +276,9 @@ def _arm_lazy_proof(new: Hypervisor, before: Snapshot, report: dict[str, Any]) -
     (before its guest can change a table), and report when all are done."""
     lazy = new.lazy_update
     problems: list[str] = []
+    if lazy is None:  # no PV domain: nothing is validated lazily (HVM has no page types)
+        report["proof_after_lazy"] = {"ok": True, "problems": [], "domains": 0}
+        return
 
     def on_domain_done(dom) -> None:
         now = type_state(new, dom.p2m)

@@ -2,14 +2,18 @@
 
 At the pause the old build's view is captured: a hash of every guest frame,
 each frame's type state decoded from the old layout, every vCPU's registers,
-event-channel tables and timers. After the update the same is read from the
-new build (type state decoded from *its* layout) and compared field by field.
-Any difference is a loud failure.
+event-channel tables and timers. For HVM domains: a hash of every P2M-backed
+gfn, the whole P2M (mfn, type, access, log-dirty), registers, each vLAPIC's
+`State` with PIR folded into IRR (on a copy: neither side is changed), the
+posted-interrupt descriptors' bytes and the interrupt sources' state.
+After the update the same is read from the new build (type state decoded
+from *its* layout) and compared field by field. Any difference is a loud
+failure.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -65,6 +69,49 @@ class Snapshot:
     registers: dict[tuple[int, int], dict[str, int]] = field(default_factory=dict)
     vcpu_state: dict[tuple[int, int], tuple] = field(default_factory=dict)
     evtchn: dict[int, Any] = field(default_factory=dict)
+    hvm: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+def hvm_view(hv: Hypervisor, dom) -> dict[str, Any]:
+    """An HVM domain's device and memory state in build-independent terms (read only)."""
+    from hypervisor.ept import INVALID_MFN
+    from hypervisor.hvm.image import folded_lapic_state
+
+    p2m = dom.hvm.physmap.p2m
+    state = p2m.save()
+    backed = p2m.mfns[p2m.mfns != INVALID_MFN]
+    view: dict[str, Any] = {
+        "p2m": (state.mfn, state.p2m_type, state.access, state.logdirty, state.dirty_bitmap),
+        "hashes": frame_hashes(hv.memory, backed),
+        "pod": dom.hvm.physmap.pod,
+    }
+    for v in dom.vcpus:
+        h = v.hvm
+        view[f"{v.name} lapic"] = folded_lapic_state(v)
+        view[f"{v.name} descriptor"] = h.posted.raw()
+        view[f"{v.name} sources"] = [
+            (asdict(s.source.save()), s.limit, s.delivered, s.dropped, s.irr_coalesced,
+             s._advanced_to) for s in h.sources]
+        view[f"{v.name} vcpu"] = (
+            v.runstate, v.instructions, v.mmu.lapic_mapped, h.ipis_received,
+            dict(h.delivered), h.timer_ns, h.timer_since, h.timer_period_ns, h.lapic_reads,
+            h.lapic_writes, h.lapic_exit, h.window, h.shadow_stepped)
+    return view
+
+
+def _compare_hvm(name: str, before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    problems = []
+    differ = np.flatnonzero(now["hashes"] != before["hashes"])
+    if before["hashes"].size != now["hashes"].size:
+        problems.append(f"{name}: {before['hashes'].size} backed gfns before, "
+                        f"{now['hashes'].size} after")
+    elif differ.size:
+        problems.append(f"{name}: {differ.size} backed gfns changed, the first is backed "
+                        f"gfn #{differ[0]}")
+    for key, old in before.items():
+        if key != "hashes" and now.get(key) != old:
+            problems.append(f"{name}: {key} differs")
+    return problems
 
 
 def _vcpu_state(v, offset: int) -> tuple:
@@ -76,6 +123,11 @@ def _vcpu_state(v, offset: int) -> tuple:
 def capture(hv: Hypervisor) -> Snapshot:
     snap = Snapshot()
     for dom in hv.domains:
+        if dom.hvm is not None:
+            snap.hvm[dom.domid] = hvm_view(hv, dom)
+            for v in dom.vcpus:
+                snap.registers[(dom.domid, v.vcpu_id)] = hv.read_vcpu_registers(v)
+            continue
         snap.hashes[dom.domid] = frame_hashes(hv.memory, dom.p2m)
         snap.types[dom.domid] = type_state(hv, dom.p2m)
         ev = dom.evtchn.save()
@@ -93,6 +145,19 @@ def verify(before: Snapshot, hv: Hypervisor, check_types: bool = True) -> dict[s
     checks = {"frames_hashed": 0, "frames_type_checked": 0, "vcpus": 0, "domains": 0}
     for dom in hv.domains:
         checks["domains"] += 1
+        if dom.hvm is not None:
+            view = hvm_view(hv, dom)
+            problems += _compare_hvm(dom.name, before.hvm[dom.domid], view)
+            checks["frames_hashed"] += view["hashes"].size
+            checks["hvm_domains"] = checks.get("hvm_domains", 0) + 1
+            for v in dom.vcpus:
+                checks["vcpus"] += 1
+                regs = hv.read_vcpu_registers(v)
+                old_regs = before.registers[(dom.domid, v.vcpu_id)]
+                diff = [r for r, value in old_regs.items() if regs.get(r) != value]
+                if diff:
+                    problems.append(f"{v.name}: registers differ: {', '.join(diff)}")
+            continue
         hashes = frame_hashes(hv.memory, dom.p2m)
         differ = np.flatnonzero(hashes != before.hashes[dom.domid])
         checks["frames_hashed"] += hashes.size

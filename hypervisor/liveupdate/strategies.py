@@ -84,6 +84,8 @@ def full_walk(hv: Hypervisor, handovers: list[DomainHandover]) -> dict[str, int]
     """Re-pin every pinned root and take every CR3 reference before resuming."""
     total: dict[str, int] = {}
     for domid, ho in enumerate(handovers):
+        if ho.kind != "pv":
+            continue  # HVM memory has no PV page types: EPT is rebuilt from the P2M
         for key, value in _full_walk_domain(hv, domid, ho).items():
             total[f"blackout_{key}"] = total.get(f"blackout_{key}", 0) + value
     return total
@@ -134,6 +136,8 @@ def transfer(hv: Hypervisor, handovers: list[DomainHandover], old_build: str) ->
     ft = hv.frame_table
     translated = 0
     for ho in handovers:
+        if ho.kind != "pv":
+            continue
         if ho.type_info is None or ho.count_info is None or ho.linear_pt_count is None:
             raise StrategyError(f"domain {ho.meta['name']}: the hand-over carries no type state")
         mfns = ho.p2m.astype(np.int64)
@@ -161,6 +165,8 @@ def prevalidate(old: Hypervisor, new_build: str) -> Prevalidation:
     shadow = FrameTable(old.memory.nr_frames, get_build(new_build))
     prep = Prevalidation(new_build, shadow)
     for dom in old.domains:
+        if dom.hvm is not None:
+            continue  # no PV page types to prepare
         shadow.assign(dom.p2m, dom.domid)
         pins = old.frame_table.pinned(dom.p2m.astype(np.int64))
         roots = [Root(int(m), int(old.frame_table.page_type(int(m))), True)
@@ -183,6 +189,8 @@ def install_prevalidated(hv: Hypervisor, handovers: list[DomainHandover], prep: 
     ft, shadow = hv.frame_table, prep.frames
     counters = {"frames_copied": 0, "domains_redone": 0}
     for domid, ho in enumerate(handovers):
+        if ho.kind != "pv":
+            continue
         if domid in changed or domid not in prep.domains:
             counters["domains_redone"] += 1
             for key, value in _full_walk_domain(hv, domid, ho).items():
