@@ -47,7 +47,7 @@ from emulator.irqsource import InterruptSource, InterruptSourceError, InterruptS
 from emulator.memory import HostMemory
 from emulator.paging import ADDR_MASK, PSE, P
 from emulator.posted import PostedInterruptDescriptor
-from hypervisor.domain import Domain
+from hypervisor.domain import Domain, Shutdown
 from hypervisor.ept import INVALID_MFN, P2mType
 from hypervisor.errors import HvlabError
 from hypervisor.frames import OutOfFrames
@@ -298,6 +298,9 @@ def hvm_handover_state(hv: Hypervisor, dom: Domain) -> tuple[dict[str, Any], byt
     blob = HvmContext(HvmSaveHeader(gtsc_khz=TSC_KHZ), entries).pack()
     meta = hvm_domain_state(hv, dom)
     meta["posted_mfn"] = dom.hvm.posted_mfn
+    # a domain that has shut down stays down (saving refuses such a domain)
+    meta["shutdown"] = None if dom.shutdown is None else asdict(dom.shutdown)
+    meta["crash_report"] = dom.crash_report
     return meta, blob, now
 
 
@@ -319,10 +322,28 @@ def adopt_hvm_domain(hv: Hypervisor, records: list[Any], p2m: Any, posted_mfn: i
                     _adopt_memory(hv, st, body, record.offset, where, p2m, posted_mfn)
                 case _:
                     _apply(hv, st, record, where, None)
-        return _finish(hv, st, where, None)
+        shutdown = _handed_over_shutdown(st, where)
+        dom = _finish(hv, st, where, None)
+        dom.shutdown, dom.crash_report = shutdown, st.meta and st.meta.get("crash_report")
+        return dom
     except BaseException:
         _undo(hv, st)
         raise
+
+
+def _handed_over_shutdown(st: _Pending, path: Path) -> Shutdown | None:
+    if st.meta is None or st.meta.get("shutdown") is None:
+        return None
+    try:
+        shutdown = Shutdown(**st.meta["shutdown"])
+        if not isinstance(shutdown.reason, str):
+            raise TypeError(f"reason {shutdown.reason!r}")
+        report = st.meta.get("crash_report")
+        if report is not None and not isinstance(report, str):
+            raise TypeError("crash_report must be text")
+    except TypeError as err:
+        raise _fail(path, "HVLAB_DOMAIN", st.meta_offset, f"shutdown: {err}") from None
+    return shutdown
 
 
 def _adopt_memory(hv: Hypervisor, st: _Pending, body: bytes, offset: int, path: Path,

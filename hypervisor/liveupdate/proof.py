@@ -84,6 +84,7 @@ def hvm_view(hv: Hypervisor, dom) -> dict[str, Any]:
         "p2m": (state.mfn, state.p2m_type, state.access, state.logdirty, state.dirty_bitmap),
         "hashes": frame_hashes(hv.memory, backed),
         "pod": dom.hvm.physmap.pod,
+        "shutdown": (dom.shutdown, dom.crash_report, bytes(dom.console), dom.time_offset),
     }
     for v in dom.vcpus:
         h = v.hvm
