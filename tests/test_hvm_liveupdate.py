@@ -192,3 +192,16 @@ def test_exec_into_a_new_process_gives_the_same_proof_and_final_state(capsys):
     assert execed["proof"]["ok"] and "exec" in execed["updates"][0]
     assert execed["domains"][0]["shutdown"]["code"] == 0
     assert _strip_run_specific(execed) == _strip_run_specific(in_process)
+
+
+def test_a_handover_whose_p2m_does_not_cover_the_domain_is_refused(monkeypatch):
+    from hypervisor.liveupdate import handover
+
+    value_runs = handover._value_runs
+    monkeypatch.setattr(handover, "_value_runs", lambda values: value_runs(values)[:-1])
+    hv = booted(LAPIC, 1_000_000)
+    same, report = live_update(hv, UpdatePlan("4.12", "full-walk"))
+    assert same is hv and report["outcome"].startswith("aborted")
+    assert "HVLAB_P2M" in report["reason"] and "do not cover" in report["reason"]
+    monkeypatch.undo()
+    assert hv.run(50_000_000) == "shutdown" and hv.domains[0].shutdown.code == 0
