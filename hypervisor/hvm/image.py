@@ -55,6 +55,7 @@ from hypervisor.hvm.builder import MAX_HVM_MEMORY, HvmLayout
 from hypervisor.hvm.domain import HvmDomain
 from hypervisor.hvm.physmap import GuestPhysmap, PhysmapStats, ept_layout_for
 from hypervisor.hvm.vcpu import HvmSource
+from hypervisor.p2m import P2M
 from hypervisor.restore import RestoreError
 from hypervisor.save import BATCH, HVLAB_DOMAIN_RECORD, TSC_KHZ, SaveError
 from hypervisor.stream import (
@@ -304,7 +305,7 @@ def hvm_handover_state(hv: Hypervisor, dom: Domain) -> tuple[dict[str, Any], byt
     return meta, blob, now
 
 
-def adopt_hvm_domain(hv: Hypervisor, records: list[Any], p2m: Any, posted_mfn: int,
+def adopt_hvm_domain(hv: Hypervisor, records: list[Any], p2m: P2M, posted_mfn: int,
                      where: Path) -> Domain:
     """A live update's new build: the handed-over HVM domain, memory left in place.
 
@@ -324,7 +325,8 @@ def adopt_hvm_domain(hv: Hypervisor, records: list[Any], p2m: Any, posted_mfn: i
                     _apply(hv, st, record, where, None)
         shutdown = _handed_over_shutdown(st, where)
         dom = _finish(hv, st, where, None)
-        dom.shutdown, dom.crash_report = shutdown, st.meta and st.meta.get("crash_report")
+        dom.shutdown = shutdown
+        dom.crash_report = st.meta.get("crash_report") if st.meta else None
         return dom
     except BaseException:
         _undo(hv, st)
@@ -347,7 +349,7 @@ def _handed_over_shutdown(st: _Pending, path: Path) -> Shutdown | None:
 
 
 def _adopt_memory(hv: Hypervisor, st: _Pending, body: bytes, offset: int, path: Path,
-                  p2m: Any, posted_mfn: int) -> None:
+                  p2m: P2M, posted_mfn: int) -> None:
     try:
         meta = json.loads(body)
         if meta.get("version") != HVLAB_HVM_VERSION:
