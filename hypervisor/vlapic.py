@@ -233,6 +233,7 @@ class VLapicCounters:
     eois: int = 0  # EOIs that cleared an ISR bit
     timer_fires: int = 0  # every timer expiry
     timer_coalesced: int = 0  # expiries whose vector was already in IRR
+    timer_reinjected: int = 0  # coalesced expiries delivered later, one per EOI
     timer_masked: int = 0  # expiries not accepted (LVT masked, APIC disabled, bad vector)
     ipis_sent: int = 0  # IPIs sent, self-IPIs included
     ipis_rejected: int = 0  # unsupported delivery/destination mode or illegal vector
@@ -252,6 +253,7 @@ class VLapicState:
     timer_anchor_count: int  # ticks from the anchor to the first expiry after it
     timer_expiries: int  # expiries since the anchor
     counters: tuple[tuple[str, int], ...]
+    timer_missed: int = 0  # coalesced periodic expiries still owed to the guest
 
 
 class VLapic:
@@ -288,6 +290,7 @@ class VLapic:
         self._timer_anchor_ns = now_ns
         self._timer_anchor_count = 0
         self._timer_expiries = 0
+        self._timer_missed = 0
         self.counters = VLapicCounters()
         self._reset_registers(apic_id)
 
@@ -486,7 +489,23 @@ class VLapic:
         if self._test(REG_TMR, vector):
             self._clear(REG_TMR, vector)
         self.counters.eois += 1
+        self._reinject_missed_tick(vector)
         return vector
+
+    def _reinject_missed_tick(self, retired: int) -> None:
+        """After the timer's vector is retired, owe one coalesced expiry less.
+
+        A periodic expiry that found its vector still in IRR (the guest had interrupts
+        off, or no hypervisor ran: a live update's blackout) is kept, not lost, and
+        delivered one per EOI, like Xen's virtual platform timers accumulating missed
+        ticks: a guest counting ticks sees every one of them.
+        """
+        lvt = self._get(REG_LVT_TIMER)
+        if (self._timer_missed and retired == lvt & 0xFF and not lvt & LVT_MASKED
+                and not self._test(REG_IRR, retired)):
+            if self._accept(retired, False) is _Acceptance.ACCEPTED:
+                self._timer_missed -= 1
+                self.counters.timer_reinjected += 1
 
     def _record_error(self, error_bit: int) -> None:
         if self._pending_esr & error_bit:
@@ -666,6 +685,8 @@ class VLapic:
         else:
             newly = 1 if outcome is _Acceptance.ACCEPTED else 0
             self.counters.timer_coalesced += fired - newly
+            if self.timer_periodic:
+                self._timer_missed += fired - newly
 
     # --- save / restore ------------------------------------------------------------------
 
@@ -681,6 +702,7 @@ class VLapic:
             timer_anchor_count=self._timer_anchor_count,
             timer_expiries=self._timer_expiries,
             counters=tuple(asdict(self.counters).items()),
+            timer_missed=self._timer_missed,
         )
 
     def restore(self, state: VLapicState) -> None:
@@ -697,6 +719,7 @@ class VLapic:
             state.timer_anchor_ns,
             state.timer_anchor_count,
             state.timer_expiries,
+            state.timer_missed,
         )
         if any(not isinstance(n, int) or n < 0 for n in numbers):
             raise VLapicError("VLapic.State: MSR, ESR and timer fields must be non-negative ints")
@@ -712,6 +735,7 @@ class VLapic:
         self._timer_anchor_ns = state.timer_anchor_ns
         self._timer_anchor_count = state.timer_anchor_count
         self._timer_expiries = state.timer_expiries
+        self._timer_missed = state.timer_missed
         self.counters = VLapicCounters(**dict(state.counters))
 
     # --- Xen HVM save records ------------------------------------------------------------

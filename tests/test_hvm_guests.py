@@ -127,7 +127,8 @@ def test_scenario_hvm_keys(tmp_path):
 
 @pytest.mark.parametrize(("body", "message"), [
     ('name = "p"\nkernel = "k.elf"\npod = true\n', r"'pod' and \[\[domain.source\]\] are for"),
-    ('name = "h"\ntype = "hvm"\nimage = "x.img"\n', "HVM domains boot from a 'kernel'"),
+    ('name = "h"\ntype = "hvm"\nimage = "x.img"\npod = true\n',
+     "an image brings its own memory and devices"),
     ('name = "h"\ntype = "hvm"\nkernel = "k"\npod = 1\n', "'pod' must be true or false"),
     ('name = "h"\ntype = "hvm"\nkernel = "k"\n[[domain.source]]\nname = "a"\nvector = 16\n'
      'period = "1us"\n', "'vector' must be 32..255"),
