@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from hypervisor.cli import main
-from hypervisor.liveupdate.costs import DEFAULT_COSTS_NS
 from hypervisor.liveupdate.driver import run_with_updates
 from hypervisor.liveupdate.orchestrator import PHASES, UpdatePlan
 from hypervisor.scenario import UpdateSpec, load_scenario
