@@ -652,3 +652,28 @@ def test_priority_invariants(ops):
             assert pending == max(irr) and pending >> 4 > lapic.ppr >> 4
         elif irr:
             assert max(irr) >> 4 <= lapic.ppr >> 4
+
+
+def test_coalesced_periodic_ticks_are_delivered_later_one_per_eoi():
+    """Ten expiries while nothing ran: one in IRR now, nine owed; each EOI of the timer
+    vector delivers the next, so a guest counting ticks ends up with all ten."""
+    lapic, _ = make_lapic()
+    start_timer(lapic, 100, periodic=True, now_ns=0)
+    assert lapic.advance(1050) == 10
+    delivered = 0
+    while lapic.pending_vector() == 0x40:
+        assert lapic.ack() == 0x40
+        delivered += 1
+        lapic.eoi()
+    assert delivered == 10
+    assert lapic.counters.timer_reinjected == 9
+    assert lapic.save().timer_missed == 0
+    # the debt survives save/restore
+    again, _ = make_lapic()
+    start_timer(again, 100, periodic=True, now_ns=0)
+    again.advance(350)
+    state = again.save()
+    assert state.timer_missed == 2
+    restored, _ = make_lapic()
+    restored.restore(state)
+    assert restored.save() == state
