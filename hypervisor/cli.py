@@ -209,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_status
     except BrokenPipeError:
         return 0
+    except Exception as err:
+        from hypervisor.liveupdate.proof import ProofFailed
+
+        if isinstance(err, ProofFailed):  # hvlab's own fault, never the user's: loud, status 1
+            print(f"hvlab: PROOF FAILED: {err}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":
