@@ -45,7 +45,6 @@ from hypervisor.mm.frametable import DOMID_INVALID
 from hypervisor.restore import install_domain
 
 PHASES = ("pause", "save", "teardown", "restore", "typerefs", "resume")
-POINT_OF_NO_RETURN = "teardown"
 
 
 class InjectedFault(Exception):
