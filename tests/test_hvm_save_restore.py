@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from pathlib import Path
@@ -31,11 +30,12 @@ from hypervisor.stream import (
     open_image_for_read,
 )
 from hypervisor.stream.hvm_records import HvmContext, HvmHwCpu
+from tests.image_surgery import assert_refused_cleanly as refused_on
+from tests.image_surgery import edit_first, rebuild, records
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 LAPIC = SCENARIOS / "hvm-lapic.toml"
 STORED = SCENARIOS / "images" / "hvm-lapic-2ms.img.zst"
-HEADERS = 24 + 16  # image header + domain header
 SAVE_AT = 2_000_000  # a slice boundary where the disk source posts (0x50 folded into IRR)
 RECORD_PAGE_DATA, RECORD_HVM_CONTEXT = 0x01, 0x09
 
@@ -189,51 +189,8 @@ def test_the_stored_image_restores_and_passes():
 # ------------------------------------------------------------------- bad images
 
 
-def records(image: bytes) -> list[tuple[int, bytes]]:
-    out, pos = [], HEADERS
-    while pos < len(image):
-        rtype, length = struct.unpack_from("<II", image, pos)
-        out.append((rtype, image[pos + 8 : pos + 8 + length]))
-        pos += 8 + (length + 7) // 8 * 8
-    return out
-
-
-def rebuild(image: bytes, recs: list[tuple[int, bytes]]) -> bytes:
-    out = bytearray(image[:HEADERS])
-    for rtype, body in recs:
-        out += struct.pack("<II", rtype, len(body)) + body + bytes(-len(body) % 8)
-    return bytes(out)
-
-
-def edit_first(image: bytes, rtype: int, edit) -> bytes:
-    recs = records(image)
-    i = next(i for i, (t, _) in enumerate(recs) if t == rtype)
-    recs[i] = (rtype, edit(bytearray(recs[i][1])))
-    return rebuild(image, recs)
-
-
-def host_fingerprint(hv: Hypervisor):
-    return (hv.frames.nr_free, hv.frames.free.copy(), hv.frame_table.snapshot(),
-            hashlib.sha256(hv.memory.u8.tobytes()).hexdigest(), len(hv.domains),
-            [len(q) for q in hv.scheduler.runqueues])
-
-
 def assert_refused_cleanly(tmp_path, image: bytes, *messages: str) -> str:
-    path = tmp_path / "bad.img"
-    path.write_bytes(image)
-    hv = Hypervisor(MachineConfig(2, 32 << 20))
-    before = host_fingerprint(hv)
-    with pytest.raises(RestoreError) as info:
-        restore_domain(hv, path)
-    after = host_fingerprint(hv)
-    assert before[0] == after[0] and np.array_equal(before[1], after[1])
-    assert before[2].differences(after[2]) == []
-    assert before[3:] == after[3:]
-    text = str(info.value)
-    assert "\n" not in text
-    for message in messages:
-        assert message in text, text
-    return text
+    return refused_on(tmp_path, image, *messages, pcpus=2, memory=32 << 20)
 
 
 def test_truncated_image(tmp_path, lapic_image):

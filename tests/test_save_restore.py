@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from pathlib import Path
 
@@ -17,9 +16,9 @@ from hypervisor.restore import RestoreError, restore_domain
 from hypervisor.runner import boot_scenario
 from hypervisor.save import HVLAB_DOMAIN_RECORD, domain_digest, save_domain
 from hypervisor.scenario import load_scenario
+from tests.image_surgery import assert_refused_cleanly, rebuild, records, records_at
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
-HEADERS = 24 + 16  # image header + domain header
 
 
 def finish(hv: Hypervisor, scenario):
@@ -59,54 +58,14 @@ def hello_image(tmp_path_factory) -> bytes:
     return path.read_bytes()
 
 
-def records(image: bytes) -> list[tuple[int, int, bytes]]:
-    """(offset, type, body) of every record."""
-    out, pos = [], HEADERS
-    while pos < len(image):
-        rtype, length = struct.unpack_from("<II", image, pos)
-        out.append((pos, rtype, image[pos + 8 : pos + 8 + length]))
-        pos += 8 + (length + 7) // 8 * 8
-    return out
-
-
-def rebuild(image: bytes, recs: list[tuple[int, bytes]]) -> bytes:
-    out = bytearray(image[:HEADERS])
-    for rtype, body in recs:
-        out += struct.pack("<II", rtype, len(body)) + body + bytes(-len(body) % 8)
-    return bytes(out)
-
-
 def edit_page_data(image: bytes, edit) -> bytes:
     """Apply `edit(pfns, body)` to the first PAGE_DATA record."""
-    recs = [(t, b) for _, t, b in records(image)]
+    recs = records(image)
     for i, (rtype, body) in enumerate(recs):
         if rtype == 1:
             recs[i] = (rtype, edit(bytearray(body)))
             break
     return rebuild(image, recs)
-
-
-def host_fingerprint(hv: Hypervisor):
-    return (hv.frames.nr_free, hv.frames.free.copy(), hv.frame_table.snapshot(),
-            hashlib.sha256(hv.memory.u8.tobytes()).hexdigest(), len(hv.domains))
-
-
-def assert_refused_cleanly(tmp_path, image: bytes, *messages: str) -> str:
-    path = tmp_path / "bad.img"
-    path.write_bytes(image)
-    hv = Hypervisor(MachineConfig(1, 16 << 20))
-    before = host_fingerprint(hv)
-    with pytest.raises(RestoreError) as info:
-        restore_domain(hv, path)
-    after = host_fingerprint(hv)
-    assert before[0] == after[0] and np.array_equal(before[1], after[1])
-    assert before[2].differences(after[2]) == []
-    assert before[3:] == after[3:]
-    text = str(info.value)
-    assert "\n" not in text
-    for message in messages:
-        assert message in text, text
-    return text
 
 
 def test_truncated_image(tmp_path, hello_image):
@@ -120,7 +79,7 @@ def test_wrong_marker_and_version(tmp_path, hello_image):
 
 
 def test_record_running_past_the_end(tmp_path, hello_image):
-    offset, rtype, body = records(hello_image)[-1]
+    offset, rtype, body = records_at(hello_image)[-1]
     bad = hello_image[:offset] + struct.pack("<II", rtype, 1 << 20)
     assert_refused_cleanly(tmp_path, bad, "runs past end", f"{offset:#x}")
 
@@ -141,7 +100,7 @@ def test_pfn_beyond_the_domain_and_duplicates(tmp_path, hello_image):
 
 def test_a_page_table_that_maps_itself_writable_is_refused(tmp_path, hello_image):
     """Find an L1 in the image and make one of its entries map that L1 read-write."""
-    recs = [(t, bytearray(b)) for _, t, b in records(hello_image)]
+    recs = [(t, bytearray(b)) for t, b in records(hello_image)]
     for rtype, body in recs:
         if rtype != 1:
             continue
@@ -164,13 +123,13 @@ def test_a_page_table_that_maps_itself_writable_is_refused(tmp_path, hello_image
 
 
 def test_unknown_mandatory_record(tmp_path, hello_image):
-    recs = [(t, b) for _, t, b in records(hello_image)]
+    recs = records(hello_image)
     recs.insert(2, (0x7777, b"\0" * 8))
     assert_refused_cleanly(tmp_path, rebuild(hello_image, recs), "unknown mandatory record")
 
 
 def test_missing_hvlab_record_is_named(tmp_path, hello_image):
-    recs = [(t, b) for _, t, b in records(hello_image) if t != HVLAB_DOMAIN_RECORD]
+    recs = [(t, b) for t, b in records(hello_image) if t != HVLAB_DOMAIN_RECORD]
     assert_refused_cleanly(tmp_path, rebuild(hello_image, recs), "HVLAB_DOMAIN")
 
 
