@@ -58,12 +58,12 @@ class HostMemory:
     def nr_frames(self) -> int:
         return self.size // PAGE_SIZE
 
-    def frame_u64(self, mfn: MFN) -> np.ndarray:
+    def frame_u64(self, mfn: MFN | int) -> np.ndarray:
         """The 512 64-bit words of one machine frame (a view, not a copy)."""
         base = mfn * (PAGE_SIZE // 8)
         return self.u64[base : base + PAGE_SIZE // 8]
 
-    def frame_u8(self, mfn: MFN) -> np.ndarray:
+    def frame_u8(self, mfn: MFN | int) -> np.ndarray:
         base = mfn * PAGE_SIZE
         return self.u8[base : base + PAGE_SIZE]
 

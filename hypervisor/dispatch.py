@@ -83,7 +83,7 @@ class ExitDispatcher:
             case Hypercall():
                 self._hypercall(cpu, v)
             case Halt():
-                if not v.domain.evtchn.bits.upcall_pending(v.vcpu_id):
+                if not v.domain.events.bits.upcall_pending(v.vcpu_id):
                     v.runstate = BLOCKED
             case GuestException(vector=vector, error_code=err, cr2=cr2, next_rip=next_rip):
                 self._fault(cpu, v, vector, err, cr2, next_rip, exit_.rip)
@@ -136,11 +136,11 @@ class ExitDispatcher:
                                                               fault_rip, str(err)))
             return
         if entry.masks_events:
-            v.domain.evtchn.bits.set_upcall_mask(v.vcpu_id, True)
+            v.domain.events.bits.set_upcall_mask(v.vcpu_id, True)
 
     def deliver_upcall(self, cpu: PhysicalCpu, v: Vcpu) -> None:
         """Enter the guest's event callback, events masked, as Xen's upcall does."""
-        v.domain.evtchn.bits.set_upcall_mask(v.vcpu_id, True)
+        v.domain.events.bits.set_upcall_mask(v.vcpu_id, True)
         try:
             deliver(cpu, Gate(KERNEL_CS, v.event_callback, GATE_TRAP, True), cpu.reg("rip"),
                     None)

@@ -51,5 +51,16 @@ class Domain:
     def alive(self) -> bool:
         return self.shutdown is None
 
+    def wake_vcpu(self, vcpu_id: int) -> None:
+        """An event became pending for this vCPU (the event channels' kick)."""
+        self.vcpus[vcpu_id].wake()
+
+    @property
+    def events(self) -> EventChannels:
+        """The event channels of a PV domain (every PV domain has them)."""
+        if self.evtchn is None:
+            raise RuntimeError(f"domain {self.name} has no event channels")
+        return self.evtchn
+
     def console_text(self) -> str:
         return self.console.decode("utf-8", errors="replace")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import SymbolTableSection
 
 from hypervisor.errors import HvlabError
 
@@ -50,7 +51,7 @@ def load_kernel(path: str | Path) -> KernelImage:
             )
             symbols: dict[str, int] = {}
             symtab = elf.get_section_by_name(".symtab")
-            if symtab is not None:
+            if isinstance(symtab, SymbolTableSection):
                 for sym in symtab.iter_symbols():
                     if sym.name and sym["st_info"]["type"] in ("STT_NOTYPE", "STT_FUNC",
                                                                "STT_OBJECT"):

@@ -224,8 +224,7 @@ def mmuext_op(hv: Hypervisor, v: Vcpu, ops: int, count: int, done: int, foreignd
 
 
 def _evtchn(v: Vcpu) -> EventChannels:
-    assert v.domain.evtchn is not None
-    return v.domain.evtchn
+    return v.domain.events
 
 
 TABLE: dict[int, tuple[str, Handler]] = {

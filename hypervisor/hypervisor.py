@@ -6,6 +6,7 @@ import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,6 +36,10 @@ from hypervisor.pv_builder import build_pv_memory
 from hypervisor.scheduler import Scheduler
 from hypervisor.stream.vcpu_context import VcpuGuestContext
 from hypervisor.vcpu import DOWN, REGISTERS, RUNNABLE, TrapEntry, Vcpu
+
+if TYPE_CHECKING:
+    from hypervisor.liveupdate.lazy import LazyUpdate
+    from hypervisor.tracing import Tracer
 
 DEFAULT_QUANTUM_NS = 1_000_000  # 1 ms of virtual time = 1 M instructions
 KERNEL_CS, KERNEL_DS = 0x08, 0x10
@@ -81,12 +86,12 @@ class Hypervisor:
         self.hvm = HvmSupport(self)  # HVM domains: builder, entry path, exits, reports
         self.now = 0  # virtual ns at the start of the current slice
         self.exits: Counter[str] = Counter()
-        self.tracer = None
+        self.tracer: Tracer | None = None
         # called with the slice's end time after every slice (a lazy sweeper, say)
         self.slice_hooks: list[Callable[[int], None]] = []
         # domids whose page tables changed since a prevalidation started (None: not logging)
         self.pt_change_log: set[int] | None = None
-        self.lazy_update = None  # a live update's lazy typeref state, until shadow-off
+        self.lazy_update: LazyUpdate | None = None  # a lazy live update, until shadow-off
         for cpu in self.pcpus:
             cpu.sync_exit = self._sync_exit_for(cpu)
 
@@ -186,7 +191,7 @@ class Hypervisor:
         dom = Domain(domid, name, "pv", p2m, shared_info, start_info_va=start_info_va,
                      virt_base=virt_base, shared_info_pfn=shared_info_pfn)
         dom.evtchn = EventChannels(domid, nr_vcpus, self.memory.frame_u8(shared_info),
-                                   kick=lambda vid, d=dom: d.vcpus[vid].wake(),
+                                   kick=dom.wake_vcpu,
                                    peer=self._domain_evtchn)
         for vid in range(nr_vcpus):
             vcpu = Vcpu(dom, vid, PvMmu(self.memory, self.gdt_mfn * PAGE_SIZE))
@@ -416,7 +421,7 @@ class Hypervisor:
                 continue
             if v.timer_deadline_ns is not None and v.timer_deadline_ns <= now and v.domain.alive:
                 v.timer_deadline_ns = None
-                v.domain.evtchn.raise_virq(v.vcpu_id, VIRQ_TIMER)
+                v.domain.events.raise_virq(v.vcpu_id, VIRQ_TIMER)
 
     def _run_slice(self, pcpu: int, start: int, end: int) -> tuple[bool, int]:
         """Run pCPU `pcpu` from virtual time `start` to `end`.
@@ -447,7 +452,7 @@ class Hypervisor:
         used = 0
         v.yield_requested = False
         while used < budget and v.runnable and not v.yield_requested:
-            if v.event_callback and v.domain.evtchn.upcall_deliverable(v.vcpu_id):
+            if v.event_callback and v.domain.events.upcall_deliverable(v.vcpu_id):
                 self.dispatcher.deliver_upcall(cpu, v)
                 if not v.runnable:
                     break
@@ -460,7 +465,7 @@ class Hypervisor:
             base_time = start + used
             before = cpu.executed
             guest_time = base_time + v.domain.time_offset
-            cpu.tsc = lambda b=guest_time, n=before: b + (cpu.executed - n)
+            cpu.tsc = _virtual_tsc(cpu, guest_time, before)
             self._clock = base_time
             exit_ = cpu.run(run_budget)
             ran = cpu.executed - before
@@ -471,6 +476,11 @@ class Hypervisor:
             if ran == 0 and not v.runnable:
                 break
         return max(used, 1)  # even a vCPU that stops at once costs a nanosecond
+
+
+def _virtual_tsc(cpu: PhysicalCpu, base_ns: int, executed_at_base: int) -> Callable[[], int]:
+    """rdtsc's answer: the guest's time at the instruction (1 instruction = 1 ns)."""
+    return lambda: base_ns + (cpu.executed - executed_at_base)
 
 
 def until_done(op) -> int:

@@ -266,7 +266,7 @@ def install_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray,
     ev = meta.get("evtchn", {})
     ports = dict(port_from_json(p) for p in ev.get("ports", []))
     virqs = {(p.notify_vcpu, p.virq): port for port, p in ports.items() if p.state == "virq"}
-    dom.evtchn.restore(EventChannelState(ports, virqs, ev.get("sent", 0), ev.get("raised", 0)))
+    dom.events.restore(EventChannelState(ports, virqs, ev.get("sent", 0), ev.get("raised", 0)))
     vmeta = meta.get("vcpus", [])
     for v in dom.vcpus:
         if v.vcpu_id not in contexts:

@@ -128,7 +128,7 @@ def vcpu_context(hv: Hypervisor, v, normalise: bool = True) -> VcpuGuestContext:
 
 def domain_state(hv: Hypervisor, dom: Domain) -> dict[str, Any]:
     """hvlab's own state that Xen's records do not carry (the HVLAB_DOMAIN record)."""
-    ev = dom.evtchn.save()
+    ev = dom.events.save()
     return {
         "version": HVLAB_DOMAIN_VERSION,
         "name": dom.name,

@@ -131,7 +131,7 @@ def capture(hv: Hypervisor) -> Snapshot:
             continue
         snap.hashes[dom.domid] = frame_hashes(hv.memory, dom.p2m)
         snap.types[dom.domid] = type_state(hv, dom.p2m)
-        ev = dom.evtchn.save()
+        ev = dom.events.save()
         snap.evtchn[dom.domid] = (ev.ports, ev.virq_ports)
         for v in dom.vcpus:
             if v.context is not None:
@@ -173,7 +173,7 @@ def verify(before: Snapshot, hv: Hypervisor, check_types: bool = True) -> dict[s
                                     f"frames, first pfn {bad[0]}: {old[bad[0]]} -> "
                                     f"{now[key][bad[0]]}")
             checks["frames_type_checked"] += dom.nr_pages
-        ev = dom.evtchn.save()
+        ev = dom.events.save()
         if (ev.ports, ev.virq_ports) != before.evtchn[dom.domid]:
             problems.append(f"{dom.name}: event-channel table differs")
         for v in dom.vcpus:
