@@ -187,3 +187,14 @@ def test_update_mixed_stored_guests_to_4_19_and_back(strategy):
         assert first["proof_after_lazy"]["ok"]
     assert final_codes(result) == {"ptchurn": 0, "smp": 0, "linux-1g": 0, "lapic": 0}
     assert all(d["typeref_differences"] == [] for d in result["domains"])
+
+
+@pytest.mark.parametrize("strategy", ["lazy", "prevalidate"])
+def test_an_update_run_is_deterministic(strategy, capsys):
+    args = ["update", str(SCENARIOS / "pv-smp.toml"), "--at", "2ms", "--to", "4.12",
+            "--strategy", strategy, "--json"]
+    outputs = []
+    for _ in range(2):
+        assert main(args) == 0
+        outputs.append(_strip_run_specific(json.loads(capsys.readouterr().out)))
+    assert outputs[0] == outputs[1]
