@@ -25,7 +25,12 @@ import unicorn
 from hypervisor.errors import HvlabError
 from hypervisor.hypervisor import Hypervisor, MachineConfig
 from hypervisor.images import image_make
-from hypervisor.liveupdate.orchestrator import UpdatePlan, live_update, prepare
+from hypervisor.liveupdate.orchestrator import (
+    UpdatePlan,
+    live_update,
+    prepare,
+    stage_new_build,
+)
 from hypervisor.liveupdate.strategies import STRATEGIES
 from hypervisor.restore import restore_domain
 from hypervisor.scenario import parse_size
@@ -46,8 +51,9 @@ def _one(image: Path, guest_bytes: int, strategy: str) -> dict[str, Any]:
     plan = UpdatePlan(TO_BUILD, strategy)
     started = time.perf_counter()
     prepared = prepare(hv, plan)
+    staged = stage_new_build(hv, plan)
     before_pause_s = time.perf_counter() - started
-    hv, report = live_update(hv, plan, prepared)
+    hv, report = live_update(hv, plan, prepared, staged=staged)
     if not report["proof"]["ok"]:
         raise HvlabError(f"bench update: proof failed for {strategy}: {report['proof']}")
     background_s = 0.0

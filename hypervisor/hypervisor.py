@@ -53,6 +53,31 @@ VCPU_TIME_OFFSET = 32  # vcpu_time_info inside vcpu_info
 INVALID_PFN = 0xFFFF_FFFF_FFFF_FFFF
 
 
+@dataclass
+class StagedTables:
+    """A hypervisor's per-frame tables, empty: the frame allocator, page_info and M2P.
+
+    A live update can make the new build's before the pause (`staged`), their
+    memory already faulted in, as a new hypervisor image is loaded ahead of a
+    kexec; the blackout then only fills them in.
+    """
+
+    allocator: FrameAllocator
+    frame_table: FrameTable
+    m2p: np.ndarray
+
+    @classmethod
+    def empty(cls, nr_frames: int, build: str, touch: bool = False) -> StagedTables:
+        staged = cls(FrameAllocator(nr_frames), FrameTable(nr_frames, get_build(build)),
+                     np.full(nr_frames, INVALID_PFN, dtype=np.uint64))
+        if touch:  # fault every page in now rather than in the blackout
+            ft = staged.frame_table
+            for array in (ft.type_info, ft.count_info, ft.nr_validated_ptes,
+                          ft.partial_flags, ft.linear_pt_count):
+                array.fill(0)
+        return staged
+
+
 @dataclass(frozen=True)
 class MachineConfig:
     pcpus: int
@@ -63,19 +88,25 @@ class MachineConfig:
 class Hypervisor:
     def __init__(self, machine: MachineConfig, build: str = "4.19",
                  memory: HostMemory | None = None,
-                 in_use: list[np.ndarray] | None = None) -> None:
+                 in_use: list[np.ndarray] | None = None,
+                 staged: StagedTables | None = None) -> None:
         """Boot on `machine`. A live update passes the host memory it keeps and the
-        frames the guests hold (`in_use`), so this build allocates around them."""
+        frames the guests hold (`in_use`), so this build allocates around them, and
+        may pass the per-frame tables it staged before the pause."""
         self.machine = machine
         self.build = build
         self.memory = memory if memory is not None else HostMemory(machine.memory)
-        self.frames = FrameAllocator(self.memory.nr_frames)
+        if staged is None:
+            staged = StagedTables.empty(self.memory.nr_frames, build)
+        elif staged.frame_table.build.version != build or staged.m2p.size != self.memory.nr_frames:
+            raise HvlabError("staged tables do not fit this build and machine")
+        self.frames = staged.allocator
         for frames in in_use or ():
             self.frames.mark_used(frames)
         # page_info for every machine frame, in this build's layout (DESIGN.md §3)
-        self.frame_table = FrameTable(self.memory.nr_frames, get_build(build))
+        self.frame_table = staged.frame_table
         self.typing = PageTyping(self.frame_table, self.memory.u64)
-        self.m2p = np.full(self.memory.nr_frames, INVALID_PFN, dtype=np.uint64)
+        self.m2p = staged.m2p
         self.pcpus = [PhysicalCpu(i, self.memory) for i in range(machine.pcpus)]
         self.loaded: list[Vcpu | None] = [None] * machine.pcpus
         self.gdt_mfn = self.frames.alloc_one("the hypervisor GDT")

@@ -20,7 +20,13 @@ from typing import Any
 
 from emulator.memory import HostMemory
 from hypervisor.hypervisor import Hypervisor
-from hypervisor.liveupdate.orchestrator import Blackout, UpdatePlan, live_update, prepare
+from hypervisor.liveupdate.orchestrator import (
+    Blackout,
+    UpdatePlan,
+    live_update,
+    prepare,
+    stage_new_build,
+)
 from hypervisor.runner import boot_scenario, describe
 from hypervisor.scenario import Scenario, UpdateSpec
 
@@ -85,7 +91,8 @@ class UpdateRun:
                 break
             self.pending_rate = _rate(_instructions(hv) - instr_start, hv.now - segment_start)
             handoff = self._exec_into_new_process if this.exec_new_process else None
-            hv, report = live_update(hv, this, prepared, handoff=handoff)
+            staged = None if this.exec_new_process else stage_new_build(hv, this)
+            hv, report = live_update(hv, this, prepared, handoff=handoff, staged=staged)
             self.record(hv, report)
         return self._finish(hv)
 

@@ -29,7 +29,7 @@ import numpy as np
 from emulator.memory import HostMemory
 from hypervisor.errors import HvlabError
 from hypervisor.hvm.image import adopt_hvm_domain
-from hypervisor.hypervisor import Hypervisor, MachineConfig
+from hypervisor.hypervisor import Hypervisor, MachineConfig, StagedTables
 from hypervisor.liveupdate import strategies
 from hypervisor.liveupdate.costs import DEFAULT_COSTS_NS, modelled_ns
 from hypervisor.liveupdate.handover import (
@@ -134,11 +134,18 @@ class Blackout:
     now: int
     old_build: str
     started: float  # time.monotonic(): system-wide, comparable across processes
+    staged: StagedTables | None = None  # the new build's empty tables, made before the pause
+
+
+def stage_new_build(hv: Hypervisor, plan: UpdatePlan) -> StagedTables:
+    """Before the pause: the new build's per-frame tables, empty and faulted in."""
+    return StagedTables.empty(hv.memory.nr_frames, plan.to_build, touch=True)
 
 
 def live_update(hv: Hypervisor, plan: UpdatePlan,
                 prepared: strategies.Prevalidation | None = None,
-                handoff: Callable[[Blackout], None] | None = None) -> tuple[Hypervisor, dict]:
+                handoff: Callable[[Blackout], None] | None = None,
+                staged: StagedTables | None = None) -> tuple[Hypervisor, dict]:
     """Replace `hv` by a hypervisor of `plan.to_build`; returns it and the report.
 
     With `handoff`, the old process hands the blackout over after the teardown
@@ -174,10 +181,11 @@ def live_update(hv: Hypervisor, plan: UpdatePlan,
         plan, phases, counters, report, workdir, before, prepared,
         set(hv.pt_change_log or ()),
         [frames_in_use(d) for d in hv.domains],
-        hv.machine, hv.now, hv.build, started)
+        hv.machine, hv.now, hv.build, started, staged)
     memory = hv.memory
     _retrying(phases, "teardown", hv.teardown)
     if handoff is not None:
+        blackout.staged = None  # a new process makes its own
         handoff(blackout)
     return complete_update(blackout, memory)
 
@@ -187,7 +195,8 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
     plan, phases, counters, report = bo.plan, bo.phases, bo.counters, bo.report
 
     def restore() -> tuple[Hypervisor, list[DomainHandover]]:
-        new = Hypervisor(bo.machine, plan.to_build, memory, in_use=bo.in_use)
+        staged, bo.staged = bo.staged, None  # a retried restore starts from fresh tables
+        new = Hypervisor(bo.machine, plan.to_build, memory, in_use=bo.in_use, staged=staged)
         new.now = bo.now
         handovers = read_handover(bo.workdir)
         for domid, ho in enumerate(handovers):
