@@ -21,6 +21,7 @@ from emulator.paging import ADDR_MASK, P
 from hypervisor.builds import PageType
 from hypervisor.errors import HvlabError
 from hypervisor.evtchn import Port
+from hypervisor.extents import runs_of
 from hypervisor.stream import DomainType, Pfinfo, StreamWriter, open_image_for_write
 from hypervisor.stream.vcpu_context import (
     VGCF_I387_VALID,
@@ -65,7 +66,7 @@ def classify_pages(hv: Hypervisor, dom: Domain) -> PageClasses:
     """Decode every frame's type once; counts and pins only for page-table candidates
     (a few thousand frames of a 64 GiB guest, not millions)."""
     ft = hv.frame_table
-    mfns = dom.p2m.astype(np.int64)
+    mfns = dom.p2m.view(np.int64) if dom.p2m.dtype == np.uint64 else dom.p2m.astype(np.int64)
     types = _frame_types(ft, mfns)
     candidates = np.flatnonzero((types >= PageType.L1) & (types <= PageType.L4))
     live = candidates[ft.type_counts(mfns[candidates]) > 0]
@@ -77,11 +78,20 @@ def classify_pages(hv: Hypervisor, dom: Domain) -> PageClasses:
 
 
 def _frame_types(ft, mfns: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
-    """The type of every frame (uint8), decoded a chunk at a time: the temporaries stay
-    a few MB and are reused, instead of hundreds of fresh MB for a 64 GiB guest."""
+    """The type of every frame (uint8), decoded a chunk at a time from contiguous runs of
+    the frame table where the frames are consecutive (no gather): temporaries of a few
+    MB, reused, instead of hundreds of fresh MB for a 64 GiB guest."""
     out = np.empty(mfns.size, dtype=np.uint8)
-    for start in range(0, mfns.size, chunk):
-        out[start : start + chunk] = ft.types(mfns[start : start + chunk])
+    runs = runs_of(mfns)
+    if runs is None:
+        for start in range(0, mfns.size, chunk):
+            out[start : start + chunk] = ft.types(mfns[start : start + chunk])
+        return out
+    for index, first, count in runs.tolist():
+        for offset in range(0, count, chunk):
+            n = min(chunk, count - offset)
+            rows = slice(first + offset, first + offset + n)
+            out[index + offset : index + offset + n] = ft.layout.type_of(ft.type_info[rows])
     return out
 
 
