@@ -74,6 +74,9 @@ def _cmd_update(args: argparse.Namespace) -> int:
         if args.to is None or args.strategy is None:
             raise HvlabError("--at needs --to BUILD and --strategy S")
         updates = [UpdateSpec(parse_time(args.at, "--at"), args.to, args.strategy)]
+    elif args.to is not None or args.strategy is not None:  # re-aim the scenario's updates
+        updates = [UpdateSpec(u.at_ns, args.to or u.to, args.strategy or u.strategy)
+                   for u in updates]
     if not updates:
         raise HvlabError(f"{args.scenario}: no [[update]] in the scenario and no --at given")
     plan = UpdatePlan(to_build=updates[0].to, strategy=updates[0].strategy,

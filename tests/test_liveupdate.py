@@ -198,3 +198,10 @@ def test_an_update_run_is_deterministic(strategy, capsys):
         assert main(args) == 0
         outputs.append(_strip_run_specific(json.loads(capsys.readouterr().out)))
     assert outputs[0] == outputs[1]
+
+
+def test_to_and_strategy_without_at_re_aim_the_scenarios_updates(capsys):
+    status = main(["update", str(SCENARIOS / "update-mixed.toml"), "--to", "4.19",
+                   "--strategy", "transfer", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert status == 0 and result["strategy"] == "transfer" and result["at_ns"] == 1_000_000
