@@ -59,6 +59,7 @@ def _one(image: Path, guest_bytes: int, strategy: str) -> dict[str, Any]:
     background_s = 0.0
     if strategy == "lazy":
         lazy = hv.lazy_update
+        assert lazy is not None  # a lazy update leaves its state on the new hypervisor
         limit = hv.now + LAZY_RUN_LIMIT_NS
         while lazy.shadow_off_ns is None and hv.now < limit and hv.domains[0].alive:
             hv.run(hv.now + 1_000_000)

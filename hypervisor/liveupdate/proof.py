@@ -177,13 +177,13 @@ def verify(before: Snapshot, hv: Hypervisor, check_types: bool = True) -> dict[s
         if (ev.ports, ev.virq_ports) != before.evtchn[dom.domid]:
             problems.append(f"{dom.name}: event-channel table differs")
         for v in dom.vcpus:
-            key = (dom.domid, v.vcpu_id)
-            if _vcpu_state(v, dom.time_offset) != before.vcpu_state[key]:
+            vkey = (dom.domid, v.vcpu_id)
+            if _vcpu_state(v, dom.time_offset) != before.vcpu_state[vkey]:
                 problems.append(f"{v.name}: vCPU state differs")
-            if key in before.registers:
+            if vkey in before.registers:
                 checks["vcpus"] += 1
                 regs = hv.read_vcpu_registers(v)
-                diff = [r for r, value in before.registers[key].items() if regs.get(r) != value]
+                diff = [r for r, value in before.registers[vkey].items() if regs.get(r) != value]
                 if diff:
                     problems.append(f"{v.name}: registers differ: {', '.join(diff)}")
     return {"ok": not problems, "checks": checks, "problems": problems}
