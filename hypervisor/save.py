@@ -186,7 +186,8 @@ def save_domain(hv: Hypervisor, dom: Domain, path: str | Path) -> dict[str, Any]
     mfns = dom.p2m.astype(np.int64)
     resident = hv.memory.resident_frames()
     frames = hv.memory.u8.reshape(-1, PAGE_SIZE)
-    stats: dict[str, int | float] = {"pages": nr_pages, "data_pages": 0, "xalloc_pages": 0, "page_tables": 0, "pins": 0}
+    stats: dict[str, int | float] = {"pages": nr_pages, "data_pages": 0, "xalloc_pages": 0,
+                                     "page_tables": 0, "pins": 0}
     p2m_frames = p2m_frame_pfns(hv, dom)
     major, minor = hv.build_version
     with open_image_for_write(path) as f:
