@@ -31,9 +31,10 @@ class TrapEntry:
         return bool(self.flags & 4)  # Xen's TI_GET_IF: an "interrupt gate"
 
 
-@dataclass
+@dataclass(frozen=True)
 class VcpuState:
-    """Pure data: everything needed to recreate a vCPU (registers included)."""
+    """Pure data: a vCPU as the hypervisor and the CPU hold it (what a live update's
+    proof compares); the timer deadline is in the guest's own time."""
 
     vcpu_id: int
     runstate: str
@@ -41,11 +42,12 @@ class VcpuState:
     base_ma: int
     user_base_ma: int
     timer_deadline_ns: int | None
-    trap_table: dict[int, TrapEntry]
+    trap_table: tuple[TrapEntry, ...]
     event_callback: int
     failsafe_callback: int
     syscall_callback: int
     instructions: int
+    upcalls: int
 
 
 @dataclass
@@ -74,6 +76,18 @@ class Vcpu:
     @property
     def runnable(self) -> bool:
         return self.runstate == RUNNABLE and self.domain.alive
+
+    def save(self, registers: dict[str, int]) -> VcpuState:
+        """This vCPU's state, with the `registers` read from its CPU context."""
+        offset = self.domain.time_offset
+        deadline = None if self.timer_deadline_ns is None else self.timer_deadline_ns + offset
+        # an HVM vCPU's base pointer is its CR3 register (in `registers`)
+        base_ma = getattr(self.mmu, "base_ma", 0)
+        return VcpuState(self.vcpu_id, self.runstate, registers, base_ma,
+                         self.user_base_ma, deadline,
+                         tuple(entry for _, entry in sorted(self.trap_table.items())),
+                         self.event_callback, self.failsafe_callback, self.syscall_callback,
+                         self.instructions, self.upcalls)
 
     def block(self) -> None:
         self.runstate = BLOCKED

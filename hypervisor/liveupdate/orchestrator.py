@@ -40,7 +40,14 @@ from hypervisor.liveupdate.handover import (
     write_handover,
 )
 from hypervisor.liveupdate.lazy import start_lazy
-from hypervisor.liveupdate.proof import ProofFailed, Snapshot, capture, type_state, verify
+from hypervisor.liveupdate.proof import (
+    ProofFailed,
+    Snapshot,
+    capture,
+    compare_types,
+    type_state,
+    verify,
+)
 from hypervisor.mm.frametable import DOMID_INVALID
 from hypervisor.restore import install_domain
 
@@ -289,12 +296,8 @@ def _arm_lazy_proof(new: Hypervisor, before: Snapshot, report: dict[str, Any]) -
         return
 
     def on_domain_done(dom) -> None:
-        now = type_state(new, dom.p2m)
-        for key, old in before.types[dom.domid].items():
-            bad = np.flatnonzero(now[key] != old)
-            if bad.size:
-                problems.append(f"{dom.name}: type state '{key}' differs on {bad.size} frames, "
-                                f"first pfn {bad[0]}")
+        problems.extend(compare_types(dom.name, before.types[dom.domid],
+                                      type_state(new, dom.p2m)))
         if problems:
             raise ProofFailed("lazy typeref reconstruction differs: " + "; ".join(problems[:5]))
 

@@ -13,12 +13,13 @@ failure.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from emulator.memory import HostMemory
+from hypervisor.vcpu import Vcpu, VcpuState
 
 if TYPE_CHECKING:
     from hypervisor.hypervisor import Hypervisor
@@ -66,8 +67,7 @@ def type_state(hv: Hypervisor, mfns: np.ndarray) -> dict[str, np.ndarray]:
 class Snapshot:
     hashes: dict[int, np.ndarray] = field(default_factory=dict)
     types: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
-    registers: dict[tuple[int, int], dict[str, int]] = field(default_factory=dict)
-    vcpu_state: dict[tuple[int, int], tuple] = field(default_factory=dict)
+    vcpus: dict[tuple[int, int], VcpuState] = field(default_factory=dict)
     evtchn: dict[int, Any] = field(default_factory=dict)
     hvm: dict[int, dict[str, Any]] = field(default_factory=dict)
 
@@ -115,28 +115,46 @@ def _compare_hvm(name: str, before: dict[str, Any], now: dict[str, Any]) -> list
     return problems
 
 
-def _vcpu_state(v, offset: int) -> tuple:
-    deadline = None if v.timer_deadline_ns is None else v.timer_deadline_ns + offset
-    return (v.runstate, deadline, v.mmu.base_ma, v.user_base_ma, v.event_callback,
-            tuple(sorted(v.trap_table.items())), v.instructions, v.upcalls)
+def _vcpu_state(hv: Hypervisor, v: Vcpu) -> VcpuState:
+    return v.save(hv.read_vcpu_registers(v) if v.context is not None else {})
+
+
+def _compare_vcpu(old: VcpuState, new: VcpuState, name: str) -> list[str]:
+    problems = []
+    regs = [r for r, value in old.registers.items() if new.registers.get(r) != value]
+    if regs:
+        problems.append(f"{name}: registers differ: {', '.join(regs)}")
+    others = [f.name for f in fields(VcpuState)
+              if f.name != "registers" and getattr(old, f.name) != getattr(new, f.name)]
+    if others:
+        problems.append(f"{name}: vCPU state differs: {', '.join(others)}")
+    return problems
+
+
+def compare_types(name: str, old: dict[str, np.ndarray],
+                  now: dict[str, np.ndarray]) -> list[str]:
+    """Every per-frame type field that differs, named with its first pfn."""
+    problems = []
+    for key, before in old.items():
+        bad = np.flatnonzero(now[key] != before)
+        if bad.size:
+            problems.append(f"{name}: type state '{key}' differs on {bad.size} frames, "
+                            f"first pfn {bad[0]}: {before[bad[0]]} -> {now[key][bad[0]]}")
+    return problems
 
 
 def capture(hv: Hypervisor) -> Snapshot:
     snap = Snapshot()
     for dom in hv.domains:
+        for v in dom.vcpus:
+            snap.vcpus[(dom.domid, v.vcpu_id)] = _vcpu_state(hv, v)
         if dom.hvm is not None:
             snap.hvm[dom.domid] = hvm_view(hv, dom)
-            for v in dom.vcpus:
-                snap.registers[(dom.domid, v.vcpu_id)] = hv.read_vcpu_registers(v)
             continue
         snap.hashes[dom.domid] = frame_hashes(hv.memory, dom.p2m)
         snap.types[dom.domid] = type_state(hv, dom.p2m)
         ev = dom.events.save()
         snap.evtchn[dom.domid] = (ev.ports, ev.virq_ports)
-        for v in dom.vcpus:
-            if v.context is not None:
-                snap.registers[(dom.domid, v.vcpu_id)] = hv.read_vcpu_registers(v)
-            snap.vcpu_state[(dom.domid, v.vcpu_id)] = _vcpu_state(v, dom.time_offset)
     return snap
 
 
@@ -146,18 +164,15 @@ def verify(before: Snapshot, hv: Hypervisor, check_types: bool = True) -> dict[s
     checks = {"frames_hashed": 0, "frames_type_checked": 0, "vcpus": 0, "domains": 0}
     for dom in hv.domains:
         checks["domains"] += 1
+        for v in dom.vcpus:
+            checks["vcpus"] += 1
+            problems += _compare_vcpu(before.vcpus[(dom.domid, v.vcpu_id)],
+                                      _vcpu_state(hv, v), v.name)
         if dom.hvm is not None:
             view = hvm_view(hv, dom)
             problems += _compare_hvm(dom.name, before.hvm[dom.domid], view)
             checks["frames_hashed"] += view["hashes"].size
             checks["hvm_domains"] = checks.get("hvm_domains", 0) + 1
-            for v in dom.vcpus:
-                checks["vcpus"] += 1
-                regs = hv.read_vcpu_registers(v)
-                old_regs = before.registers[(dom.domid, v.vcpu_id)]
-                diff = [r for r, value in old_regs.items() if regs.get(r) != value]
-                if diff:
-                    problems.append(f"{v.name}: registers differ: {', '.join(diff)}")
             continue
         hashes = frame_hashes(hv.memory, dom.p2m)
         differ = np.flatnonzero(hashes != before.hashes[dom.domid])
@@ -165,27 +180,12 @@ def verify(before: Snapshot, hv: Hypervisor, check_types: bool = True) -> dict[s
         if differ.size:
             problems.append(f"{dom.name}: {differ.size} frames changed, first pfn {differ[0]}")
         if check_types:
-            now = type_state(hv, dom.p2m)
-            for key, old in before.types[dom.domid].items():
-                bad = np.flatnonzero(now[key] != old)
-                if bad.size:
-                    problems.append(f"{dom.name}: type state '{key}' differs on {bad.size} "
-                                    f"frames, first pfn {bad[0]}: {old[bad[0]]} -> "
-                                    f"{now[key][bad[0]]}")
+            problems += compare_types(dom.name, before.types[dom.domid],
+                                      type_state(hv, dom.p2m))
             checks["frames_type_checked"] += dom.nr_pages
         ev = dom.events.save()
         if (ev.ports, ev.virq_ports) != before.evtchn[dom.domid]:
             problems.append(f"{dom.name}: event-channel table differs")
-        for v in dom.vcpus:
-            vkey = (dom.domid, v.vcpu_id)
-            if _vcpu_state(v, dom.time_offset) != before.vcpu_state[vkey]:
-                problems.append(f"{v.name}: vCPU state differs")
-            if vkey in before.registers:
-                checks["vcpus"] += 1
-                regs = hv.read_vcpu_registers(v)
-                diff = [r for r, value in before.registers[vkey].items() if regs.get(r) != value]
-                if diff:
-                    problems.append(f"{v.name}: registers differ: {', '.join(diff)}")
     return {"ok": not problems, "checks": checks, "problems": problems}
 
 
