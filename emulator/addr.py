@@ -14,9 +14,5 @@ MFN = NewType("MFN", int)  # machine frame number
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
-PAGE_MASK = ~(PAGE_SIZE - 1)
 ENTRIES_PER_TABLE = 512
 
-
-def page_align_up(n: int) -> int:
-    return (n + PAGE_SIZE - 1) & PAGE_MASK

@@ -34,6 +34,7 @@ from unicorn import (
     UC_CTL_IO_WRITE,
     UC_CTL_TLB_FLUSH,
     UC_ERR_EXCEPTION,
+    UC_HOOK_CODE,
     UC_HOOK_INSN,
     UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
@@ -277,6 +278,14 @@ class PhysicalCpu:
         rip = uc.reg_read(X.UC_X86_REG_RIP)
         self._sync(PortIO(rip, port, size, True, value))
 
+    def end_run_after_this_instruction(self) -> None:
+        """From a device callback: let the current instruction finish, then stop the run.
+
+        It ends as a used-up budget (`BudgetExhausted`); emu_stop from inside an
+        MMIO callback would not let the instruction complete first.
+        """
+        self.counter.set_budget(0)
+
     def complete_port_read(self, value: int) -> None:
         """The value an `in` instruction reads (called by the exit handler)."""
         self._io_value = value
@@ -380,6 +389,18 @@ class PhysicalCpu:
     def flush_tlb(self) -> None:
         # the 2.1.4 binding has a TB-flush helper but none for the TLB
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+
+    # --------------------------------------------------------------- tracing
+    def trace_instructions(self, callback: Callable[[int], None]) -> None:
+        """Call `callback(rip)` before every instruction this pCPU executes.
+
+        A Python code hook costs hundreds of nanoseconds per instruction
+        (DESIGN.md §2): only ever installed on request. The hook's size argument
+        is not passed on: unicorn reports nonsense for instructions it cannot
+        decode (vmcall), so callers decode with capstone from RIP.
+        """
+        self.uc.hook_add(UC_HOOK_CODE, lambda _uc, address, _size, _ud: callback(address))
+        self.flush_translations()  # code translated before the hook would bypass it
 
     # -------------------------------------------------------------------- MMIO
     def map_mmio(self, base: int, size: int,

@@ -73,9 +73,6 @@ class HostMemory:
     def write(self, ma: int, data: bytes) -> None:
         self._mmap[ma : ma + len(data)] = data
 
-    def read_u64(self, ma: int) -> int:
-        return int.from_bytes(self._mmap[ma : ma + 8], "little")
-
     def write_u64(self, ma: int, value: int) -> None:
         self._mmap[ma : ma + 8] = value.to_bytes(8, "little")
 

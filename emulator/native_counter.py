@@ -87,7 +87,3 @@ class NativeCounter:
     @property
     def budget_ran_out(self) -> bool:
         return bool(self.block.stopped)
-
-    @property
-    def remaining(self) -> int:
-        return max(0, int(self.block.limit) - int(self.block.executed))

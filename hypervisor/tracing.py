@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, TextIO
 
+from emulator.disasm import disassemble_with
 from emulator.engine import PhysicalCpu
 from emulator.exits import Exit
-from emulator.trace import attach_tracer
 
 if TYPE_CHECKING:
     from hypervisor.hypervisor import Hypervisor
@@ -20,7 +20,7 @@ class Tracer:
         self.limit = limit
         self.lines = 0
         for cpu in hv.pcpus:
-            attach_tracer(cpu, self._instruction)
+            cpu.trace_instructions(lambda rip, cpu=cpu: self._instruction(cpu, rip))
 
     @property
     def exhausted(self) -> bool:
@@ -33,7 +33,10 @@ class Tracer:
             self.out.write(f"... trace limit of {self.limit} lines reached\n")
         self.lines += 1
 
-    def _instruction(self, cpu: PhysicalCpu, rip: int, text: str) -> None:
+    def _instruction(self, cpu: PhysicalCpu, rip: int) -> None:
+        if self.lines > self.limit:
+            return  # past the limit: nothing more is printed, so decode nothing
+        text = disassemble_with(cpu.read_virtual, rip)
         v = self.hv.loaded[cpu.index]
         name = v.name if v is not None else f"pcpu{cpu.index}"
         self._emit(f"{name:>12} p{cpu.index} {rip:#018x}  {text}")

@@ -64,7 +64,7 @@ class LapicWindow:
             hv.track_timer(now)
             # Stop after this instruction so the hypervisor re-evaluates the LAPIC.
             hv.lapic_exit = True
-            cpu.counter.set_budget(0)
+            cpu.end_run_after_this_instruction()
 
         cpu.map_mmio(self.ma, PAGE_SIZE, read, write)
         self._installed.add(cpu.index)
