@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -10,28 +9,16 @@ import pytest
 
 from hypervisor.cli import main
 from hypervisor.scenario import ScenarioError, load_scenario
+from tests.results import run_json, stable
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 GUESTS = SCENARIOS / "guests"
 
 
-def run_json(capsys, scenario: Path | str) -> dict:
-    assert main(["run", str(SCENARIOS / scenario), "--json"]) == 0
-    return json.loads(capsys.readouterr().out)
-
-
-def without_wall(value):
-    if isinstance(value, dict):
-        return {k: without_wall(v) for k, v in value.items() if "wall" not in k}
-    if isinstance(value, list):
-        return [without_wall(v) for v in value]
-    return value
-
-
 def test_hvm_lapic_counts_ticks_ipis_and_device_interrupts_identically_twice(capsys):
     first = run_json(capsys, "hvm-lapic.toml")
     second = run_json(capsys, "hvm-lapic.toml")
-    assert without_wall(first) == without_wall(second)
+    assert stable(first) == stable(second)
     (dom,) = first["domains"]
     assert dom["type"] == "hvm" and dom["crash_report"] is None, dom["console"]
     assert dom["shutdown"]["reason"] == "poweroff" and dom["shutdown"]["code"] == 0, \

@@ -20,6 +20,7 @@ from hypervisor.liveupdate.driver import run_with_updates
 from hypervisor.liveupdate.orchestrator import PHASES, UpdatePlan, live_update
 from hypervisor.runner import boot_scenario, run_scenario
 from hypervisor.scenario import UpdateSpec, load_scenario
+from tests.results import stable
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 LAPIC = SCENARIOS / "hvm-lapic-image.toml"  # hvm_lapic from its stored 2 ms image, build 4.19
@@ -172,15 +173,6 @@ def test_a_corrupt_hvm_handover_stream_resumes_the_old_build():
     assert result["build"] == "4.19" and result["domains"][0]["shutdown"]["code"] == 0
 
 
-def _strip_run_specific(value):
-    if isinstance(value, dict):
-        return {k: _strip_run_specific(v) for k, v in value.items()
-                if "wall" not in k and k not in ("exec", "handover_dir", "phases")}
-    if isinstance(value, list):
-        return [_strip_run_specific(v) for v in value]
-    return value
-
-
 def test_exec_into_a_new_process_gives_the_same_proof_and_final_state(capsys):
     args = ["update", str(LAPIC), "--at", "1ms", "--to", "4.12", "--strategy", "full-walk",
             "--json"]
@@ -191,7 +183,7 @@ def test_exec_into_a_new_process_gives_the_same_proof_and_final_state(capsys):
     execed = json.loads(done.stdout)
     assert execed["proof"]["ok"] and "exec" in execed["updates"][0]
     assert execed["domains"][0]["shutdown"]["code"] == 0
-    assert _strip_run_specific(execed) == _strip_run_specific(in_process)
+    assert stable(execed) == stable(in_process)
 
 
 def test_a_handover_whose_p2m_does_not_cover_the_domain_is_refused(monkeypatch):

@@ -11,6 +11,7 @@ from hypervisor.cli import main
 from hypervisor.liveupdate.driver import run_with_updates
 from hypervisor.liveupdate.orchestrator import PHASES, UpdatePlan
 from hypervisor.scenario import UpdateSpec, load_scenario
+from tests.results import stable
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 STRATEGIES = ["full-walk", "transfer", "prevalidate", "lazy"]
@@ -146,15 +147,6 @@ virtual_time = "3ms"
     assert result["domains"][0]["typeref_differences"] == []
 
 
-def _strip_run_specific(value):
-    if isinstance(value, dict):
-        return {k: _strip_run_specific(v) for k, v in value.items()
-                if "wall" not in k and k not in ("exec", "handover_dir", "phases")}
-    if isinstance(value, list):
-        return [_strip_run_specific(v) for v in value]
-    return value
-
-
 @pytest.mark.parametrize("strategy", ["full-walk", "lazy"])
 def test_exec_into_a_new_process_gives_the_same_proof_and_final_state(strategy, capsys):
     import subprocess
@@ -168,7 +160,7 @@ def test_exec_into_a_new_process_gives_the_same_proof_and_final_state(strategy, 
                           capture_output=True, text=True, timeout=120, check=True)
     execed = json.loads(done.stdout)
     assert execed["proof"]["ok"] and "exec" in execed["updates"][0]
-    assert _strip_run_specific(execed) == _strip_run_specific(in_process)
+    assert stable(execed) == stable(in_process)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -196,7 +188,7 @@ def test_an_update_run_is_deterministic(strategy, capsys):
     outputs = []
     for _ in range(2):
         assert main(args) == 0
-        outputs.append(_strip_run_specific(json.loads(capsys.readouterr().out)))
+        outputs.append(stable(json.loads(capsys.readouterr().out)))
     assert outputs[0] == outputs[1]
 
 

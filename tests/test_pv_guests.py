@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pytest
 
 from hypervisor.cli import main
+from tests.results import run_json, stable
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
-
-
-def run_json(capsys, scenario: str, *extra: str) -> dict:
-    assert main(["run", str(SCENARIOS / scenario), "--json", *extra]) == 0
-    return json.loads(capsys.readouterr().out)
-
-
-def without_wall(value):
-    if isinstance(value, dict):
-        return {k: without_wall(v) for k, v in value.items() if "wall" not in k}
-    if isinstance(value, list):
-        return [without_wall(v) for v in value]
-    return value
 
 
 def domain(result: dict, name: str) -> dict:
@@ -52,7 +39,7 @@ def test_pv_hello_text_output_shows_console_and_shutdown(capsys):
 def test_pv_smp_counts_its_ticks_and_ipis_and_runs_identically_twice(capsys):
     first = run_json(capsys, "pv-smp.toml")
     second = run_json(capsys, "pv-smp.toml")
-    assert without_wall(first) == without_wall(second)
+    assert stable(first) == stable(second)
     (smp,) = first["domains"]
     assert smp["shutdown"] == {"reason": "poweroff", "code": 0,
                                "virtual_ns": smp["shutdown"]["virtual_ns"]}, smp["console"]

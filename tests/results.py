@@ -1,0 +1,30 @@
+"""Shared by the end-to-end tests: running the CLI for JSON, and comparing results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hypervisor.cli import main
+
+SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
+
+# Fields that may differ between two runs of the same scenario: wall-clock
+# times (any name with "wall"), where a hand-over was written, per-phase wall
+# times, and the process facts of an --exec update.
+RUN_SPECIFIC = ("exec", "handover_dir", "phases")
+
+
+def run_json(capsys, scenario: Path | str, *extra: str) -> dict:
+    assert main(["run", str(SCENARIOS / scenario), "--json", *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def stable(value):
+    """`value` without what legitimately differs from run to run."""
+    if isinstance(value, dict):
+        return {k: stable(v) for k, v in value.items()
+                if "wall" not in k and k not in RUN_SPECIFIC}
+    if isinstance(value, list):
+        return [stable(v) for v in value]
+    return value
