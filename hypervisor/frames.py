@@ -12,6 +12,8 @@ from emulator.addr import MFN
 from hypervisor.errors import HvlabError
 from hypervisor.extents import runs_of
 
+_FIRST_WINDOW = 4096  # frames the search for free ones looks at first
+
 
 class OutOfFrames(HvlabError):
     pass
@@ -31,9 +33,9 @@ class FrameAllocator:
 
     def alloc(self, count: int, what: str = "frames") -> np.ndarray:
         """`count` free frames, lowest first (not necessarily contiguous)."""
-        found = np.flatnonzero(self.free[self._cursor :])[:count] + self._cursor
+        found = self._lowest_free(self._cursor, count)
         if found.size < count:
-            found = np.flatnonzero(self.free)[:count]
+            found = self._lowest_free(0, count)
         if found.size < count:
             raise OutOfFrames(
                 f"host memory exhausted: {what} need {count} frames, {self.nr_free} free"
@@ -41,6 +43,18 @@ class FrameAllocator:
         self.free[found] = False
         self._cursor = int(found[-1]) + 1
         return found.astype(np.uint64)
+
+    def _lowest_free(self, start: int, count: int) -> np.ndarray:
+        """Up to `count` lowest free frames from `start`, looking through windows that
+        double in size: a few frames cost a short look, not a pass over all memory."""
+        parts, need, window = [], count, max(count, _FIRST_WINDOW)
+        while need > 0 and start < self.nr_frames:
+            part = np.flatnonzero(self.free[start : start + window])[:need] + start
+            parts.append(part)
+            need -= part.size
+            start += window
+            window *= 2
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def alloc_one(self, what: str = "frame") -> MFN:
         return MFN(int(self.alloc(1, what)[0]))
@@ -60,5 +74,8 @@ class FrameAllocator:
         if runs is None:
             self.free[np.asarray(mfns, dtype=np.int64)] = False
             return
-        for _index, first, count in runs.tolist():
+        for _index, first, count in sorted(runs.tolist(), key=lambda run: run[1]):
             self.free[first : first + count] = False
+            if first <= self._cursor < first + count:
+                # the search for free frames need not walk a run it knows is used
+                self._cursor = first + count
