@@ -443,6 +443,19 @@ def test_stream_tables_may_come_as_arrays() -> None:
     assert case.frames.snapshot() == case.expected
 
 
+def test_set_up_ahead_then_roots_at_the_pause_ends_where_a_full_walk_ends() -> None:
+    """Tables and pins are known before a live update's pause, CR3s only at it."""
+    case = _linux_case("4.19", 2048, 3)
+    typing = IncrementalTyping(case.mem, case.frames, DOM, case.tables, case.pins, None)
+    with pytest.raises(IncrementalTypingError, match="before the roots' references"):
+        typing.sweep(512)
+    typing.take_root_refs(case.cr3)
+    with pytest.raises(IncrementalTypingError, match="taken already"):
+        typing.take_root_refs(case.cr3)
+    typing.finish()
+    assert case.frames.snapshot() == case.expected
+
+
 # ---------------------------------------------------------------------------
 # Misuse: one clear error, nothing changed
 # ---------------------------------------------------------------------------

@@ -146,6 +146,8 @@ class IncrementalTyping:
     reference. The domain's page tables must be untyped in `frames` (fresh
     after a live update). The roots' references (pin: general + type + pinned
     bit; CR3: general + type) are taken here; everything else by validation.
+    With `cr3_refs` None the set-up is done ahead (tables and pins are known
+    before the pause, CR3s only at it) and the roots wait for `take_root_refs`.
     """
 
     def __init__(
@@ -155,7 +157,7 @@ class IncrementalTyping:
         domid: int,
         tables: Mapping[int, int] | tuple[np.ndarray, np.ndarray],
         pins: Mapping[int, int],
-        cr3_refs: Sequence[int],
+        cr3_refs: Sequence[int] | None,
     ) -> None:
         self.frames = frames
         self.mem2d = frames.check_mem(mem)
@@ -191,7 +193,10 @@ class IncrementalTyping:
         self.pages_validated = 0
         self.refs_taken = 0
         self.tables_released = 0  # listed by the stream, referenced by nothing: left untyped
-        self._take_root_refs(pins, cr3_refs)
+        self._pins = self._checked_pins(pins)
+        self._roots_taken = False
+        if cr3_refs is not None:
+            self.take_root_refs(cr3_refs)
 
     # ------------------------------------------------------------------
     # Set-up
@@ -263,13 +268,11 @@ class IncrementalTyping:
                 f"(type_info {int(f.type_info[m]):#018x}, linear_pt_count "
                 f"{int(f.linear_pt_count[m])}): incremental typing starts from untyped tables")
 
-    def _take_root_refs(self, pins: Mapping[int, int], cr3_refs: Sequence[int]) -> None:
+    def _checked_pins(self, pins: Mapping[int, int]) -> np.ndarray:
         pin_mfns = np.fromiter((int(m) for m in pins.keys()), dtype=np.int64, count=len(pins))
         pin_levels = np.fromiter((int(v) for v in pins.values()), dtype=np.int64,
                                  count=len(pins))
-        cr3 = np.asarray([int(m) for m in cr3_refs], dtype=np.int64)
         self._check_owned(pin_mfns, "pinned")
-        self._check_owned(cr3, "CR3")
         wrong = np.flatnonzero(self._level[pin_mfns] != pin_levels)
         if wrong.size:
             i = int(wrong[0])
@@ -277,15 +280,25 @@ class IncrementalTyping:
             raise HandoverTableError(
                 f"mfn {m:#x} is pinned as L{int(pin_levels[i])} but the stream lists it as "
                 f"{self._level_name(m)}")
+        return pin_mfns
+
+    def take_root_refs(self, cr3_refs: Sequence[int]) -> None:
+        """The pins' and CR3s' own references, once, before anything is validated."""
+        if self._roots_taken:
+            raise IncrementalTypingError("the roots' references are taken already")
+        pin_mfns = self._pins
+        cr3 = np.asarray([int(m) for m in cr3_refs], dtype=np.int64)
+        self._check_owned(cr3, "CR3")
         not_l4 = cr3[self._level[cr3] != 4]
         if not_l4.size:
             m = int(not_l4[0])
             raise HandoverTableError(
                 f"CR3 mfn {m:#x} is {self._level_name(m)} in the stream, not an L4 table")
+        self._roots_taken = True
         mfns, refs = _count_unique(np.concatenate([pin_mfns, cr3]))
         if mfns.size == 0:
             return
-        # The tables are untyped (checked above): each root table becomes its
+        # The tables are untyped (checked at set-up): each root table becomes its
         # level with one type reference per root, unvalidated.
         pinned = np.isin(mfns, pin_mfns)
         f = self.frames
@@ -293,6 +306,11 @@ class IncrementalTyping:
         f.type_info[mfns] = self.layout.encode(self._level[mfns].astype(np.uint8),
                                                refs.astype(np.uint64), pinned=pinned)
         self.refs_taken += 2 * int(refs.sum())
+
+    def _check_roots_taken(self) -> None:
+        if not self._roots_taken:
+            raise IncrementalTypingError("validation before the roots' references "
+                                         "(take_root_refs)")
 
     # ------------------------------------------------------------------
     # Queries
@@ -370,6 +388,7 @@ class IncrementalTyping:
         the table before it. A hand-over error on the way leaves the tables above it
         validated (each table's validation is all or nothing).
         """
+        self._check_roots_taken()
         path = [self._stream_table(m) for m in mfns]
         for i, m in enumerate(path):
             if not self._validated(m) and not self._type_count(m):
@@ -444,6 +463,7 @@ class IncrementalTyping:
                 raise IncrementalTypingError(f"{name} must be a positive integer, got {value!r}")
         if budget_ptes is None and budget_tables is None:
             raise IncrementalTypingError("sweep needs budget_ptes or budget_tables")
+        self._check_roots_taken()
         if self.done:
             return SweepStep(0, 0)
         self.sweeper_steps += 1
