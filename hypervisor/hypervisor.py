@@ -77,6 +77,26 @@ class StagedTables:
                 array.fill(0)
         return staged
 
+    def claim(self, p2m: np.ndarray, domid: int) -> int:
+        """Give frames that already hold a domain's data to it (ahead of a live update's
+        pause); returns how many runs of consecutive frames that took."""
+        self.allocator.mark_used(p2m)
+        return assign_frames(self.frame_table, self.m2p, p2m, domid)
+
+
+def assign_frames(frame_table: FrameTable, m2p: np.ndarray, p2m: np.ndarray, domid: int) -> int:
+    """Ownership and the M2P of a domain's frames; returns how many runs of consecutive
+    frames that took (one per frame when they are scattered)."""
+    runs = runs_of(p2m)
+    if runs is None:
+        frame_table.assign(p2m, domid)
+        m2p[p2m.astype(np.int64)] = np.arange(p2m.size, dtype=np.uint64)
+        return int(p2m.size)
+    frame_table.assign_runs(runs, domid)
+    for pfn, first, count in runs.tolist():
+        m2p[first : first + count] = np.arange(pfn, pfn + count, dtype=np.uint64)
+    return len(runs)
+
 
 @dataclass(frozen=True)
 class MachineConfig:
@@ -190,16 +210,9 @@ class Hypervisor:
         return self.hvm.create_domain(name, kernel_path, memory, vcpus, pod=pod,
                                       sources=sources)
 
-    def claim_frames(self, p2m: np.ndarray, domid: int) -> None:
-        """Give allocated frames to domain `domid`: ownership and the M2P."""
-        runs = runs_of(p2m)
-        if runs is None:
-            self.frame_table.assign(p2m, domid)
-            self.m2p[p2m.astype(np.int64)] = np.arange(p2m.size, dtype=np.uint64)
-            return
-        self.frame_table.assign_runs(runs, domid)
-        for pfn, first, count in runs.tolist():
-            self.m2p[first : first + count] = np.arange(pfn, pfn + count, dtype=np.uint64)
+    def claim_frames(self, p2m: np.ndarray, domid: int) -> int:
+        """Give allocated frames to domain `domid`: ownership and the M2P (returns runs)."""
+        return assign_frames(self.frame_table, self.m2p, p2m, domid)
 
     def unclaim_frames(self, p2m: np.ndarray) -> None:
         """Undo `claim_frames` and everything typed since: the rows return to free."""

@@ -11,8 +11,9 @@ SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 
 # Fields that may differ between two runs of the same scenario: wall-clock
 # times (any name with "wall"), where a hand-over was written, per-phase wall
-# times, and the process facts of an --exec update.
-RUN_SPECIFIC = ("exec", "handover_dir", "phases")
+# times, the process facts of an --exec update and what its new process had
+# to stage after the pause (it did not exist before).
+RUN_SPECIFIC = ("exec", "handover_dir", "phases", "late_staging_entries", "late_staging_runs")
 
 
 def run_json(capsys, scenario: Path | str, *extra: str) -> dict:

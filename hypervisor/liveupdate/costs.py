@@ -6,6 +6,10 @@ table prices it. The defaults are order-of-magnitude figures for a modern
 x86 server hypervisor (a cache-missing page-table entry read ~2 ns; a page's
 page_info cmpxchg-based type change ~20 ns; pausing a vCPU ~10 us with the
 IPI and VMEXIT; a hand-over entry ~2 ns sequential).
+What a domain's hand-over sent ahead of the pause costs is not priced, even
+where the new build reads and claims it in the blackout (`late_staging_*`:
+with `--exec` its process cannot start before the pause; natively the new
+image is loaded and staged ahead).
 They are deliberately simple and overridable (`--costs FILE` with a JSON
 object of the same keys), so a researcher can plug in measured numbers.
 """
@@ -21,10 +25,10 @@ DEFAULT_COSTS_NS: dict[str, float] = {
     "pause_per_vcpu": 10_000.0,
     "resume_per_vcpu": 5_000.0,
     # The hand-over describes ownership as runs of consecutive frames and lists
-    # page-table frames only; the new build keeps ownership as extents (an
-    # owner lookup is a search of a few runs), so neither grows with memory.
+    # page-table frames only, so neither grows with memory; what was sent ahead
+    # and staged before the pause is not in the blackout at all.
     "handover_per_entry": 2.0,  # one run or one page-table frame, written and read
-    "claim_per_run": 50.0,  # one ownership extent restored
+    "claim_per_run": 50.0,  # one ownership extent restored in the blackout
     "pte_examined": 2.0,  # one page-table entry read and checked
     "page_validated": 20.0,  # one table's type transition (+ its bookkeeping)
     "ref_taken": 5.0,  # one typeref / general ref increment

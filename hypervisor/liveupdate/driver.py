@@ -25,12 +25,12 @@ from hypervisor.liveupdate.orchestrator import (
     UpdatePlan,
     live_update,
     prepare,
-    stage_new_build,
 )
 from hypervisor.runner import boot_scenario, describe
 from hypervisor.scenario import Scenario, UpdateSpec
 
-PREVALIDATE_LEAD_NS = 1_000_000  # prevalidation starts this long before the pause
+# the work before the pause (hand-over sent ahead, prevalidation) starts this long before it
+PREPARE_LEAD_NS = 1_000_000
 RESUME_FILE = "resume.pickle"
 
 
@@ -81,18 +81,15 @@ class UpdateRun:
         while self.updates:
             spec = self.updates.pop(0)
             this = replace(self.plan, to_build=spec.to, strategy=spec.strategy)
-            prepared = None
-            if this.strategy == "prevalidate":
-                hv.run(max(hv.now, spec.at_ns - PREVALIDATE_LEAD_NS))
-                prepared = prepare(hv, this)
             segment_start, instr_start = hv.now, _instructions(hv)
+            hv.run(max(hv.now, spec.at_ns - PREPARE_LEAD_NS))
+            prepared = prepare(hv, this) if any(d.alive for d in hv.domains) else None
             hv.run(spec.at_ns)
             if not any(d.alive for d in hv.domains):
                 break
             self.pending_rate = _rate(_instructions(hv) - instr_start, hv.now - segment_start)
             handoff = self._exec_into_new_process if this.exec_new_process else None
-            staged = None if this.exec_new_process else stage_new_build(hv, this)
-            hv, report = live_update(hv, this, prepared, handoff=handoff, staged=staged)
+            hv, report = live_update(hv, this, prepared, handoff=handoff)
             self.record(hv, report)
         return self._finish(hv)
 

@@ -1,4 +1,4 @@
-"""The live-update hand-over: one migration-stream v2 per domain, memory left in place.
+"""The live-update hand-over: migration-stream v2 records, memory left in place.
 
 Guest memory does not travel: instead of PAGE_DATA (which must carry page
 contents for typed pages), `HVLAB_FRAMES` records give the pfn->mfn map as
@@ -11,6 +11,14 @@ count in the *old* build's layout. Everything else Xen's records do not hold
 is in `HVLAB_DOMAIN` (as in saved images).
 A manifest (JSON) names the streams and the machine-level state.
 
+The bulk of a PV domain's hand-over (P2M frames, ownership runs, page-table
+list) changes rarely, so it can be sent ahead, while the guests still run:
+`write_precopy` writes it as `domN.precopy`. A blackout stream then only
+names that stream in its `HVLAB_DOMAIN` (`precopy`) and carries the page-table
+list again only if the domain changed its page tables since (`tables_resent`);
+no hypercall changes a PV domain's frames after it is built, so ownership
+sent ahead stays true.
+
 HVM domains (domain type 2) carry, in this order: `HVLAB_DOMAIN` (as in saved
 HVM images, plus `posted_mfn`: the frame of the vCPUs' posted-interrupt
 descriptors, which the new build adopts in place), `HVLAB_FRAMES` runs of the
@@ -18,13 +26,14 @@ descriptors, which the new build adopts in place), `HVLAB_FRAMES` runs of the
 (the p2m type and access of every gfn as runs, the log-dirty flag and dirty
 gfns), then `X86_TSC_INFO`, `HVM_CONTEXT` (CPU, LAPIC, LAPIC_REGS) and
 `HVM_PARAMS`. No page contents, and no EPT: the new build rebuilds it from the
-P2M in its own layout.
+P2M in its own layout. They are never sent ahead.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,12 +86,21 @@ class HandoverError(HvlabError):
 
 
 @dataclass
+class DomainMemory:
+    """A PV domain's frames and page tables, as a stream gives them."""
+
+    p2m: np.ndarray  # pfn -> mfn
+    tables: np.ndarray  # HVLAB_TABLES words (pfn | PFINFO type << 60), ascending pfn
+    entries: int  # ownership runs + page tables read: what reading it cost
+
+
+@dataclass
 class DomainHandover:
     """One domain as the new build reads it."""
 
     meta: dict[str, Any]
     p2m: np.ndarray
-    pfinfo: np.ndarray
+    tables: np.ndarray  # as DomainMemory.tables (none for HVM)
     contexts: dict[int, VcpuGuestContext] = field(default_factory=dict)
     type_info: np.ndarray | None = None  # old layout, per pfn (transfer)
     count_info: np.ndarray | None = None
@@ -93,6 +111,9 @@ class DomainHandover:
     hvm_p2m: P2M | None = None
     posted_mfn: int | None = None
     hvm_records: list[Any] = field(default_factory=list)
+    # ownership runs and page tables read from disk, in the blackout, from a stream sent
+    # ahead (none when the new build read it before the pause)
+    entries_read: int = 0
 
 
 def frames_in_use(dom: Domain) -> np.ndarray:
@@ -104,20 +125,71 @@ def frames_in_use(dom: Domain) -> np.ndarray:
     return np.append(mfns, np.uint64(dom.hvm.posted_mfn))
 
 
-def write_handover(hv: Hypervisor, directory: Path, with_type_state: bool) -> dict[str, Any]:
-    """The old build writes every domain's stream and the manifest; returns counters."""
+def precopy_name(domid: int) -> str:
+    return f"dom{domid}.precopy"
+
+
+def write_precopy(hv: Hypervisor, directory: Path) -> tuple[dict[int, str], dict[str, int]]:
+    """Before the pause: every PV domain's frames and page tables, sent ahead.
+
+    Returns the streams written (domid -> name) and counters. From here on the
+    hypervisor logs which domains change their page tables (`pt_change_log`).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    if hv.pt_change_log is None:  # logging may have started earlier (prevalidate)
+        hv.pt_change_log = set()
+    names: dict[int, str] = {}
+    counters = {"precopy_bytes": 0, "precopy_entries": 0}
+    for dom in hv.domains:
+        if dom.hvm is not None:
+            continue
+        names[dom.domid] = precopy_name(dom.domid)
+        with (directory / names[dom.domid]).open("wb") as f:
+            w = _pv_writer(f, hv)
+            runs = _write_frames(w, hv, dom)
+            tables = _write_tables(w, hv, dom)
+            w.write_record(HVLAB_DOMAIN_RECORD, json.dumps({"precopy_of": dom.name}).encode())
+            w.write_end()
+        counters["precopy_bytes"] += w.offset
+        counters["precopy_entries"] += runs + tables
+    return names, counters
+
+
+def read_precopy(directory: Path, name: str) -> DomainMemory:
+    """The new build reads a stream sent ahead (StreamError names record and offset)."""
+    path = directory / name
+    try:
+        with path.open("rb") as f:
+            parts = _collect(StreamReader(f, keep=_KEPT))
+        return _memory(parts, None)
+    except (StreamError, OSError) as err:
+        raise HandoverError(f"hand-over stream {name}: {err}") from None
+
+
+def write_handover(hv: Hypervisor, directory: Path, with_type_state: bool,
+                   precopied: dict[int, str] | None = None) -> dict[str, Any]:
+    """The old build writes every domain's stream and the manifest; returns counters.
+
+    A domain in `precopied` whose page tables have not changed since (per
+    `hv.pt_change_log`) refers to its stream sent ahead for frames and tables.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     streams = []
     counters = {"handover_bytes": 0, "handover_frames": 0, "handover_entries": 0,
-                "ownership_runs": 0}
+                "domains_precopied": 0, "precopy_tables_resent": 0}
+    changed = hv.pt_change_log or set()
     for dom in hv.domains:
         path = directory / f"dom{dom.domid}.stream"
+        ahead = (precopied or {}).get(dom.domid)
         with path.open("wb") as f:
-            written, runs, tables = _write_domain(f, hv, dom, with_type_state)
-            counters["handover_bytes"] += written
-            counters["ownership_runs"] += runs
-            counters["handover_entries"] += runs + tables
+            written, entries = _write_domain(f, hv, dom, with_type_state, ahead,
+                                             dom.domid in changed)
+        counters["handover_bytes"] += written
+        counters["handover_entries"] += entries
         counters["handover_frames"] += dom.nr_pages
+        if ahead is not None:
+            counters["domains_precopied"] += 1
+            counters["precopy_tables_resent"] += dom.domid in changed
         streams.append(path.name)
     manifest = {"build": hv.build, "virtual_ns": hv.now, "streams": streams,
                 "machine": {"pcpus": hv.machine.pcpus, "memory": hv.machine.memory,
@@ -126,14 +198,15 @@ def write_handover(hv: Hypervisor, directory: Path, with_type_state: bool) -> di
     return counters
 
 
-def _write_domain(f, hv: Hypervisor, dom: Domain,
-                  with_type_state: bool) -> tuple[int, int, int]:
-    """One domain's stream; returns (bytes, ownership runs, page-table entries)."""
-    if dom.hvm is not None:
-        return _write_hvm_domain(f, hv, dom)
+def _pv_writer(f, hv: Hypervisor) -> StreamWriter:
     major, minor = hv.build_version
     w = StreamWriter(f, DomainType.X86_PV, xen_major=major, xen_minor=minor)
     w.write_x86_pv_info(8, 4)
+    return w
+
+
+def _write_frames(w: StreamWriter, hv: Hypervisor, dom: Domain) -> int:
+    """X86_PV_P2M_FRAMES and the ownership runs; returns how many runs."""
     w.write_x86_pv_p2m_frames(0, dom.nr_pages - 1, p2m_frame_pfns(hv, dom))
     runs = runs_of(dom.p2m)
     if runs is None:  # fragmented: every frame its own run (correct, only larger)
@@ -143,12 +216,31 @@ def _write_domain(f, hv: Hypervisor, dom: Domain,
         chunk = runs[start : start + FRAMES_PER_RECORD]
         w.write_record(HVLAB_FRAMES_RECORD,
                        _COUNT.pack(len(chunk)) + chunk.astype("<u8").tobytes())
+    return len(runs)
+
+
+def _write_tables(w: StreamWriter, hv: Hypervisor, dom: Domain) -> int:
+    """The PFINFO type of every page-table pfn; returns how many."""
     types = classify_pages(hv, dom).types
     tables = np.flatnonzero(types != Pfinfo.NOTAB)
     for start in range(0, tables.size, FRAMES_PER_RECORD):
         pfns = tables[start : start + FRAMES_PER_RECORD]
         words = pfns.astype(np.uint64) | (types[pfns].astype(np.uint64) << np.uint64(60))
         w.write_record(HVLAB_TABLES_RECORD, _COUNT.pack(pfns.size) + words.astype("<u8").tobytes())
+    return int(tables.size)
+
+
+def _write_domain(f, hv: Hypervisor, dom: Domain, with_type_state: bool,
+                  ahead: str | None, changed: bool) -> tuple[int, int]:
+    """One domain's stream; returns (bytes, runs and page tables written)."""
+    if dom.hvm is not None:
+        return _write_hvm_domain(f, hv, dom)
+    w = _pv_writer(f, hv)
+    entries = 0
+    if ahead is None:
+        entries += _write_frames(w, hv, dom)
+    if ahead is None or changed:
+        entries += _write_tables(w, hv, dom)
     if with_type_state:
         ft = hv.frame_table
         for start in range(0, dom.nr_pages, FRAMES_PER_RECORD):
@@ -163,9 +255,11 @@ def _write_domain(f, hv: Hypervisor, dom: Domain,
             w.write_x86_pv_vcpu_basic(v.vcpu_id, vcpu_context(hv, v, normalise=False))
     state = domain_state(hv, dom)
     state["build"] = hv.build
+    if ahead is not None:
+        state["precopy"] = {"stream": ahead, "tables_resent": changed}
     w.write_record(HVLAB_DOMAIN_RECORD, json.dumps(state).encode())
     w.write_end()
-    return w.offset, len(runs), int(tables.size)
+    return w.offset, entries
 
 
 def _backed_runs(mfns: np.ndarray) -> np.ndarray:
@@ -189,8 +283,8 @@ def _value_runs(values: np.ndarray) -> np.ndarray:
     return np.stack([starts, counts, values[starts].astype(np.int64)], axis=1)
 
 
-def _write_hvm_domain(f, hv: Hypervisor, dom: Domain) -> tuple[int, int, int]:
-    """An HVM domain's stream (see the module docstring); returns (bytes, runs, entries)."""
+def _write_hvm_domain(f, hv: Hypervisor, dom: Domain) -> tuple[int, int]:
+    """An HVM domain's stream (see the module docstring); returns (bytes, entries)."""
     assert dom.hvm is not None
     meta, blob, now = hvm_handover_state(hv, dom)
     meta["build"] = hv.build
@@ -216,7 +310,7 @@ def _write_hvm_domain(f, hv: Hypervisor, dom: Domain) -> tuple[int, int, int]:
     w.write_hvm_context(blob)
     w.write_hvm_params([(HVM_PARAM_PAE_ENABLED, 1)])
     w.write_end()
-    return w.offset, len(runs), len(kinds)
+    return w.offset, len(runs) + len(kinds)
 
 
 def _read_hvm_domain(reader: StreamReader) -> DomainHandover:
@@ -281,7 +375,7 @@ def _read_hvm_domain(reader: StreamReader) -> DomainHandover:
             np.packbits(bitmap, bitorder="little").tobytes()))
     except P2MError as err:
         raise StreamError(str(err), offset=reader.offset, record="HVLAB_P2M") from None
-    return DomainHandover(meta, mfns, np.zeros(n, np.uint8), kind="hvm", hvm_p2m=p2m,
+    return DomainHandover(meta, mfns, np.zeros(0, np.uint64), kind="hvm", hvm_p2m=p2m,
                           posted_mfn=meta["posted_mfn"], hvm_records=records)
 
 
@@ -292,82 +386,140 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise HandoverError(f"hand-over manifest in {directory}: {err}") from None
 
 
-def read_handover(directory: Path) -> list[DomainHandover]:
-    """The new build reads every domain's stream (StreamError names record and offset)."""
+_KEPT = frozenset({HVLAB_FRAMES_RECORD, HVLAB_TABLES_RECORD, HVLAB_TYPEINFO_RECORD,
+                   HVLAB_DOMAIN_RECORD, HVLAB_P2M_RECORD})
+
+
+def read_handover(directory: Path, ahead: Mapping[str, DomainMemory] | None = None,
+                  resolve: bool = True) -> list[DomainHandover]:
+    """The new build reads every domain's stream (StreamError names record and offset).
+
+    A stream that refers to one sent ahead takes its frames (and tables, unless
+    resent) from `ahead`, read before the pause, or else from disk now. With
+    `resolve` false (reading back what was just written) such streams are
+    checked but left without frames.
+    """
     manifest = read_manifest(directory)
     domains = []
     for name in manifest["streams"]:
         path = directory / name
         try:
             with path.open("rb") as f:
-                reader = StreamReader(f, keep=frozenset(
-                    {HVLAB_FRAMES_RECORD, HVLAB_TABLES_RECORD, HVLAB_TYPEINFO_RECORD,
-                     HVLAB_DOMAIN_RECORD, HVLAB_P2M_RECORD}))
+                reader = StreamReader(f, keep=_KEPT)
                 if reader.domain_header.type == DomainType.X86_HVM:
                     domains.append(_read_hvm_domain(reader))
-                else:
-                    domains.append(_read_domain(reader))
+                    continue
+                parts = _collect(reader)
+        except (StreamError, OSError) as err:
+            raise HandoverError(f"hand-over stream {path.name}: {err}") from None
+        sent = parts.meta.get("precopy") if parts.meta is not None else None
+        memory, from_disk = None, False
+        if isinstance(sent, dict) and resolve:
+            stream = str(sent.get("stream"))
+            memory = (ahead or {}).get(stream)
+            if memory is None:
+                memory, from_disk = read_precopy(directory, stream), True
+        try:
+            domains.append(_read_domain(parts, memory, resolve))
         except StreamError as err:
             raise HandoverError(f"hand-over stream {path.name}: {err}") from None
-        except OSError as err:
-            raise HandoverError(f"hand-over stream {path.name}: {err}") from None
+        if from_disk and memory is not None:
+            domains[-1].entries_read = memory.entries
     return domains
 
 
-def _read_domain(reader: StreamReader) -> DomainHandover:
+@dataclass
+class _Parts:
+    """A PV stream's records, before they are put together."""
+
     meta: dict[str, Any] | None = None
-    p2m = pfinfo = type_info = count_info = linear = None
-    contexts: dict[int, VcpuGuestContext] = {}
-    nr_pages = 0
+    nr_pages: int | None = None
+    runs: list[tuple[np.ndarray, int, str]] = field(default_factory=list)
+    tables: list[tuple[np.ndarray, int, str]] = field(default_factory=list)
+    typeinfo: list[tuple[bytes, int, str]] = field(default_factory=list)
+    contexts: dict[int, VcpuGuestContext] = field(default_factory=dict)
+    end: int = 0
+
+
+def _collect(reader: StreamReader) -> _Parts:
+    parts = _Parts()
     for record in reader:
         match record:
             case OpaqueRecord(type=rtype, body=body, offset=offset):
                 if rtype == HVLAB_DOMAIN_RECORD:
-                    meta = json.loads(body)
-                    continue
-                if p2m is None:
-                    raise StreamError("frames before X86_PV_P2M_FRAMES", offset=offset,
-                                      record=record.name)
-                if rtype == HVLAB_FRAMES_RECORD:
-                    runs = _array(body, 3, offset, record.name)
-                    if runs.size and int((runs[:, 0] + runs[:, 2]).max()) > nr_pages:
-                        raise StreamError("a run lies beyond the domain", offset=offset,
-                                          record=record.name)
-                    for pfn, first, count in runs.tolist():
-                        p2m[pfn : pfn + count] = np.arange(first, first + count, dtype=np.uint64)
+                    try:
+                        parts.meta = json.loads(body)
+                    except ValueError as err:
+                        raise StreamError(f"unreadable: {err}", offset=offset,
+                                          record=record.name) from None
+                elif rtype == HVLAB_FRAMES_RECORD:
+                    parts.runs.append((_array(body, 3, offset, record.name), offset, record.name))
                 elif rtype == HVLAB_TABLES_RECORD:
                     words = _array(body, 1, offset, record.name)[:, 0]
-                    pfns = (words & PFN_MASK).astype(np.int64)
-                    if pfns.size and int(pfns.max()) >= nr_pages:
-                        raise StreamError("a table lies beyond the domain", offset=offset,
-                                          record=record.name)
-                    pfinfo[pfns] = (words >> 60).astype(np.uint8)
+                    parts.tables.append((words, offset, record.name))
                 else:  # HVLAB_TYPEINFO
-                    start, count = _RANGE.unpack_from(body)
-                    if start + count > nr_pages or len(body) != _RANGE.size + 24 * count:
-                        raise StreamError(f"frames {start}+{count} do not fit the domain",
-                                          offset=offset, record=record.name)
-                    if type_info is None:
-                        type_info = np.zeros(nr_pages, np.uint64)
-                        count_info = np.zeros(nr_pages, np.uint64)
-                        linear = np.zeros(nr_pages, np.int64)
-                    type_info[start : start + count] = np.frombuffer(body, "<u8", count,
-                                                                     _RANGE.size)
-                    count_info[start : start + count] = np.frombuffer(
-                        body, "<u8", count, _RANGE.size + 8 * count)
-                    linear[start : start + count] = np.frombuffer(
-                        body, "<i8", count, _RANGE.size + 16 * count)
+                    parts.typeinfo.append((body, offset, record.name))
             case X86PvVcpuBasicRecord(vcpu_id=vid):
-                contexts[vid] = record.guest_context()
+                parts.contexts[vid] = record.guest_context()
+            case X86PvP2mFramesRecord(end_pfn=end_pfn):
+                parts.nr_pages = end_pfn + 1
             case EndRecord():
                 break
-            case X86PvP2mFramesRecord(end_pfn=end_pfn):
-                nr_pages = end_pfn + 1
-                p2m = np.zeros(nr_pages, np.uint64)
-                pfinfo = np.zeros(nr_pages, np.uint8)
-    if meta is None or p2m is None:
-        raise StreamError("no HVLAB_DOMAIN or no frames", offset=reader.offset, record="END")
-    return DomainHandover(meta, p2m, pfinfo, contexts, type_info, count_info, linear)
+    parts.end = reader.offset
+    return parts
+
+
+def _memory(parts: _Parts, sent: DomainMemory | None) -> DomainMemory:
+    """Frames and tables from this stream's records, or from those sent ahead."""
+    if sent is not None:
+        nr_pages, p2m = sent.p2m.size, sent.p2m
+    elif parts.nr_pages is None:
+        raise StreamError("no X86_PV_P2M_FRAMES", offset=parts.end, record="END")
+    else:
+        nr_pages, p2m = parts.nr_pages, np.zeros(parts.nr_pages, np.uint64)
+    entries = 0
+    for runs, offset, name in parts.runs if sent is None else ():
+        if runs.size and int((runs[:, 0] + runs[:, 2]).max()) > nr_pages:
+            raise StreamError("a run lies beyond the domain", offset=offset, record=name)
+        for pfn, first, count in runs.tolist():
+            p2m[pfn : pfn + count] = np.arange(first, first + count, dtype=np.uint64)
+        entries += len(runs)
+    if sent is not None and not parts.tables:
+        return DomainMemory(p2m, sent.tables, 0)
+    for words, offset, name in parts.tables:
+        if words.size and int((words & np.uint64(PFN_MASK)).max()) >= nr_pages:
+            raise StreamError("a table lies beyond the domain", offset=offset, record=name)
+    tables = (np.concatenate([words for words, _, _ in parts.tables]) if parts.tables
+              else np.zeros(0, np.uint64))
+    return DomainMemory(p2m, tables, entries + int(tables.size))
+
+
+def _read_domain(parts: _Parts, sent: DomainMemory | None, resolve: bool) -> DomainHandover:
+    if parts.meta is None:
+        raise StreamError("no HVLAB_DOMAIN", offset=parts.end, record="END")
+    if isinstance(parts.meta.get("precopy"), dict) and not resolve:
+        return DomainHandover(parts.meta, np.zeros(0, np.uint64), np.zeros(0, np.uint64),
+                              parts.contexts)
+    memory = _memory(parts, sent)
+    nr_pages = memory.p2m.size
+    handover = DomainHandover(parts.meta, memory.p2m, memory.tables, parts.contexts)
+    if parts.typeinfo:
+        type_info = np.zeros(nr_pages, np.uint64)
+        count_info = np.zeros(nr_pages, np.uint64)
+        linear = np.zeros(nr_pages, np.int64)
+        for body, offset, name in parts.typeinfo:
+            start, count = _RANGE.unpack_from(body)
+            if start + count > nr_pages or len(body) != _RANGE.size + 24 * count:
+                raise StreamError(f"frames {start}+{count} do not fit the domain",
+                                  offset=offset, record=name)
+            type_info[start : start + count] = np.frombuffer(body, "<u8", count, _RANGE.size)
+            count_info[start : start + count] = np.frombuffer(body, "<u8", count,
+                                                              _RANGE.size + 8 * count)
+            linear[start : start + count] = np.frombuffer(body, "<i8", count,
+                                                          _RANGE.size + 16 * count)
+        handover.type_info, handover.count_info, handover.linear_pt_count = (
+            type_info, count_info, linear)
+    return handover
 
 
 def _array(body: bytes, width: int, offset: int, name: str,

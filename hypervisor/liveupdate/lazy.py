@@ -20,11 +20,12 @@ import numpy as np
 
 from emulator.paging import ADDR_MASK, P
 from hypervisor.liveupdate.handover import DomainHandover
-from hypervisor.liveupdate.strategies import roots_of, table_frames
+from hypervisor.liveupdate.strategies import cr3s_of, pins_of, table_frames
 
 if TYPE_CHECKING:
     from hypervisor.domain import Domain
     from hypervisor.hypervisor import Hypervisor
+    from hypervisor.mm.frametable import FrameTable
     from hypervisor.mm.incremental import IncrementalTyping
 
 
@@ -152,14 +153,23 @@ def _instructions(hv: Hypervisor) -> int:
     return sum(v.instructions for d in hv.domains for v in d.vcpus)
 
 
-def start_lazy(hv: Hypervisor, dom: Domain, ho: DomainHandover,
-               budget_ptes: int) -> LazyDomain:
-    """Roots referenced, RIP/RSP paths validated, shadow mode on, sweeper armed."""
+def stage_typing(mem: np.ndarray, frames: FrameTable, domid: int, p2m: np.ndarray,
+                 tables: np.ndarray) -> IncrementalTyping:
+    """A domain's incremental typing set up from its page-table list, all but the CR3
+    references (before the pause, from the hand-over sent ahead, or in the blackout)."""
     from hypervisor.mm.incremental import IncrementalTyping
 
-    _, pins, cr3s = roots_of(ho)
-    typing = IncrementalTyping(hv.memory.u64, hv.frame_table, dom.domid, table_frames(ho),
-                               pins, cr3s)
+    return IncrementalTyping(mem, frames, domid, table_frames(p2m, tables),
+                             pins_of(p2m, tables), None)
+
+
+def start_lazy(hv: Hypervisor, dom: Domain, ho: DomainHandover, budget_ptes: int,
+               typing: IncrementalTyping | None = None) -> LazyDomain:
+    """Roots referenced, RIP/RSP paths validated, shadow mode on, sweeper armed
+    (`typing`: set up before the pause)."""
+    if typing is None:
+        typing = stage_typing(hv.memory.u64, hv.frame_table, dom.domid, ho.p2m, ho.tables)
+    typing.take_root_refs(cr3s_of(ho.contexts))
     update = hv.lazy_update
     if update is None:
         update = LazyUpdate(hv, budget_ptes)

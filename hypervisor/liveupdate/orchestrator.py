@@ -1,12 +1,19 @@
 """The live update: replace the running hypervisor by another build, memory in place.
 
+Before the pause, while the guests still run (`prepare`), the old build sends
+the bulk of the hand-over ahead (each PV domain's ownership runs and page-table
+list, handover.py) and the new build's per-frame tables are staged with those
+frames claimed, as a new hypervisor image is loaded ahead of a kexec;
+`prevalidate` builds its type state then too. From then on page-table changes
+are logged, so the blackout resends only what changed.
+
 Phases (DESIGN.md §4): pause every domain at a restartable boundary (the
 hypervisor is between slices); the old build writes the hand-over streams;
 the old hypervisor is torn down (engines gone, its own frames scrubbed); the
 new build boots on the same host memory around the guests' frames, restores
-ownership, then page types (by the chosen strategy), then vCPU and event
-state with timers rearmed; then the guests resume, virtual time advanced by
-the modelled downtime.
+ownership (what was not staged), then page types (by the chosen strategy),
+then vCPU and event state with timers rearmed; then the guests resume, virtual
+time advanced by the modelled downtime.
 
 The point of no return is the teardown. A fault injected before it (or a
 hand-over stream that does not read back) resumes the old build; a fault
@@ -16,6 +23,7 @@ hand-over streams, which are still on disk. Either way the proof must pass.
 
 from __future__ import annotations
 
+import gc
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,12 +42,15 @@ from hypervisor.liveupdate import strategies
 from hypervisor.liveupdate.costs import DEFAULT_COSTS_NS, modelled_ns
 from hypervisor.liveupdate.handover import (
     DomainHandover,
+    DomainMemory,
     HandoverError,
     frames_in_use,
     read_handover,
+    read_precopy,
     write_handover,
+    write_precopy,
 )
-from hypervisor.liveupdate.lazy import start_lazy
+from hypervisor.liveupdate.lazy import stage_typing, start_lazy
 from hypervisor.liveupdate.proof import (
     ProofFailed,
     Snapshot,
@@ -48,7 +59,7 @@ from hypervisor.liveupdate.proof import (
     type_state,
     verify,
 )
-from hypervisor.mm.frametable import DOMID_INVALID
+from hypervisor.mm.incremental import IncrementalTyping
 from hypervisor.restore import install_domain
 
 PHASES = ("pause", "save", "teardown", "restore", "typerefs", "resume")
@@ -115,12 +126,62 @@ class _Phases:
             self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - started
 
 
-def prepare(hv: Hypervisor, plan: UpdatePlan) -> strategies.Prevalidation | None:
-    """Work done while guests still run (only `prevalidate` has any)."""
+@dataclass
+class StagedBuild:
+    """The new build made ready before the pause: its per-frame tables with the
+    guests' frames claimed, from the streams sent ahead, and those streams as read."""
+
+    tables: StagedTables
+    sent: dict[str, DomainMemory]  # stream name -> what it holds
+    claimed: set[int]  # domids whose frames `tables` holds
+    typing: dict[int, IncrementalTyping] = field(default_factory=dict)  # lazy, by domid
+
+
+@dataclass
+class Prepared:
+    """What an update did while the guests still ran."""
+
+    workdir: Path
+    precopied: dict[int, str]  # domid -> its stream sent ahead
+    staged: StagedBuild | None
+    prevalidation: strategies.Prevalidation | None
+    report: dict[str, Any]  # wall times and counters, for the update's report
+
+
+def prepare(hv: Hypervisor, plan: UpdatePlan) -> Prepared:
+    """Before the pause: send the hand-over's bulk ahead, stage the new build on it
+    (not with `--exec`: the new process does not exist yet) and, for `prevalidate`,
+    build the new build's type state."""
     check_plan(hv, plan)
+    workdir = plan.workdir or Path(tempfile.mkdtemp(prefix="hvlab-handover-"))
+    wall: dict[str, float] = {}
+    started = time.perf_counter()
+    precopied, counters = write_precopy(hv, workdir)
+    wall["precopy_wall_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    sent = {name: read_precopy(workdir, name) for name in precopied.values()}  # read back
+    staged = None
+    if not plan.exec_new_process:
+        tables = StagedTables.empty(hv.memory.nr_frames, plan.to_build, touch=True)
+        for domid, name in precopied.items():
+            tables.claim(sent[name].p2m, domid)
+        staged = StagedBuild(tables, sent, set(precopied))
+        if plan.strategy == "lazy":
+            staged.typing = {
+                domid: stage_typing(hv.memory.u64, tables.frame_table, domid,
+                                    sent[name].p2m, sent[name].tables)
+                for domid, name in precopied.items()}
+    wall["stage_wall_s"] = time.perf_counter() - started
+
+    prevalidation = None
     if plan.strategy == "prevalidate":
-        return strategies.prevalidate(hv, plan.to_build)
-    return None
+        started = time.perf_counter()
+        prevalidation = strategies.prevalidate(
+            hv, plan.to_build, staged.tables.frame_table if staged is not None else None)
+        wall["prevalidate_wall_s"] = time.perf_counter() - started
+    report = {k: round(v, 6) for k, v in wall.items()} | counters
+    return Prepared(workdir, precopied, staged, prevalidation, report)
 
 
 @dataclass
@@ -134,27 +195,21 @@ class Blackout:
     report: dict[str, Any]
     workdir: Path
     before: Snapshot
-    prepared: strategies.Prevalidation | None
+    prevalidation: strategies.Prevalidation | None
     changed: set[int]
-    in_use: list[np.ndarray]
+    in_use: list[np.ndarray]  # per domid
     machine: MachineConfig
     now: int
     old_build: str
     started: float  # time.monotonic(): system-wide, comparable across processes
-    staged: StagedTables | None = None  # the new build's empty tables, made before the pause
+    staged: StagedBuild | None = None  # made before the pause, in this process
 
 
-def stage_new_build(hv: Hypervisor, plan: UpdatePlan) -> StagedTables:
-    """Before the pause: the new build's per-frame tables, empty and faulted in."""
-    return StagedTables.empty(hv.memory.nr_frames, plan.to_build, touch=True)
-
-
-def live_update(hv: Hypervisor, plan: UpdatePlan,
-                prepared: strategies.Prevalidation | None = None,
-                handoff: Callable[[Blackout], None] | None = None,
-                staged: StagedTables | None = None) -> tuple[Hypervisor, dict]:
+def live_update(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared | None = None,
+                handoff: Callable[[Blackout], None] | None = None) -> tuple[Hypervisor, dict]:
     """Replace `hv` by a hypervisor of `plan.to_build`; returns it and the report.
 
+    Without `prepared` nothing was sent ahead: the blackout hands everything over.
     With `handoff`, the old process hands the blackout over after the teardown
     (`--exec`: the callable execs a new process and does not return).
     """
@@ -163,11 +218,35 @@ def live_update(hv: Hypervisor, plan: UpdatePlan,
     counters: dict[str, Any] = {"vcpus": sum(len(d.vcpus) for d in hv.domains)}
     report: dict[str, Any] = {"strategy": plan.strategy, "from_build": hv.build,
                               "to_build": plan.to_build, "at_ns": hv.now}
-    workdir = plan.workdir or Path(tempfile.mkdtemp(prefix="hvlab-handover-"))
+    if prepared is None:
+        workdir = plan.workdir or Path(tempfile.mkdtemp(prefix="hvlab-handover-"))
+        prepared = Prepared(workdir, {}, None, None, {})
+    report["before_pause"] = prepared.report
     # The proof's snapshot is instrumentation, not part of an update: outside the blackout.
     proof_started = time.monotonic()
     before = capture(hv)
     report["proof_capture_wall_s"] = round(time.monotonic() - proof_started, 6)
+    with _collector_paused():
+        return _blackout(hv, plan, prepared, phases, counters, report, before, handoff)
+
+
+@contextmanager
+def _collector_paused():
+    """Python's garbage collection (freeing, say, a whole earlier machine's memory)
+    is kept out of the blackout, as a native hypervisor has none: collect before."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _blackout(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared, phases: _Phases,
+              counters: dict[str, Any], report: dict[str, Any], before: Snapshot,
+              handoff: Callable[[Blackout], None] | None) -> tuple[Hypervisor, dict]:
     started = time.monotonic()
 
     # ---- before the point of no return: any failure resumes the old build
@@ -175,20 +254,21 @@ def live_update(hv: Hypervisor, plan: UpdatePlan,
         with phases.phase("pause"):
             pass  # domains stop at the slice boundary the hypervisor is already at
         with phases.phase("save"):
-            counters.update(write_handover(hv, workdir, plan.strategy == "transfer"))
+            counters.update(write_handover(hv, prepared.workdir, plan.strategy == "transfer",
+                                           prepared.precopied))
             if plan.corrupt_stream:
-                _corrupt(workdir)
-            read_handover(workdir)  # read back: a stream the new build cannot read is fatal
+                _corrupt(prepared.workdir)
+            # read back: a stream the new build cannot read is fatal
+            read_handover(prepared.workdir, resolve=False)
     except (InjectedFault, HandoverError) as err:
         report.update(_aborted(phases, str(err), started))
         return hv, report
 
     # ---- the point of no return
     blackout = Blackout(
-        plan, phases, counters, report, workdir, before, prepared,
-        set(hv.pt_change_log or ()),
-        [frames_in_use(d) for d in hv.domains],
-        hv.machine, hv.now, hv.build, started, staged)
+        plan, phases, counters, report, prepared.workdir, before, prepared.prevalidation,
+        set(hv.pt_change_log or ()), [frames_in_use(d) for d in hv.domains],
+        hv.machine, hv.now, hv.build, started, prepared.staged)
     memory = hv.memory
     _retrying(phases, "teardown", hv.teardown)
     if handoff is not None:
@@ -201,14 +281,26 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
     """The new build's side: restore ownership, typerefs, vCPU state; prove; resume."""
     plan, phases, counters, report = bo.plan, bo.phases, bo.counters, bo.report
 
+    typing: dict[int, IncrementalTyping] = {}  # set up before the pause (lazy)
+
     def restore() -> tuple[Hypervisor, list[DomainHandover]]:
         staged, bo.staged = bo.staged, None  # a retried restore starts from fresh tables
-        new = Hypervisor(bo.machine, plan.to_build, memory, in_use=bo.in_use, staged=staged)
+        claimed = staged.claimed if staged is not None else set()
+        typing.clear()
+        typing.update(staged.typing if staged is not None else {})
+        new = Hypervisor(bo.machine, plan.to_build, memory,
+                         in_use=[f for d, f in enumerate(bo.in_use) if d not in claimed],
+                         staged=staged.tables if staged is not None else None)
         new.now = bo.now
-        handovers = read_handover(bo.workdir)
+        handovers = read_handover(bo.workdir, staged.sent if staged is not None else None)
+        # what was sent ahead but could not be staged before the pause (costs.py)
+        counters["late_staging_entries"] = sum(ho.entries_read for ho in handovers)
+        counters["late_staging_runs"] = counters["ownership_runs"] = 0
         for domid, ho in enumerate(handovers):
-            if ho.kind == "pv":  # HVM frames carry no PV ownership (as when built)
-                new.claim_frames(ho.p2m, domid)
+            # HVM frames carry no PV ownership (as when built)
+            if ho.kind == "pv" and domid not in claimed:
+                key = "late_staging_runs" if "precopy" in ho.meta else "ownership_runs"
+                counters[key] += new.claim_frames(ho.p2m, domid)
         counters["frames_claimed"] = int(sum(ho.p2m.size for ho in handovers))  # (unpriced)
         return new, handovers
 
@@ -220,23 +312,18 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
         if plan.strategy == "transfer":
             return strategies.transfer(new, handovers, bo.old_build)
         if plan.strategy == "prevalidate":
-            if bo.prepared is None:
+            if bo.prevalidation is None:
                 raise UpdateError("strategy prevalidate: nothing was prepared before the pause")
-            return strategies.install_prevalidated(new, handovers, bo.prepared, bo.changed)
+            return strategies.install_prevalidated(new, handovers, bo.prevalidation, bo.changed)
         return {}  # lazy: roots only, below, once the domains exist
 
     def reset_types() -> None:
         """A typeref phase that failed half way starts over from bare ownership."""
-        ft = new.frame_table
         for domid, ho in enumerate(handovers):
-            if ho.kind != "pv":
-                continue
-            rows = ho.p2m.astype(np.int64)
-            for name in ("type_info", "count_info", "nr_validated_ptes", "partial_flags",
-                         "linear_pt_count"):
-                getattr(ft, name)[rows] = 0
-            ft.owner[rows] = DOMID_INVALID
-            ft.assign(ho.p2m, domid)
+            if ho.kind == "pv":
+                strategies.clear_types(new.frame_table, ho.p2m, domid)
+        if bo.prevalidation is not None and bo.prevalidation.frames is new.frame_table:
+            bo.changed.update(range(len(handovers)))  # prepared in place, now gone: redo all
 
     counters.update(_retrying(phases, "typerefs", typerefs, cleanup=reset_types))
     report["translator"] = counters.pop("translator", None)
@@ -257,7 +344,9 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
                      for vid, ctx in ho.contexts.items()}
             dom = install_domain(new, ho.meta, ho.p2m, ho.contexts, bases)
             if plan.strategy == "lazy":
-                start_lazy(new, dom, ho, plan.sweep_budget_ptes)
+                resent = ho.meta.get("precopy", {}).get("tables_resent", True)
+                start_lazy(new, dom, ho, plan.sweep_budget_ptes,
+                           None if resent else typing.get(dom.domid))
 
     _retrying(phases, "resume", resume)
     if new.lazy_update is not None:

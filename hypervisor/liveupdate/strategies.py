@@ -16,10 +16,11 @@ import numpy as np
 from hypervisor.builds import PageType, get_build
 from hypervisor.errors import HvlabError
 from hypervisor.extents import runs_of
-from hypervisor.liveupdate.handover import DomainHandover
+from hypervisor.liveupdate.handover import PFN_MASK, DomainHandover
 from hypervisor.mm.bulk import bulk_validate
-from hypervisor.mm.frametable import FrameTable
+from hypervisor.mm.frametable import DOMID_INVALID, FrameTable
 from hypervisor.mm.typerefs import Root
+from hypervisor.stream.vcpu_context import VcpuGuestContext
 
 if TYPE_CHECKING:
     from hypervisor.hypervisor import Hypervisor
@@ -36,26 +37,43 @@ class StrategyError(HvlabError):
     pass
 
 
-def roots_of(ho: DomainHandover) -> tuple[list[Root], dict[int, int], list[int]]:
-    """Pins (pfn order) and CR3 references of a handed-over domain, as MFNs."""
-    levels = ho.pfinfo & LEVEL_MASK
-    pinned = np.flatnonzero((ho.pfinfo & PIN_FLAG) != 0 & (levels >= 1) & (levels <= 4))
-    pinned = pinned[(levels[pinned] >= 1) & (levels[pinned] <= 4)]
-    pins = {int(ho.p2m[p]): int(levels[p]) for p in pinned}
+def _table_levels(tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(pfns, PFINFO types) of the page tables a hand-over lists (levels 1..4)."""
+    pfns = (tables & np.uint64(PFN_MASK)).astype(np.int64)
+    info = (tables >> np.uint64(60)).astype(np.int64)
+    levels = info & LEVEL_MASK
+    keep = (levels >= 1) & (levels <= 4) & (info < 0xD)
+    return pfns[keep], info[keep]
+
+
+def pins_of(p2m: np.ndarray, tables: np.ndarray) -> dict[int, int]:
+    """The pinned page tables (mfn -> level), in pfn order."""
+    pfns, info = _table_levels(tables)
+    pinned = (info & PIN_FLAG) != 0
+    return dict(zip(p2m[pfns[pinned]].tolist(), (info[pinned] & LEVEL_MASK).tolist(),
+                    strict=True))
+
+
+def cr3s_of(contexts: dict[int, VcpuGuestContext]) -> list[int]:
+    """One L4 MFN per CR3 and per user CR3 reference, by vCPU."""
     cr3s = []
-    for _vid, ctx in sorted(ho.contexts.items()):
+    for _vid, ctx in sorted(contexts.items()):
         cr3s.append(ctx.ctrlreg[3] >> 12)
         if ctx.ctrlreg[1]:
             cr3s.append(ctx.ctrlreg[1] >> 12)
-    roots = [Root(m, lv, True) for m, lv in pins.items()] + [Root(m, 4, False) for m in cr3s]
-    return roots, pins, cr3s
+    return cr3s
 
 
-def table_frames(ho: DomainHandover) -> tuple[np.ndarray, np.ndarray]:
+def roots_of(ho: DomainHandover) -> list[Root]:
+    """Pins (pfn order), then CR3 references, of a handed-over domain."""
+    return ([Root(m, lv, True) for m, lv in pins_of(ho.p2m, ho.tables).items()]
+            + [Root(m, 4, False) for m in cr3s_of(ho.contexts)])
+
+
+def table_frames(p2m: np.ndarray, tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every page table the old build had typed: (mfns, levels)."""
-    levels = ho.pfinfo & LEVEL_MASK
-    tables = np.flatnonzero((levels >= 1) & (levels <= 4) & (ho.pfinfo < 0xD))
-    return ho.p2m[tables].astype(np.int64), levels[tables].astype(np.int64)
+    pfns, info = _table_levels(tables)
+    return p2m[pfns].astype(np.int64), info & LEVEL_MASK
 
 
 def typed_work(frames: FrameTable, mfns: np.ndarray) -> dict[str, int]:
@@ -71,8 +89,7 @@ def typed_work(frames: FrameTable, mfns: np.ndarray) -> dict[str, int]:
 
 
 def _full_walk_domain(hv: Hypervisor, domid: int, ho: DomainHandover) -> dict[str, int]:
-    roots, _, _ = roots_of(ho)
-    result = bulk_validate(hv.memory.u64, hv.frame_table, domid, roots)
+    result = bulk_validate(hv.memory.u64, hv.frame_table, domid, roots_of(ho))
     if not result.ok:
         first = result.failures[0]
         raise StrategyError(f"domain {ho.meta['name']}: the old build's page tables failed "
@@ -151,7 +168,8 @@ def transfer(hv: Hypervisor, handovers: list[DomainHandover], old_build: str) ->
 # ---------------------------------------------------------------- prevalidate
 @dataclass
 class Prevalidation:
-    """The new build's type state, prepared while the guests still run."""
+    """The new build's type state, prepared while the guests still run: in the new
+    build's own staged tables, or in a table of its own to be copied over."""
 
     build: str
     frames: FrameTable
@@ -159,42 +177,62 @@ class Prevalidation:
     counters: dict[str, int] = field(default_factory=dict)
 
 
-def prevalidate(old: Hypervisor, new_build: str) -> Prevalidation:
-    """Before the pause: validate every domain into a shadow table in the new layout,
-    and start logging which domains change their page tables from now on."""
-    shadow = FrameTable(old.memory.nr_frames, get_build(new_build))
-    prep = Prevalidation(new_build, shadow)
+def prevalidate(old: Hypervisor, new_build: str, staged: FrameTable | None = None,
+                ) -> Prevalidation:
+    """Before the pause: validate every PV domain in the new layout (into `staged`, the
+    new build's tables with the guests' frames claimed, if given) and start logging
+    which domains change their page tables from now on."""
+    frames = staged if staged is not None else FrameTable(old.memory.nr_frames,
+                                                          get_build(new_build))
+    prep = Prevalidation(new_build, frames)
     for dom in old.domains:
         if dom.hvm is not None:
             continue  # no PV page types to prepare
-        shadow.assign(dom.p2m, dom.domid)
+        if staged is None:
+            frames.assign(dom.p2m, dom.domid)
         pins = old.frame_table.pinned(dom.p2m.astype(np.int64))
         roots = [Root(int(m), int(old.frame_table.page_type(int(m))), True)
                  for m in dom.p2m[pins]]
         roots += [Root(v.mmu.base_ma >> 12, 4, False) for v in dom.vcpus if v.context is not None]
         roots += [Root(v.user_base_ma >> 12, 4, False) for v in dom.vcpus if v.user_base_ma]
-        result = bulk_validate(old.memory.u64, shadow, dom.domid, roots)
+        result = bulk_validate(old.memory.u64, frames, dom.domid, roots)
         if not result.ok:
             raise StrategyError(f"prevalidation of {dom.name} failed: {result.failures[0]}")
-        for key, value in typed_work(shadow, dom.p2m.astype(np.int64)).items():
+        for key, value in typed_work(frames, dom.p2m.astype(np.int64)).items():
             prep.counters[f"prevalidate_{key}"] = prep.counters.get(f"prevalidate_{key}", 0) + value
         prep.domains.append(dom.domid)
-    old.pt_change_log = set()
+    if old.pt_change_log is None:  # (the hand-over sent ahead may have started it)
+        old.pt_change_log = set()
     return prep
+
+
+def clear_types(frames: FrameTable, p2m: np.ndarray, domid: int) -> None:
+    """A domain's frames back to bare ownership: owned, untyped, unreferenced."""
+    rows = p2m.astype(np.int64)
+    for name in ("type_info", "count_info", "nr_validated_ptes", "partial_flags",
+                 "linear_pt_count"):
+        getattr(frames, name)[rows] = 0
+    frames.owner[rows] = DOMID_INVALID
+    frames.assign(p2m, domid)
 
 
 def install_prevalidated(hv: Hypervisor, handovers: list[DomainHandover], prep: Prevalidation,
                          changed: set[int]) -> dict[str, int]:
-    """In the blackout: copy the prepared rows; redo (full walk) only changed domains."""
-    ft, shadow = hv.frame_table, prep.frames
+    """In the blackout: keep (or copy) the prepared rows; redo only changed domains."""
+    ft, prepared = hv.frame_table, prep.frames
+    in_place = prepared is ft  # prevalidated into this build's staged tables
     counters = {"frames_copied": 0, "domains_redone": 0}
     for domid, ho in enumerate(handovers):
         if ho.kind != "pv":
             continue
         if domid in changed or domid not in prep.domains:
             counters["domains_redone"] += 1
+            if in_place:
+                clear_types(ft, ho.p2m, domid)
             for key, value in _full_walk_domain(hv, domid, ho).items():
                 counters[f"blackout_{key}"] = counters.get(f"blackout_{key}", 0) + value
+            continue
+        if in_place:
             continue
         runs = runs_of(ho.p2m)
         selections = ([slice(first, first + count) for _, first, count in runs.tolist()]
@@ -202,6 +240,6 @@ def install_prevalidated(hv: Hypervisor, handovers: list[DomainHandover], prep: 
         for rows in selections:  # contiguous runs copy at memory speed
             for name in ("type_info", "count_info", "owner", "nr_validated_ptes",
                          "partial_flags", "linear_pt_count"):
-                getattr(ft, name)[rows] = getattr(shadow, name)[rows]
+                getattr(ft, name)[rows] = getattr(prepared, name)[rows]
         counters["frames_copied"] += ho.p2m.size
     return counters

@@ -1,0 +1,100 @@
+"""The hand-over sent ahead of the pause, and the new build staged from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hypervisor.liveupdate.handover import (
+    HVLAB_FRAMES_RECORD,
+    HVLAB_TABLES_RECORD,
+    HandoverError,
+    read_precopy,
+    write_precopy,
+)
+from hypervisor.liveupdate.orchestrator import UpdatePlan, live_update, prepare
+from hypervisor.runner import boot_scenario
+from hypervisor.scenario import load_scenario
+from hypervisor.stream import OpaqueRecord, StreamReader
+
+SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
+MS = 1_000_000
+
+
+def booted(name: str, run_ns: int = MS):
+    hv = boot_scenario(load_scenario(SCENARIOS / name))
+    hv.run(run_ns)
+    return hv
+
+
+def record_types(path: Path) -> list[int]:
+    with path.open("rb") as f:
+        return [r.type for r in StreamReader(f, keep=frozenset({HVLAB_FRAMES_RECORD,
+                                                                HVLAB_TABLES_RECORD}))
+                if isinstance(r, OpaqueRecord)]
+
+
+@pytest.mark.parametrize("strategy", ["full-walk", "lazy", "prevalidate", "transfer"])
+def test_an_unchanged_domain_hands_over_only_its_vcpus_and_state(strategy, tmp_path):
+    hv = booted("pv-spin.toml")
+    plan = UpdatePlan("4.12", strategy, workdir=tmp_path)
+    prepared = prepare(hv, plan)
+    assert prepared.report["precopy_entries"] > 0
+    hv.run(hv.now + MS)  # pv_spin never changes a page table
+    new, report = live_update(hv, plan, prepared)
+    c = report["counters"]
+    assert report["proof"]["ok"]
+    assert (c["domains_precopied"], c["precopy_tables_resent"]) == (1, 0)
+    assert c["handover_entries"] == c["ownership_runs"] == c["late_staging_runs"] == 0
+    blackout = record_types(tmp_path / "dom0.stream")
+    assert HVLAB_FRAMES_RECORD not in blackout and HVLAB_TABLES_RECORD not in blackout
+    assert HVLAB_FRAMES_RECORD in record_types(tmp_path / "dom0.precopy")
+    if new.lazy_update is not None:
+        new.lazy_update.finish_now()
+    assert new.check_typerefs(new.domains[0]) == []
+
+
+@pytest.mark.parametrize("strategy", ["full-walk", "lazy"])
+def test_a_domain_changing_its_page_tables_after_the_precopy_resends_them(strategy, tmp_path):
+    hv = booted("pv-ptchurn.toml")
+    plan = UpdatePlan("4.12", strategy, workdir=tmp_path)
+    prepared = prepare(hv, plan)
+    hv.run(hv.now + MS)  # pv_ptchurn pins, edits and unpins tables all the time
+    assert hv.pt_change_log == {0}
+    new, report = live_update(hv, plan, prepared)
+    c = report["counters"]
+    assert report["proof"]["ok"] and c["precopy_tables_resent"] == 1
+    assert c["handover_entries"] > 0 and c["ownership_runs"] == 0
+    assert HVLAB_TABLES_RECORD in record_types(tmp_path / "dom0.stream")
+    assert HVLAB_FRAMES_RECORD not in record_types(tmp_path / "dom0.stream")
+    new.run(new.now + 2 * MS)  # the lazy proof runs when the sweeper is done
+    if new.lazy_update is not None:
+        new.lazy_update.finish_now()
+        assert report["proof_after_lazy"]["ok"]
+    assert new.check_typerefs(new.domains[0]) == []
+
+
+def test_lazy_staged_ahead_does_the_same_blackout_work_as_lazy_from_scratch(tmp_path):
+    """Setting the sweep up before the pause moves work out of the blackout, but the
+    roots and RIP/RSP paths validated in it are the same."""
+    reports = []
+    for ahead in (True, False):
+        hv = booted("pv-smp.toml")
+        plan = UpdatePlan("4.12", "lazy", workdir=tmp_path / str(ahead))
+        new, report = live_update(hv, plan, prepare(hv, plan) if ahead else None)
+        reports.append({k: v for k, v in report["counters"].items() if k.startswith("blackout_")})
+        new.lazy_update.finish_now()
+        assert report["proof_after_lazy"]["ok"]
+    assert reports[0] == reports[1] and reports[0]["blackout_pages_validated"] > 0
+
+
+def test_a_damaged_stream_sent_ahead_is_one_clear_error(tmp_path):
+    hv = booted("pv-spin.toml")
+    names, _ = write_precopy(hv, tmp_path)
+    path = tmp_path / names[0]
+    data = bytearray(path.read_bytes())
+    data[40:48] = b"\xff" * 8  # the first record's header
+    path.write_bytes(bytes(data))
+    with pytest.raises(HandoverError, match=r"dom0\.precopy"):
+        read_precopy(tmp_path, names[0])
