@@ -68,9 +68,16 @@ def test_back_and_forth_between_builds():
     assert final_codes(result) == {"ptchurn": 0}
 
 
-@pytest.mark.parametrize("phase", PHASES)
-def test_a_failure_in_any_phase_still_proves_and_finishes(phase):
-    result = update("pv-smp.toml", "2ms", "4.12", "full-walk", fail_at=phase)
+# every phase once, and the phases after the point of no return for every strategy (each
+# keeps state staged before the pause that a phase done over must not trust)
+FAULTS = [(phase, "full-walk") for phase in PHASES] + [
+    (phase, strategy) for phase in ("restore", "typerefs", "resume")
+    for strategy in ("transfer", "prevalidate", "lazy")]
+
+
+@pytest.mark.parametrize("phase, strategy", FAULTS)
+def test_a_failure_in_any_phase_still_proves_and_finishes(phase, strategy):
+    result = update("pv-smp.toml", "2ms", "4.12", strategy, fail_at=phase)
     (report,) = result["updates"]
     assert report["injected"] == [phase]
     assert report["proof"]["ok"]
