@@ -416,6 +416,9 @@ def read_handover(directory: Path, ahead: Mapping[str, DomainMemory] | None = No
         memory, from_disk = None, False
         if isinstance(sent, dict) and resolve:
             stream = str(sent.get("stream"))
+            if Path(stream).name != stream or not stream.endswith(".precopy"):
+                raise HandoverError(f"hand-over stream {path.name}: HVLAB_DOMAIN names "
+                                    f"'{stream}', not a stream sent ahead")
             memory = (ahead or {}).get(stream)
             if memory is None:
                 memory, from_disk = read_precopy(directory, stream), True
@@ -449,6 +452,8 @@ def _collect(reader: StreamReader) -> _Parts:
                 if rtype == HVLAB_DOMAIN_RECORD:
                     try:
                         parts.meta = json.loads(body)
+                        if not isinstance(parts.meta, dict):
+                            raise ValueError("not a JSON object")
                     except ValueError as err:
                         raise StreamError(f"unreadable: {err}", offset=offset,
                                           record=record.name) from None
