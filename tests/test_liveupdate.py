@@ -184,6 +184,9 @@ def test_update_mixed_stored_guests_to_4_19_and_back(strategy):
     assert first["proof"]["ok"] and back["proof"]["ok"]
     if strategy == "lazy":
         assert first["proof_after_lazy"]["ok"]
+        # guest instructions per virtual ms while shadow mode was on: at most one per
+        # virtual ns on each pCPU
+        assert 0 < first["throughput"]["during_lazy"] <= scenario.pcpus * 1e6
     assert final_codes(result) == {"ptchurn": 0, "smp": 0, "linux-1g": 0, "lapic": 0}
     assert all(d["typeref_differences"] == [] for d in result["domains"])
 

@@ -95,7 +95,7 @@ class UpdateRun:
 
     def record(self, hv: Hypervisor, report: dict[str, Any]) -> None:
         """An update is done (in this process, or in the one exec'd for it)."""
-        report["throughput"] = {"before": self.pending_rate}
+        report.setdefault("throughput", {})["before"] = self.pending_rate
         if self.plan.exec_new_process and report.get("outcome") == "updated":
             # completed by a new program image (execv): the old one is gone
             report["exec"] = {"pid": os.getpid(), "python_started": _process_start_time()}
@@ -115,14 +115,9 @@ class UpdateRun:
         if hv.lazy_update is not None:
             hv.lazy_update.finish_now()  # the guests stopped before the sweeper did
         end_ns, end_instr = hv.now, _instructions(hv)
-        lazy = hv.lazy_update
         reports = []
         for report, resumed_ns, resumed_instr in self.finished:
-            t = report.setdefault("throughput", {})
-            t["after"] = _rate(end_instr - resumed_instr, end_ns - resumed_ns)
-            if lazy is not None and lazy.shadow_off_ns is not None:
-                t["during_lazy"] = _rate(lazy.instructions_at_end - lazy.instructions_at_start,
-                                         lazy.shadow_off_ns - lazy.started_ns)
+            report["throughput"]["after"] = _rate(end_instr - resumed_instr, end_ns - resumed_ns)
             reports.append(report)
         result = describe(hv, self.scenario, stop, time.monotonic() - self.started)
         result["updates"] = reports

@@ -80,6 +80,12 @@ class LazyUpdate:
         self.blackout: dict[str, int] = {}
         self.background_wall_s = 0.0  # sweeper and fill validations, after the blackout
 
+    def resumed(self) -> None:
+        """The guests run again (every domain installed, the downtime passed): the lazy
+        period's virtual time and instructions count from here."""
+        self.started_ns = self.hv.now
+        self.instructions_at_start = _instructions(self.hv)
+
     def add(self, dom: Domain, lazy: LazyDomain) -> None:
         self.domains.append((dom, lazy))
         for v in dom.vcpus:
@@ -175,7 +181,6 @@ def start_lazy(hv: Hypervisor, dom: Domain, ho: DomainHandover, budget_ptes: int
         update = LazyUpdate(hv, budget_ptes)
         hv.lazy_update = update
         hv.slice_hooks.append(update.sweep)
-        update.instructions_at_start = _instructions(hv)
     lazy = LazyDomain(typing, dom, update)
     update.add(dom, lazy)
     for v in dom.vcpus:

@@ -360,6 +360,8 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
         raise ProofFailed("live update proof failed: " + "; ".join(proof["problems"][:5]))
     downtime = modelled_ns(counters, plan.costs)
     new.now += downtime  # guests see the blackout as time that passed (their offsets stay)
+    if new.lazy_update is not None:
+        new.lazy_update.resumed()
     report.update({
         "outcome": "updated",
         "blackout_wall_s": round(blackout_wall, 6),
@@ -393,7 +395,11 @@ def _arm_lazy_proof(new: Hypervisor, before: Snapshot, report: dict[str, Any]) -
     def on_done() -> None:
         report["proof_after_lazy"] = {"ok": not problems, "problems": problems,
                                       "domains": len(lazy.domains)}
-        report["counters"].update(lazy.counters(new))
+        counters = lazy.counters(new)
+        report["counters"].update(counters)
+        ns = counters["shadow_off_virtual_ns"]
+        report.setdefault("throughput", {})["during_lazy"] = (
+            round(counters["lazy_period_instructions"] / (ns / 1e6), 1) if ns else None)
 
     lazy.on_domain_done = on_domain_done
     lazy.on_done = on_done

@@ -19,6 +19,9 @@ def print_update_report(result: dict[str, Any], out: TextIO | None = None) -> No
                   f"downtime {u['modelled_downtime_ns'] / 1e6:.3f} ms\n")
         phases = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in u["phases"].items())
         out.write(f"  phases (ms wall): {phases}\n")
+        if u.get("before_pause"):
+            ahead = ", ".join(f"{k} {v}" for k, v in u["before_pause"].items())
+            out.write(f"  before the pause, guests running: {ahead}\n")
         counters = ", ".join(f"{k} {v}" for k, v in sorted(u["counters"].items()))
         out.write(f"  counters: {counters}\n")
         proof = u["proof"]
