@@ -120,7 +120,7 @@ class PhysicalCpu:
         self.index = index
         self.memory = memory  # keeps the buffer alive while this engine maps it
         uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+        uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)  # type: ignore[attr-defined]  # untyped in 2.1.4
         uc.mem_map_ptr(0, memory.size, UC_PROT_ALL, memory.address)
         # With an `until` address unicorn probes that page through the TLB-fill
         # hook, and a refused probe poisons the whole run; an empty exit list
@@ -153,12 +153,13 @@ class PhysicalCpu:
         from unicorn.unicorn_py3.arch.intel import HOOK_INSN_CPUID_CFUNC
         from unicorn.unicorn_py3.unicorn import uccallback
 
-        @uccallback(self.uc, HOOK_INSN_CPUID_CFUNC)
+        @uccallback(self.uc, HOOK_INSN_CPUID_CFUNC)  # type: ignore[arg-type]
         def on_rdtsc(uc, _key):
             return self._on_rdtsc(uc, None)
 
         for insn in (X.UC_X86_INS_RDTSC, X.UC_X86_INS_RDTSCP):
-            self.uc._Uc__do_hook_add(UC_HOOK_INSN, on_rdtsc, 1, 0, ctypes.c_int(insn))
+            self.uc._Uc__do_hook_add(  # type: ignore[attr-defined]
+                UC_HOOK_INSN, on_rdtsc, 1, 0, ctypes.c_int(insn))
 
     # ----------------------------------------------------------------- running
     @property
@@ -384,7 +385,7 @@ class PhysicalCpu:
 
     def flush_translations(self) -> None:
         """Forget translated code (after the host rewrote guest code pages)."""
-        self.uc.ctl_flush_tb()
+        self.uc.ctl_flush_tb()  # type: ignore[attr-defined]  # untyped in 2.1.4
 
     def flush_tlb(self) -> None:
         # the 2.1.4 binding has a TB-flush helper but none for the TLB

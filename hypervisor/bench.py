@@ -115,7 +115,9 @@ def _bare_unicorn(kernel_path: Path, quantum: int) -> tuple[int, float]:
 def run_bench(args: argparse.Namespace) -> int:
     scenario = load_scenario(SCENARIOS / "pv-spin.toml")
     hv_instr, hv_wall, _ = _hvlab("pv-spin.toml")
-    bare_instr, bare_wall = _bare_unicorn(scenario.domains[0].kernel, scenario.quantum_ns)
+    kernel = scenario.domains[0].kernel
+    assert kernel is not None  # pv-spin boots a kernel, not an image
+    bare_instr, bare_wall = _bare_unicorn(kernel, scenario.quantum_ns)
     touch_instr, touch_wall, fills = _hvlab("pv-touch.toml")
     hvm_fills, hvm_touch_wall = _hvm_fills()
     interrupts, lapic_wall = _hvm_interrupts()

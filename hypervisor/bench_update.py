@@ -96,7 +96,7 @@ def run_update_bench(as_json: bool, sizes: str = "1G,4G,16G,64G",
             for strategy in STRATEGIES:
                 rows.append(_one(image, guest, strategy))
             image.unlink()
-    result = {
+    result: dict[str, Any] = {
         "rows": rows,
         "image_make_wall_s": {f"{g / (1 << 30):g}G": s for g, s in images.items()},
         "from_build": FROM_BUILD, "to_build": TO_BUILD, "unicorn": unicorn.__version__,

@@ -193,6 +193,7 @@ def _localise(pages: np.ndarray, st: _Pending, record: PageDataRecord, path: Pat
         raise _fail(path, "PAGE_DATA", record.offset,
                     f"page table at pfn {int(pfns[page])} entry {int(slot)} points to pfn "
                     f"{int(target[page, slot])}, beyond the domain's {st.nr_pages} pages")
+    assert st.p2m is not None  # allocated when X86_PV_P2M_FRAMES was read
     mfn = st.p2m[np.where(present, target, 0)].astype(np.uint64)
     local = (entries & ~np.uint64(ADDR_MASK)) | (mfn << np.uint64(12))
     return np.where(present, local, entries).view(np.uint8).reshape(-1, PAGE_SIZE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, TextIO
 
 from emulator.disasm import disassemble_with
@@ -20,7 +21,7 @@ class Tracer:
         self.limit = limit
         self.lines = 0
         for cpu in hv.pcpus:
-            cpu.trace_instructions(lambda rip, cpu=cpu: self._instruction(cpu, rip))
+            cpu.trace_instructions(partial(self._instruction, cpu))
 
     @property
     def exhausted(self) -> bool:
