@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import pytest
@@ -9,14 +10,18 @@ import pytest
 from hypervisor.liveupdate.handover import (
     HVLAB_FRAMES_RECORD,
     HVLAB_TABLES_RECORD,
+    HVLAB_TYPEINFO_RECORD,
     HandoverError,
+    read_handover,
     read_precopy,
+    write_handover,
     write_precopy,
 )
 from hypervisor.liveupdate.orchestrator import UpdatePlan, live_update, prepare
 from hypervisor.runner import boot_scenario
 from hypervisor.scenario import load_scenario
 from hypervisor.stream import OpaqueRecord, StreamReader
+from tests.image_surgery import edit_first
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 MS = 1_000_000
@@ -46,7 +51,9 @@ def test_an_unchanged_domain_hands_over_only_its_vcpus_and_state(strategy, tmp_p
     c = report["counters"]
     assert report["proof"]["ok"]
     assert (c["domains_precopied"], c["precopy_tables_resent"]) == (1, 0)
-    assert c["handover_entries"] == c["ownership_runs"] == c["late_staging_runs"] == 0
+    assert c["ownership_runs"] == c["late_staging_runs"] == 0
+    # what is left: transfer's type state, as runs of equal rows
+    assert (c["handover_entries"] > 0) == (strategy == "transfer")
     blackout = record_types(tmp_path / "dom0.stream")
     assert HVLAB_FRAMES_RECORD not in blackout and HVLAB_TABLES_RECORD not in blackout
     assert HVLAB_FRAMES_RECORD in record_types(tmp_path / "dom0.precopy")
@@ -98,3 +105,21 @@ def test_a_damaged_stream_sent_ahead_is_one_clear_error(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(HandoverError, match=r"dom0\.precopy"):
         read_precopy(tmp_path, names[0])
+
+
+def test_type_state_that_does_not_cover_the_domain_is_refused_before_the_pause(tmp_path):
+    """transfer's type state travels as runs of equal rows; runs that leave a gap
+    are refused when the stream is read back, and the old build carries on."""
+    hv = booted("pv-spin.toml")
+    write_handover(hv, tmp_path, with_type_state=True)
+    assert read_handover(tmp_path)[0].type_runs is not None
+    path = tmp_path / "dom0.stream"
+
+    def shorten_first_run(body: bytearray) -> bytes:
+        count = struct.unpack_from("<Q", body, 8 + 8)[0]  # row 0: pfn, count, ...
+        struct.pack_into("<Q", body, 8 + 8, count - 1)
+        return bytes(body)
+
+    path.write_bytes(edit_first(path.read_bytes(), HVLAB_TYPEINFO_RECORD, shorten_first_run))
+    with pytest.raises(HandoverError, match="dom0.stream.*do not cover the domain"):
+        read_handover(tmp_path)

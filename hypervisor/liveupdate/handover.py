@@ -6,8 +6,9 @@ runs of consecutive frames (a handful for a whole guest) and `HVLAB_TABLES`
 records the PFINFO type of every page-table pfn (PAGE_DATA's pfn-word format),
 so the hand-over grows with page tables, not with memory. vCPU contexts carry
 CR3s as MFNs (nothing is normalised). For the `transfer` strategy,
-`HVLAB_TYPEINFO` records carry each frame's type_info, count_info and linear
-count in the *old* build's layout. Everything else Xen's records do not hold
+`HVLAB_TYPEINFO` records carry every frame's type_info, count_info and linear
+count in the *old* build's layout, as runs of pfns with equal rows (most of a
+guest's RAM is alike: a data page mapped writable once). Everything else Xen's records do not hold
 is in `HVLAB_DOMAIN` (as in saved images).
 A manifest (JSON) names the streams and the machine-level state.
 
@@ -75,7 +76,6 @@ HVLAB_TYPEINFO_RECORD = 0x8000_4803
 HVLAB_TABLES_RECORD = 0x8000_4804
 HVLAB_P2M_RECORD = 0x8000_4805
 FRAMES_PER_RECORD = 1 << 20  # keeps each record far below the 128 MiB record limit
-_RANGE = struct.Struct("<QQ")
 _COUNT = struct.Struct("<Q")
 PFN_MASK = (1 << 52) - 1
 MANIFEST = "manifest.json"
@@ -102,9 +102,8 @@ class DomainHandover:
     p2m: np.ndarray
     tables: np.ndarray  # as DomainMemory.tables (none for HVM)
     contexts: dict[int, VcpuGuestContext] = field(default_factory=dict)
-    type_info: np.ndarray | None = None  # old layout, per pfn (transfer)
-    count_info: np.ndarray | None = None
-    linear_pt_count: np.ndarray | None = None
+    # transfer: (first pfn, count, type_info in the old layout, count_info, linear count)
+    type_runs: np.ndarray | None = None
     kind: str = "pv"
     # HVM: the P2M rebuilt from the stream (no EPT yet), the descriptors' frame, and the
     # records the new build restores vCPUs and devices from
@@ -242,14 +241,12 @@ def _write_domain(f, hv: Hypervisor, dom: Domain, with_type_state: bool,
     if ahead is None or changed:
         entries += _write_tables(w, hv, dom)
     if with_type_state:
-        ft = hv.frame_table
-        for start in range(0, dom.nr_pages, FRAMES_PER_RECORD):
-            stop = min(start + FRAMES_PER_RECORD, dom.nr_pages)
-            mfns = dom.p2m[start:stop].astype(np.int64)
-            w.write_record(HVLAB_TYPEINFO_RECORD, b"".join((
-                _RANGE.pack(start, stop - start), ft.type_info[mfns].astype("<u8").tobytes(),
-                ft.count_info[mfns].astype("<u8").tobytes(),
-                ft.linear_pt_count[mfns].astype("<i8").tobytes())))
+        runs = _type_runs(hv, dom)
+        entries += len(runs)
+        for start in range(0, len(runs), FRAMES_PER_RECORD):
+            chunk = runs[start : start + FRAMES_PER_RECORD]
+            w.write_record(HVLAB_TYPEINFO_RECORD,
+                           _COUNT.pack(len(chunk)) + chunk.astype("<u8").tobytes())
     for v in dom.vcpus:
         if v.context is not None:
             w.write_x86_pv_vcpu_basic(v.vcpu_id, vcpu_context(hv, v, normalise=False))
@@ -260,6 +257,37 @@ def _write_domain(f, hv: Hypervisor, dom: Domain, with_type_state: bool,
     w.write_record(HVLAB_DOMAIN_RECORD, json.dumps(state).encode())
     w.write_end()
     return w.offset, entries
+
+
+def _type_runs(hv: Hypervisor, dom: Domain) -> np.ndarray:
+    """(first pfn, count, type_info, count_info, linear count) rows: the domain's frames
+    in pfn order, a row per run of equal type state (runs also break every chunk)."""
+    ft = hv.frame_table
+    rows = []
+    for pfn, mfns in _frame_chunks(dom.p2m):
+        state = [ft.type_info[mfns].view(np.int64), ft.count_info[mfns].view(np.int64),
+                 ft.linear_pt_count[mfns].astype(np.int64)]
+        change = np.zeros(state[0].size - 1, dtype=bool)
+        for column in state:
+            change |= column[1:] != column[:-1]
+        starts = np.concatenate([[0], np.flatnonzero(change) + 1])
+        counts = np.diff(np.concatenate([starts, [state[0].size]]))
+        rows.append(np.stack([starts + pfn, counts, *(c[starts] for c in state)], axis=1))
+    return np.concatenate(rows) if rows else np.zeros((0, 5), np.int64)
+
+
+def _frame_chunks(p2m: np.ndarray, chunk: int = FRAMES_PER_RECORD):
+    """(first pfn, frame-table rows) for a domain's frames in pfn order, a chunk at a
+    time: slices where the frames are consecutive (no gather), else the mfns."""
+    runs = runs_of(p2m)
+    if runs is None:
+        for start in range(0, p2m.size, chunk):
+            yield start, p2m[start : start + chunk].astype(np.int64)
+        return
+    for pfn, first, count in runs.tolist():
+        for offset in range(0, count, chunk):
+            n = min(chunk, count - offset)
+            yield pfn + offset, slice(first + offset, first + offset + n)
 
 
 def _backed_runs(mfns: np.ndarray) -> np.ndarray:
@@ -439,7 +467,7 @@ class _Parts:
     nr_pages: int | None = None
     runs: list[tuple[np.ndarray, int, str]] = field(default_factory=list)
     tables: list[tuple[np.ndarray, int, str]] = field(default_factory=list)
-    typeinfo: list[tuple[bytes, int, str]] = field(default_factory=list)
+    typeinfo: list[np.ndarray] = field(default_factory=list)
     contexts: dict[int, VcpuGuestContext] = field(default_factory=dict)
     end: int = 0
 
@@ -463,7 +491,7 @@ def _collect(reader: StreamReader) -> _Parts:
                     words = _array(body, 1, offset, record.name)[:, 0]
                     parts.tables.append((words, offset, record.name))
                 else:  # HVLAB_TYPEINFO
-                    parts.typeinfo.append((body, offset, record.name))
+                    parts.typeinfo.append(_array(body, 5, offset, record.name))
             case X86PvVcpuBasicRecord(vcpu_id=vid):
                 parts.contexts[vid] = record.guest_context()
             case X86PvP2mFramesRecord(end_pfn=end_pfn):
@@ -509,21 +537,12 @@ def _read_domain(parts: _Parts, sent: DomainMemory | None, resolve: bool) -> Dom
     nr_pages = memory.p2m.size
     handover = DomainHandover(parts.meta, memory.p2m, memory.tables, parts.contexts)
     if parts.typeinfo:
-        type_info = np.zeros(nr_pages, np.uint64)
-        count_info = np.zeros(nr_pages, np.uint64)
-        linear = np.zeros(nr_pages, np.int64)
-        for body, offset, name in parts.typeinfo:
-            start, count = _RANGE.unpack_from(body)
-            if start + count > nr_pages or len(body) != _RANGE.size + 24 * count:
-                raise StreamError(f"frames {start}+{count} do not fit the domain",
-                                  offset=offset, record=name)
-            type_info[start : start + count] = np.frombuffer(body, "<u8", count, _RANGE.size)
-            count_info[start : start + count] = np.frombuffer(body, "<u8", count,
-                                                              _RANGE.size + 8 * count)
-            linear[start : start + count] = np.frombuffer(body, "<i8", count,
-                                                          _RANGE.size + 16 * count)
-        handover.type_info, handover.count_info, handover.linear_pt_count = (
-            type_info, count_info, linear)
+        runs = np.concatenate(parts.typeinfo).view(np.int64)
+        starts = np.concatenate([[0], np.cumsum(runs[:, 1])[:-1]])
+        if (runs[:, 1] <= 0).any() or (runs[:, 0] != starts).any() or runs[:, 1].sum() != nr_pages:
+            raise StreamError(f"the type-state runs do not cover the domain's {nr_pages} "
+                              "pages in order", offset=parts.end, record="HVLAB_TYPEINFO")
+        handover.type_runs = runs
     return handover
 
 

@@ -148,20 +148,30 @@ def translator_for(old: str, new: str) -> Translator:
 
 
 def transfer(hv: Hypervisor, handovers: list[DomainHandover], old_build: str) -> dict[str, int]:
-    """Install the old build's per-frame type state, translated into this build's layout."""
+    """Install the old build's per-frame type state, translated into this build's layout
+    (each run of equal state is translated once, then written to its frames)."""
     translate = translator_for(old_build, hv.build)
     ft = hv.frame_table
     translated = 0
     for ho in handovers:
         if ho.kind != "pv":
             continue
-        if ho.type_info is None or ho.count_info is None or ho.linear_pt_count is None:
+        if ho.type_runs is None:
             raise StrategyError(f"domain {ho.meta['name']}: the hand-over carries no type state")
-        mfns = ho.p2m.astype(np.int64)
-        ft.type_info[mfns] = translate(ho.type_info)
-        ft.count_info[mfns] = ho.count_info
-        ft.linear_pt_count[mfns] = ho.linear_pt_count.astype(ft.linear_pt_count.dtype)
-        translated += mfns.size
+        runs = ho.type_runs
+        counts = runs[:, 1]
+        columns = {"type_info": np.repeat(translate(runs[:, 2].view(np.uint64)), counts),
+                   "count_info": np.repeat(runs[:, 3].view(np.uint64), counts),
+                   "linear_pt_count": np.repeat(runs[:, 4], counts)}
+        owned = runs_of(ho.p2m)
+        selections = ([(slice(pfn, pfn + n), slice(first, first + n))
+                       for pfn, first, n in owned.tolist()] if owned is not None
+                      else [(slice(None), ho.p2m.astype(np.int64))])
+        for pfns, rows in selections:
+            for name, values in columns.items():
+                column = getattr(ft, name)
+                column[rows] = values[pfns].astype(column.dtype)
+        translated += ho.p2m.size
     return {"frames_translated": translated, "translator": translate.__name__}  # type: ignore
 
 
