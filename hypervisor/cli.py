@@ -102,7 +102,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.which == "update":
         from hypervisor.bench_update import run_update_bench
 
-        run_update_bench(args.json, sizes=args.sizes)
+        if args.repeat < 1:
+            raise HvlabError("--repeat must be at least 1")
+        run_update_bench(args.json, sizes=args.sizes, repeat=args.repeat)
         return 0
     from hypervisor.bench import run_bench
 
@@ -180,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--build", default="4.19", help="revalidate: the build's layout")
     bench.add_argument("--sizes", default="1G,4G,16G,64G",
                        help="update: guest sizes, comma-separated (default 1G,4G,16G,64G)")
+    bench.add_argument("--repeat", type=int, default=3,
+                       help="update: updates measured per strategy and size; a row is the "
+                            "run with the median blackout (default 3)")
     bench.set_defaults(func=_cmd_bench)
 
     image = sub.add_parser("image", help="stored guest images (migration stream v2)")
