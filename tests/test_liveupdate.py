@@ -207,3 +207,16 @@ def test_to_and_strategy_without_at_re_aim_the_scenarios_updates(capsys):
                    "--strategy", "transfer", "--json"])
     result = json.loads(capsys.readouterr().out)
     assert status == 0 and result["strategy"] == "transfer" and result["at_ns"] == 1_000_000
+
+
+def test_an_update_while_lazy_validation_is_still_running_finishes_it_first():
+    """The second update's hand-over must describe complete type state: the first
+    (lazy) update's sweeper has not reached the 1 GiB guest's tables yet."""
+    scenario = load_scenario(SCENARIOS / "update-mixed.toml")
+    specs = [UpdateSpec(1_000_000, "4.19", "lazy"), UpdateSpec(1_010_000, "4.12", "lazy")]
+    result = run_with_updates(scenario, specs, UpdatePlan("4.19", "lazy"))
+    first, second = result["updates"]
+    assert first["proof"]["ok"] and first["proof_after_lazy"]["ok"]
+    assert second["proof"]["ok"] and second["proof_after_lazy"]["ok"]
+    assert final_codes(result) == {"ptchurn": 0, "smp": 0, "linux-1g": 0, "lapic": 0}
+    assert all(d["typeref_differences"] == [] for d in result["domains"])

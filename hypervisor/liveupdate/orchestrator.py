@@ -153,6 +153,7 @@ def prepare(hv: Hypervisor, plan: UpdatePlan) -> Prepared:
     (not with `--exec`: the new process does not exist yet) and, for `prevalidate`,
     build the new build's type state."""
     check_plan(hv, plan)
+    _settle_lazy(hv)
     workdir = plan.workdir or Path(tempfile.mkdtemp(prefix="hvlab-handover-"))
     wall: dict[str, float] = {}
     started = time.perf_counter()
@@ -218,6 +219,7 @@ def live_update(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared | None = No
     counters: dict[str, Any] = {"vcpus": sum(len(d.vcpus) for d in hv.domains)}
     report: dict[str, Any] = {"strategy": plan.strategy, "from_build": hv.build,
                               "to_build": plan.to_build, "at_ns": hv.now}
+    _settle_lazy(hv)
     if prepared is None:
         workdir = plan.workdir or Path(tempfile.mkdtemp(prefix="hvlab-handover-"))
         prepared = Prepared(workdir, {}, None, None, {})
@@ -228,6 +230,13 @@ def live_update(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared | None = No
     report["proof_capture_wall_s"] = round(time.monotonic() - proof_started, 6)
     with _collector_paused():
         return _blackout(hv, plan, prepared, phases, counters, report, before, handoff)
+
+
+def _settle_lazy(hv: Hypervisor) -> None:
+    """An update that starts while an earlier lazy one is still validating finishes that
+    first: what is sent ahead, handed over and proved is complete type state."""
+    if hv.lazy_update is not None:
+        hv.lazy_update.finish_now()
 
 
 @contextmanager
