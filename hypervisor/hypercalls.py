@@ -206,8 +206,6 @@ def _mmu_batch(hv: Hypervisor, v: Vcpu, ptr: int, count: int, done_ptr: int, for
     requests = np.frombuffer(raw, dtype=np.uint64).reshape(count, size // 8)
     hv.before_page_table_hypercall(v.domain)
     rc, done = run(VcpuMmuContext(hv, v), requests, foreigndom & 0xFFFF_FFFF)
-    if done and hv.pt_change_log is not None:
-        hv.pt_change_log.add(v.domain.domid)
     if done_ptr:
         hv.copy_to_guest(v, done_ptr, struct.pack("<I", done))
     return rc

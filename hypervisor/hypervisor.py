@@ -140,8 +140,6 @@ class Hypervisor:
         self.tracer: Tracer | None = None
         # called with the slice's end time after every slice (a lazy sweeper, say)
         self.slice_hooks: list[Callable[[int], None]] = []
-        # domids whose page tables changed since a prevalidation started (None: not logging)
-        self.pt_change_log: set[int] | None = None
         self.lazy_update: LazyUpdate | None = None  # a lazy live update, until shadow-off
         for cpu in self.pcpus:
             cpu.sync_exit = self._sync_exit_for(cpu)

@@ -36,6 +36,7 @@ from hypervisor.vcpu import DOWN
 if TYPE_CHECKING:
     from hypervisor.domain import Domain
     from hypervisor.hypervisor import Hypervisor
+    from hypervisor.mm.frametable import FrameTable
 
 HVLAB_DOMAIN_RECORD = 0x8000_4801  # optional (bit 31): other readers skip it
 HVLAB_DOMAIN_VERSION = 1
@@ -69,12 +70,20 @@ def classify_pages(hv: Hypervisor, dom: Domain) -> PageClasses:
     mfns = dom.p2m.view(np.int64) if dom.p2m.dtype == np.uint64 else dom.p2m.astype(np.int64)
     types = _frame_types(ft, mfns)
     candidates = np.flatnonzero((types >= PageType.L1) & (types <= PageType.L4))
-    live = candidates[ft.type_counts(mfns[candidates]) > 0]
-    levels = np.zeros(mfns.size, dtype=np.uint8)
-    levels[live] = types[live]
     pfinfo = np.full(mfns.size, Pfinfo.NOTAB, dtype=np.uint8)
-    pfinfo[live] = types[live] + np.where(ft.pinned(mfns[live]), PIN_OFFSET, 0).astype(np.uint8)
+    pfinfo[candidates] = table_pfinfo(ft, mfns[candidates])
+    levels = np.where(pfinfo != Pfinfo.NOTAB, types, 0).astype(np.uint8)
     return PageClasses(pfinfo, levels)
+
+
+def table_pfinfo(ft: FrameTable, mfns: np.ndarray) -> np.ndarray:
+    """The PFINFO type (uint8) of the given frames: LnTAB or LnTAB_PIN for a page table
+    in use (type count > 0), NOTAB for anything else."""
+    types = ft.types(mfns)
+    live = (types >= PageType.L1) & (types <= PageType.L4) & (ft.type_counts(mfns) > 0)
+    pfinfo = np.full(mfns.size, Pfinfo.NOTAB, dtype=np.uint8)
+    pfinfo[live] = (types[live] + np.where(ft.pinned(mfns[live]), PIN_OFFSET, 0)).astype(np.uint8)
+    return pfinfo
 
 
 def _frame_types(ft, mfns: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hypervisor.liveupdate.handover import (
@@ -12,6 +13,8 @@ from hypervisor.liveupdate.handover import (
     HVLAB_TABLES_RECORD,
     HVLAB_TYPEINFO_RECORD,
     HandoverError,
+    _apply_delta,
+    changed_domains,
     read_handover,
     read_precopy,
     write_handover,
@@ -19,12 +22,14 @@ from hypervisor.liveupdate.handover import (
 )
 from hypervisor.liveupdate.orchestrator import UpdatePlan, live_update, prepare
 from hypervisor.runner import boot_scenario
+from hypervisor.save import classify_pages
 from hypervisor.scenario import load_scenario
-from hypervisor.stream import OpaqueRecord, StreamReader
+from hypervisor.stream import OpaqueRecord, Pfinfo, StreamReader
 from tests.image_surgery import edit_first
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 MS = 1_000_000
+MID_ROUND = 500_000  # pv_ptchurn then holds 3 more page tables than 1 ms after boot
 
 
 def booted(name: str, run_ns: int = MS):
@@ -50,7 +55,7 @@ def test_an_unchanged_domain_hands_over_only_its_vcpus_and_state(strategy, tmp_p
     new, report = live_update(hv, plan, prepared)
     c = report["counters"]
     assert report["proof"]["ok"]
-    assert (c["domains_precopied"], c["precopy_tables_resent"]) == (1, 0)
+    assert (c["domains_precopied"], c["tables_changed_since_precopy"]) == (1, 0)
     assert c["ownership_runs"] == c["late_staging_runs"] == 0
     # what is left: transfer's type state, as runs of equal rows
     assert (c["handover_entries"] > 0) == (strategy == "transfer")
@@ -67,11 +72,11 @@ def test_a_domain_changing_its_page_tables_after_the_precopy_resends_them(strate
     hv = booted("pv-ptchurn.toml")
     plan = UpdatePlan("4.12", strategy, workdir=tmp_path)
     prepared = prepare(hv, plan)
-    hv.run(hv.now + MS)  # pv_ptchurn pins, edits and unpins tables all the time
-    assert hv.pt_change_log == {0}
+    hv.run(hv.now + MID_ROUND)  # pv_ptchurn pins, edits and unpins tables all the time
+    assert hv.frame_table.type_log and changed_domains(hv) == {0}
     new, report = live_update(hv, plan, prepared)
     c = report["counters"]
-    assert report["proof"]["ok"] and c["precopy_tables_resent"] == 1
+    assert report["proof"]["ok"] and c["tables_changed_since_precopy"] > 0
     assert c["handover_entries"] > 0 and c["ownership_runs"] == 0
     assert HVLAB_TABLES_RECORD in record_types(tmp_path / "dom0.stream")
     assert HVLAB_FRAMES_RECORD not in record_types(tmp_path / "dom0.stream")
@@ -80,6 +85,33 @@ def test_a_domain_changing_its_page_tables_after_the_precopy_resends_them(strate
         new.lazy_update.finish_now()
         assert report["proof_after_lazy"]["ok"]
     assert new.check_typerefs(new.domains[0]) == []
+
+
+def test_the_tables_sent_ahead_and_the_delta_make_the_list_at_the_pause(tmp_path):
+    hv = booted("pv-ptchurn.toml")
+    names, _ = write_precopy(hv, tmp_path)
+    hv.run(hv.now + MID_ROUND)
+    counters = write_handover(hv, tmp_path, with_type_state=False, precopied=names)
+    (ho,) = read_handover(tmp_path)
+    types = classify_pages(hv, hv.domains[0]).types
+    pfns = np.flatnonzero(types != Pfinfo.NOTAB)
+    expected = pfns.astype(np.uint64) | (types[pfns].astype(np.uint64) << np.uint64(60))
+    assert np.array_equal(ho.tables, expected)
+    # the delta names only frames whose type state changed, far fewer than the domain's
+    assert 0 < ho.tables_changed <= counters["handover_entries"] < hv.domains[0].nr_pages
+
+
+def test_a_delta_adds_removes_and_retypes_page_tables():
+    def words(table: dict[int, int]) -> np.ndarray:
+        return np.array([pfn | (kind << 60) for pfn, kind in table.items()], dtype=np.uint64)
+
+    sent = words({1: Pfinfo.L1TAB, 5: Pfinfo.L2TAB, 9: Pfinfo.L4TAB_PIN})
+    delta = words({1: Pfinfo.L1TAB, 5: Pfinfo.NOTAB, 7: Pfinfo.L1TAB, 9: Pfinfo.L4TAB,
+                   11: Pfinfo.NOTAB})
+    merged, changed = _apply_delta(sent, delta)
+    assert merged.tolist() == words({1: Pfinfo.L1TAB, 7: Pfinfo.L1TAB,
+                                     9: Pfinfo.L4TAB}).tolist()
+    assert changed == 3  # 5 gone, 7 new, 9 unpinned; 1 (a count change) and 11 are not
 
 
 def test_lazy_staged_ahead_does_the_same_blackout_work_as_lazy_from_scratch(tmp_path):

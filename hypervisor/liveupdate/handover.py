@@ -14,11 +14,13 @@ A manifest (JSON) names the streams and the machine-level state.
 
 The bulk of a PV domain's hand-over (P2M frames, ownership runs, page-table
 list) changes rarely, so it can be sent ahead, while the guests still run:
-`write_precopy` writes it as `domN.precopy`. A blackout stream then only
-names that stream in its `HVLAB_DOMAIN` (`precopy`) and carries the page-table
-list again only if the domain changed its page tables since (`tables_resent`);
-no hypercall changes a PV domain's frames after it is built, so ownership
-sent ahead stays true.
+`write_precopy` writes it as `domN.precopy` and the frame table starts logging
+which frames' type state the typing rules change (`FrameTable.type_log`). A
+blackout stream then only names that stream in its `HVLAB_DOMAIN` (`precopy`),
+and its `HVLAB_TABLES` records are a delta: the PFINFO type now of every pfn
+whose type state changed since (NOTAB: no longer a page table). No hypercall
+changes a PV domain's frames after it is built, so ownership sent ahead stays
+true.
 
 HVM domains (domain type 2) carry, in this order: `HVLAB_DOMAIN` (as in saved
 HVM images, plus `posted_mfn`: the frame of the vCPUs' posted-interrupt
@@ -52,6 +54,7 @@ from hypervisor.save import (
     classify_pages,
     domain_state,
     p2m_frame_pfns,
+    table_pfinfo,
     vcpu_context,
 )
 from hypervisor.stream import (
@@ -92,6 +95,7 @@ class DomainMemory:
     p2m: np.ndarray  # pfn -> mfn
     tables: np.ndarray  # HVLAB_TABLES words (pfn | PFINFO type << 60), ascending pfn
     entries: int  # ownership runs + page tables read: what reading it cost
+    changed: int = 0  # page tables added, removed or retyped by a delta on a list sent ahead
 
 
 @dataclass
@@ -110,6 +114,7 @@ class DomainHandover:
     hvm_p2m: P2M | None = None
     posted_mfn: int | None = None
     hvm_records: list[Any] = field(default_factory=list)
+    tables_changed: int = 0  # page tables that changed since the hand-over sent ahead
     # ownership runs and page tables read from disk, in the blackout, from a stream sent
     # ahead (none when the new build read it before the pause)
     entries_read: int = 0
@@ -132,11 +137,10 @@ def write_precopy(hv: Hypervisor, directory: Path) -> tuple[dict[int, str], dict
     """Before the pause: every PV domain's frames and page tables, sent ahead.
 
     Returns the streams written (domid -> name) and counters. From here on the
-    hypervisor logs which domains change their page tables (`pt_change_log`).
+    frame table logs which frames' type state changes (`type_log`).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    if hv.pt_change_log is None:  # logging may have started earlier (prevalidate)
-        hv.pt_change_log = set()
+    start_type_log(hv)
     names: dict[int, str] = {}
     counters = {"precopy_bytes": 0, "precopy_entries": 0}
     for dom in hv.domains:
@@ -154,6 +158,22 @@ def write_precopy(hv: Hypervisor, directory: Path) -> tuple[dict[int, str], dict
     return names, counters
 
 
+def start_type_log(hv: Hypervisor) -> None:
+    """Log type changes from now on (unless logging already)."""
+    if hv.frame_table.type_log is None:
+        hv.frame_table.type_log = set()
+
+
+def logged_frames(hv: Hypervisor) -> np.ndarray:
+    """The frames whose type state changed since logging began, ascending."""
+    return np.array(sorted(hv.frame_table.type_log or ()), dtype=np.int64)
+
+
+def changed_domains(hv: Hypervisor) -> set[int]:
+    """The domains that own a frame whose type state changed since logging began."""
+    return {int(d) for d in np.unique(hv.frame_table.owner[logged_frames(hv)])}
+
+
 def read_precopy(directory: Path, name: str) -> DomainMemory:
     """The new build reads a stream sent ahead (StreamError names record and offset)."""
     path = directory / name
@@ -169,26 +189,24 @@ def write_handover(hv: Hypervisor, directory: Path, with_type_state: bool,
                    precopied: dict[int, str] | None = None) -> dict[str, Any]:
     """The old build writes every domain's stream and the manifest; returns counters.
 
-    A domain in `precopied` whose page tables have not changed since (per
-    `hv.pt_change_log`) refers to its stream sent ahead for frames and tables.
+    A domain in `precopied` refers to its stream sent ahead for frames and tables
+    and carries only the tables that changed since (`FrameTable.type_log`).
     """
     directory.mkdir(parents=True, exist_ok=True)
     streams = []
     counters = {"handover_bytes": 0, "handover_frames": 0, "handover_entries": 0,
-                "domains_precopied": 0, "precopy_tables_resent": 0}
-    changed = hv.pt_change_log or set()
+                "domains_precopied": 0}
+    logged = logged_frames(hv)
     for dom in hv.domains:
         path = directory / f"dom{dom.domid}.stream"
         ahead = (precopied or {}).get(dom.domid)
+        changed = logged[hv.frame_table.owner[logged] == dom.domid]
         with path.open("wb") as f:
-            written, entries = _write_domain(f, hv, dom, with_type_state, ahead,
-                                             dom.domid in changed)
+            written, entries = _write_domain(f, hv, dom, with_type_state, ahead, changed)
         counters["handover_bytes"] += written
         counters["handover_entries"] += entries
         counters["handover_frames"] += dom.nr_pages
-        if ahead is not None:
-            counters["domains_precopied"] += 1
-            counters["precopy_tables_resent"] += dom.domid in changed
+        counters["domains_precopied"] += ahead is not None
         streams.append(path.name)
     manifest = {"build": hv.build, "virtual_ns": hv.now, "streams": streams,
                 "machine": {"pcpus": hv.machine.pcpus, "memory": hv.machine.memory,
@@ -218,28 +236,37 @@ def _write_frames(w: StreamWriter, hv: Hypervisor, dom: Domain) -> int:
     return len(runs)
 
 
-def _write_tables(w: StreamWriter, hv: Hypervisor, dom: Domain) -> int:
-    """The PFINFO type of every page-table pfn; returns how many."""
-    types = classify_pages(hv, dom).types
-    tables = np.flatnonzero(types != Pfinfo.NOTAB)
-    for start in range(0, tables.size, FRAMES_PER_RECORD):
-        pfns = tables[start : start + FRAMES_PER_RECORD]
-        words = pfns.astype(np.uint64) | (types[pfns].astype(np.uint64) << np.uint64(60))
-        w.write_record(HVLAB_TABLES_RECORD, _COUNT.pack(pfns.size) + words.astype("<u8").tobytes())
-    return int(tables.size)
+def _write_tables(w: StreamWriter, hv: Hypervisor, dom: Domain,
+                  changed: np.ndarray | None = None) -> int:
+    """The PFINFO type of every page-table pfn, or with `changed` (mfns) of those pfns
+    only, NOTAB included (a delta); returns how many words."""
+    if changed is None:
+        types = classify_pages(hv, dom).types
+        pfns = np.flatnonzero(types != Pfinfo.NOTAB)
+        types = types[pfns]
+    else:
+        pfns = hv.m2p[changed].astype(np.int64)
+        order = np.argsort(pfns)
+        pfns, types = pfns[order], table_pfinfo(hv.frame_table, changed[order])
+    words = pfns.astype(np.uint64) | (types.astype(np.uint64) << np.uint64(60))
+    for start in range(0, words.size, FRAMES_PER_RECORD):
+        chunk = words[start : start + FRAMES_PER_RECORD]
+        w.write_record(HVLAB_TABLES_RECORD, _COUNT.pack(chunk.size) + chunk.astype("<u8").tobytes())
+    return int(words.size)
 
 
 def _write_domain(f, hv: Hypervisor, dom: Domain, with_type_state: bool,
-                  ahead: str | None, changed: bool) -> tuple[int, int]:
-    """One domain's stream; returns (bytes, runs and page tables written)."""
+                  ahead: str | None, changed: np.ndarray) -> tuple[int, int]:
+    """One domain's stream; returns (bytes, runs and page tables written). With `ahead`,
+    frames and tables were sent ahead and only the `changed` frames' types follow."""
     if dom.hvm is not None:
         return _write_hvm_domain(f, hv, dom)
     w = _pv_writer(f, hv)
     entries = 0
     if ahead is None:
-        entries += _write_frames(w, hv, dom)
-    if ahead is None or changed:
-        entries += _write_tables(w, hv, dom)
+        entries += _write_frames(w, hv, dom) + _write_tables(w, hv, dom)
+    elif changed.size:
+        entries += _write_tables(w, hv, dom, changed)
     if with_type_state:
         runs = _type_runs(hv, dom)
         entries += len(runs)
@@ -253,7 +280,7 @@ def _write_domain(f, hv: Hypervisor, dom: Domain, with_type_state: bool,
     state = domain_state(hv, dom)
     state["build"] = hv.build
     if ahead is not None:
-        state["precopy"] = {"stream": ahead, "tables_resent": changed}
+        state["precopy"] = {"stream": ahead}
     w.write_record(HVLAB_DOMAIN_RECORD, json.dumps(state).encode())
     w.write_end()
     return w.offset, entries
@@ -517,14 +544,30 @@ def _memory(parts: _Parts, sent: DomainMemory | None) -> DomainMemory:
         for pfn, first, count in runs.tolist():
             p2m[pfn : pfn + count] = np.arange(first, first + count, dtype=np.uint64)
         entries += len(runs)
-    if sent is not None and not parts.tables:
-        return DomainMemory(p2m, sent.tables, 0)
     for words, offset, name in parts.tables:
         if words.size and int((words & np.uint64(PFN_MASK)).max()) >= nr_pages:
             raise StreamError("a table lies beyond the domain", offset=offset, record=name)
     tables = (np.concatenate([words for words, _, _ in parts.tables]) if parts.tables
               else np.zeros(0, np.uint64))
+    if sent is not None:
+        merged, changed = _apply_delta(sent.tables, tables)
+        return DomainMemory(p2m, merged, int(tables.size), changed)
     return DomainMemory(p2m, tables, entries + int(tables.size))
+
+
+def _apply_delta(tables: np.ndarray, delta: np.ndarray) -> tuple[np.ndarray, int]:
+    """A page-table list (words by pfn) updated by a delta: every pfn the delta names
+    takes its word there, or leaves the list if the delta says NOTAB. Also returns how
+    many entries that changed (a frame whose type count alone changed changes none)."""
+    if not delta.size:
+        return tables, 0
+    mask = np.uint64(PFN_MASK)
+    listed = np.isin(delta & mask, tables & mask)
+    table = (delta >> np.uint64(60)) != Pfinfo.NOTAB
+    changed = int(((table & ~np.isin(delta, tables)) | (~table & listed)).sum())
+    kept = tables[~np.isin(tables & mask, delta & mask)]
+    merged = np.concatenate([kept, delta[table]])
+    return merged[np.argsort(merged & mask, kind="stable")], changed
 
 
 def _read_domain(parts: _Parts, sent: DomainMemory | None, resolve: bool) -> DomainHandover:
@@ -536,6 +579,8 @@ def _read_domain(parts: _Parts, sent: DomainMemory | None, resolve: bool) -> Dom
     memory = _memory(parts, sent)
     nr_pages = memory.p2m.size
     handover = DomainHandover(parts.meta, memory.p2m, memory.tables, parts.contexts)
+    if sent is not None:
+        handover.tables_changed = memory.changed
     if parts.typeinfo:
         runs = np.concatenate(parts.typeinfo).view(np.int64)
         starts = np.concatenate([[0], np.cumsum(runs[:, 1])[:-1]])

@@ -4,8 +4,8 @@ Before the pause, while the guests still run (`prepare`), the old build sends
 the bulk of the hand-over ahead (each PV domain's ownership runs and page-table
 list, handover.py) and the new build's per-frame tables are staged with those
 frames claimed, as a new hypervisor image is loaded ahead of a kexec;
-`prevalidate` builds its type state then too. From then on page-table changes
-are logged, so the blackout resends only what changed.
+`prevalidate` builds its type state then too. From then on type changes are
+logged per frame, so the blackout hands over only what changed.
 
 Phases (DESIGN.md §4): pause every domain at a restartable boundary (the
 hypervisor is between slices); the old build writes the hand-over streams;
@@ -44,6 +44,7 @@ from hypervisor.liveupdate.handover import (
     DomainHandover,
     DomainMemory,
     HandoverError,
+    changed_domains,
     frames_in_use,
     read_handover,
     read_precopy,
@@ -276,7 +277,7 @@ def _blackout(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared, phases: _Pha
     # ---- the point of no return
     blackout = Blackout(
         plan, phases, counters, report, prepared.workdir, before, prepared.prevalidation,
-        set(hv.pt_change_log or ()), [frames_in_use(d) for d in hv.domains],
+        changed_domains(hv), [frames_in_use(d) for d in hv.domains],
         hv.machine, hv.now, hv.build, started, prepared.staged)
     memory = hv.memory
     _retrying(phases, "teardown", hv.teardown)
@@ -311,6 +312,7 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
                 key = "late_staging_runs" if "precopy" in ho.meta else "ownership_runs"
                 counters[key] += new.claim_frames(ho.p2m, domid)
         counters["frames_claimed"] = int(sum(ho.p2m.size for ho in handovers))  # (unpriced)
+        counters["tables_changed_since_precopy"] = sum(ho.tables_changed for ho in handovers)
         return new, handovers
 
     new, handovers = _retrying(phases, "restore", restore)
@@ -353,9 +355,9 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
                      for vid, ctx in ho.contexts.items()}
             dom = install_domain(new, ho.meta, ho.p2m, ho.contexts, bases)
             if plan.strategy == "lazy":
-                resent = ho.meta.get("precopy", {}).get("tables_resent", True)
+                # what was set up ahead holds if no page table changed since
                 start_lazy(new, dom, ho, plan.sweep_budget_ptes,
-                           None if resent else typing.get(dom.domid))
+                           None if ho.tables_changed else typing.get(dom.domid))
 
     _retrying(phases, "resume", resume)
     if new.lazy_update is not None:

@@ -16,7 +16,7 @@ import numpy as np
 from hypervisor.builds import PageType, get_build
 from hypervisor.errors import HvlabError
 from hypervisor.extents import runs_of
-from hypervisor.liveupdate.handover import PFN_MASK, DomainHandover
+from hypervisor.liveupdate.handover import PFN_MASK, DomainHandover, start_type_log
 from hypervisor.mm.bulk import bulk_validate
 from hypervisor.mm.frametable import DOMID_INVALID, FrameTable
 from hypervisor.mm.typerefs import Root
@@ -191,7 +191,7 @@ def prevalidate(old: Hypervisor, new_build: str, staged: FrameTable | None = Non
                 ) -> Prevalidation:
     """Before the pause: validate every PV domain in the new layout (into `staged`, the
     new build's tables with the guests' frames claimed, if given) and start logging
-    which domains change their page tables from now on."""
+    type changes: a domain with any is redone in the blackout."""
     frames = staged if staged is not None else FrameTable(old.memory.nr_frames,
                                                           get_build(new_build))
     prep = Prevalidation(new_build, frames)
@@ -211,8 +211,7 @@ def prevalidate(old: Hypervisor, new_build: str, staged: FrameTable | None = Non
         for key, value in typed_work(frames, dom.p2m.astype(np.int64)).items():
             prep.counters[f"prevalidate_{key}"] = prep.counters.get(f"prevalidate_{key}", 0) + value
         prep.domains.append(dom.domid)
-    if old.pt_change_log is None:  # (the hand-over sent ahead may have started it)
-        old.pt_change_log = set()
+    start_type_log(old)
     return prep
 
 

@@ -93,6 +93,9 @@ class FrameTable:
         self.nr_validated_ptes = np.zeros(nr_frames, dtype=np.uint16)
         self.partial_flags = np.zeros(nr_frames, dtype=np.uint8)
         self.linear_pt_count = np.zeros(nr_frames, dtype=np.int16)
+        # Frames whose type_info the typing rules changed since logging began (None: not
+        # logging): what a live update sent ahead may be stale for exactly these.
+        self.type_log: set[int] | None = None
 
     @property
     def layout(self) -> TypeInfoLayout:

@@ -164,6 +164,8 @@ class PageTyping:
     def _set(self, array: np.ndarray, mfn: int, value: int) -> None:
         if self._journal is not None:
             self._journal.append((array, mfn, array[mfn].item()))
+        if array is self.frames.type_info and self.frames.type_log is not None:
+            self.frames.type_log.add(mfn)
         array[mfn] = value
 
     def _info(self, mfn: int) -> TypeInfo:
