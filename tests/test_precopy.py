@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hypervisor.liveupdate.handover import (
     HVLAB_FRAMES_RECORD,
@@ -112,6 +114,23 @@ def test_a_delta_adds_removes_and_retypes_page_tables():
     assert merged.tolist() == words({1: Pfinfo.L1TAB, 7: Pfinfo.L1TAB,
                                      9: Pfinfo.L4TAB}).tolist()
     assert changed == 3  # 5 gone, 7 new, 9 unpinned; 1 (a count change) and 11 are not
+
+
+KINDS = st.sampled_from([Pfinfo.NOTAB, Pfinfo.L1TAB, Pfinfo.L2TAB, Pfinfo.L4TAB_PIN])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.integers(0, 63), KINDS.filter(lambda k: k != Pfinfo.NOTAB)),
+       st.dictionaries(st.integers(0, 63), KINDS))
+def test_a_delta_is_a_dictionary_update(sent: dict[int, int], delta: dict[int, int]):
+    def words(table: dict[int, int]) -> np.ndarray:
+        return np.array([p | (k << 60) for p, k in sorted(table.items())], dtype=np.uint64)
+
+    expected = {p: k for p, k in (sent | delta).items() if k != Pfinfo.NOTAB}
+    merged, changed = _apply_delta(words(sent), words(delta))
+    assert merged.tolist() == words(expected).tolist()
+    differing = {p for p in sent.keys() | expected.keys() if sent.get(p) != expected.get(p)}
+    assert changed == len(differing)
 
 
 def test_lazy_staged_ahead_does_the_same_blackout_work_as_lazy_from_scratch(tmp_path):
