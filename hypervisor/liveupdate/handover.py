@@ -129,10 +129,6 @@ def frames_in_use(dom: Domain) -> np.ndarray:
     return np.append(mfns, np.uint64(dom.hvm.posted_mfn))
 
 
-def precopy_name(domid: int) -> str:
-    return f"dom{domid}.precopy"
-
-
 def write_precopy(hv: Hypervisor, directory: Path) -> tuple[dict[int, str], dict[str, int]]:
     """Before the pause: every PV domain's frames and page tables, sent ahead.
 
@@ -146,7 +142,7 @@ def write_precopy(hv: Hypervisor, directory: Path) -> tuple[dict[int, str], dict
     for dom in hv.domains:
         if dom.hvm is not None:
             continue
-        names[dom.domid] = precopy_name(dom.domid)
+        names[dom.domid] = f"dom{dom.domid}.precopy"
         with (directory / names[dom.domid]).open("wb") as f:
             w = _pv_writer(f, hv)
             runs = _write_frames(w, hv, dom)
