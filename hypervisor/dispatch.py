@@ -27,6 +27,8 @@ from emulator.exits import (
 from emulator.interrupts import GATE_TRAP, DeliveryError, Gate, deliver
 from emulator.paging import WalkFault
 from hypervisor import hypercalls
+from hypervisor.errno import ENOSYS
+from hypervisor.hvm.mmu import EptViolation
 from hypervisor.vcpu import BLOCKED, Vcpu
 
 if TYPE_CHECKING:
@@ -70,23 +72,28 @@ class ExitDispatcher:
 
     # ------------------------------------------------------------------ entry
     def handle(self, cpu: PhysicalCpu, v: Vcpu, exit_: Exit) -> None:
-        if v.hvm is not None:
-            # HVM: EPT violations, hlt, faults through the guest IDT (hypervisor/hvm/support.py)
-            self.hv.hvm.handle_exit(cpu, v, exit_)
-            return
-        self.hv.count_exit(EXIT_NAMES[type(exit_)])
+        """Every exit of every vCPU. What differs for HVM vCPUs (the name an exit is
+        counted under, `hlt`, faults through the guest IDT, the hypercalls allowed, EPT
+        violations) is asked of hypervisor/hvm/support.py."""
+        hvm = self.hv.hvm if v.hvm is not None else None
+        self.hv.count_exit(hvm.exit_name(v, exit_) if hvm is not None
+                           else EXIT_NAMES[type(exit_)])
         if self.hv.tracer is not None:
             self.hv.tracer.exit(v, exit_)
         match exit_:
-            case BudgetExhausted():
-                pass
+            case BudgetExhausted() | Cpuid() | PortIO():
+                pass  # Cpuid, PortIO: answered synchronously, here when the handler stopped
             case Hypercall():
                 self._hypercall(cpu, v)
             case Halt():
-                if not v.domain.events.bits.upcall_pending(v.vcpu_id):
+                if hvm is not None:
+                    hvm.halt(cpu, v)
+                elif not v.domain.events.bits.upcall_pending(v.vcpu_id):
                     v.runstate = BLOCKED
             case GuestException(vector=vector, error_code=err, cr2=cr2, next_rip=next_rip):
                 self._fault(cpu, v, vector, err, cr2, next_rip, exit_.rip)
+            case MmuFault(reason=EptViolation() as violation) if hvm is not None:
+                hvm.ept_violation(cpu, v, exit_, violation)
             case MmuFault(gva=gva, reason=reason):
                 err = reason.error_code if isinstance(reason, WalkFault) else 0
                 self._fault(cpu, v, 14, err, gva, exit_.rip, exit_.rip)
@@ -94,8 +101,6 @@ class ExitDispatcher:
                 self._fault(cpu, v, 6, None, None, exit_.rip, exit_.rip)
             case EngineError(message=message):
                 self.hv.crash_domain(v.domain, f"{v.name}: {message} at RIP {exit_.rip:#x}")
-            case Cpuid() | PortIO():
-                pass  # answered synchronously; here only when the handler chose to stop
 
     def handle_sync(self, cpu: PhysicalCpu, v: Vcpu, exit_: Exit) -> bool:
         self.hv.count_exit(EXIT_NAMES[type(exit_)])
@@ -115,12 +120,18 @@ class ExitDispatcher:
     def _hypercall(self, cpu: PhysicalCpu, v: Vcpu) -> None:
         number = cpu.reg("rax") & 0xFFFF_FFFF
         args = tuple(cpu.reg(r) for r in ("rdi", "rsi", "rdx", "r10", "r8"))
-        rc = hypercalls.call(self.hv, v, number, args)
+        if v.hvm is not None and not self.hv.hvm.allows_hypercall(number, args):
+            rc = -ENOSYS
+        else:
+            rc = hypercalls.call(self.hv, v, number, args)
         cpu.set_reg("rax", rc & 0xFFFF_FFFF_FFFF_FFFF)
 
     # ------------------------------------------------------------------ faults
     def _fault(self, cpu: PhysicalCpu, v: Vcpu, vector: int, error_code: int | None,
                cr2: int | None, return_rip: int, fault_rip: int) -> None:
+        if v.hvm is not None:  # through the guest's own IDT, as the CPU would
+            self.hv.hvm.exception(cpu, v, vector, error_code, cr2, return_rip, fault_rip)
+            return
         entry = v.trap_table.get(vector)
         if entry is None:
             self.hv.crash_domain(v.domain, self._crash_report(cpu, v, vector, error_code, cr2,

@@ -1,8 +1,9 @@
 """The HVM side of the hypervisor: what `Hypervisor` and `ExitDispatcher` delegate to.
 
 One `HvmSupport` per hypervisor. It builds HVM domains, runs the entry path of HVM
-vCPUs (time, posted interrupts, injection), handles their exits (EPT violations, `hlt`,
-exceptions through the guest IDT, the few hypercalls HVM guests make) and reports.
+vCPUs (time, posted interrupts, injection), answers the dispatcher where an HVM vCPU's
+exit means something else (EPT violations, `hlt`, exceptions through the guest IDT, the
+few hypercalls HVM guests make) and reports.
 
 vCPU bring-up: real INIT/SIPI start an AP in real mode, which hvlab does not model.
 Every HVM vCPU starts runnable at the kernel's ELF entry in 64-bit mode, with its APIC
@@ -36,28 +37,15 @@ import numpy as np
 from emulator.addr import PAGE_SIZE
 from emulator.disasm import disassemble_with
 from emulator.engine import GPRS, PhysicalCpu
-from emulator.exits import (
-    BudgetExhausted,
-    Cpuid,
-    EngineError,
-    Exit,
-    GuestException,
-    Halt,
-    Hypercall,
-    InvalidOpcode,
-    MmuFault,
-    PortIO,
-)
+from emulator.exits import BudgetExhausted, Exit, MmuFault
 from emulator.interrupts import DeliveryError
 from emulator.irqsource import InterruptSource, InterruptSourceError
-from emulator.paging import WalkFault
 from emulator.posted import PostedInterruptDescriptor
 from hypervisor import hypercalls
 from hypervisor.dispatch import EXIT_NAMES, VECTOR_NAMES
 from hypervisor.domain import Domain
 from hypervisor.elf import load_kernel
 from hypervisor.ept import P2mType
-from hypervisor.errno import ENOSYS
 from hypervisor.errors import HvlabError
 from hypervisor.frames import OutOfFrames
 from hypervisor.hvm.apic import LapicWindow
@@ -274,46 +262,25 @@ class HvmSupport:
         return max(1, min(run, budget))
 
     # ================================================================= exits
-    def handle_exit(self, cpu: PhysicalCpu, v: Vcpu, exit_: Exit) -> None:
-        """The dispatcher's HVM branch: every exit of an HVM vCPU."""
+    # ------------------------------------------------------------------ exits
+    # (the dispatcher, hypervisor/dispatch.py, asks these for HVM vCPUs)
+    def exit_name(self, v: Vcpu, exit_: Exit) -> str:
+        """The name an exit is counted under; a run stopped right after a LAPIC write is
+        one (the mark is used up here)."""
+        hvm = _hvm(v)
+        lapic_write, hvm.lapic_exit = hvm.lapic_exit, False
         if isinstance(exit_, MmuFault) and isinstance(exit_.reason, EptViolation):
-            name = "ept_violation"
-        elif isinstance(exit_, BudgetExhausted) and _hvm(v).lapic_exit:
-            name = "lapic_write"  # the run was stopped right after a LAPIC write
-        else:
-            name = EXIT_NAMES[type(exit_)]
-        _hvm(v).lapic_exit = False
-        self.hv.count_exit(name)
-        if self.hv.tracer is not None:
-            self.hv.tracer.exit(v, exit_)
-        match exit_:
-            case BudgetExhausted() | Cpuid() | PortIO():
-                pass
-            case Hypercall():
-                self._hypercall(cpu, v)
-            case Halt():
-                self._halt(cpu, v)
-            case GuestException(vector=vector, error_code=err, cr2=cr2, next_rip=next_rip):
-                self._exception(cpu, v, vector, err, cr2, next_rip, exit_.rip)
-            case MmuFault(gva=gva, reason=EptViolation() as violation):
-                self._ept_violation(cpu, v, exit_, violation)
-            case MmuFault(gva=gva, reason=reason):
-                err = reason.error_code if isinstance(reason, WalkFault) else 0
-                self._exception(cpu, v, 14, err, gva, exit_.rip, exit_.rip)
-            case InvalidOpcode():
-                self._exception(cpu, v, 6, None, None, exit_.rip, exit_.rip)
-            case EngineError(message=message):
-                self.hv.crash_domain(v.domain, f"{v.name}: {message} at RIP {exit_.rip:#x}")
+            return "ept_violation"
+        if isinstance(exit_, BudgetExhausted) and lapic_write:
+            return "lapic_write"
+        return EXIT_NAMES[type(exit_)]
 
-    def _hypercall(self, cpu: PhysicalCpu, v: Vcpu) -> None:
-        number = cpu.reg("rax") & 0xFFFF_FFFF
-        args = tuple(cpu.reg(r) for r in ("rdi", "rsi", "rdx", "r10", "r8"))
-        allowed = number in _HVM_HYPERCALLS and (
+    @staticmethod
+    def allows_hypercall(number: int, args: tuple[int, ...]) -> bool:
+        return number in _HVM_HYPERCALLS and (
             number != hypercalls.HYPERVISOR_SCHED_OP or args[0] in _HVM_SCHEDOPS)
-        rc = hypercalls.call(self.hv, v, number, args) if allowed else -ENOSYS
-        cpu.set_reg("rax", rc & 0xFFFF_FFFF_FFFF_FFFF)
 
-    def _halt(self, cpu: PhysicalCpu, v: Vcpu) -> None:
+    def halt(self, cpu: PhysicalCpu, v: Vcpu) -> None:
         if not interrupts_enabled(cpu):
             # Xen's hvm_hlt: halting with interrupts off means "stop this vCPU".
             v.runstate = DOWN
@@ -324,7 +291,7 @@ class HvmSupport:
         if _hvm(v).lapic.pending_vector() is None:
             v.runstate = BLOCKED
 
-    def _exception(self, cpu: PhysicalCpu, v: Vcpu, vector: int, error_code: int | None,
+    def exception(self, cpu: PhysicalCpu, v: Vcpu, vector: int, error_code: int | None,
                    cr2: int | None, return_rip: int, fault_rip: int) -> None:
         """Deliver a fault or `int n` through the guest IDT, as the CPU would."""
         if vector == 14 and cr2 is not None:
@@ -362,7 +329,7 @@ class HvmSupport:
             return True
         return False
 
-    def _ept_violation(self, cpu: PhysicalCpu, v: Vcpu, exit_: MmuFault,
+    def ept_violation(self, cpu: PhysicalCpu, v: Vcpu, exit_: MmuFault,
                        violation: EptViolation) -> None:
         dom = v.domain
         hd = _hd(dom)
