@@ -41,7 +41,6 @@ from .framing import (
     REC_LENGTH_MAX,
     REC_TYPE_OPTIONAL,
     DomainHeader,
-    DomainType,
     ImageHeader,
     RecordType,
     StreamError,
@@ -49,9 +48,7 @@ from .framing import (
     record_type_name,
 )
 from .records import (
-    HVM_ONLY,
     NEEDS_STATIC_DATA_END,
-    PV_ONLY,
     RECORD_CLASSES,
     BodyError,
     CodecContext,
@@ -59,6 +56,7 @@ from .records import (
     Record,
     X86PvInfoRecord,
     X86PvVcpuRecord,
+    misplaced,
 )
 
 # Read large bodies in slices so a lying length on an unsized stream costs
@@ -239,16 +237,9 @@ class StreamReader:
         return replace(record, offset=start)
 
     def _check_placement(self, rtype: int, fail: Callable[[str], StreamError]) -> None:
-        domain = self.domain_header.type
-        if rtype in PV_ONLY and domain != DomainType.X86_PV:
-            raise fail("not valid in an x86 HVM stream")
-        if rtype in HVM_ONLY and domain != DomainType.X86_HVM:
-            raise fail("not valid in an x86 PV stream")
-        if rtype == RecordType.X86_PV_INFO and self._seen_pv_info:
-            raise fail("second X86_PV_INFO record")
-        if rtype in (RecordType.X86_PV_P2M_FRAMES, RecordType.SHARED_INFO):
-            if not self._seen_pv_info:
-                raise fail("X86_PV_INFO must come first")
+        problem = misplaced(rtype, self.domain_header.type, self._seen_pv_info)
+        if problem is not None:
+            raise fail(problem)
         if rtype == RecordType.STATIC_DATA_END and self._seen_static_data_end:
             raise fail("second STATIC_DATA_END (or one after data in a version-2 stream)")
         if rtype in NEEDS_STATIC_DATA_END and not self._seen_static_data_end:

@@ -45,6 +45,7 @@ from .framing import (
     PAGE_DATA_RESERVED_MASK,
     PAGE_DATA_TYPE_SHIFT,
     PAGE_SIZE,
+    DomainType,
     RecordType,
     pfinfo_has_data,
     pfinfo_is_valid,
@@ -592,3 +593,17 @@ STATIC_RECORDS = frozenset(
 )
 # Records libxc refuses before STATIC_DATA_END in a v3 stream.
 NEEDS_STATIC_DATA_END = frozenset({RecordType.PAGE_DATA, RecordType.X86_PV_P2M_FRAMES})
+
+
+def misplaced(rtype: int, domain: DomainType, pv_info_seen: bool) -> str | None:
+    """Why a record may not stand here, by the rules reader and writer share (the
+    domain type it belongs to, X86_PV_INFO first and once), or None."""
+    if rtype in PV_ONLY and domain != DomainType.X86_PV:
+        return "not valid in an x86 HVM stream"
+    if rtype in HVM_ONLY and domain != DomainType.X86_HVM:
+        return "not valid in an x86 PV stream"
+    if rtype == RecordType.X86_PV_INFO and pv_info_seen:
+        return "a second X86_PV_INFO: it was already written"
+    if rtype in (RecordType.X86_PV_P2M_FRAMES, RecordType.SHARED_INFO) and not pv_info_seen:
+        return "X86_PV_INFO must come first"
+    return None

@@ -37,8 +37,6 @@ from .framing import (
     record_type_name,
 )
 from .records import (
-    HVM_ONLY,
-    PV_ONLY,
     RECORD_CLASSES,
     STATIC_RECORDS,
     BodyError,
@@ -62,6 +60,7 @@ from .records import (
     X86PvVcpuMsrsRecord,
     X86PvVcpuXsaveRecord,
     X86TscInfoRecord,
+    misplaced,
 )
 from .vcpu_context import VcpuGuestContext
 
@@ -258,16 +257,9 @@ class StreamWriter:
 
         if self._ended:
             raise fail("the stream already ended with END")
-        domain = self.domain_header.type
-        if rtype in PV_ONLY and domain != DomainType.X86_PV:
-            raise fail("not valid in an x86 HVM stream")
-        if rtype in HVM_ONLY and domain != DomainType.X86_HVM:
-            raise fail("not valid in an x86 PV stream")
-        if rtype == RecordType.X86_PV_INFO and self._wrote_pv_info:
-            raise fail("X86_PV_INFO was already written")
-        if rtype in (RecordType.X86_PV_P2M_FRAMES, RecordType.SHARED_INFO):
-            if not self._wrote_pv_info:
-                raise fail("write X86_PV_INFO first")
+        problem = misplaced(rtype, self.domain_header.type, self._wrote_pv_info)
+        if problem is not None:
+            raise fail(problem)
         if rtype in STATIC_RECORDS and self._static_data_ended:
             raise fail("static data record after STATIC_DATA_END")
         if rtype == RecordType.STATIC_DATA_END and self._static_data_ended:
