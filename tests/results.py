@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from hypervisor.cli import main
@@ -19,6 +21,18 @@ RUN_SPECIFIC = ("exec", "handover_dir", "phases", "late_staging_entries", "late_
 def run_json(capsys, scenario: Path | str, *extra: str) -> dict:
     assert main(["run", str(SCENARIOS / scenario), "--json", *extra]) == 0
     return json.loads(capsys.readouterr().out)
+
+
+def in_process_and_exec(capsys, args: list[str]) -> tuple[dict, dict]:
+    """`hvlab ARGS` in this process, then again with --exec in a child (the update
+    completes in a new program image); both JSON results, the exec'd one checked."""
+    assert main(args) == 0
+    in_process = json.loads(capsys.readouterr().out)
+    done = subprocess.run([sys.executable, "-m", "hypervisor.cli", *args, "--exec"],
+                          capture_output=True, text=True, timeout=120, check=True)
+    execed = json.loads(done.stdout)
+    assert execed["proof"]["ok"] and "exec" in execed["updates"][0]
+    return in_process, execed
 
 
 def stable(value):

@@ -4,15 +4,11 @@ in the blackout included, is delivered exactly once."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from hypervisor.cli import main
 from hypervisor.ept import P2mType
 from hypervisor.hvm.physmap import ept_layout_for
 from hypervisor.liveupdate.costs import DEFAULT_COSTS_NS
@@ -20,7 +16,7 @@ from hypervisor.liveupdate.driver import run_with_updates
 from hypervisor.liveupdate.orchestrator import PHASES, UpdatePlan, live_update
 from hypervisor.runner import boot_scenario, run_scenario
 from hypervisor.scenario import UpdateSpec, load_scenario
-from tests.results import stable
+from tests.results import in_process_and_exec, stable
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 LAPIC = SCENARIOS / "hvm-lapic-image.toml"  # hvm_lapic from its stored 2 ms image, build 4.19
@@ -174,14 +170,9 @@ def test_a_corrupt_hvm_handover_stream_resumes_the_old_build():
 
 
 def test_exec_into_a_new_process_gives_the_same_proof_and_final_state(capsys):
-    args = ["update", str(LAPIC), "--at", "1ms", "--to", "4.12", "--strategy", "full-walk",
-            "--json"]
-    assert main(args) == 0
-    in_process = json.loads(capsys.readouterr().out)
-    done = subprocess.run([sys.executable, "-m", "hypervisor.cli", *args, "--exec"],
-                          capture_output=True, text=True, timeout=120, check=True)
-    execed = json.loads(done.stdout)
-    assert execed["proof"]["ok"] and "exec" in execed["updates"][0]
+    in_process, execed = in_process_and_exec(capsys, [
+        "update", str(LAPIC), "--at", "1ms", "--to", "4.12", "--strategy", "full-walk",
+        "--json"])
     assert execed["domains"][0]["shutdown"]["code"] == 0
     assert stable(execed) == stable(in_process)
 

@@ -11,7 +11,7 @@ from hypervisor.cli import main
 from hypervisor.liveupdate.driver import run_with_updates
 from hypervisor.liveupdate.orchestrator import PHASES, UpdatePlan
 from hypervisor.scenario import UpdateSpec, load_scenario
-from tests.results import stable
+from tests.results import in_process_and_exec, stable
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 STRATEGIES = ["full-walk", "transfer", "prevalidate", "lazy"]
@@ -156,17 +156,9 @@ virtual_time = "3ms"
 
 @pytest.mark.parametrize("strategy", ["full-walk", "lazy"])
 def test_exec_into_a_new_process_gives_the_same_proof_and_final_state(strategy, capsys):
-    import subprocess
-    import sys
-
-    args = ["update", str(SCENARIOS / "pv-smp.toml"), "--at", "2ms", "--to", "4.12",
-            "--strategy", strategy, "--json"]
-    assert main(args) == 0
-    in_process = json.loads(capsys.readouterr().out)
-    done = subprocess.run([sys.executable, "-m", "hypervisor.cli", *args, "--exec"],
-                          capture_output=True, text=True, timeout=120, check=True)
-    execed = json.loads(done.stdout)
-    assert execed["proof"]["ok"] and "exec" in execed["updates"][0]
+    in_process, execed = in_process_and_exec(capsys, [
+        "update", str(SCENARIOS / "pv-smp.toml"), "--at", "2ms", "--to", "4.12",
+        "--strategy", strategy, "--json"])
     assert stable(execed) == stable(in_process)
 
 
