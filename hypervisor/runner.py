@@ -9,7 +9,7 @@ from typing import Any, TextIO
 import unicorn
 
 from emulator.memory import HostMemory
-from hypervisor.hypervisor import Hypervisor, MachineConfig
+from hypervisor.core.hypervisor import Hypervisor, MachineConfig
 from hypervisor.scenario import Scenario, ScenarioError
 from hypervisor.tracing import Tracer
 
@@ -21,7 +21,7 @@ def boot_scenario(scenario: Scenario, build: str | None = None,
                     build or scenario.build, memory)
     for spec in scenario.domains:
         if spec.image is not None:
-            from hypervisor.restore import restore_domain
+            from hypervisor.pv.restore import restore_domain
 
             dom = restore_domain(hv, spec.image, name=spec.name)
             if spec.type not in ("image", dom.kind):

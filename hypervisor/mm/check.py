@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hypervisor.builds import UNDEFINED_TYPE, PageType
+from hypervisor.mm.builds import UNDEFINED_TYPE, PageType
 from hypervisor.mm.frametable import FrameTable
 from hypervisor.mm.pte import (
     ENTRIES_PER_TABLE,

@@ -50,7 +50,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from hypervisor.builds import PageType, TypeInfo
+from hypervisor.mm.builds import PageType, TypeInfo
 from hypervisor.mm.errors import (
     EBUSY,
     EINTR,
