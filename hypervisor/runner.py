@@ -59,7 +59,7 @@ def describe(hv: Hypervisor, scenario: Scenario, stop: str, wall_s: float) -> di
             "shutdown": None if sd is None else {"reason": sd.reason, "code": sd.code,
                                                   "virtual_ns": sd.virtual_ns},
             "crash_report": d.crash_report,
-            # the typeref invariant recomputed independently (DESIGN.md §3); [] = clean
+            # the typeref invariant recomputed independently (docs/design.md §3); [] = clean
             "typeref_differences": [str(diff) for diff in hv.check_typerefs(d)],
             "vcpus": [{"id": v.vcpu_id, "pcpu": v.pcpu, "instructions": v.instructions,
                        "upcalls": v.upcalls, "state": v.runstate} for v in d.vcpus],

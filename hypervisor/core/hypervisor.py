@@ -123,7 +123,7 @@ class Hypervisor:
         self.frames = staged.allocator
         for frames in in_use or ():
             self.frames.mark_used(frames)
-        # page_info for every machine frame, in this build's layout (DESIGN.md §3)
+        # page_info for every machine frame, in this build's layout (docs/design.md §3)
         self.frame_table = staged.frame_table
         self.typing = PageTyping(self.frame_table, self.memory.u64)
         self.m2p = staged.m2p

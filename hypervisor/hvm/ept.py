@@ -12,7 +12,7 @@ Layout facts, from xen.git `asm/hvm/vmx/vmx.h` `ept_entry_t`:
 - access was bits 58-61 up to and including Xen 4.19 (bit 62: VT-d "tm", later
   reserved). A December 2024 patch ("Rename _rsvd field to pw and move it to the
   bit 58", for EPT paging-write) moved access to bits 59-62. hvlab's "4.19" build
-  uses that current layout, as DESIGN.md §3 states; "4.12" uses the 4.12 layout.
+  uses that current layout, as docs/design.md §3 states; "4.12" uses the 4.12 layout.
 - Much older Xen (3.x) kept a 4-bit p2m type in bits 8-11; not modelled.
 
 Levels: a leaf at level 1 maps 4 KiB, level 2 is a 2 MiB superpage, level 3 a

@@ -7,7 +7,7 @@ frames claimed, as a new hypervisor image is loaded ahead of a kexec;
 `prevalidate` builds its type state then too. From then on type changes are
 logged per frame, so the blackout hands over only what changed.
 
-Phases (DESIGN.md §4): pause every domain at a restartable boundary (the
+Phases (docs/design.md §4): pause every domain at a restartable boundary (the
 hypervisor is between slices); the old build writes the hand-over streams;
 the old hypervisor is torn down (engines gone, its own frames scrubbed); the
 new build boots on the same host memory around the guests' frames, restores

@@ -2,7 +2,7 @@
 
 `check_typerefs` recomputes, from the page tables reachable from the pins and
 CR3s alone, what every frame's type, type count and pinned bit must be
-(DESIGN §3):
+(docs/design.md §3):
 
     type count = pinned (1) + CR3 / user-CR3 references
                  + referencing parent entries (self-maps not counted)

@@ -1,4 +1,4 @@
-"""The unicorn adapter: exits, budgets and the quirks it hides (DESIGN.md §2).
+"""The unicorn adapter: exits, budgets and the quirks it hides (docs/design.md §2).
 
 Guest code is given as machine code (assembly alongside) so the tests need no
 assembler. An identity MMU maps guest-virtual = machine addresses, except a

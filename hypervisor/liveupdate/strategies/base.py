@@ -1,7 +1,7 @@
 """How the new build rebuilds typerefs: full-walk, transfer, lazy, prevalidate.
 
 Each strategy runs in the new build after ownership is restored and before
-the vCPUs' state is (DESIGN.md §4). Each returns counters; those named
+the vCPUs' state is (docs/design.md §4). Each returns counters; those named
 `blackout_*` happened inside the blackout and are priced by costs.py.
 """
 
