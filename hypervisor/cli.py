@@ -38,7 +38,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _cmd_save(args: argparse.Namespace) -> int:
-    from hypervisor.pv.save import save_domain
+    from hypervisor.images.domains import save_domain
     from hypervisor.runner import boot_scenario
     from hypervisor.scenario import load_scenario, parse_time
 
@@ -63,9 +63,8 @@ def _cmd_save(args: argparse.Namespace) -> int:
 
 def _cmd_update(args: argparse.Namespace) -> int:
     from hypervisor.liveupdate.costs import load_costs
-    from hypervisor.liveupdate.driver import run_with_updates
     from hypervisor.liveupdate.orchestrator import UpdatePlan
-    from hypervisor.liveupdate.report import print_update_report
+    from hypervisor.runner import print_update_run, run_with_updates
     from hypervisor.scenario import UpdateSpec, load_scenario, parse_time
 
     scenario = load_scenario(args.scenario)
@@ -88,7 +87,7 @@ def _cmd_update(args: argparse.Namespace) -> int:
         json.dump(result, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
     else:
-        print_update_report(result)
+        print_update_run(result)
     return 0
 
 

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from collections.abc import Sequence
+from functools import partial
 from typing import Any, TextIO
 
 import unicorn
 
 from emulator.memory import HostMemory
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
+from hypervisor.hvm.policy import create_hvm_domain
+from hypervisor.liveupdate.driver import ScheduledUpdate, UpdateRun
+from hypervisor.liveupdate.orchestrator import UpdatePlan
+from hypervisor.liveupdate.report import print_update_report
+from hypervisor.pv.domain import create_pv_domain
 from hypervisor.scenario import Scenario, ScenarioError
 from hypervisor.tracing import Tracer
 
@@ -21,7 +29,7 @@ def boot_scenario(scenario: Scenario, build: str | None = None,
                     build or scenario.build, memory)
     for spec in scenario.domains:
         if spec.image is not None:
-            from hypervisor.pv.restore import restore_domain
+            from hypervisor.images.domains import restore_domain
 
             dom = restore_domain(hv, spec.image, name=spec.name)
             if spec.type not in ("image", dom.kind):
@@ -29,10 +37,10 @@ def boot_scenario(scenario: Scenario, build: str | None = None,
                                     f"{spec.type!r} but {spec.image.name} holds a {dom.kind} "
                                     "domain")
         elif spec.type == "hvm":
-            hv.create_hvm_domain(spec.name, str(spec.kernel), spec.memory, spec.vcpus,
-                                 pod=spec.pod, sources=spec.sources)
+            create_hvm_domain(hv, spec.name, str(spec.kernel), spec.memory, spec.vcpus,
+                              pod=spec.pod, sources=spec.sources)
         else:
-            hv.create_pv_domain(spec.name, str(spec.kernel), spec.memory, spec.vcpus)
+            create_pv_domain(hv, spec.name, str(spec.kernel), spec.memory, spec.vcpus)
     return hv
 
 
@@ -64,10 +72,11 @@ def describe(hv: Hypervisor, scenario: Scenario, stop: str, wall_s: float) -> di
             "vcpus": [{"id": v.vcpu_id, "pcpu": v.pcpu, "instructions": v.instructions,
                        "upcalls": v.upcalls, "state": v.runstate} for v in d.vcpus],
         }
-        if d.hvm is not None:  # EPT/PoD figures; per vCPU timer ticks, IPIs, sources
-            entry["hvm"] = hv.hvm.describe_domain(d)
+        figures = d.policy.describe(d)  # HVM: EPT/PoD; per vCPU timer ticks, IPIs, sources
+        if figures is not None:
+            entry[d.kind] = figures
             for row, v in zip(entry["vcpus"], d.vcpus, strict=True):
-                row.update(hv.hvm.describe_vcpu(v))
+                row.update(d.policy.describe_vcpu(v))
         domains.append(entry)
     instructions = sum(v.instructions for d in hv.domains for v in d.vcpus)
     return {
@@ -83,6 +92,39 @@ def describe(hv: Hypervisor, scenario: Scenario, stop: str, wall_s: float) -> di
         "domains": domains,
         "wall_s": round(wall_s, 6),
     }
+
+
+def run_with_updates(scenario: Scenario, updates: Sequence[ScheduledUpdate], plan: UpdatePlan,
+                     output: str = "none") -> dict[str, Any]:
+    """Boot, run to each update's time, update, run to the end; one report per update.
+
+    `output` ("json", "text" or "none") matters with `plan.exec_new_process`: the last
+    process prints.
+    """
+    emit = {"json": print_json, "text": print_update_run}.get(output)
+    run = UpdateRun(sorted(updates, key=lambda u: u.at_ns), plan, scenario.memory,
+                    scenario.virtual_time_ns, partial(_boot, scenario),
+                    partial(_describe, scenario), emit)
+    return run.start()
+
+
+def _boot(scenario: Scenario, memory: HostMemory | None) -> Hypervisor:
+    return boot_scenario(scenario, memory=memory)
+
+
+def _describe(scenario: Scenario, hv: Hypervisor, stop: str, wall_s: float) -> dict[str, Any]:
+    return describe(hv, scenario, stop, wall_s)
+
+
+def print_json(result: dict[str, Any]) -> None:
+    json.dump(result, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def print_update_run(result: dict[str, Any], out: TextIO | None = None) -> None:
+    """A run with live updates: the updates, then the run's report."""
+    print_update_report(result, out)
+    print_report(result, out)
 
 
 def print_report(result: dict[str, Any], out: TextIO | None = None) -> None:

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-from hypervisor.pv.mmu import PvMmu
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hypervisor.core.domain import Domain
-    from hypervisor.hvm.vcpu import HvmVcpu
 
 REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
@@ -54,7 +51,7 @@ class VcpuState:
 class Vcpu:
     domain: Domain
     vcpu_id: int
-    mmu: PvMmu  # an HvmMmu (same translate/lookup protocol) for HVM vCPUs
+    mmu: Any  # the kind's TLB-fill policy: a PvMmu or an HvmMmu (translate, lookup)
     pcpu: int = 0
     runstate: str = DOWN
     context: object | None = None  # the engine's saved architectural state
@@ -67,7 +64,7 @@ class Vcpu:
     yield_requested: bool = False
     instructions: int = 0  # instructions this vCPU has executed
     upcalls: int = 0
-    hvm: HvmVcpu | None = None  # vLAPIC, posted interrupts, sources (HVM vCPUs only)
+    hvm: Any = None  # an HvmVcpu (vLAPIC, posted interrupts, sources) for HVM vCPUs
 
     @property
     def name(self) -> str:

@@ -49,17 +49,17 @@ from emulator.paging import ADDR_MASK, PSE, P
 from emulator.posted import PostedInterruptDescriptor
 from hypervisor.core.domain import Domain, Shutdown
 from hypervisor.core.frames import OutOfFrames
+from hypervisor.core.hypervisor import TSC_KHZ
 from hypervisor.core.vcpu import BLOCKED, DOWN, RUNNABLE, Vcpu
 from hypervisor.hvm.builder import MAX_HVM_MEMORY, HvmLayout
 from hypervisor.hvm.domain import HvmDomain
 from hypervisor.hvm.ept import INVALID_MFN, P2mType
 from hypervisor.hvm.p2m import P2M
 from hypervisor.hvm.physmap import GuestPhysmap, PhysmapStats, ept_layout_for
+from hypervisor.hvm.policy import hvm_policy
 from hypervisor.hvm.vcpu import HvmSource
 from hypervisor.hvm.vlapic import VLapic, VLapicError, VLapicState
-from hypervisor.lib.errors import HvlabError
-from hypervisor.pv.restore import RestoreError
-from hypervisor.pv.save import BATCH, HVLAB_DOMAIN_RECORD, TSC_KHZ, SaveError
+from hypervisor.lib.errors import HvlabError, RestoreError, SaveError
 from hypervisor.stream import (
     DomainType,
     EndRecord,
@@ -75,6 +75,8 @@ from hypervisor.stream import (
     check_pfns,
     open_image_for_write,
 )
+from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD
+from hypervisor.stream.hvlab_records import PAGE_DATA_BATCH as BATCH
 from hypervisor.stream.hvm_records import (
     HVM_SAVE_CPU,
     HVM_SAVE_LAPIC,
@@ -111,7 +113,7 @@ def save_hvm_domain(hv: Hypervisor, dom: Domain, path: str | Path) -> dict[str, 
     started = time.perf_counter()
     now = hv.now + dom.time_offset  # the guest's clock: LAPICs and sources run on it
     # LAPIC records first: they fold PIR into IRR, and the hvlab state must see the result.
-    lapics = {v.vcpu_id: hv.hvm.lapic_records(v, now) for v in dom.vcpus}
+    lapics = {v.vcpu_id: hvm_policy(hv).lapic_records(v, now) for v in dom.vcpus}
     cpus = {v.vcpu_id: cpu_record(hv, v, now) for v in dom.vcpus}
     entries: list[HvmRecord] = []
     for v in dom.vcpus:
@@ -699,11 +701,11 @@ def _install(hv: Hypervisor, st: _Pending, plan: _DomainPlan, vcpus: list[_VcpuP
     """Make the domain: everything was checked, so nothing below is expected to fail."""
     physmap, posted_mfn = st.physmap, st.posted_mfn
     assert physmap is not None and posted_mfn is not None
-    support = hv.hvm
+    support = hvm_policy(hv)
     physmap.stats = plan.stats
     if plan.log_dirty and not st.adopted:  # adopted: the P2M came with its log
         physmap.enable_logdirty()  # a fresh log: what was dirty before the save is not kept
-    dom = Domain(len(hv.domains), plan.name, "hvm", physmap.p2m.mfns, 0)
+    dom = Domain(len(hv.domains), plan.name, support, physmap.p2m.mfns, 0)
     dom.hvm = HvmDomain(physmap, plan.layout, posted_mfn, plan.violations,
                         plan.last_violation, plan.repeats)
     dom.time_offset = plan.virtual_ns - hv.now
@@ -730,7 +732,7 @@ def _install(hv: Hypervisor, st: _Pending, plan: _DomainPlan, vcpus: list[_VcpuP
 
 def _make_vcpu(hv: Hypervisor, dom: Domain, vid: int, plan: _VcpuPlan, posted_mfn: int,
                write_descriptor: bool = True) -> Vcpu:
-    support = hv.hvm
+    support = hvm_policy(hv)
     v = support._create_vcpu(dom, vid, posted_mfn)
     if plan.pcpu != v.pcpu and plan.pcpu < len(hv.pcpus):  # keep the saved placement
         hv.scheduler.remove(v)

@@ -29,8 +29,9 @@ from typing import Any, TextIO
 from emulator.addr import PAGE_SIZE
 from hypervisor.core.elf import load_kernel
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
+from hypervisor.images.domains import save_domain
 from hypervisor.pv.builder import plan_layout
-from hypervisor.pv.save import save_domain
+from hypervisor.pv.domain import create_pv_domain
 
 from .common import ImageError
 from .guest_layouts import BUILDERS, LAYOUTS, Builder, LayoutError
@@ -106,7 +107,7 @@ def image_make(kind: str, mem_bytes: int, layout: str, seed: int,
     name = f"{kind}-{layout}-{_size(mem_bytes)}"
     hv = Hypervisor(MachineConfig(pcpus=1, memory=mem_bytes + HOST_MARGIN))
     try:
-        dom = hv.create_pv_domain(name, str(kernel_path), mem_bytes, 1)
+        dom = create_pv_domain(hv, name, str(kernel_path), mem_bytes, 1)
         start_of_day = plan_layout(load_kernel(kernel_path), nr_pages)
         lap("boot_s")
         builder = Builder(hv, dom, start_of_day.mapped_pages, seed)

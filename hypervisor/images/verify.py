@@ -46,7 +46,7 @@ from hypervisor.mm.pte import (
     disallow_mask,
 )
 from hypervisor.mm.typerefs import Root
-from hypervisor.pv.save import HVLAB_DOMAIN_RECORD, HVLAB_DOMAIN_VERSION
+from hypervisor.pv.save import HVLAB_DOMAIN_VERSION
 from hypervisor.stream import (
     DomainType,
     EndRecord,
@@ -65,6 +65,7 @@ from hypervisor.stream import (
     pfinfo_has_data,
 )
 from hypervisor.stream.framing import PAGE_SIZE
+from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD
 from hypervisor.stream.records import X86PvVcpuBasicRecord
 
 from .common import HVLAB_DOMAIN_NAME, ImageError, pfinfo_levels, pfinfo_name, pfinfo_pinned

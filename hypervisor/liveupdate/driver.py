@@ -1,4 +1,8 @@
-"""Running a scenario through one or more live updates, and what it cost the guests.
+"""Running a machine through one or more live updates, and what it cost the guests.
+
+The caller (hypervisor/runner.py for a scenario) says how to boot the machine, how
+to describe the finished run and how the last process prints it; this module runs
+to each update's time, updates and carries on.
 
 With `exec_new_process`, host memory is a shared file mapping and every
 update replaces the process: the old one tears its hypervisor down, writes
@@ -14,9 +18,10 @@ import pickle
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from emulator.memory import HostMemory
 from hypervisor.core.hypervisor import Hypervisor
@@ -26,8 +31,6 @@ from hypervisor.liveupdate.orchestrator import (
     live_update,
     prepare,
 )
-from hypervisor.runner import boot_scenario, describe
-from hypervisor.scenario import Scenario, UpdateSpec
 
 # the work before the pause (hand-over sent ahead, prevalidation) starts this long before it
 PREPARE_LEAD_NS = 1_000_000
@@ -51,17 +54,29 @@ def _rate(instructions: int, ns: int) -> float | None:
     return round(instructions / (ns / 1e6), 1) if ns > 0 else None
 
 
+class ScheduledUpdate(Protocol):
+    """A live update at a virtual time (a scenario's `[[update]]`)."""
+
+    at_ns: int
+    to: str
+    strategy: str
+
+
 @dataclass
 class UpdateRun:
-    """One scenario run with its updates: picklable, so it survives an exec."""
+    """One run with its updates: picklable (the callables are module-level functions or
+    partials of them), so it survives an exec."""
 
-    scenario: Scenario
-    updates: list[UpdateSpec]
+    updates: list[ScheduledUpdate]
     plan: UpdatePlan
+    memory_bytes: int  # host memory
+    end_ns: int  # virtual time the run ends at
+    boot: Callable[[HostMemory | None], Hypervisor]  # the machine with its domains
+    describe: Callable[[Hypervisor, str, float], dict[str, Any]]  # (hv, stop, wall_s)
+    emit: Callable[[dict[str, Any]], None] | None = None  # how the last process prints
     memory_file: Path | None = None
     finished: list[tuple[dict[str, Any], int, int]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
-    output: str = "none"  # how the last process prints the result: "json", "text", "none"
     pending_rate: float | None = None  # throughput before the update under way
 
     def start(self) -> dict[str, Any]:
@@ -72,9 +87,8 @@ class UpdateRun:
             fd, name = tempfile.mkstemp(prefix="hvlab-memory-", dir=folder)
             os.close(fd)
             self.memory_file = Path(name)
-            memory = HostMemory(self.scenario.memory, self.memory_file)
-        hv = boot_scenario(self.scenario, memory=memory)
-        return self.carry_on(hv)
+            memory = HostMemory(self.memory_bytes, self.memory_file)
+        return self.carry_on(self.boot(memory))
 
     def carry_on(self, hv: Hypervisor) -> dict[str, Any]:
         """Run to each pending update, update, and on to the end."""
@@ -111,28 +125,17 @@ class UpdateRun:
                                   str(blackout.workdir)])
 
     def _finish(self, hv: Hypervisor) -> dict[str, Any]:
-        stop = hv.run(self.scenario.virtual_time_ns)
-        if hv.lazy_update is not None:
-            hv.lazy_update.finish_now()  # the guests stopped before the sweeper did
+        stop = hv.run(self.end_ns)
+        hv.finish_background_work()  # the guests stopped before a lazy sweeper did
         end_ns, end_instr = hv.now, _instructions(hv)
         reports = []
         for report, resumed_ns, resumed_instr in self.finished:
             report["throughput"]["after"] = _rate(end_instr - resumed_instr, end_ns - resumed_ns)
             reports.append(report)
-        result = describe(hv, self.scenario, stop, time.monotonic() - self.started)
+        result = self.describe(hv, stop, time.monotonic() - self.started)
         result["updates"] = reports
         if len(reports) == 1:
             result.update({k: v for k, v in reports[0].items() if k not in result})
         if self.memory_file is not None:
             self.memory_file.unlink(missing_ok=True)
         return result
-
-
-def run_with_updates(scenario: Scenario, updates: list[UpdateSpec], plan: UpdatePlan,
-                     output: str = "none") -> dict[str, Any]:
-    """Boot, run to each update's time, update, run to the end; one report per update.
-
-    `output` matters with `plan.exec_new_process`: the last process prints.
-    """
-    run = UpdateRun(scenario, sorted(updates, key=lambda u: u.at_ns), plan, output=output)
-    return run.start()

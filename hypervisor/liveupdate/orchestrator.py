@@ -58,8 +58,14 @@ from hypervisor.liveupdate.proof import (
     type_state,
     verify,
 )
-from hypervisor.liveupdate.strategies import base as strategies
-from hypervisor.liveupdate.strategies.lazy import stage_typing, start_lazy
+from hypervisor.liveupdate.strategies import strategy as strategy_named
+from hypervisor.liveupdate.strategies.base import (
+    SWEEP_BUDGET_PTES,
+    NewBuild,
+    StagedState,
+    Strategy,
+    UpdateSettings,
+)
 from hypervisor.mm.incremental import IncrementalTyping
 from hypervisor.pv.restore import install_domain
 
@@ -81,30 +87,33 @@ class UpdatePlan:
     fail_at: str | None = None
     corrupt_stream: bool = False
     exec_new_process: bool = False
-    sweep_budget_ptes: int = strategies.SWEEP_BUDGET_PTES  # lazy: per quantum
+    sweep_budget_ptes: int = SWEEP_BUDGET_PTES  # work left after the resume, per quantum
     costs: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_COSTS_NS))
     workdir: Path | None = None
 
 
-def check_plan(hv: Hypervisor, plan: UpdatePlan) -> None:
-    """Refuse a plan that cannot work before anything is paused."""
+    @property
+    def settings(self) -> UpdateSettings:
+        return UpdateSettings(self.to_build, self.sweep_budget_ptes)
+
+
+def check_plan(hv: Hypervisor, plan: UpdatePlan) -> Strategy:
+    """Refuse a plan that cannot work before anything is paused; its strategy."""
     from hypervisor.mm.builds import get_build
 
-    if plan.strategy not in strategies.STRATEGIES:
-        raise UpdateError(f"unknown strategy '{plan.strategy}' "
-                          f"(choose from {', '.join(strategies.STRATEGIES)})")
+    strategy = strategy_named(plan.strategy)
     try:
         get_build(plan.to_build)
     except Exception as err:  # noqa: BLE001 - the build registry's own message
         raise UpdateError(str(err)) from None
     if plan.fail_at is not None and plan.fail_at not in PHASES:
         raise UpdateError(f"--fail-at {plan.fail_at}: phases are {', '.join(PHASES)}")
-    if plan.strategy == "transfer":
-        strategies.translator_for(hv.build, plan.to_build)
+    strategy.check(hv.build, plan.settings)
     for dom in hv.domains:
         if dom.kind not in ("pv", "hvm"):
             raise UpdateError(f"domain {dom.name}: live update of {dom.kind} domains is not "
                               "supported")
+    return strategy
 
 
 class _Phases:
@@ -135,7 +144,8 @@ class StagedBuild:
     tables: StagedTables
     sent: dict[str, DomainMemory]  # stream name -> what it holds
     claimed: set[int]  # domids whose frames `tables` holds
-    typing: dict[int, IncrementalTyping] = field(default_factory=dict)  # lazy, by domid
+    # type state a strategy set up before the pause, by domid
+    typing: dict[int, IncrementalTyping] = field(default_factory=dict)
 
 
 @dataclass
@@ -145,16 +155,16 @@ class Prepared:
     workdir: Path
     precopied: dict[int, str]  # domid -> its stream sent ahead
     staged: StagedBuild | None
-    prevalidation: strategies.Prevalidation | None
+    ahead: Any  # what the strategy did before the pause (`Strategy.before_pause`)
     report: dict[str, Any]  # wall times and counters, for the update's report
 
 
 def prepare(hv: Hypervisor, plan: UpdatePlan) -> Prepared:
     """Before the pause: send the hand-over's bulk ahead, stage the new build on it
-    (not with `--exec`: the new process does not exist yet) and, for `prevalidate`,
-    build the new build's type state."""
-    check_plan(hv, plan)
-    _settle_lazy(hv)
+    (not with `--exec`: the new process does not exist yet) and let the strategy do
+    its work ahead (prevalidate builds the new build's type state)."""
+    strategy = check_plan(hv, plan)
+    hv.finish_background_work()
     workdir = plan.workdir or Path(tempfile.mkdtemp(prefix="hvlab-handover-"))
     wall: dict[str, float] = {}
     started = time.perf_counter()
@@ -169,21 +179,16 @@ def prepare(hv: Hypervisor, plan: UpdatePlan) -> Prepared:
         for domid, name in precopied.items():
             tables.claim(sent[name].p2m, domid)
         staged = StagedBuild(tables, sent, set(precopied))
-        if plan.strategy == "lazy":
-            staged.typing = {
-                domid: stage_typing(hv.memory.u64, tables.frame_table, domid,
-                                    sent[name].p2m, sent[name].tables)
-                for domid, name in precopied.items()}
     wall["stage_wall_s"] = time.perf_counter() - started
 
-    prevalidation = None
-    if plan.strategy == "prevalidate":
-        started = time.perf_counter()
-        prevalidation = strategies.prevalidate(
-            hv, plan.to_build, staged.tables.frame_table if staged is not None else None)
-        wall["prevalidate_wall_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    state = None if staged is None else StagedState(
+        staged.tables.frame_table,
+        {domid: sent[name] for domid, name in precopied.items()}, staged.typing)
+    ahead = strategy.before_pause(hv, plan.settings, state)
+    wall["strategy_wall_s"] = time.perf_counter() - started
     report = {k: round(v, 6) for k, v in wall.items()} | counters
-    return Prepared(workdir, precopied, staged, prevalidation, report)
+    return Prepared(workdir, precopied, staged, ahead, report)
 
 
 @dataclass
@@ -197,7 +202,7 @@ class Blackout:
     report: dict[str, Any]
     workdir: Path
     before: Snapshot
-    prevalidation: strategies.Prevalidation | None
+    ahead: Any  # the strategy's work before the pause
     changed: set[int]
     in_use: list[np.ndarray]  # per domid
     machine: MachineConfig
@@ -215,12 +220,12 @@ def live_update(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared | None = No
     With `handoff`, the old process hands the blackout over after the teardown
     (`--exec`: the callable execs a new process and does not return).
     """
-    check_plan(hv, plan)
+    strategy = check_plan(hv, plan)
     phases = _Phases(plan.fail_at)
     counters: dict[str, Any] = {"vcpus": sum(len(d.vcpus) for d in hv.domains)}
     report: dict[str, Any] = {"strategy": plan.strategy, "from_build": hv.build,
                               "to_build": plan.to_build, "at_ns": hv.now}
-    _settle_lazy(hv)
+    hv.finish_background_work()  # an earlier lazy update still validating: complete it
     if prepared is None:
         workdir = plan.workdir or Path(tempfile.mkdtemp(prefix="hvlab-handover-"))
         prepared = Prepared(workdir, {}, None, None, {})
@@ -230,14 +235,8 @@ def live_update(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared | None = No
     before = capture(hv)
     report["proof_capture_wall_s"] = round(time.monotonic() - proof_started, 6)
     with _collector_paused():
-        return _blackout(hv, plan, prepared, phases, counters, report, before, handoff)
-
-
-def _settle_lazy(hv: Hypervisor) -> None:
-    """An update that starts while an earlier lazy one is still validating finishes that
-    first: what is sent ahead, handed over and proved is complete type state."""
-    if hv.lazy_update is not None:
-        hv.lazy_update.finish_now()
+        return _blackout(hv, plan, strategy, prepared, phases, counters, report, before,
+                         handoff)
 
 
 @contextmanager
@@ -254,7 +253,8 @@ def _collector_paused():
             gc.enable()
 
 
-def _blackout(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared, phases: _Phases,
+def _blackout(hv: Hypervisor, plan: UpdatePlan, strategy: Strategy, prepared: Prepared,
+              phases: _Phases,
               counters: dict[str, Any], report: dict[str, Any], before: Snapshot,
               handoff: Callable[[Blackout], None] | None) -> tuple[Hypervisor, dict]:
     started = time.monotonic()
@@ -264,7 +264,7 @@ def _blackout(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared, phases: _Pha
         with phases.phase("pause"):
             pass  # domains stop at the slice boundary the hypervisor is already at
         with phases.phase("save"):
-            counters.update(write_handover(hv, prepared.workdir, plan.strategy == "transfer",
+            counters.update(write_handover(hv, prepared.workdir, strategy.hands_over_types,
                                            prepared.precopied))
             if plan.corrupt_stream:
                 _corrupt(prepared.workdir)
@@ -276,7 +276,7 @@ def _blackout(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared, phases: _Pha
 
     # ---- the point of no return
     blackout = Blackout(
-        plan, phases, counters, report, prepared.workdir, before, prepared.prevalidation,
+        plan, phases, counters, report, prepared.workdir, before, prepared.ahead,
         changed_domains(hv), [frames_in_use(d) for d in hv.domains],
         hv.machine, hv.now, hv.build, started, prepared.staged)
     memory = hv.memory
@@ -316,27 +316,11 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
         return new, handovers
 
     new, handovers = _retrying(phases, "restore", restore)
-
-    def typerefs() -> dict[str, Any]:
-        if plan.strategy == "full-walk":
-            return strategies.full_walk(new, handovers)
-        if plan.strategy == "transfer":
-            return strategies.transfer(new, handovers, bo.old_build)
-        if plan.strategy == "prevalidate":
-            if bo.prevalidation is None:
-                raise UpdateError("strategy prevalidate: nothing was prepared before the pause")
-            return strategies.install_prevalidated(new, handovers, bo.prevalidation, bo.changed)
-        return {}  # lazy: roots only, below, once the domains exist
-
-    def reset_types() -> None:
-        """A typeref phase that failed half way starts over from bare ownership."""
-        for domid, ho in enumerate(handovers):
-            if ho.kind == "pv":
-                strategies.clear_types(new.frame_table, ho.p2m, domid)
-        if bo.prevalidation is not None and bo.prevalidation.frames is new.frame_table:
-            bo.changed.update(range(len(handovers)))  # prepared in place, now gone: redo all
-
-    counters.update(_retrying(phases, "typerefs", typerefs, cleanup=reset_types))
+    strategy = strategy_named(plan.strategy)
+    nb = NewBuild(new, handovers, plan.settings, bo.old_build, bo.ahead, bo.changed, typing,
+                  counters)
+    counters.update(_retrying(phases, "typerefs", lambda: strategy.rebuild(nb),
+                              cleanup=lambda: strategy.reset(nb)))
     report["translator"] = counters.pop("translator", None)
 
     def resume() -> None:
@@ -354,25 +338,18 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
             bases = {vid: (ctx.ctrlreg[3] >> 12, ctx.ctrlreg[1] >> 12)
                      for vid, ctx in ho.contexts.items()}
             dom = install_domain(new, ho.meta, ho.p2m, ho.contexts, bases)
-            if plan.strategy == "lazy":
-                # what was set up ahead holds if no page table changed since
-                start_lazy(new, dom, ho, plan.sweep_budget_ptes,
-                           None if ho.tables_changed else typing.get(dom.domid))
+            strategy.domain_installed(nb, dom, ho)
 
     _retrying(phases, "resume", resume)
-    if new.lazy_update is not None:
-        counters.update(new.lazy_update.blackout)
     blackout_wall = time.monotonic() - bo.started
 
     proof_started = time.monotonic()
-    proof = verify(bo.before, new, check_types=plan.strategy != "lazy")
+    proof = verify(bo.before, new, check_types=strategy.proves_types_at_resume)
     report["proof_verify_wall_s"] = round(time.monotonic() - proof_started, 6)
     if not proof["ok"]:
         raise ProofFailed("live update proof failed: " + "; ".join(proof["problems"][:5]))
     downtime = modelled_ns(counters, plan.costs)
     new.now += downtime  # guests see the blackout as time that passed (their offsets stay)
-    if new.lazy_update is not None:
-        new.lazy_update.resumed()
     report.update({
         "outcome": "updated",
         "blackout_wall_s": round(blackout_wall, 6),
@@ -383,37 +360,14 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
         "injected": phases.injected,
         "handover_dir": str(bo.workdir),
     })
-    if plan.strategy == "lazy":
-        _arm_lazy_proof(new, bo.before, report)
+
+    def prove(dom) -> list[str]:
+        """A domain's type state now against the old build's (strategies that finish
+        after the resume call this when they do)."""
+        return compare_types(dom.name, bo.before.types[dom.domid], type_state(new, dom.p2m))
+
+    strategy.resumed(nb, report, prove)
     return new, report
-
-
-def _arm_lazy_proof(new: Hypervisor, before: Snapshot, report: dict[str, Any]) -> None:
-    """Prove each domain's type state the moment its lazy validation completes
-    (before its guest can change a table), and report when all are done."""
-    lazy = new.lazy_update
-    problems: list[str] = []
-    if lazy is None:  # no PV domain: nothing is validated lazily (HVM has no page types)
-        report["proof_after_lazy"] = {"ok": True, "problems": [], "domains": 0}
-        return
-
-    def on_domain_done(dom) -> None:
-        problems.extend(compare_types(dom.name, before.types[dom.domid],
-                                      type_state(new, dom.p2m)))
-        if problems:
-            raise ProofFailed("lazy typeref reconstruction differs: " + "; ".join(problems[:5]))
-
-    def on_done() -> None:
-        report["proof_after_lazy"] = {"ok": not problems, "problems": problems,
-                                      "domains": len(lazy.domains)}
-        counters = lazy.counters(new)
-        report["counters"].update(counters)
-        ns = counters["shadow_off_virtual_ns"]
-        report.setdefault("throughput", {})["during_lazy"] = (
-            round(counters["lazy_period_instructions"] / (ns / 1e6), 1) if ns else None)
-
-    lazy.on_domain_done = on_domain_done
-    lazy.on_done = on_done
 
 
 def _retrying(phases: _Phases, name: str, fn: Callable[[], Any],

@@ -2,12 +2,11 @@
 
 It maps the same file-backed host memory, reads the hand-over in DIR,
 completes the update (restore, typerefs, vCPU state, proof) and carries the
-scenario on to its end, printing the result as the original command would.
+run on to its end, printing the result as the original command would.
 """
 
 from __future__ import annotations
 
-import json
 import pickle
 import sys
 from pathlib import Path
@@ -24,20 +23,15 @@ def main(argv: list[str]) -> int:
         with (workdir / RESUME_FILE).open("rb") as f:
             run, blackout = pickle.load(f)
         assert isinstance(run, UpdateRun) and isinstance(blackout, Blackout)
-        memory = HostMemory(run.scenario.memory, run.memory_file)
+        memory = HostMemory(run.memory_bytes, run.memory_file)
         new, report = complete_update(blackout, memory)
         run.record(new, report)
         result = run.carry_on(new)
     except HvlabError as err:
         print(f"hvlab: {err}", file=sys.stderr)
         return err.exit_status
-    if run.output == "json":
-        json.dump(result, sys.stdout, indent=2, default=str)
-        sys.stdout.write("\n")
-    elif run.output == "text":
-        from hypervisor.liveupdate.report import print_update_report
-
-        print_update_report(result)
+    if run.emit is not None:
+        run.emit(result)
     return 0
 
 

@@ -17,7 +17,10 @@ from emulator.memory import HostMemory
 from emulator.paging import Translation, WalkFault, walk
 
 
-class LazyTyping(Protocol):
+class PendingTyping(Protocol):
+    """A domain's type state still being rebuilt (a lazy live update): a walk validates
+    the tables it goes through first, and no page table is mapped writable."""
+
     def may_map_writable(self, mfn: int) -> bool: ...
 
     def validate_walk(self, mem_u64, base_ma: int, gva: int) -> None: ...
@@ -36,9 +39,8 @@ class PvMmu:
         self.base_ma = 0  # machine address of the L4 the vCPU runs on
         self.last_fault: WalkFault | None = None
         self.fills = 0
-        # During a lazy live update: validates the tables a walk goes through and
-        # forbids writable mappings of any page table, validated yet or not.
-        self.lazy: LazyTyping | None = None
+        # while the domain's type state is rebuilt after a live update (lazy)
+        self.pending_typing: PendingTyping | None = None
 
     def translate(self, gva: int, access: str) -> tuple[int, int] | None:
         self.fills += 1
@@ -52,14 +54,15 @@ class PvMmu:
             self.last_fault = result
             return None
         perms = _perms(result)
-        if self.lazy is not None and not self.lazy.may_map_writable(result.ma >> 12):
+        pending = self.pending_typing
+        if pending is not None and not pending.may_map_writable(result.ma >> 12):
             perms &= ~PERM_W
         return result.ma, perms
 
     def lookup(self, gva: int, access: str) -> Translation | WalkFault:
         """A walk for the hypervisor's own guest accesses (copy to/from guest)."""
-        if self.lazy is not None:
-            self.lazy.validate_walk(self.memory.u64, self.base_ma, gva)
+        if self.pending_typing is not None:
+            self.pending_typing.validate_walk(self.memory.u64, self.base_ma, gva)
         return walk(self.memory.u64, self.base_ma, gva, access)
 
 

@@ -6,8 +6,8 @@ does, the pinned tables are pinned through get_page_type, which validates
 every table reachable from them, and each vCPU's CR3 takes its reference.
 Any problem raises `RestoreError` naming the record and its offset, after
 the hypervisor has been put back exactly as it was (no frame allocated, the
-frame table rows of the would-be domain free again). HVM images are handed to
-hypervisor/hvm/image.py.
+frame table rows of the would-be domain free again). HVM images are restored by
+hypervisor/hvm/image.py; `hypervisor/images/domains.py` restores either kind.
 """
 
 from __future__ import annotations
@@ -24,19 +24,14 @@ from emulator.paging import ADDR_MASK, P
 from hypervisor.core.domain import Shutdown
 from hypervisor.core.evtchn import EventChannelState
 from hypervisor.core.vcpu import DOWN, RUNNABLE, TrapEntry
-from hypervisor.lib.errors import HvlabError
+from hypervisor.lib.errors import RestoreError
 from hypervisor.mm.bulk import bulk_validate
 from hypervisor.mm.errors import errno_name
 from hypervisor.mm.typerefs import Root
-from hypervisor.pv.save import (
-    FXSAVE_MXCSR,
-    FXSAVE_XMM0,
-    HVLAB_DOMAIN_RECORD,
-    HVLAB_DOMAIN_VERSION,
-    port_from_json,
-)
+from hypervisor.pv.domain import install_pv_domain
+from hypervisor.pv.save import FXSAVE_MXCSR, FXSAVE_XMM0, HVLAB_DOMAIN_VERSION, port_from_json
+from hypervisor.pv.vcpu import start_pv_vcpu
 from hypervisor.stream import (
-    DomainType,
     EndRecord,
     OpaqueRecord,
     PageDataRecord,
@@ -49,8 +44,8 @@ from hypervisor.stream import (
     X86PvVcpuBasicRecord,
     X86TscInfoRecord,
     check_pfns,
-    open_image_for_read,
 )
+from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD
 from hypervisor.stream.vcpu_context import VGCF_ONLINE, VcpuGuestContext
 
 if TYPE_CHECKING:
@@ -59,10 +54,6 @@ if TYPE_CHECKING:
 
 MAX_VCPUS = 32
 PFN_BITS_MASK = (1 << 52) - 1
-
-
-class RestoreError(HvlabError):
-    pass
 
 
 @dataclass
@@ -80,33 +71,21 @@ class _Pending:
     hvlab: dict[str, Any] | None = None
 
 
-def restore_domain(hv: Hypervisor, path: str | Path, name: str | None = None) -> Domain:
-    """Restore the image at `path` as a new domain of `hv` (named `name` if given)."""
-    path = Path(path)
+def restore_pv_domain(hv: Hypervisor, reader: StreamReader, path: Path,
+                      name: str | None = None) -> Domain:
+    """Restore the PV image `reader` is positioned in (after its headers) as a new domain.
+
+    Raises RestoreError (or StreamError, which the caller words) with `hv` left as it was.
+    """
     state = _Pending()
     domid = len(hv.domains)
     try:
-        with open_image_for_read(path) as f:
-            reader = StreamReader(f, keep=frozenset({HVLAB_DOMAIN_RECORD}))
-            if reader.domain_header.type == DomainType.X86_HVM:
-                from hypervisor.hvm.image import restore_hvm_domain  # imports this module
-
-                return restore_hvm_domain(hv, reader, path, name)
-            if reader.domain_header.type != DomainType.X86_PV:
-                raise RestoreError(f"{path}: domain header: only x86 PV and HVM images can be "
-                                   f"restored here (type {reader.domain_header.type})")
-            for record in reader:
-                _apply(hv, state, record, domid, path)
-                if isinstance(record, EndRecord):
-                    break
+        for record in reader:
+            _apply(hv, state, record, domid, path)
+            if isinstance(record, EndRecord):
+                break
         return _finish(hv, state, domid, path, name)
-    except (StreamError, OSError) as err:
-        _undo(hv, state)
-        raise RestoreError(f"{path}: {err}") from None
-    except RestoreError:
-        _undo(hv, state)
-        raise
-    except Exception:
+    except BaseException:
         _undo(hv, state)
         raise
 
@@ -256,7 +235,7 @@ def install_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray,
     """
     nr_vcpus = max(len(meta.get("vcpus", [])), max(contexts) + 1)
     virt_base = int(meta["virt_base"])
-    dom = hv.install_pv_domain(name or meta["name"], p2m, int(meta["shared_info_pfn"]),
+    dom = install_pv_domain(hv, name or meta["name"], p2m, int(meta["shared_info_pfn"]),
                                virt_base + int(meta["start_info_pfn"]) * PAGE_SIZE,
                                virt_base, nr_vcpus)
     dom.time_offset = int(meta["virtual_ns"]) - hv.now
@@ -274,7 +253,7 @@ def install_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray,
             continue
         ctx = contexts[v.vcpu_id]
         base, user = bases[v.vcpu_id]
-        hv.start_vcpu(v, _registers(ctx), base * PAGE_SIZE)
+        start_pv_vcpu(hv, v, _registers(ctx), base * PAGE_SIZE)
         v.user_base_ma = user * PAGE_SIZE
         v.event_callback = ctx.event_callback_eip
         v.failsafe_callback = ctx.failsafe_callback_eip

@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 
 from hypervisor.cli import main
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
-from hypervisor.pv.restore import RestoreError, restore_domain
-from hypervisor.pv.save import HVLAB_DOMAIN_RECORD, domain_digest, save_domain
+from hypervisor.images.domains import restore_domain, save_domain
+from hypervisor.lib.errors import RestoreError
+from hypervisor.pv.save import domain_digest
 from hypervisor.runner import boot_scenario
 from hypervisor.scenario import load_scenario
+from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD
 from tests import SCENARIOS
 from tests.image_surgery import assert_refused_cleanly, rebuild, records, records_at
 
