@@ -229,11 +229,11 @@ def _finish(hv: Hypervisor, st: _Pending, domid: int, path: Path, name: str | No
         blame.append(("PAGE_DATA", offset, f"pinning the L{level} table at pfn {pfn}"))
     bases: dict[int, tuple[int, int]] = {}
     for vid, (ctx, offset) in sorted(st.vcpus.items()):
-        cr3_pfn, user_pfn = ctx.ctrlreg[3] >> 12, ctx.ctrlreg[1] >> 12
-        if cr3_pfn >= st.nr_pages or user_pfn >= st.nr_pages:
+        cr3_pfn, user_pfn = ctx.ctrlreg[3] >> 12, ctx.user_table
+        if cr3_pfn >= st.nr_pages or (user_pfn or 0) >= st.nr_pages:
             raise _fail(path, "X86_PV_VCPU_BASIC", offset, "CR3 lies beyond the domain")
         base = int(st.p2m[cr3_pfn])
-        user = int(st.p2m[user_pfn]) if ctx.ctrlreg[1] else 0
+        user = int(st.p2m[user_pfn]) if user_pfn is not None else 0
         for root in (base, user) if user else (base,):
             roots.append(Root(root, 4, False))
             blame.append(("X86_PV_VCPU_BASIC", offset, f"vCPU {vid}'s page tables"))
@@ -275,7 +275,7 @@ def install_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray,
         ctx = contexts[v.vcpu_id]
         base, user = bases[v.vcpu_id]
         hv.start_vcpu(v, _registers(ctx), base * PAGE_SIZE)
-        v.user_base_ma = user * PAGE_SIZE
+        v.roots.user_ma = user * PAGE_SIZE
         v.event_callback = ctx.event_callback_eip
         v.failsafe_callback = ctx.failsafe_callback_eip
         v.syscall_callback = ctx.syscall_callback_eip

@@ -401,13 +401,12 @@ def _vcpu(st: _State, record: X86PvVcpuBasicRecord) -> None:
     except StreamError as err:
         st.problem(str(err))
         return
-    for reg, what in ((3, "CR3"), (1, "user CR3")):
-        value = ctx.ctrlreg[reg]
-        if value == 0:
-            if reg == 3:
-                st.at(*where, f"vCPU {vid} has no CR3")
+    if ctx.ctrlreg[3] == 0:
+        st.at(*where, f"vCPU {vid} has no CR3")
+    for pfn, what in ((ctx.ctrlreg[3] >> 12 if ctx.ctrlreg[3] else None, "CR3"),
+                      (ctx.user_table, "user CR3")):
+        if pfn is None:
             continue
-        pfn = value >> 12
         if st.nr_pages is None or pfn >= st.nr_pages:
             st.at(*where, f"vCPU {vid} {what} is pfn {pfn:#x}, beyond the domain")
             continue

@@ -59,8 +59,8 @@ def cr3s_of(contexts: dict[int, VcpuGuestContext]) -> list[int]:
     cr3s = []
     for _vid, ctx in sorted(contexts.items()):
         cr3s.append(ctx.ctrlreg[3] >> 12)
-        if ctx.ctrlreg[1]:
-            cr3s.append(ctx.ctrlreg[1] >> 12)
+        if ctx.user_table is not None:
+            cr3s.append(ctx.user_table)
     return cr3s
 
 
@@ -203,8 +203,7 @@ def prevalidate(old: Hypervisor, new_build: str, staged: FrameTable | None = Non
         pins = old.frame_table.pinned(dom.p2m.astype(np.int64))
         roots = [Root(int(m), int(old.frame_table.page_type(int(m))), True)
                  for m in dom.p2m[pins]]
-        roots += [Root(v.mmu.base_ma >> 12, 4, False) for v in dom.vcpus if v.context is not None]
-        roots += [Root(v.user_base_ma >> 12, 4, False) for v in dom.vcpus if v.user_base_ma]
+        roots += [Root(mfn, 4, False) for v in dom.vcpus for mfn in v.roots.referenced()]
         result = bulk_validate(old.memory.u64, frames, dom.domid, roots)
         if not result.ok:
             raise StrategyError(f"prevalidation of {dom.name} failed: {result.failures[0]}")
