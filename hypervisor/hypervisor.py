@@ -301,6 +301,9 @@ class Hypervisor:
         base_ma = ctx.ctrlreg[3] & ~0xFFF
         if base_ma == 0 or base_ma >> 12 >= self.memory.nr_frames:
             return -EINVAL
+        # the CR3 reference changes the domain's type state: a lazy update's
+        # validation (and its proof) completes first, as before a page-table hypercall
+        self.before_page_table_hypercall(v.domain)
         rc = until_done(lambda: self.typing.get_root_ref(base_ma >> 12, v.domain.domid))
         if rc:
             return rc
@@ -327,7 +330,8 @@ class Hypervisor:
         return {name: cpu.reg(name) for name in REGISTERS}
 
     def before_page_table_hypercall(self, dom: Domain) -> None:
-        """A domain still being validated lazily is finished before its tables change."""
+        """A domain still being validated lazily is finished before its type state
+        changes (its tables, pins, base pointers, or a new vCPU's CR3 reference)."""
         lazy = dom.vcpus[0].mmu.lazy if dom.vcpus else None
         if lazy is not None:
             lazy.finish()

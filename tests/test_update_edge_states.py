@@ -71,6 +71,29 @@ def test_a_failure_in_the_new_process_is_reported_in_one_line(tmp_path, capsys, 
     assert err.startswith("hvlab: internal failure") and err.count("\n") == 1
 
 
+
+# ------------------------------------------------------- lazy, then a vCPU is initialised
+BEFORE_SECOND_VCPU_NS = [0, 500, 1_000, 2_000, 2_800]
+
+
+def test_at_those_moments_the_second_vcpu_is_not_initialised_yet():
+    hv = boot_scenario(load_scenario(SCENARIOS / "pv-smp.toml"))
+    for at_ns in BEFORE_SECOND_VCPU_NS:
+        hv.run(at_ns)
+        assert hv.domains[0].vcpus[1].context is None
+
+
+@pytest.mark.parametrize("at_ns", BEFORE_SECOND_VCPU_NS)
+def test_lazy_while_the_guest_initialises_its_second_vcpu(at_ns):
+    """VCPUOP_initialise takes a CR3 reference during the lazy period: it must count once,
+    and the lazy proof must compare the state the old build had."""
+    _proved_and_finished(_update("pv-smp.toml", at_ns, "lazy"))
+
+
+def test_lazy_to_another_build_while_the_guest_initialises_its_second_vcpu():
+    _proved_and_finished(_update("pv-smp.toml", 1_000, "lazy", to="4.4"))
+
+
 # ------------------------------------------------------------- the user page table in images
 def _saved_with_a_user_table(tmp_path) -> tuple[Path, int]:
     """pv-ptchurn saved while NEW_USER_BASEPTR holds its second L4: (image, that L4's pfn)."""
