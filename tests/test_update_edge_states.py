@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from hypervisor.builds import PageType
 from hypervisor.liveupdate import resume
 from hypervisor.liveupdate.driver import RESUME_FILE, run_with_updates
 from hypervisor.liveupdate.orchestrator import UpdatePlan
@@ -144,3 +146,44 @@ def test_either_user_page_table_encoding_verifies_and_restores(tmp_path, xen_enc
     assert dom.vcpus[0].roots.user_ma == int(dom.p2m[user_pfn]) << 12
     hv.run(10_000_000)
     assert dom.shutdown is not None and dom.shutdown.code == 0
+
+
+# ------------------------------------------- a legal linear entry onto a later-pinned L4
+LINKED_L4S_NS = 70_000  # pv-hostile holds a read-only L4 entry onto its second, pinned L4
+
+
+def _linked_l4_image(tmp_path) -> Path:
+    from hypervisor.save import save_domain
+
+    hv = boot_scenario(load_scenario(SCENARIOS / "pv-hostile.toml"))
+    hv.run(LINKED_L4S_NS)
+    path = tmp_path / "hostile.img"
+    save_domain(hv, hv.domains[0], path)
+    return path
+
+
+def test_an_image_holding_a_linear_l4_entry_verifies_restores_and_finishes(tmp_path):
+    from hypervisor.hypervisor import Hypervisor, MachineConfig
+    from hypervisor.images.verify import image_verify
+    from hypervisor.restore import restore_domain
+
+    path = _linked_l4_image(tmp_path)
+    verdict = image_verify(path, out=io.StringIO())
+    assert verdict["ok"], verdict
+    hv = Hypervisor(MachineConfig(1, 64 << 20))
+    dom = restore_domain(hv, path)
+    ft = hv.frame_table
+    mfns = dom.p2m.astype(np.int64)
+    linking = mfns[ft.linear_pt_count[mfns] > 0]
+    assert linking.size and all(ft.info(int(m)).type == PageType.L4 for m in linking)
+    # the linking L4 comes first in pfn order, so the saved pins list it before its target
+    target = mfns[ft.linear_pt_count[mfns] < 0]
+    assert int(hv.m2p[int(linking[0])]) < int(hv.m2p[int(target[0])])
+    assert hv.check_typerefs(dom) == []
+    hv.run(10_000_000)
+    assert dom.shutdown is not None and dom.shutdown.code == 0
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_an_update_while_an_l4_links_to_a_later_pinned_l4(strategy):
+    _proved_and_finished(_update("pv-hostile.toml", LINKED_L4S_NS, strategy))
