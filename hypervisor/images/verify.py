@@ -446,10 +446,10 @@ def _validate_tables(st: _State) -> dict[str, Any]:
     frames.count_info[1:] = PGC_ALLOCATED | 1
     roots = st.pins + st.cr3s
     try:
-        levels = pfinfo_levels(st.pfn_type).astype(np.int64)
-        saved = np.flatnonzero(levels)  # scratch mfn = pfn + 1
+        saved_levels = pfinfo_levels(st.pfn_type).astype(np.int64)
+        table_pfns = np.flatnonzero(saved_levels)  # scratch mfn = pfn + 1
         result = rebuild_from_roots(st.memory.u64, frames, SCRATCH_DOMID, [r.root for r in roots],
-                                    (saved + 1, levels[saved]))
+                                    (table_pfns + 1, saved_levels[table_pfns]))
     except MmError as err:
         st.problem(f"page tables could not be validated: {err}")
         return {}
