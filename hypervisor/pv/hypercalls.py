@@ -29,7 +29,7 @@ from hypervisor.core.hypercalls import (
 from hypervisor.core.vcpu import DOWN, RUNNABLE, TrapEntry, Vcpu
 from hypervisor.lib.errno import EEXIST, EINVAL, ENOENT, ENOSYS
 from hypervisor.pv.mmu_ops import FlushKind, TlbFlush, do_mmu_update, do_mmuext_op
-from hypervisor.pv.vcpu import initialise_vcpu, set_base_pointer
+from hypervisor.pv.vcpu import finish_pending_typing, initialise_vcpu, set_base_pointer
 from hypervisor.stream.vcpu_context import VcpuGuestContext
 
 if TYPE_CHECKING:
@@ -106,16 +106,16 @@ class VcpuMmuContext:
         self.m2p = hv.m2p
 
     def get_cr3(self) -> int:
-        return self.v.mmu.base_ma >> 12
+        return self.v.roots.kernel_ma >> 12
 
     def set_cr3(self, mfn: int) -> None:
         set_base_pointer(self.hv, self.v, mfn << 12)
 
     def get_user_cr3(self) -> int:
-        return self.v.user_base_ma >> 12
+        return self.v.roots.user_ma >> 12
 
     def set_user_cr3(self, mfn: int) -> None:
-        self.v.user_base_ma = mfn << 12
+        self.v.roots.user_ma = mfn << 12
 
     def flush_tlb(self, flush: TlbFlush) -> None:
         if flush.kind == FlushKind.LOCAL:
@@ -137,7 +137,7 @@ def _mmu_batch(hv: Hypervisor, v: Vcpu, ptr: int, count: int, done_ptr: int, for
         return -EINVAL
     raw = hv.copy_from_guest(v, ptr, count * size)
     requests = np.frombuffer(raw, dtype=np.uint64).reshape(count, size // 8)
-    finish_pending_typing(v)
+    finish_pending_typing(v.domain)
     rc, done = run(VcpuMmuContext(hv, v), requests, foreigndom & 0xFFFF_FFFF)
     if done_ptr:
         hv.copy_to_guest(v, done_ptr, struct.pack("<I", done))
@@ -152,14 +152,6 @@ def mmu_update(hv: Hypervisor, v: Vcpu, reqs: int, count: int, done: int, foreig
 def mmuext_op(hv: Hypervisor, v: Vcpu, ops: int, count: int, done: int, foreigndom: int,
               *_: int) -> int:
     return _mmu_batch(hv, v, ops, count, done, foreigndom, MMUEXT_OP_SIZE, do_mmuext_op)
-
-
-def finish_pending_typing(v: Vcpu) -> None:
-    """A domain whose type state is still being rebuilt (a lazy live update) is finished
-    before its page tables change."""
-    pending = v.mmu.pending_typing
-    if pending is not None:
-        pending.finish()
 
 
 PV_HYPERCALLS: dict[int, Hypercall] = {

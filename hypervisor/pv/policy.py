@@ -105,8 +105,7 @@ class PvPolicy:
         owned = ft.frames_of(dom.domid)
         pinned = owned[ft.pinned(owned)]
         pins = {int(m): int(ft.page_type(int(m))) for m in pinned}
-        cr3s = [v.mmu.base_ma >> 12 for v in dom.vcpus if v.context is not None]
-        cr3s += [v.user_base_ma >> 12 for v in dom.vcpus if v.user_base_ma]
+        cr3s = [mfn for v in dom.vcpus for mfn in v.roots.referenced()]
         return check_typerefs(self.hv.memory.u64, ft, dom.domid, pins, cr3s)
 
     def release(self, dom: Domain) -> list[int]:

@@ -17,6 +17,7 @@ from hypervisor.stream.vcpu_context import VcpuGuestContext
 
 if TYPE_CHECKING:
     from emulator.engine import PhysicalCpu
+    from hypervisor.core.domain import Domain
     from hypervisor.core.hypervisor import Hypervisor
 
 INITIAL_RFLAGS = 0x2
@@ -29,9 +30,9 @@ def start_pv_vcpu(hv: Hypervisor, v: Vcpu, regs: dict[str, int], base_ma: int) -
     """Give a (built or restored) vCPU its first architectural state: 64-bit mode on the
     hypervisor GDT, translating through the L4 at `base_ma`."""
     def setup(cpu: PhysicalCpu) -> None:
-        v.mmu.base_ma = base_ma
+        v.roots.kernel_ma = base_ma
         cpu.set_reg("cr4", CR4_PAE)
-        cpu.set_reg("cr3", base_ma)
+        cpu.set_reg("cr3", base_ma)  # the guest's view of its root
         cpu.set_reg("cr0", CR0_PE_PG)
         cpu.set_descriptor_table("gdtr", GDT_VA, len(GDT) - 1)
         cpu.set_reg("cs", KERNEL_CS)
@@ -49,6 +50,9 @@ def initialise_vcpu(hv: Hypervisor, v: Vcpu, ctx: VcpuGuestContext) -> int:
     base_ma = ctx.ctrlreg[3] & ~0xFFF
     if base_ma == 0 or base_ma >> 12 >= hv.memory.nr_frames:
         return -EINVAL
+    # the CR3 reference changes the domain's type state: a lazy update's
+    # validation (and its proof) completes first, as before a page-table hypercall
+    finish_pending_typing(v.domain)
     rc = until_done(lambda: hv.typing.get_root_ref(base_ma >> 12, v.domain.domid))
     if rc:
         return rc
@@ -71,8 +75,21 @@ def initialise_vcpu(hv: Hypervisor, v: Vcpu, ctx: VcpuGuestContext) -> int:
 
 
 def set_base_pointer(hv: Hypervisor, v: Vcpu, base_ma: int) -> None:
-    """NEW_BASEPTR: the vCPU now translates through another (referenced) L4."""
-    v.mmu.base_ma = base_ma
-    if hv.loaded[v.pcpu] is v:
-        hv.pcpus[v.pcpu].flush_tlb()
+    """NEW_BASEPTR: the vCPU now translates through another (referenced) L4.
+
+    Its CR3 register follows, as Xen's emulated CR3 read would: the guest sees
+    its new root, and a later save or live update, which load CR3 from the
+    root, give back the register the guest had."""
+    v.roots.kernel_ma = base_ma
+    cpu = hv.switch_to(v.pcpu, v)
+    cpu.set_reg("cr3", base_ma)
+    cpu.flush_tlb()
+
+
+def finish_pending_typing(dom: Domain) -> None:
+    """A domain still being validated lazily is finished before its type state changes
+    (its tables, pins, base pointers, or a new vCPU's CR3 reference)."""
+    pending = dom.vcpus[0].mmu.pending_typing if dom.vcpus else None
+    if pending is not None:
+        pending.finish()
 

@@ -27,8 +27,8 @@ import numpy as np
 from hypervisor.lib.errors import HvlabError
 from hypervisor.liveupdate.handover import PFN_MASK, DomainHandover
 from hypervisor.mm.builds import PageType
-from hypervisor.mm.bulk import bulk_validate
 from hypervisor.mm.frametable import DOMID_INVALID, FrameTable
+from hypervisor.mm.rebuild import rebuild_from_roots
 from hypervisor.mm.typerefs import Root
 from hypervisor.stream.vcpu_context import VcpuGuestContext
 
@@ -137,8 +137,8 @@ def cr3s_of(contexts: dict[int, VcpuGuestContext]) -> list[int]:
     cr3s = []
     for _vid, ctx in sorted(contexts.items()):
         cr3s.append(ctx.ctrlreg[3] >> 12)
-        if ctx.ctrlreg[1]:
-            cr3s.append(ctx.ctrlreg[1] >> 12)
+        if ctx.user_table is not None:
+            cr3s.append(ctx.user_table)
     return cr3s
 
 
@@ -152,6 +152,14 @@ def table_frames(p2m: np.ndarray, tables: np.ndarray) -> tuple[np.ndarray, np.nd
     """Every page table the old build had typed: (mfns, levels)."""
     pfns, info = _table_levels(tables)
     return p2m[pfns].astype(np.int64), info & LEVEL_MASK
+
+
+def _validated_tables(frames: FrameTable, p2m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The page tables a (running) build has typed among `p2m`'s frames: (mfns, levels)."""
+    mfns = p2m.astype(np.int64)
+    types = frames.types(mfns)
+    is_table = (types >= PageType.L1) & (types <= PageType.L4) & (frames.type_counts(mfns) > 0)
+    return mfns[is_table], types[is_table].astype(np.int64)
 
 
 def typed_work(frames: FrameTable, mfns: np.ndarray) -> dict[str, int]:
@@ -168,7 +176,8 @@ def typed_work(frames: FrameTable, mfns: np.ndarray) -> dict[str, int]:
 
 def full_walk_domain(hv: Hypervisor, domid: int, ho: DomainHandover) -> dict[str, int]:
     """Validate a handed-over domain from its roots (pins, then CR3s); what it took."""
-    result = bulk_validate(hv.memory.u64, hv.frame_table, domid, roots_of(ho))
+    result = rebuild_from_roots(hv.memory.u64, hv.frame_table, domid, roots_of(ho),
+                                table_frames(ho.p2m, ho.tables))
     if not result.ok:
         first = result.failures[0]
         raise StrategyError(f"domain {ho.meta['name']}: the old build's page tables failed "

@@ -24,9 +24,9 @@ from hypervisor.liveupdate.strategies.base import (
     full_walk_domain,
     typed_work,
 )
-from hypervisor.mm.builds import get_build
-from hypervisor.mm.bulk import bulk_validate
+from hypervisor.mm.builds import PageType, get_build
 from hypervisor.mm.frametable import FrameTable
+from hypervisor.mm.rebuild import rebuild_from_roots
 from hypervisor.mm.typerefs import Root
 
 if TYPE_CHECKING:
@@ -63,6 +63,14 @@ class Prevalidation:
     counters: dict[str, int] = field(default_factory=dict)
 
 
+def _validated_tables(frames: FrameTable, p2m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The page tables a (running) build has typed among `p2m`'s frames: (mfns, levels)."""
+    mfns = p2m.astype(np.int64)
+    types = frames.types(mfns)
+    is_table = (types >= PageType.L1) & (types <= PageType.L4) & (frames.type_counts(mfns) > 0)
+    return mfns[is_table], types[is_table].astype(np.int64)
+
+
 def prevalidate(old: Hypervisor, new_build: str, staged: FrameTable | None = None
                 ) -> Prevalidation:
     """Before the pause: validate every PV domain in the new layout (into `staged`, the
@@ -79,9 +87,9 @@ def prevalidate(old: Hypervisor, new_build: str, staged: FrameTable | None = Non
         pins = old.frame_table.pinned(dom.p2m.astype(np.int64))
         roots = [Root(int(m), int(old.frame_table.page_type(int(m))), True)
                  for m in dom.p2m[pins]]
-        roots += [Root(v.mmu.base_ma >> 12, 4, False) for v in dom.vcpus if v.context is not None]
-        roots += [Root(v.user_base_ma >> 12, 4, False) for v in dom.vcpus if v.user_base_ma]
-        result = bulk_validate(old.memory.u64, frames, dom.domid, roots)
+        roots += [Root(mfn, 4, False) for v in dom.vcpus for mfn in v.roots.referenced()]
+        result = rebuild_from_roots(old.memory.u64, frames, dom.domid, roots,
+                                    _validated_tables(old.frame_table, dom.p2m))
         if not result.ok:
             raise StrategyError(f"prevalidation of {dom.name} failed: {result.failures[0]}")
         for key, value in typed_work(frames, dom.p2m.astype(np.int64)).items():
