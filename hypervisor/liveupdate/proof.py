@@ -3,9 +3,9 @@
 At the pause the old build's view is captured: a hash of every guest frame,
 each frame's type state decoded from the old layout, every vCPU's registers,
 event-channel tables and timers. For HVM domains: a hash of every P2M-backed
-gfn, the whole P2M (mfn, type, access, log-dirty), registers, each vLAPIC's
-`State` with PIR folded into IRR (on a copy: neither side is changed), the
-posted-interrupt descriptors' bytes and the interrupt sources' state.
+gfn, the whole P2M (mfn, type, access, log-dirty), registers and each vCPU's
+`HvmVcpuState` field by field (hypervisor/hvm/vcpu.py), its vLAPIC with PIR
+folded into IRR (on a copy: neither side is changed).
 After the update the same is read from the new build (type state decoded
 from *its* layout) and compared field by field. Any difference is a loud
 failure.
@@ -13,7 +13,7 @@ failure.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -76,6 +76,7 @@ def hvm_view(hv: Hypervisor, dom) -> dict[str, Any]:
     """An HVM domain's device and memory state in build-independent terms (read only)."""
     from hypervisor.hvm.ept import INVALID_MFN
     from hypervisor.hvm.image import folded_lapic_state
+    from hypervisor.hvm.vcpu import save_hvm_vcpu
 
     p2m = dom.hvm.physmap.p2m
     state = p2m.save()
@@ -86,17 +87,10 @@ def hvm_view(hv: Hypervisor, dom) -> dict[str, Any]:
         "pod": dom.hvm.physmap.pod,
         "shutdown": (dom.shutdown, dom.crash_report, bytes(dom.console), dom.time_offset),
     }
-    for v in dom.vcpus:
-        h = v.hvm
-        view[f"{v.name} lapic"] = folded_lapic_state(v)
-        view[f"{v.name} descriptor"] = h.posted.raw()
-        view[f"{v.name} sources"] = [
-            (asdict(s.source.save()), s.limit, s.delivered, s.dropped, s.irr_coalesced,
-             s._advanced_to) for s in h.sources]
-        view[f"{v.name} vcpu"] = (
-            v.runstate, v.instructions, v.mmu.lapic_mapped, h.ipis_received,
-            dict(h.delivered), h.timer_ns, h.timer_since, h.timer_period_ns, h.lapic_reads,
-            h.lapic_writes, h.lapic_exit, h.window, h.shadow_stepped)
+    for v in dom.vcpus:  # the vCPU's HVM state, its LAPIC as if PIR were folded in now
+        state = replace(save_hvm_vcpu(v), lapic=folded_lapic_state(v))
+        for f in fields(state):
+            view[f"{v.name} {f.name}"] = getattr(state, f.name)
     return view
 
 
