@@ -48,7 +48,9 @@ def _updated(hv, plan: UpdatePlan) -> dict:
     new, report = live_update(hv, plan, prepare(hv, plan))
     assert new is not hv and report["outcome"] == "updated" and report["proof"]["ok"]
     if plan.strategy == "lazy":
-        new.lazy_update.finish_now()  # the lazy proof runs when validation completes
+        lazy = new.lazy_update
+        assert lazy is not None
+        lazy.finish_now()  # the lazy proof runs when validation completes
         assert report["proof_after_lazy"]["ok"]
     return report
 
@@ -72,6 +74,7 @@ def lazy_never_maps_a_page_table_writable() -> None:
     for level in (4, 3, 2):  # down to the L1 that maps RIP: validated in the blackout
         table = int(mem[(table >> 3) + ((rip >> (12 + 9 * (level - 1))) & 0x1FF)]) & ADDR_MASK
     free = [i for i in range(512) if not mem[(table >> 3) + i]]
+    assert len(free) >= 3
     ((_, typing),) = lazy.domains
     tables = np.flatnonzero(typing.typing._level)  # every page table the stream lists
     validated = new.frame_table.validated(tables)
@@ -84,7 +87,9 @@ def lazy_never_maps_a_page_table_writable() -> None:
         mem[(table >> 3) + slot] = (target << 12) | P | RW | A | D
     new.pcpus[v.pcpu].flush_tlb()
     for slot, target in zip(free, targets, strict=False):
-        ma, perms = v.mmu.translate(region | (slot << 12), "write")
+        found = v.mmu.translate(region | (slot << 12), "write")
+        assert found is not None
+        ma, perms = found
         assert ma >> 12 == target
         if target == data:
             assert perms & PERM_W

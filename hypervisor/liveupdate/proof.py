@@ -234,8 +234,10 @@ def blackout_posts(before: Snapshot, hv: Hypervisor) -> dict[str, Any]:
             continue
         now = hv.now + dom.time_offset  # sources run on the guest's clock
         for v in dom.vcpus:
+            h = v.hvm
+            assert h is not None  # every vCPU of an HVM domain
             old = before.hvm[dom.domid][f"{v.name} sources"]
-            for (state, limit, *_), s in zip(old, v.hvm.sources, strict=True):
+            for (state, limit, *_), s in zip(old, h.sources, strict=True):
                 due = _due_by(state, limit, now)
                 made = s.source.posted - state["posted"]
                 due_total += due
@@ -243,8 +245,8 @@ def blackout_posts(before: Snapshot, hv: Hypervisor) -> dict[str, Any]:
                 if made != due:
                     problems.append(f"{v.name} source {s.name}: {due} posts fell due during "
                                     f"the blackout, {made} were made")
-                elif due and not (v.hvm.posted.is_posted(s.vector)
-                                  or s.vector in v.hvm.lapic.irr_vectors()):
+                elif due and not (h.posted.is_posted(s.vector)
+                                  or s.vector in h.lapic.irr_vectors()):
                     problems.append(f"{v.name} source {s.name}: vector {s.vector:#x} fell due "
                                     "during the blackout but is in neither PIR nor IRR")
     return {"ok": not problems, "due": due_total, "posted": made_total,
