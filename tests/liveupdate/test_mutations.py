@@ -19,19 +19,20 @@ import pytest
 
 from emulator.engine import PERM_W
 from emulator.paging import ADDR_MASK, RW, A, D, P
-from hypervisor.builds import get_build
-from hypervisor.hypercalls import VcpuMmuContext
-from hypervisor.liveupdate import orchestrator, strategies
+from hypervisor.core.hypercalls import VcpuMmuContext
+from hypervisor.liveupdate import orchestrator
 from hypervisor.liveupdate.driver import run_with_updates
 from hypervisor.liveupdate.handover import HandoverError
-from hypervisor.liveupdate.lazy import LazyDomain
 from hypervisor.liveupdate.orchestrator import UpdatePlan, live_update, prepare
 from hypervisor.liveupdate.proof import ProofFailed
-from hypervisor.mm.pv_mmu import DOMID_SELF, MMUEXT_NEW_USER_BASEPTR, do_mmuext_op
+from hypervisor.liveupdate.strategies import base as strategies
+from hypervisor.liveupdate.strategies.lazy import LazyDomain
+from hypervisor.mm.builds import get_build
+from hypervisor.pv.mmu_ops import DOMID_SELF, MMUEXT_NEW_USER_BASEPTR, do_mmuext_op
 from hypervisor.runner import boot_scenario
 from hypervisor.scenario import UpdateSpec, load_scenario
+from tests import SCENARIOS
 
-SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 PV_SMP = SCENARIOS / "pv-smp.toml"
 PTCHURN = SCENARIOS / "pv-ptchurn.toml"  # at 2 ms one of its tables is left to the sweeper
 LAPIC = SCENARIOS / "hvm-lapic-image.toml"
