@@ -71,7 +71,7 @@ def lazy_never_maps_a_page_table_writable() -> None:
     v = dom.vcpus[0]
     mem = new.memory.u64
     rip = new.read_vcpu_registers(v)["rip"]
-    table = v.mmu.base_ma
+    table = v.roots.kernel_ma
     for level in (4, 3, 2):  # down to the L1 that maps RIP: validated in the blackout
         table = int(mem[(table >> 3) + ((rip >> (12 + 9 * (level - 1))) & 0x1FF)]) & ADDR_MASK
     free = [i for i in range(512) if not mem[(table >> 3) + i]]
@@ -105,11 +105,11 @@ def every_strategy_keeps_user_cr3_references() -> None:
     for strategy in strategies.STRATEGIES:
         hv = booted(PV_SMP, 2_000_000)
         v = hv.domains[0].vcpus[0]
-        user_l4 = v.mmu.base_ma >> 12  # a second root reference to the kernel's L4
+        user_l4 = v.roots.kernel_ma >> 12  # a second root reference to the kernel's L4
         count = int(hv.frame_table.type_counts(np.array([user_l4]))[0])
         rc, done = do_mmuext_op(VcpuMmuContext(hv, v),
                                 [[MMUEXT_NEW_USER_BASEPTR, user_l4, 0]], DOMID_SELF)
-        assert (rc, done) == (0, 1) and v.user_base_ma == user_l4 << 12
+        assert (rc, done) == (0, 1) and v.roots.user_ma == user_l4 << 12
         assert int(hv.frame_table.type_counts(np.array([user_l4]))[0]) == count + 1
         _updated(hv, UpdatePlan("4.12", strategy))
 
@@ -166,8 +166,10 @@ def _writable_page_tables(monkeypatch) -> None:
 
 
 def _no_user_cr3(monkeypatch) -> None:
-    monkeypatch.setattr(strategies, "cr3s_of", lambda contexts: [
-        ctx.ctrlreg[3] >> 12 for _vid, ctx in sorted(contexts.items())])
+    def kernel_only(contexts):  # every vCPU's CR3, none of its user L4
+        return [ctx.ctrlreg[3] >> 12 for _vid, ctx in sorted(contexts.items())]
+
+    monkeypatch.setattr(strategies, "cr3s_of", kernel_only)
 
 
 def _ept_loses_write(monkeypatch) -> None:
