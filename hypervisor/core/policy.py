@@ -25,8 +25,15 @@ if TYPE_CHECKING:
 class DomainPolicy(Protocol):
     """One domain kind's answers (see the module docstring)."""
 
-    name: str  # "pv" or "hvm": the `type` a report shows
-    hypercalls: Mapping[int, Hypercall]  # the hypercalls this kind of guest may make
+    @property
+    def name(self) -> str:
+        """"pv" or "hvm": the `type` a report shows."""
+        ...
+
+    @property
+    def hypercalls(self) -> Mapping[int, Hypercall]:
+        """The hypercalls this kind of guest may make (by number)."""
+        ...
 
     # ------------------------------------------------------------ running
     def enter(self, cpu: PhysicalCpu, v: Vcpu, now: int, budget: int) -> int:

@@ -471,7 +471,9 @@ def _release_physmap(hv: Hypervisor, physmap: GuestPhysmap) -> None:
 
 def hvm_policy(hv: Hypervisor) -> HvmPolicy:
     """The hypervisor's HVM policy (made on first use)."""
-    return hv.policy_for(HvmPolicy.name, HvmPolicy)  # type: ignore[return-value]
+    policy = hv.policy_for(HvmPolicy.name, HvmPolicy)
+    assert isinstance(policy, HvmPolicy)
+    return policy
 
 
 def create_hvm_domain(hv: Hypervisor, name: str, kernel_path: str, memory: int, vcpus: int, *,

@@ -57,9 +57,14 @@ def _rate(instructions: int, ns: int) -> float | None:
 class ScheduledUpdate(Protocol):
     """A live update at a virtual time (a scenario's `[[update]]`)."""
 
-    at_ns: int
-    to: str
-    strategy: str
+    @property
+    def at_ns(self) -> int: ...
+
+    @property
+    def to(self) -> str: ...
+
+    @property
+    def strategy(self) -> str: ...
 
 
 @dataclass

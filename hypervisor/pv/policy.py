@@ -120,4 +120,6 @@ class PvPolicy:
 
 def pv_policy(hv: Hypervisor) -> PvPolicy:
     """The hypervisor's PV policy (made on first use)."""
-    return hv.policy_for(PvPolicy.name, PvPolicy)  # type: ignore[return-value]
+    policy = hv.policy_for(PvPolicy.name, PvPolicy)
+    assert isinstance(policy, PvPolicy)
+    return policy

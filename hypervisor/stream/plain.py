@@ -66,7 +66,7 @@ def _read(tp: Any, data: Any, where: str) -> Any:
             return None
         (inner,) = [o for o in options if o is not type(None)]
         return _read(inner, data, where)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(data, dict):
             raise ValueError(f"{where} must be an object")
         hints = _hints(tp)
