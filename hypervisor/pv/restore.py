@@ -23,14 +23,14 @@ from emulator.addr import PAGE_SIZE
 from emulator.paging import ADDR_MASK, P
 from hypervisor.core.domain import Shutdown
 from hypervisor.core.evtchn import EventChannelState
-from hypervisor.core.vcpu import DOWN, RUNNABLE, TrapEntry
+from hypervisor.core.vcpu import TrapEntry
 from hypervisor.lib.errors import RestoreError
 from hypervisor.mm.errors import errno_name
 from hypervisor.mm.rebuild import rebuild_from_roots
 from hypervisor.mm.typerefs import Root
 from hypervisor.pv.domain import install_pv_domain
 from hypervisor.pv.save import FXSAVE_MXCSR, FXSAVE_XMM0, HVLAB_DOMAIN_VERSION, port_from_json
-from hypervisor.pv.vcpu import start_pv_vcpu
+from hypervisor.pv.vcpu import PvVcpuState, restore_pv_vcpu, start_pv_vcpu
 from hypervisor.stream import (
     EndRecord,
     OpaqueRecord,
@@ -46,6 +46,7 @@ from hypervisor.stream import (
     check_pfns,
 )
 from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD
+from hypervisor.stream.plain import from_plain
 from hypervisor.stream.vcpu_context import VGCF_ONLINE, VcpuGuestContext
 
 if TYPE_CHECKING:
@@ -193,6 +194,10 @@ def _finish(hv: Hypervisor, st: _Pending, domid: int, path: Path, name: str | No
     for key in ("start_info_pfn", "shared_info_pfn"):
         if not 0 <= int(meta.get(key, -1)) < st.nr_pages:
             raise RestoreError(f"{path}: record HVLAB_DOMAIN: {key} lies outside the domain")
+    try:
+        vcpu_states(meta)
+    except (ValueError, TypeError) as err:
+        raise RestoreError(f"{path}: record HVLAB_DOMAIN: {err}") from None
     # The guest's own copies of machine addresses: its P2M list and start_info.
     _rewrite_p2m_list(hv, st)
     shared_info_mfn = int(st.p2m[meta["shared_info_pfn"]])
@@ -254,7 +259,7 @@ def install_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray,
     ports = dict(port_from_json(p) for p in ev.get("ports", []))
     virqs = {(p.notify_vcpu, p.virq): port for port, p in ports.items() if p.state == "virq"}
     dom.events.restore(EventChannelState(ports, virqs, ev.get("sent", 0), ev.get("raised", 0)))
-    vmeta = meta.get("vcpus", [])
+    vmeta = vcpu_states(meta)
     for v in dom.vcpus:
         if v.vcpu_id not in contexts:
             continue
@@ -267,13 +272,15 @@ def install_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray,
         v.syscall_callback = ctx.syscall_callback_eip
         v.trap_table = {t.vector: TrapEntry(t.vector, t.flags, t.cs, t.address)
                         for t in ctx.trap_ctxt if t.address}
-        extra = vmeta[v.vcpu_id] if v.vcpu_id < len(vmeta) else {}
-        v.runstate = extra.get("runstate", RUNNABLE if ctx.flags & VGCF_ONLINE else DOWN)
-        deadline = extra.get("timer_deadline_ns")
-        v.timer_deadline_ns = None if deadline is None else deadline - dom.time_offset
-        v.upcalls = extra.get("upcalls", 0)
-        v.instructions = extra.get("instructions", 0)
+        state = vmeta[v.vcpu_id] if v.vcpu_id < len(vmeta) else PvVcpuState()
+        restore_pv_vcpu(v, state, bool(ctx.flags & VGCF_ONLINE))
     return dom
+
+
+def vcpu_states(meta: dict[str, Any]) -> list[PvVcpuState]:
+    """HVLAB_DOMAIN's per-vCPU state (ValueError or TypeError if damaged)."""
+    return [from_plain(PvVcpuState, extra, f"vCPU {vid}")
+            for vid, extra in enumerate(meta.get("vcpus", []))]
 
 
 def _rewrite_p2m_list(hv: Hypervisor, st: _Pending) -> None:

@@ -25,9 +25,11 @@ from hypervisor.core.vcpu import DOWN
 from hypervisor.lib.errors import SaveError
 from hypervisor.lib.extents import runs_of
 from hypervisor.mm.builds import PageType
+from hypervisor.pv.vcpu import save_pv_vcpu
 from hypervisor.stream import DomainType, Pfinfo, StreamWriter, open_image_for_write
 from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD
 from hypervisor.stream.hvlab_records import PAGE_DATA_BATCH as BATCH
+from hypervisor.stream.plain import to_plain
 from hypervisor.stream.vcpu_context import (
     VGCF_I387_VALID,
     VGCF_IN_KERNEL,
@@ -160,14 +162,7 @@ def domain_state(hv: Hypervisor, dom: Domain) -> dict[str, Any]:
         },
         "shutdown": None if dom.shutdown is None else vars(dom.shutdown),
         "crash_report": dom.crash_report,
-        "vcpus": [{
-            "runstate": v.runstate,
-            "timer_deadline_ns": (None if v.timer_deadline_ns is None
-                                  else v.timer_deadline_ns + dom.time_offset),
-            "upcalls": v.upcalls,
-            "instructions": v.instructions,
-            "pcpu": v.pcpu,
-        } for v in dom.vcpus],
+        "vcpus": [to_plain(save_pv_vcpu(v)) for v in dom.vcpus],
     }
 
 

@@ -7,10 +7,11 @@ MMU walks from that base pointer, never from the CPU's CR3.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hypervisor.core.hypervisor import GDT, KERNEL_CS, KERNEL_DS, until_done
-from hypervisor.core.vcpu import DOWN, TrapEntry, Vcpu
+from hypervisor.core.vcpu import BLOCKED, DOWN, RUNNABLE, TrapEntry, Vcpu
 from hypervisor.lib.errno import EINVAL
 from hypervisor.pv.mmu import GDT_VA
 from hypervisor.stream.vcpu_context import VcpuGuestContext
@@ -93,3 +94,35 @@ def finish_pending_typing(dom: Domain) -> None:
     if pending is not None:
         pending.finish()
 
+
+
+@dataclass(frozen=True, kw_only=True)
+class PvVcpuState:
+    """What Xen's `vcpu_guest_context` does not carry of a PV vCPU: HVLAB_DOMAIN's `vcpus`
+    (written by `stream.plain`), saved and handed over by pv/save.py, read back by
+    pv/restore.py."""
+
+    runstate: str | None = None  # None (an image without it): VGCF_ONLINE decides
+    timer_deadline_ns: int | None = None  # in the guest's own time
+    upcalls: int = 0
+    instructions: int = 0
+    pcpu: int = 0  # where it ran (informative: a restored vCPU is placed afresh)
+
+    def __post_init__(self) -> None:
+        if self.runstate not in (None, RUNNABLE, BLOCKED, DOWN):
+            raise ValueError(f"runstate {self.runstate!r}")
+
+
+def save_pv_vcpu(v: Vcpu) -> PvVcpuState:
+    deadline = v.timer_deadline_ns
+    return PvVcpuState(
+        runstate=v.runstate, upcalls=v.upcalls, instructions=v.instructions, pcpu=v.pcpu,
+        timer_deadline_ns=None if deadline is None else deadline + v.domain.time_offset)
+
+
+def restore_pv_vcpu(v: Vcpu, state: PvVcpuState, online: bool) -> None:
+    """`state` onto a started vCPU whose context said `online` (VGCF_ONLINE)."""
+    v.runstate = state.runstate or (RUNNABLE if online else DOWN)
+    deadline = state.timer_deadline_ns
+    v.timer_deadline_ns = None if deadline is None else deadline - v.domain.time_offset
+    v.upcalls, v.instructions = state.upcalls, state.instructions
