@@ -78,6 +78,8 @@ class ExitDispatcher:
         hvm = self.hv.hvm if v.hvm is not None else None
         self.hv.count_exit(hvm.exit_name(v, exit_) if hvm is not None
                            else EXIT_NAMES[type(exit_)])
+        for hook in self.hv.exit_hooks:
+            hook(v, exit_)
         if self.hv.tracer is not None:
             self.hv.tracer.exit(v, exit_)
         match exit_:
