@@ -143,8 +143,8 @@ class Hypervisor:
         self.now = 0  # virtual ns at the start of the current slice
         self.exits: Counter[str] = Counter()
         self.tracer: Tracer | None = None
-        # called with (vCPU, exit) for every exit, after it is counted (hypervisor/api.py)
-        self.exit_hooks: list[Callable[[Vcpu, Exit], None]] = []
+        # called with (vCPU, exit, its name) at every exit, once counted (hypervisor/api.py)
+        self.exit_hooks: list[Callable[[Vcpu, Exit, str], None]] = []
         # called with the slice's end time after every slice (a lazy sweeper, say)
         self.slice_hooks: list[Callable[[int], None]] = []
         self.lazy_update: LazyUpdate | None = None  # a lazy live update, until shadow-off
