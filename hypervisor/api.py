@@ -30,10 +30,34 @@ from hypervisor.builds import PageType
 from hypervisor.domain import Domain
 from hypervisor.errors import HvlabError
 from hypervisor.hypervisor import Hypervisor
+from hypervisor.mm.frametable import FrameTable
+from hypervisor.mm.pte import (
+    PTE_ACCESSED,
+    PTE_DIRTY,
+    PTE_GLOBAL,
+    PTE_NX,
+    PTE_PRESENT,
+    PTE_PSE,
+    PTE_RW,
+    PTE_USER,
+    pte_mfn,
+)
 from hypervisor.runner import boot_scenario, describe
 from hypervisor.scenario import Scenario, load_scenario
 from hypervisor.seams import Seams
 from hypervisor.vcpu import Vcpu
+
+_FLAGS = ((PTE_PRESENT, "P"), (PTE_RW, "RW"), (PTE_USER, "US"), (PTE_ACCESSED, "A"),
+          (PTE_DIRTY, "D"), (PTE_PSE, "PSE"), (PTE_GLOBAL, "G"), (PTE_NX, "NX"))
+
+
+def _flag_names(entry: int) -> str:
+    return " ".join(name for bit, name in _FLAGS if entry & bit)
+
+
+def _frame(ft: FrameTable, mfn: int) -> dict[str, Any]:
+    return {"mfn": mfn, "type": ft.page_type(mfn).name, "type_count": ft.type_count(mfn),
+            "pinned": ft.is_pinned(mfn), "validated": ft.is_validated(mfn)}
 
 
 class ApiError(HvlabError):
@@ -158,6 +182,28 @@ class Machine:
             n = min(size - len(out), PAGE_SIZE - (at & 0xFFF))
             out += self.hv.memory.read(t.ma + (at & 0xFFF), n)
         return bytes(out)
+
+    def page_walk(self, domain: str, va: int, vcpu: int = 0) -> list[dict[str, Any]]:
+        """The PV page walk of `va`: per level (4 to 1) the table's frame, the entry's
+        machine address and value, its flags, and the frame it points at with that
+        frame's page type, type count, pinned and validated; then the final frame
+        (level 0)."""
+        v = self.vcpu(domain, vcpu)
+        if v.hvm is not None:
+            raise ApiError(f"{domain} is an HVM domain: page_walk shows PV walks")
+        t = walk(self.hv.memory.u64, v.mmu.base_ma, va & ~0xFFF, "read", set_accessed=False)
+        if isinstance(t, WalkFault):
+            raise ApiError(f"{domain}: {va:#x} is not mapped (the walk stops at level "
+                           f"{t.level})")
+        ft = self.hv.frame_table
+        rows = []
+        for level, entry_ma in zip((4, 3, 2, 1), t.entry_mas, strict=False):
+            entry = int(self.hv.memory.u64[entry_ma // 8])
+            rows.append({"level": level, "table": entry_ma >> 12, "entry_ma": entry_ma,
+                         "entry": entry,
+                         "flags": _flag_names(entry), **_frame(ft, pte_mfn(entry))})
+        rows.append({"level": 0, **_frame(ft, t.ma >> 12)})
+        return rows
 
     def read_physical(self, domain: str, address: int, size: int) -> bytes:
         """`size` bytes at a guest-physical address (PV: pfn << 12 + offset)."""
