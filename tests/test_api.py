@@ -14,15 +14,26 @@ from hypervisor.scenario import load_scenario
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_docs_api_examples_run(monkeypatch, capsys):
-    text = (ROOT / "docs" / "api.md").read_text()
+def _run_python_blocks(doc: str) -> int:
+    """Exec a doc's ```python blocks in order, in one namespace; returns how many ran."""
+    text = (ROOT / "docs" / doc).read_text()
     blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
-    assert len(blocks) >= 5
-    monkeypatch.chdir(ROOT)
     namespace: dict = {}
     for block in blocks:
-        exec(compile(block, "docs/api.md", "exec"), namespace)  # noqa: S102 - the doc's code
+        exec(compile(block, f"docs/{doc}", "exec"), namespace)  # noqa: S102 - the doc's code
+    return len(blocks)
+
+
+def test_docs_api_examples_run(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    assert _run_python_blocks("api.md") >= 5
     assert "hello from a paravirtualised guest" in capsys.readouterr().out
+
+
+def test_tutorial_python_example_runs(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    assert _run_python_blocks("tutorial.md") == 1
+    assert "'type': 'L3'" in capsys.readouterr().out
 
 
 def test_looking_at_a_run_changes_nothing():
