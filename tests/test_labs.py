@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -204,8 +205,12 @@ def test_lapic_timer_planted_mistakes(tmp_path, body, failing):
 
 
 # -------------------------------------------------------------------- live-update
-def test_live_update_shipped(tmp_path):
+def test_live_update_shipped(tmp_path, monkeypatch):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     shipped = check_lab("live-update")
+    assert list(scratch.iterdir()) == []  # the hand-overs of both updates are gone
     assert (shipped["score"], shipped["max"]) == (2, 7)
     assert _failed(shipped) == {
         "a refused root stops the update", "the proof: every typeref rebuilt",

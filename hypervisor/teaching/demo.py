@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import io
 import sys
+import tempfile
 import textwrap
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import TextIO
 
 from hypervisor.api import Machine
@@ -123,7 +125,9 @@ def _live_update(tour: Tour) -> None:
              "once in shadow mode and rebuilds their page types in the background.")
     scenario = load_scenario(LABS_ROOT / "live-update" / "lab.toml")
     updates = [replace(u, strategy="lazy") for u in scenario.updates]
-    result = run_with_updates(scenario, updates, UpdatePlan(updates[0].to, "lazy"))
+    with tempfile.TemporaryDirectory(prefix="hvlab-demo-handover-") as handover:
+        plan = UpdatePlan(updates[0].to, "lazy", workdir=Path(handover))
+        result = run_with_updates(scenario, updates, plan)
     text = io.StringIO()
     print_update_report(result, text)
     u = result["updates"][0]

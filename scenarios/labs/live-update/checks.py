@@ -3,8 +3,10 @@ measurement of it against lazy."""
 
 from __future__ import annotations
 
+import tempfile
 import tomllib
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
@@ -66,7 +68,9 @@ def _refused_root(lab: Lab, walk) -> None:
 def _run(lab: Lab, strategy: str, seams: Seams | None) -> dict:
     scenario = load_scenario(lab.home / "lab.toml")
     updates = [replace(u, strategy=strategy) for u in scenario.updates]
-    return run_with_updates(scenario, updates, UpdatePlan(updates[0].to, strategy), seams=seams)
+    with tempfile.TemporaryDirectory(prefix="hvlab-lab-handover-") as handover:
+        plan = UpdatePlan(updates[0].to, strategy, workdir=Path(handover))
+        return run_with_updates(scenario, updates, plan, seams=seams)
 
 
 def _update(lab: Lab, walk) -> int | None:
