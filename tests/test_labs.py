@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
