@@ -26,7 +26,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from hypervisor.errors import HvlabError
+from hypervisor.lib.errors import HvlabError
 
 LABS_ROOT = Path(__file__).resolve().parents[2] / "scenarios" / "labs"
 SCENARIOS = LABS_ROOT.parent

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from hypervisor.builds import PageType, get_build
 from hypervisor.liveupdate.driver import run_with_updates
 from hypervisor.liveupdate.orchestrator import UpdatePlan
 from hypervisor.liveupdate.proof import ProofFailed
+from hypervisor.mm.builds import PageType, get_build
 from hypervisor.mm.frametable import FrameTable
 from hypervisor.mm.typerefs import PageTyping, Root
 from hypervisor.scenario import load_scenario

@@ -6,8 +6,8 @@ import re
 
 import numpy as np
 
-from hypervisor.builds import PageType, get_build
-from hypervisor.errors import HvlabError
+from hypervisor.lib.errors import HvlabError
+from hypervisor.mm.builds import PageType, get_build
 from hypervisor.mm.errors import EBUSY, errno_name
 from hypervisor.mm.frametable import FrameTable
 from hypervisor.mm.typerefs import PageTyping, TypingInvariantError

@@ -12,7 +12,7 @@ takes a type reference (0, or -errno if the frame has another type in use),
 and `typing.frames` is the frame table (`page_type(mfn)`, `type_count(mfn)`).
 """
 
-from hypervisor.builds import PageType  # noqa: F401 - you will need it
+from hypervisor.mm.builds import PageType  # noqa: F401 - you will need it
 from hypervisor.mm.errors import EBUSY  # noqa: F401 - you will need it
 
 
