@@ -174,7 +174,7 @@ class Machine:
         out = bytearray()
         while len(out) < size:
             at = va + len(out)
-            t = walk(self.hv.memory.u64, v.mmu.base_ma, at & ~0xFFF, "read",
+            t = walk(self.hv.memory.u64, v.roots.kernel_ma, at & ~0xFFF, "read",
                      set_accessed=False)
             if isinstance(t, WalkFault):
                 raise ApiError(f"{domain}: {at:#x} is not mapped (a read would fault at "
@@ -191,7 +191,7 @@ class Machine:
         v = self.vcpu(domain, vcpu)
         if v.hvm is not None:
             raise ApiError(f"{domain} is an HVM domain: page_walk shows PV walks")
-        t = walk(self.hv.memory.u64, v.mmu.base_ma, va & ~0xFFF, "read", set_accessed=False)
+        t = walk(self.hv.memory.u64, v.roots.kernel_ma, va & ~0xFFF, "read", set_accessed=False)
         if isinstance(t, WalkFault):
             raise ApiError(f"{domain}: {va:#x} is not mapped (the walk stops at level "
                            f"{t.level})")
