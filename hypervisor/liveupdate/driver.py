@@ -75,8 +75,13 @@ class UpdateRun:
             os.close(fd)
             self.memory_file = Path(name)
             memory = HostMemory(self.scenario.memory, self.memory_file)
-        hv = boot_scenario(self.scenario, memory=memory, seams=self.seams)
-        return self.carry_on(hv)
+        try:
+            hv = boot_scenario(self.scenario, memory=memory, seams=self.seams)
+            return self.carry_on(hv)  # with --exec, a new process goes on from here
+        except BaseException:  # a refused plan or a failure: the memory file goes too
+            if self.memory_file is not None:
+                self.memory_file.unlink(missing_ok=True)
+            raise
 
     def carry_on(self, hv: Hypervisor) -> dict[str, Any]:
         """Run to each pending update, update, and on to the end."""
