@@ -26,7 +26,7 @@ from hypervisor.runner import run_scenario
 from hypervisor.scenario import load_scenario
 from hypervisor.teaching.labs import LABS_ROOT, SCENARIOS
 
-READING_CHARS_PER_S = 25  # a paced reader's speed: the pause after each explanation
+READING_CHARS_PER_S = 18  # about 200 words a minute: the pause after each explanation
 
 
 class Tour:
