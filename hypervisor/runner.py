@@ -13,6 +13,7 @@ import unicorn
 
 from emulator.memory import HostMemory
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
+from hypervisor.core.seams import Seams
 from hypervisor.hvm.policy import create_hvm_domain
 from hypervisor.liveupdate.driver import ScheduledUpdate, UpdateRun
 from hypervisor.liveupdate.orchestrator import UpdatePlan
@@ -23,10 +24,11 @@ from hypervisor.tracing import Tracer
 
 
 def boot_scenario(scenario: Scenario, build: str | None = None,
-                  memory: HostMemory | None = None) -> Hypervisor:
-    """The scenario's machine with its domains, on `build` (default: the scenario's)."""
+                  memory: HostMemory | None = None, seams: Seams | None = None) -> Hypervisor:
+    """The scenario's machine with its domains, on `build` (default: the scenario's);
+    `seams`: a lab's code in place of hvlab's own (hypervisor/core/seams.py)."""
     hv = Hypervisor(MachineConfig(scenario.pcpus, scenario.memory, scenario.quantum_ns),
-                    build or scenario.build, memory)
+                    build or scenario.build, memory, seams=seams)
     for spec in scenario.domains:
         if spec.image is not None:
             from hypervisor.images.domains import restore_domain
@@ -45,9 +47,10 @@ def boot_scenario(scenario: Scenario, build: str | None = None,
 
 
 def run_scenario(scenario: Scenario, trace: TextIO | None = None,
-                 trace_limit: int = 10_000, build: str | None = None) -> dict[str, Any]:
+                 trace_limit: int = 10_000, build: str | None = None,
+                 seams: Seams | None = None) -> dict[str, Any]:
     started = time.perf_counter()
-    hv = boot_scenario(scenario, build or scenario.build)
+    hv = boot_scenario(scenario, build or scenario.build, seams=seams)
     if trace is not None:
         hv.tracer = Tracer(hv, trace, trace_limit)
     stop = hv.run(scenario.virtual_time_ns)
@@ -95,21 +98,21 @@ def describe(hv: Hypervisor, scenario: Scenario, stop: str, wall_s: float) -> di
 
 
 def run_with_updates(scenario: Scenario, updates: Sequence[ScheduledUpdate], plan: UpdatePlan,
-                     output: str = "none") -> dict[str, Any]:
+                     output: str = "none", seams: Seams | None = None) -> dict[str, Any]:
     """Boot, run to each update's time, update, run to the end; one report per update.
 
     `output` ("json", "text" or "none") matters with `plan.exec_new_process`: the last
-    process prints.
+    process prints. `seams`: a lab's code in place of hvlab's (hypervisor/core/seams.py).
     """
     emit = {"json": print_json, "text": print_update_run}.get(output)
     run = UpdateRun(sorted(updates, key=lambda u: u.at_ns), plan, scenario.memory,
-                    scenario.virtual_time_ns, partial(_boot, scenario),
+                    scenario.virtual_time_ns, partial(_boot, scenario, seams),
                     partial(_describe, scenario), emit)
     return run.start()
 
 
-def _boot(scenario: Scenario, memory: HostMemory | None) -> Hypervisor:
-    return boot_scenario(scenario, memory=memory)
+def _boot(scenario: Scenario, seams: Seams | None, memory: HostMemory | None) -> Hypervisor:
+    return boot_scenario(scenario, memory=memory, seams=seams)
 
 
 def _describe(scenario: Scenario, hv: Hypervisor, stop: str, wall_s: float) -> dict[str, Any]:

@@ -72,7 +72,10 @@ class ExitDispatcher:
     def handle(self, cpu: PhysicalCpu, v: Vcpu, exit_: Exit) -> None:
         """Every exit of every vCPU, after its run returned."""
         policy = v.domain.policy
-        self.hv.count_exit(policy.exit_name(v, exit_))
+        name = policy.exit_name(v, exit_)
+        self.hv.count_exit(name)
+        for hook in self.hv.exit_hooks:
+            hook(v, exit_, name)
         if self.hv.tracer is not None:
             self.hv.tracer.exit(v, exit_)
         match exit_:

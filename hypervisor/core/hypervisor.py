@@ -30,6 +30,7 @@ from hypervisor.core.frames import FrameAllocator
 from hypervisor.core.hypercalls import GuestAccessError
 from hypervisor.core.policy import DomainPolicy
 from hypervisor.core.scheduler import Scheduler
+from hypervisor.core.seams import HVLAB_OWN, Seams
 from hypervisor.core.vcpu import REGISTERS, Vcpu
 from hypervisor.lib.errors import HvlabError
 from hypervisor.lib.extents import runs_of
@@ -103,11 +104,14 @@ class Hypervisor:
     def __init__(self, machine: MachineConfig, build: str = "4.19",
                  memory: HostMemory | None = None,
                  in_use: list[np.ndarray] | None = None,
-                 staged: StagedTables | None = None) -> None:
+                 staged: StagedTables | None = None,
+                 seams: Seams | None = None) -> None:
         """Boot on `machine`. A live update passes the host memory it keeps and the
         frames the guests hold (`in_use`), so this build allocates around them, and
-        may pass the per-frame tables it staged before the pause."""
+        may pass the per-frame tables it staged before the pause. `seams` plugs a
+        lab's code in place of hvlab's own (hypervisor/core/seams.py)."""
         self.machine = machine
+        self.seams = seams if seams is not None else HVLAB_OWN
         self.build = build
         self.memory = memory if memory is not None else HostMemory(machine.memory)
         if staged is None:
@@ -119,7 +123,8 @@ class Hypervisor:
             self.frames.mark_used(frames)
         # page_info for every machine frame, in this build's layout (docs/design.md §3)
         self.frame_table = staged.frame_table
-        self.typing = PageTyping(self.frame_table, self.memory.u64)
+        self.typing = PageTyping(self.frame_table, self.memory.u64,
+                                 writable_mapping=self.seams.writable_mapping)
         self.m2p = staged.m2p
         self.pcpus = [PhysicalCpu(i, self.memory) for i in range(machine.pcpus)]
         self.loaded: list[Vcpu | None] = [None] * machine.pcpus
@@ -132,6 +137,8 @@ class Hypervisor:
         self.now = 0  # virtual ns at the start of the current slice
         self.exits: Counter[str] = Counter()
         self.tracer: ExitTracer | None = None  # `hvlab trace` (hypervisor/tracing.py)
+        # called with (vCPU, exit, its name) at every exit, once counted (hypervisor/api.py)
+        self.exit_hooks: list[Callable[[Vcpu, Exit, str], None]] = []
         # work that runs after every slice until it is done (a lazy update's sweeper)
         self.slice_hooks: list[SliceHook] = []
         for cpu in self.pcpus:

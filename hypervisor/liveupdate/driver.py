@@ -93,7 +93,12 @@ class UpdateRun:
             os.close(fd)
             self.memory_file = Path(name)
             memory = HostMemory(self.memory_bytes, self.memory_file)
-        return self.carry_on(self.boot(memory))
+        try:
+            return self.carry_on(self.boot(memory))  # with --exec, a new process goes on
+        except BaseException:  # a refused plan or a failure: the memory file goes too
+            if self.memory_file is not None:
+                self.memory_file.unlink(missing_ok=True)
+            raise
 
     def carry_on(self, hv: Hypervisor) -> dict[str, Any]:
         """Run to each pending update, update, and on to the end."""

@@ -36,6 +36,7 @@ import numpy as np
 
 from emulator.memory import HostMemory
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig, StagedTables
+from hypervisor.core.seams import HVLAB_OWN, Seams
 from hypervisor.hvm.image import adopt_hvm_domain
 from hypervisor.lib.errors import HvlabError
 from hypervisor.liveupdate.costs import DEFAULT_COSTS_NS, modelled_ns
@@ -110,6 +111,9 @@ def check_plan(hv: Hypervisor, plan: UpdatePlan) -> Strategy:
     if plan.fail_at is not None and plan.fail_at not in PHASES:
         raise UpdateError(f"--fail-at {plan.fail_at}: phases are {', '.join(PHASES)}")
     strategy.check(hv.build, plan.settings)
+    if plan.exec_new_process and hv.seams.plugged:
+        raise UpdateError("--exec: a lab's code plugged into this build cannot cross into a "
+                          "new process")
     for dom in hv.domains:
         if dom.kind not in ("pv", "hvm"):
             raise UpdateError(f"domain {dom.name}: live update of {dom.kind} domains is not "
@@ -211,6 +215,7 @@ class Blackout:
     old_build: str
     started: float  # time.monotonic(): system-wide, comparable across processes
     staged: StagedBuild | None = None  # made before the pause, in this process
+    seams: Seams = HVLAB_OWN  # a lab's code plugged into the old build goes on in the new
 
 
 def live_update(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared | None = None,
@@ -281,7 +286,7 @@ def _blackout(hv: Hypervisor, plan: UpdatePlan, strategy: Strategy, prepared: Pr
     blackout = Blackout(
         plan, phases, counters, report, prepared.workdir, before, prepared.ahead,
         changed_domains(hv), [frames_in_use(d) for d in hv.domains],
-        hv.machine, hv.now, hv.build, started, prepared.staged)
+        hv.machine, hv.now, hv.build, started, prepared.staged, hv.seams)
     memory = hv.memory
     _retrying(phases, "teardown", hv.teardown)
     if handoff is not None:
@@ -303,7 +308,8 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
         typing.update(staged.typing if staged is not None else {})
         new = Hypervisor(bo.machine, plan.to_build, memory,
                          in_use=[f for d, f in enumerate(bo.in_use) if d not in claimed],
-                         staged=staged.tables if staged is not None else None)
+                         staged=staged.tables if staged is not None else None,
+                         seams=bo.seams)
         new.now = bo.now
         handovers = read_handover(bo.workdir, staged.sent if staged is not None else None)
         # what was sent ahead but could not be staged before the pause (costs.py)
