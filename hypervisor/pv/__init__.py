@@ -1,0 +1,1 @@
+"""Paravirtualised (PV) guests."""
