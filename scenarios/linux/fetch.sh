@@ -73,10 +73,10 @@ busybox="$build/busybox/bin/busybox"
 
 # Up to date: same packages, same versions, extracted files unchanged. Nothing to do.
 if [ -f "$manifest" ] && [ -f "$vmlinuz" ] && [ -f "$busybox" ] \
-   && grep -q "\"version\": \"$kernel_ver\"" "$manifest" && grep -q "\"package\": \"$kernel_pkg\"" "$manifest" \
-   && grep -q "\"version\": \"$busybox_ver\"" "$manifest" \
-   && grep -q "\"vmlinuz_sha256\": \"$(sha "$vmlinuz")\"" "$manifest" \
-   && grep -q "\"busybox_sha256\": \"$(sha "$busybox")\"" "$manifest"; then
+   && grep -qF "\"version\": \"$kernel_ver\"" "$manifest" && grep -qF "\"package\": \"$kernel_pkg\"" "$manifest" \
+   && grep -qF "\"version\": \"$busybox_ver\"" "$manifest" \
+   && grep -qF "\"vmlinuz_sha256\": \"$(sha "$vmlinuz")\"" "$manifest" \
+   && grep -qF "\"busybox_sha256\": \"$(sha "$busybox")\"" "$manifest"; then
     echo "fetch.sh: up to date ($kernel_pkg $kernel_ver, $busybox_pkg $busybox_ver)" >&2
     exit 0
 fi
