@@ -88,7 +88,8 @@ def write_cpio(members: Iterable[CpioMember]) -> bytes:
 
 def read_cpio(archive: bytes) -> list[CpioMember]:
     """The members of a newc archive, up to its trailer."""
-    members, pos = [], 0
+    members: list[CpioMember] = []
+    pos = 0
     while True:
         if pos + HEADER_SIZE > len(archive):
             raise CpioError(f"cpio archive truncated at {pos:#x}: no trailer")
