@@ -49,16 +49,24 @@ deb_path() {  # apt-get download's file name: epoch colon quoted as %3a
 }
 
 fetch_deb() {  # download (unless a verified copy is there), then check it against apt and dpkg-deb
-    local pkg="$1" ver="$2" want deb
+    local pkg="$1" ver="$2" want deb tmp
     want="$(apt_sha256 "$pkg" "$ver")"
     [ -n "$want" ] || die "apt gives no SHA256 for $pkg $ver"
     deb="$(deb_path "$pkg" "$ver")"
     if [ ! -f "$deb" ] || [ "$(sha256sum "$deb" | cut -d' ' -f1)" != "$want" ]; then
         rm -f "$deb"
         echo "fetch.sh: downloading $pkg $ver" >&2
-        (cd "$debs" && apt-get download -q -o APT::Sandbox::User=root "$pkg=$ver" >&2)
-        [ -f "$deb" ] || die "apt-get download gave no $deb"
-        [ "$(sha256sum "$deb" | cut -d' ' -f1)" = "$want" ] || { rm -f "$deb"; die "$pkg: sha256 differs from apt's index"; }
+        # into a private folder first: an interrupted download leaves nothing in debs/
+        tmp="$(mktemp -d "$build/download.XXXXXX")"
+        trap "rm -rf '$tmp'" EXIT
+        (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root "$pkg=$ver" >&2) \
+            || die "apt-get download $pkg=$ver failed"
+        [ -f "$tmp/$(basename "$deb")" ] || die "apt-get download gave no $(basename "$deb")"
+        [ "$(sha256sum "$tmp/$(basename "$deb")" | cut -d' ' -f1)" = "$want" ] \
+            || die "$pkg: sha256 differs from apt's index"
+        mv "$tmp/$(basename "$deb")" "$deb"
+        rm -rf "$tmp"
+        trap - EXIT
     fi
     [ "$(dpkg-deb --field "$deb" Package)" = "$pkg" ] || die "$deb is not $pkg"
     [ "$(dpkg-deb --field "$deb" Version)" = "$ver" ] || die "$deb is not version $ver"
@@ -85,6 +93,7 @@ kernel_deb="$(fetch_deb "$kernel_pkg" "$kernel_ver")"
 busybox_deb="$(fetch_deb "$busybox_pkg" "$busybox_ver")"
 
 # Extract. Of the kernel package only ./boot is needed (its modules are ~400 MB unpacked).
+rm -f "$manifest"  # written again only once everything is in place
 rm -rf "$build/kernel" "$build/busybox"
 mkdir -p "$build/kernel" "$build/busybox"
 dpkg-deb --fsys-tarfile "$kernel_deb" | tar -x -C "$build/kernel" ./boot
