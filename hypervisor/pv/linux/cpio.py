@@ -13,7 +13,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from hypervisor.errors import HvlabError
+from hypervisor.lib.errors import HvlabError
 
 MAGIC = b"070701"
 HEADER_SIZE = 110

@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from hypervisor.errors import HvlabError
+from hypervisor.lib.errors import HvlabError
 
 ELF_MAGIC = b"\x7fELF"
 XZ_MAGIC = b"\xfd7zXZ\x00"

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from emulator.memory import HostMemory
-from hypervisor.errors import HvlabError
-from hypervisor.frames import FrameAllocator
+from hypervisor.core.frames import FrameAllocator
+from hypervisor.lib.errors import HvlabError
 from hypervisor.mm.errors import ERESTART
 from hypervisor.mm.frametable import FrameTable
 from hypervisor.mm.pte import (

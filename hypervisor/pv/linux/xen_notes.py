@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from hypervisor.errors import HvlabError
+from hypervisor.lib.errors import HvlabError
 
 PAGE_SIZE = 4096
 

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from hypervisor.errors import HvlabError
+from hypervisor.lib.errors import HvlabError
 from hypervisor.pv.linux.kernel_image import (
     KernelImageError,
     kernel_elf_bytes,

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from emulator.memory import HostMemory
-from hypervisor.builds import LATEST_BUILD, get_build
-from hypervisor.errors import HvlabError
-from hypervisor.frames import FrameAllocator
+from hypervisor.core.frames import FrameAllocator
+from hypervisor.lib.errors import HvlabError
+from hypervisor.mm.builds import LATEST_BUILD, get_build
 from hypervisor.mm.check import check_typerefs
 from hypervisor.mm.frametable import FrameTable
 from hypervisor.mm.pte import PTE_GLOBAL, PTE_RW, PTE_USER, pte_mfn
