@@ -21,12 +21,21 @@ cope (measured; DESIGN.md §2):
   every fault we reload a pristine context and write the registers back.
 - `cpuid`, `in`, `out`, `rdtsc`, `rdtscp` are answered synchronously inside
   their hooks by the exit handler given from above (rdtsc returns virtual time).
+- Debugging (gdb): a code hook on an address range stops *before* the
+  instruction with `emu_stop`, but the counting hook, added first, has already
+  counted it, so the stop takes that count back. Memory hooks under
+  `UC_TLB_VIRTUAL` are told *machine* addresses, so write watches are set on
+  the machine range; a write stops the run after the writing instruction by
+  lowering the counter's limit (emu_stop inside a memory hook would cut the
+  instruction short). Debug stops are served inside `run` and the run goes on
+  with the same budget: the guest and virtual time never notice a debugger.
 """
 
 from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from unicorn import (
@@ -38,6 +47,7 @@ from unicorn import (
     UC_HOOK_INSN,
     UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
+    UC_HOOK_MEM_WRITE,
     UC_HOOK_TLB_FILL,
     UC_MEM_FETCH,
     UC_MEM_WRITE,
@@ -87,6 +97,11 @@ _REG = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in (
     *GPRS, "rip", "rflags", "cr0", "cr2", "cr3", "cr4",
     "cs", "ss", "ds", "es", "fs", "gs", "fs_base", "gs_base", "mxcsr",
 )} | {f"xmm{i}": X.UC_X86_REG_XMM0 + i for i in range(16)}
+# x87 state under the names gdb gives it
+_REG |= {f"st{i}": X.UC_X86_REG_ST0 + i for i in range(8)} | {
+    "fctrl": X.UC_X86_REG_FPCW, "fstat": X.UC_X86_REG_FPSW, "ftag": X.UC_X86_REG_FPTAG,
+    "fiseg": X.UC_X86_REG_FCS, "fioff": X.UC_X86_REG_FIP, "foseg": X.UC_X86_REG_FDS,
+    "fooff": X.UC_X86_REG_FDP, "fop": X.UC_X86_REG_FOP}
 _EFER_MSR = 0xC000_0080
 _KERNEL_GS_BASE_MSR = 0xC000_0102
 
@@ -111,6 +126,15 @@ class Mmu(Protocol):
 
 
 SyncExitHandler = Callable[[Exit], bool]
+
+
+@dataclass(frozen=True)
+class DebugStop:
+    """Why a debugger stopped the guest: `kind` is "code" (before the instruction at
+    `address`), "write" (after a write to machine address `address`) or "interrupt"."""
+
+    kind: str
+    address: int
 
 
 class PhysicalCpu:
@@ -145,6 +169,10 @@ class PhysicalCpu:
         self._add_rdtsc_hooks()
         self._pristine = uc.context_save()
         self.tsc: Callable[[], int] = lambda: 0
+        # a debugger's stop handler: called outside emu_start, returns to resume
+        self.on_debug_stop: Callable[[DebugStop], None] | None = None
+        self._debug_stop: DebugStop | None = None
+        self._interrupt_requested = False
 
     def _add_rdtsc_hooks(self) -> None:
         # Unicorn's C core hooks rdtsc/rdtscp (callback shaped like cpuid's:
@@ -171,12 +199,26 @@ class PhysicalCpu:
         """Run the loaded context for at most `budget` instructions."""
         self._exit = None
         self.counter.set_budget(budget)
-        rip = self.uc.reg_read(X.UC_X86_REG_RIP)
-        try:
-            self.uc.emu_start(rip, 0)
-        except UcError as err:
-            if self._exit is None:
-                self._exit = self._explain_error(err)
+        limit = self.counter.block.limit
+        while True:
+            if self._interrupt_requested:
+                self.counter.block.limit = 0  # stop before the next instruction
+            rip = self.uc.reg_read(X.UC_X86_REG_RIP)
+            try:
+                self.uc.emu_start(rip, 0)
+            except UcError as err:
+                if self._exit is None:
+                    self._exit = self._explain_error(err)
+            stop = self._take_debug_stop()
+            if stop is None:
+                break
+            # the budget is the run's own again; a debugger's stop never ends it
+            self.counter.block.limit = limit
+            self.counter.block.stopped = int(self.counter.executed >= limit)
+            if self.on_debug_stop is not None:
+                self.on_debug_stop(stop)
+            if self._exit is not None or self.counter.budget_ran_out:
+                break
         if self._exit is not None:
             if isinstance(self._exit, GuestException):
                 self._scrub_exception_state()
@@ -185,6 +227,14 @@ class PhysicalCpu:
         if self.counter.budget_ran_out:
             return BudgetExhausted(rip)
         return Halt(rip)
+
+    def _take_debug_stop(self) -> DebugStop | None:
+        stop, self._debug_stop = self._debug_stop, None
+        if stop is None and self._interrupt_requested and self.counter.budget_ran_out:
+            stop = DebugStop("interrupt", self.uc.reg_read(X.UC_X86_REG_RIP))
+        if stop is not None:
+            self._interrupt_requested = False
+        return stop
 
     def _explain_error(self, err: UcError) -> Exit:
         rip = self.uc.reg_read(X.UC_X86_REG_RIP)
@@ -357,6 +407,20 @@ class PhysicalCpu:
         else:
             self.uc.reg_write(_REG[name], value)
 
+    @staticmethod
+    def context_reg(ctx, name: str) -> int:
+        """A register of a saved context (a vCPU not loaded on any engine)."""
+        if name == "efer":
+            return ctx.reg_read(X.UC_X86_REG_MSR, _EFER_MSR)
+        return ctx.reg_read(_REG[name])
+
+    @staticmethod
+    def set_context_reg(ctx, name: str, value: int) -> None:
+        if name == "efer":
+            ctx.reg_write(X.UC_X86_REG_MSR, (_EFER_MSR, value))
+        else:
+            ctx.reg_write(_REG[name], value)
+
     def set_descriptor_table(self, which: str, base: int, limit: int) -> None:
         reg = X.UC_X86_REG_GDTR if which == "gdtr" else X.UC_X86_REG_IDTR
         self.uc.reg_write(reg, (0, base, limit, 0))
@@ -402,6 +466,41 @@ class PhysicalCpu:
         """
         self.uc.hook_add(UC_HOOK_CODE, lambda _uc, address, _size, _ud: callback(address))
         self.flush_translations()  # code translated before the hook would bypass it
+
+    # --------------------------------------------------------------- debugging
+    def stop_before(self, begin: int, end: int, should_stop: Callable[[int], bool]) -> int:
+        """Stop before any instruction at a guest-virtual address in [begin, end] for
+        which `should_stop(address)` says so; returns a handle for `remove_hook`."""
+        def on_code(uc: Uc, address: int, _size: int, _ud) -> None:
+            if self._debug_stop is None and should_stop(address):
+                self.counter.block.executed -= 1  # counted by the counter, never run
+                self._debug_stop = DebugStop("code", address)
+                uc.emu_stop()
+
+        handle = self.uc.hook_add(UC_HOOK_CODE, on_code, None, begin, end)
+        self.flush_translations()  # code translated before the hook would bypass it
+        return handle
+
+    def stop_after_write(self, begin_ma: int, end_ma: int) -> int:
+        """Stop after an instruction that writes machine addresses [begin_ma, end_ma]."""
+        def on_write(_uc: Uc, _access: int, address: int, _size: int, _value: int,
+                     _ud) -> None:
+            if self._debug_stop is None:
+                self._debug_stop = DebugStop("write", address)
+                self.counter.block.limit = self.counter.block.executed
+
+        return self.uc.hook_add(UC_HOOK_MEM_WRITE, on_write, None, begin_ma, end_ma)
+
+    def remove_hook(self, handle: int) -> None:
+        self.uc.hook_del(handle)
+
+    def request_debug_stop(self) -> None:
+        """From any thread: stop before the next instruction (gdb's Ctrl-C)."""
+        self._interrupt_requested = True
+        self.counter.block.limit = 0
+
+    def cancel_debug_stop(self) -> None:
+        self._interrupt_requested = False
 
     # -------------------------------------------------------------------- MMIO
     def map_mmio(self, base: int, size: int,

@@ -15,11 +15,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     scenario = load_scenario(args.scenario)
     if scenario.updates:  # the scenario's own [[update]]s: the same as `hvlab update`
+        if args.gdb is not None:
+            raise HvlabError(f"{args.scenario}: --gdb is not supported with live updates")
         args.at = args.to = args.strategy = args.fail_at = args.costs = None
         args.corrupt_stream = args.exec_ = False
         return _cmd_update(args)
     trace = sys.stderr if args.trace else None
-    result = run_scenario(scenario, trace=trace, trace_limit=args.trace_limit)
+    result = run_scenario(scenario, trace=trace, trace_limit=args.trace_limit, gdb=args.gdb)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -142,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trace", action="store_true",
                      help="also print disassembled execution to stderr")
     run.add_argument("--trace-limit", type=int, default=10_000, metavar="N")
+    run.add_argument("--gdb", metavar="HOST:PORT",
+                     help="wait for gdb (target remote HOST:PORT) before the first instruction; "
+                          "port 0 picks a free one")
     run.set_defaults(func=_cmd_run)
 
     trace = sub.add_parser("trace", help="print disassembled execution per vCPU")
