@@ -473,13 +473,17 @@ class PhysicalCpu:
         which `should_stop(address)` says so; returns a handle for `remove_hook`."""
         def on_code(uc: Uc, address: int, _size: int, _ud) -> None:
             if self._debug_stop is None and should_stop(address):
-                self.counter.block.executed -= 1  # counted by the counter, never run
+                self._uncount_stopped_instruction()
                 self._debug_stop = DebugStop("code", address)
                 uc.emu_stop()
 
         handle = self.uc.hook_add(UC_HOOK_CODE, on_code, None, begin, end)
         self.flush_translations()  # code translated before the hook would bypass it
         return handle
+
+    def _uncount_stopped_instruction(self) -> None:
+        # the counting hook ran first and counted an instruction that never ran
+        self.counter.block.executed -= 1
 
     def stop_after_write(self, begin_ma: int, end_ma: int) -> int:
         """Stop after an instruction that writes machine addresses [begin_ma, end_ma]."""
