@@ -257,12 +257,12 @@ class PhysicalCpu:
             code = self.read_virtual(rip, 15 if (rip & 0xFFF) <= 0xFF1 else 0x1000 - (rip & 0xFFF))
         except GuestMemoryFault:
             return page
-        for address in data_addresses(code, rip, self._reg_by_capstone_name):
+        for address in data_addresses(code, rip, self.reg_by_capstone_name):
             if address >> 12 == page >> 12:
                 return address
         return page
 
-    def _reg_by_capstone_name(self, name: str) -> int:
+    def reg_by_capstone_name(self, name: str) -> int:
         if name in ("fs_base", "gs_base"):
             return self.reg(name)
         return self.uc.reg_read(getattr(X, f"UC_X86_REG_{name.upper()}"))
@@ -456,15 +456,18 @@ class PhysicalCpu:
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
     # --------------------------------------------------------------- tracing
-    def trace_instructions(self, callback: Callable[[int], None]) -> None:
-        """Call `callback(rip)` before every instruction this pCPU executes.
+    def trace_instructions(self, callback: Callable[[int], None], begin: int = 1,
+                           end: int = 0) -> None:
+        """Call `callback(rip)` before every instruction this pCPU executes at a
+        guest-virtual address in [begin, end] (the default range is every address).
 
         A Python code hook costs hundreds of nanoseconds per instruction
         (DESIGN.md §2): only ever installed on request. The hook's size argument
         is not passed on: unicorn reports nonsense for instructions it cannot
         decode (vmcall), so callers decode with capstone from RIP.
         """
-        self.uc.hook_add(UC_HOOK_CODE, lambda _uc, address, _size, _ud: callback(address))
+        self.uc.hook_add(UC_HOOK_CODE, lambda _uc, address, _size, _ud: callback(address),
+                         None, begin, end)
         self.flush_translations()  # code translated before the hook would bypass it
 
     # --------------------------------------------------------------- debugging
