@@ -174,14 +174,20 @@ class GdbStub:
     def serve(self, stop: Stop) -> Resume:
         """Answer gdb while the guest is stopped; returns how gdb let it go."""
         self._stop_watcher()
+        try:
+            return self._serve(stop)
+        except OSError:  # gdb went away: carry on without a debugger
+            self.closed = True
+            return Resume("detach")
+
+    def _serve(self, stop: Stop) -> Resume:
         if self._running:  # gdb is waiting for this stop since it resumed the guest
             self._running = False
             self._send(self._stop_reply(stop))
         while True:
             packet = self._receive()
-            if packet is None:  # gdb went away: carry on without a debugger
-                self.closed = True
-                return Resume("detach")
+            if packet is None:
+                raise ConnectionResetError("gdb hung up")
             answer, resume = self._handle(packet, stop)
             if resume is not None and resume.action in ("continue", "step"):
                 self._running = True
@@ -273,11 +279,11 @@ class GdbStub:
                 return "E14", None
             return "OK", None
         if kind in ("Z", "z"):
-            point, address, length = packet[1:].split(";")[0].split(",")
+            point, where, size = packet[1:].split(";")[0].split(",")
             if point not in _POINT_KINDS:
                 return "", None
             op = self.target.insert_point if kind == "Z" else self.target.remove_point
-            done = op(_POINT_KINDS[point], int(address, 16), int(length, 16))
+            done = op(_POINT_KINDS[point], int(where, 16), int(size, 16))
             return ("OK" if done else ""), None
         if kind in ("c", "s"):
             if len(packet) > 1:  # resume at another address

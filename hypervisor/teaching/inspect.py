@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
-from emulator.addr import PAGE_SIZE
+from emulator.addr import GPA, PAGE_SIZE
 from emulator.engine import PhysicalCpu
 from emulator.paging import ADDR_MASK, NX, PSE, P, canonical
 from hypervisor.builds import PageType
@@ -110,7 +110,7 @@ def frame_state(hv: Hypervisor, mfn: int) -> dict[str, Any]:
 
 def _ept_state(dom: Domain, gpa: int) -> dict[str, Any]:
     assert dom.hvm is not None
-    w = dom.hvm.physmap.ept.walk(gpa)
+    w = dom.hvm.physmap.ept.walk(GPA(gpa))
     if w is None:
         return {"gpa": gpa, "mapped": False}
     return {"gpa": gpa, "mapped": True,
@@ -176,8 +176,8 @@ def frames_view(hv: Hypervisor, dom: Domain, first: int | None = None,
         if first is None:
             found = physmap.ept.lookup_many(np.arange(physmap.nr_pages, dtype=np.uint64))
             codes, counts = np.unique(found.p2m_type, return_counts=True)
-            by_type = {P2mType(int(c)).name: int(n) for c, n in zip(codes, counts, strict=True)}
-            return {"domain": dom.name, "kind": "hvm", "by_type": by_type,
+            kinds = {P2mType(int(c)).name: int(n) for c, n in zip(codes, counts, strict=True)}
+            return {"domain": dom.name, "kind": "hvm", "by_type": kinds,
                     "frames": physmap.nr_pages}
         rows = [_ept_state(dom, gfn * PAGE_SIZE) | {"gfn": gfn}
                 for gfn in range(first, min(last or first, physmap.nr_pages - 1) + 1)]
