@@ -105,10 +105,17 @@ def test_gdb_watchpoint_physical_memory_and_exit_status():
 @needs_gdb
 def test_gdb_ctrl_c_interrupts_a_spinning_guest_and_kill_ends_the_run():
     proc, port = _start_hvlab("pv-spin.toml")
-    gdb = _gdb(port, "pv_spin.elf", "continue", "x/i $pc", "monitor where", "kill")
-    time.sleep(1.0)  # the guest spins for seconds of wall time
+    gdb = _gdb(port, "pv_spin.elf", "break spin_loop", "continue", "delete", "continue",
+               "x/i $pc", "monitor where", "kill")
+    assert gdb.stdout is not None
+    seen = ""
+    while "Breakpoint 1, spin_loop" not in seen:  # the guest is in its loop of seconds
+        line = gdb.stdout.readline()
+        assert line, seen
+        seen += line
+    time.sleep(0.5)
     gdb.send_signal(signal.SIGINT)
-    out = gdb.communicate(timeout=120)[0]
+    out = seen + gdb.communicate(timeout=120)[0]
     result, _ = _finish(proc)
 
     assert "Program received signal SIGINT, Interrupt." in out
