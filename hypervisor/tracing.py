@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any, TextIO
 from emulator.disasm import data_addresses, disassemble_with
 from emulator.engine import GPRS, PhysicalCpu
 from emulator.exits import Exit
-from hypervisor.errors import HvlabError
+from hypervisor.lib.errors import HvlabError
 
 if TYPE_CHECKING:
-    from hypervisor.hypervisor import Hypervisor
-    from hypervisor.vcpu import Vcpu
+    from hypervisor.core.hypervisor import Hypervisor
+    from hypervisor.core.vcpu import Vcpu
 
 TRACEABLE_REGISTERS = frozenset((*GPRS, "rip", "rflags", "cr0", "cr2", "cr3", "cr4",
                                  "fs_base", "gs_base"))
@@ -207,7 +207,7 @@ def _plain(value: object) -> object:
 def trace_scenario(scenario_path: str, out: TextIO, limit: int, options: TraceOptions,
                    rip_text: str | None) -> str:
     """Run a scenario with a tracer: the symbols of its guests, the filters, the window."""
-    from hypervisor.elf import load_kernel
+    from hypervisor.core.elf import load_kernel
     from hypervisor.runner import boot_scenario
     from hypervisor.scenario import load_scenario
 

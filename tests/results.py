@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from hypervisor.cli import main
-
-SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
+from tests import SCENARIOS
 
 # Fields that may differ between two runs of the same scenario: wall-clock
 # times (any name with "wall"), where a hand-over was written, per-phase wall

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hypervisor.errors import HvlabError
+from hypervisor.lib.errors import HvlabError
 
 DEFAULT_COSTS_NS: dict[str, float] = {
     "pause_per_vcpu": 10_000.0,

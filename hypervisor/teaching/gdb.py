@@ -24,11 +24,11 @@ from emulator.addr import PAGE_SIZE
 from emulator.engine import DebugStop, PhysicalCpu
 from emulator.gdbstub import SIGINT, SIGTRAP, GdbStub, Resume, Stop, UnreadableMemory
 from emulator.paging import ADDR_MASK, WalkFault, walk
-from hypervisor.errors import HvlabError
+from hypervisor.lib.errors import HvlabError
 
 if TYPE_CHECKING:
-    from hypervisor.hypervisor import Hypervisor
-    from hypervisor.vcpu import Vcpu
+    from hypervisor.core.hypervisor import Hypervisor
+    from hypervisor.core.vcpu import Vcpu
 
 SIGABRT, SIGALRM = 6, 14
 _ENGINE_NAME = {"eflags": "rflags"}  # gdb's name -> the engine's, where they differ

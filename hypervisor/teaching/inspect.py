@@ -33,14 +33,14 @@ import numpy as np
 from emulator.addr import GPA, PAGE_SIZE
 from emulator.engine import PhysicalCpu
 from emulator.paging import ADDR_MASK, NX, PSE, P, canonical
-from hypervisor.builds import PageType
-from hypervisor.ept import INVALID_MFN, P2mType
-from hypervisor.errors import HvlabError
+from hypervisor.hvm.ept import INVALID_MFN, P2mType
+from hypervisor.lib.errors import HvlabError
+from hypervisor.mm.builds import PageType
 
 if TYPE_CHECKING:
-    from hypervisor.domain import Domain
-    from hypervisor.hypervisor import Hypervisor
-    from hypervisor.vcpu import Vcpu
+    from hypervisor.core.domain import Domain
+    from hypervisor.core.hypervisor import Hypervisor
+    from hypervisor.core.vcpu import Vcpu
 
 PTE_FLAGS = (("P", 0), ("RW", 1), ("US", 2), ("PWT", 3), ("PCD", 4), ("A", 5), ("D", 6),
              ("PS", 7), ("G", 8), ("NX", 63))
@@ -64,9 +64,9 @@ def open_machine(source: str, at_ns: int) -> Hypervisor:
 
 
 def _machine_for_image(path: Path) -> Hypervisor:
-    from hypervisor.hypervisor import Hypervisor, MachineConfig
+    from hypervisor.core.hypervisor import Hypervisor, MachineConfig
     from hypervisor.images import image_info
-    from hypervisor.restore import restore_domain
+    from hypervisor.pv.restore import restore_domain
 
     if not path.is_file():
         raise HvlabError(f"{path}: no such scenario or image")
@@ -207,7 +207,7 @@ def ept_view(hv: Hypervisor, dom: Domain, gpa: int) -> dict[str, Any]:
 
 
 def lapic_view(hv: Hypervisor, dom: Domain) -> dict[str, Any]:
-    from hypervisor.vlapic import REG_LVT_TIMER, REG_TIMER_INITIAL
+    from hypervisor.hvm.vlapic import REG_LVT_TIMER, REG_TIMER_INITIAL
 
     if dom.hvm is None:
         raise HvlabError(f"domain {dom.name} is PV: it has no local APIC (try `evtchn`)")
@@ -229,7 +229,7 @@ def lapic_view(hv: Hypervisor, dom: Domain) -> dict[str, Any]:
 
 
 def evtchn_view(hv: Hypervisor, dom: Domain) -> dict[str, Any]:
-    from hypervisor.evtchn import FREE, SharedInfoBits
+    from hypervisor.core.evtchn import FREE, SharedInfoBits
 
     if dom.evtchn is None:
         raise HvlabError(f"domain {dom.name} has no event channels (HVM: try `lapic`)")
