@@ -23,7 +23,9 @@ cope (measured; docs/design.md §2):
   their hooks by the exit handler given from above (rdtsc returns virtual time).
 - Debugging (gdb): a code hook on an address range stops *before* the
   instruction with `emu_stop`, but the counting hook, added first, has already
-  counted it, so the stop takes that count back. Memory hooks under
+  counted it, so the stop takes that count back. Dropping all translated code
+  makes unicorn refill an MMIO page's TLB entry once, so breakpoints drop only
+  their page's code, and single steps use the counter's limit, not a hook. Memory hooks under
   `UC_TLB_VIRTUAL` are told *machine* addresses, so write watches are set on
   the machine range; a write stops the run after the writing instruction by
   lowering the counter's limit (emu_stop inside a memory hook would cut the
@@ -131,7 +133,8 @@ SyncExitHandler = Callable[[Exit], bool]
 @dataclass(frozen=True)
 class DebugStop:
     """Why a debugger stopped the guest: `kind` is "code" (before the instruction at
-    `address`), "write" (after a write to machine address `address`) or "interrupt"."""
+    `address`), "write" (after a write to machine address `address`), "step" or
+    "interrupt" (before the instruction at `address`)."""
 
     kind: str
     address: int
@@ -173,6 +176,9 @@ class PhysicalCpu:
         self.on_debug_stop: Callable[[DebugStop], None] | None = None
         self._debug_stop: DebugStop | None = None
         self._interrupt_requested = False
+        self.stepping: Callable[[], bool] | None = None
+        self._step_ran = False
+        self._probing = self._probe_missed = False
 
     def _add_rdtsc_hooks(self) -> None:
         # Unicorn's C core hooks rdtsc/rdtscp (callback shaped like cpuid's:
@@ -203,13 +209,20 @@ class PhysicalCpu:
         while True:
             if self._interrupt_requested:
                 self.counter.block.limit = 0  # stop before the next instruction
+            stepping = self.stepping is not None and self.stepping()
+            if stepping:  # one instruction, then stop before the next one
+                self.counter.block.limit = min(self.counter.block.limit, self.executed
+                                               + (0 if self._step_ran else 1))
+            started = self.executed
             rip = self.uc.reg_read(X.UC_X86_REG_RIP)
             try:
                 self.uc.emu_start(rip, 0)
             except UcError as err:
                 if self._exit is None:
                     self._exit = self._explain_error(err)
-            stop = self._take_debug_stop()
+            if stepping and self.executed > started:
+                self._step_ran = True
+            stop = self._take_debug_stop(stepping and self.executed < limit)
             if stop is None:
                 break
             # the budget is the run's own again; a debugger's stop never ends it
@@ -228,10 +241,14 @@ class PhysicalCpu:
             return BudgetExhausted(rip)
         return Halt(rip)
 
-    def _take_debug_stop(self) -> DebugStop | None:
+    def _take_debug_stop(self, step_may_end: bool) -> DebugStop | None:
         stop, self._debug_stop = self._debug_stop, None
-        if stop is None and self._interrupt_requested and self.counter.budget_ran_out:
-            stop = DebugStop("interrupt", self.uc.reg_read(X.UC_X86_REG_RIP))
+        if stop is None and self.counter.budget_ran_out:
+            rip = self.uc.reg_read(X.UC_X86_REG_RIP)
+            if self._interrupt_requested:
+                stop = DebugStop("interrupt", rip)
+            elif step_may_end and self._step_ran:
+                stop = DebugStop("step", rip)
         if stop is not None:
             self._interrupt_requested = False
         return stop
@@ -271,6 +288,9 @@ class PhysicalCpu:
     _pending_fill_fault: tuple[int, str] | None = None
 
     def _on_tlb_fill(self, uc: Uc, vaddr: int, access: int, entry, _ud) -> bool:
+        if self._probing:  # `_retranslate` asking where code is: not the guest's fill
+            self._probe_missed = True
+            return False
         kind = FETCH if access == UC_MEM_FETCH else WRITE if access == UC_MEM_WRITE else READ
         self.tlb_fills += 1
         result = self.mmu.translate(vaddr, kind) if self.mmu is not None else None
@@ -481,8 +501,40 @@ class PhysicalCpu:
                 uc.emu_stop()
 
         handle = self.uc.hook_add(UC_HOOK_CODE, on_code, None, begin, end)
-        self.flush_translations()  # code translated before the hook would bypass it
+        self._retranslate(begin)  # code translated before the hook would bypass it
         return handle
+
+    def _retranslate(self, address: int) -> None:
+        """Forget translated code holding `address`, without touching the TLB's state.
+
+        Dropping every translation (`flush_translations`) makes unicorn refill an
+        MMIO page's TLB entry once more (an HVM guest's LAPIC page), which would
+        show in `tlb_fills`; dropping the one page's code needs its translation, so
+        it is looked up quietly: a page the TLB does not hold is not filled (that
+        would count and change the fills to come), everything is dropped instead.
+        """
+        self._probe_missed = False
+        self._probing = True
+        try:
+            self.uc.ctl_remove_cache(address, address + 1)
+        finally:
+            self._probing = False
+        if self._probe_missed:
+            self.flush_translations()
+
+    def single_step(self, active: Callable[[], bool]) -> None:
+        """Stop after one instruction, run while `active()` (the vCPU to step is loaded).
+
+        The counter's limit does it, not a code hook: nothing is retranslated.
+        An instruction that exits (a hypercall, hlt) counts as the step; the stop
+        then comes before the next instruction, whenever that runs.
+        """
+        self.stepping = active
+        self._step_ran = False
+
+    def cancel_step(self) -> None:
+        self.stepping = None
+        self._step_ran = False
 
     def _uncount_stopped_instruction(self) -> None:
         # the counting hook ran first and counted an instruction that never ran

@@ -7,8 +7,10 @@ the hypervisor holds, or the HVM guest's CR3 then EPT), never setting Accessed
 or Dirty bits; `monitor phys` switches to guest-physical addresses (a PV
 domain's pseudo-physical frames, an HVM domain's GPAs) and `monitor virt` back.
 
-Breakpoints are code hooks on every physical CPU; `stepi` is a code hook on the
-stepping vCPU's CPU that lets one instruction of that vCPU run; write
+Breakpoints are code hooks on every physical CPU; a vCPU resuming at a
+breakpoint runs that instruction first (as x86's resume flag lets a debug
+register breakpoint pass once). `stepi` lowers the instruction counter's limit
+of the stepping vCPU's CPU so one instruction of that vCPU runs; write
 watchpoints hook the machine range the addresses map to when they are set. A
 stop is served inside the engine's run with the budget kept, so virtual time
 stands still while gdb holds the guest and the run is the same as without gdb.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, TextIO
 
 from emulator.addr import PAGE_SIZE
@@ -60,7 +63,7 @@ class GdbSession:
         # (address, length) -> hooks, and the machine pieces' guest-virtual starts
         self.watches: dict[tuple[int, int], list[tuple[PhysicalCpu, int]]] = {}
         self.watched: list[tuple[int, int, int]] = []  # (first ma, last ma, its va)
-        self.step_hooks: list[tuple[PhysicalCpu, int]] = []
+        self.resume_at: dict[int, int] = {}  # id(vCPU) -> the RIP it resumes at
         self.attached = True
         for cpu in hv.pcpus:
             cpu.on_debug_stop = self._make_stop_handler(cpu)
@@ -106,7 +109,7 @@ class GdbSession:
         def on_stop(stop: DebugStop) -> None:
             for other in self.hv.pcpus:  # a Ctrl-C is answered by whichever stop came first
                 other.cancel_debug_stop()
-            self._remove_step_hooks()
+            self._cancel_steps()
             v = self.hv.loaded[cpu.index]
             thread = self._thread_of(v) if v is not None else None
             if stop.kind == "interrupt":
@@ -120,8 +123,13 @@ class GdbSession:
         return on_stop
 
     def _apply(self, resume: Resume) -> None:
+        if resume.action in ("continue", "step"):
+            # every vCPU goes on with the instruction it stopped before: a breakpoint
+            # there does not fire again (x86's resume flag), a step runs exactly it
+            self.resume_at = {id(v): self._register_reader(v)("rip")
+                              for v in self._vcpus() if v.context is not None}
         if resume.action == "step":
-            self._add_step_hook(self._vcpu(resume.thread or self._first_runnable()))
+            self._step(self._vcpu(resume.thread or self._first_runnable()))
         elif resume.action == "detach":
             self._detach()
         elif resume.action == "kill":
@@ -138,7 +146,7 @@ class GdbSession:
             self.attached = False
 
     def _forget_hooks(self) -> None:
-        self._remove_step_hooks()
+        self._cancel_steps()
         for hooks in [*self.breakpoints.values(), *self.watches.values()]:
             for cpu, handle in hooks:
                 cpu.remove_hook(handle)
@@ -249,7 +257,7 @@ class GdbSession:
         if kind in ("software", "hardware"):
             if (kind, address) not in self.breakpoints:
                 self.breakpoints[(kind, address)] = [
-                    (cpu, cpu.stop_before(address, address, lambda _a: True))
+                    (cpu, cpu.stop_before(address, address, partial(self._breaks, cpu)))
                     for cpu in self.hv.pcpus]
             return True
         if kind == "write":
@@ -278,29 +286,24 @@ class GdbSession:
             return True
         return False
 
+    def _first_after_resume(self, v: Vcpu | None, address: int) -> bool:
+        """Is this `v`'s first instruction since gdb let it go (consumes the answer)?"""
+        return v is not None and self.resume_at.pop(id(v), None) == address
+
+    def _breaks(self, cpu: PhysicalCpu, address: int) -> bool:
+        return not self._first_after_resume(self.hv.loaded[cpu.index], address)
+
     def _watched_va(self, ma: int) -> int:
         return next((va + ma - first for first, last, va in self.watched
                      if first <= ma <= last), ma)
 
-    def _add_step_hook(self, v: Vcpu) -> None:
+    def _step(self, v: Vcpu) -> None:
         cpu = self.hv.pcpus[v.pcpu]
-        started = [False]
+        cpu.single_step(lambda: self.hv.loaded[cpu.index] is v)
 
-        def should_stop(_address: int) -> bool:
-            if self.hv.loaded[cpu.index] is not v:
-                return False
-            if not started[0]:  # the instruction being stepped: let it run
-                started[0] = True
-                return False
-            return True
-
-        self.step_hooks.append((cpu, cpu.stop_before(1, 0, should_stop)))
-
-    def _remove_step_hooks(self) -> None:
-        for cpu, handle in self.step_hooks:
-            cpu.remove_hook(handle)
-            cpu.flush_translations()  # code translated with the hook keeps calling it
-        self.step_hooks.clear()
+    def _cancel_steps(self) -> None:
+        for cpu in self.hv.pcpus:
+            cpu.cancel_step()
 
     # ------------------------------------------------------ the rest
     def interrupt(self) -> None:

@@ -334,3 +334,73 @@ def test_bad_gdb_endpoint_is_a_usage_error(capsys):
                      "--gdb", f"127.0.0.1:{port}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("hvlab: --gdb") and err.count("\n") == 1
+
+
+def _stop_often(symbol_address: int, watch: int | None = None):
+    """Break at an address (both vCPUs), step a few times each hit, watch a variable."""
+    def decide(session: GdbSession, script: _Script) -> None:
+        session.insert_point("software", symbol_address, 1)
+        if watch is not None:
+            session.insert_point("write", watch, 8)
+        hits = [0]
+
+        def serve(stop: Stop) -> Resume:
+            script.stops.append((stop, 0))
+            if len(script.stops) > 150:  # enough: let the rest run undisturbed
+                return Resume("detach")
+            hits[0] += 1
+            return Resume("step", stop.thread) if hits[0] % 3 else Resume("continue")
+
+        script.serve = serve  # type: ignore[method-assign]
+
+    return decide
+
+
+@pytest.mark.parametrize("scenario, elf, symbol, variable", [
+    ("hvm-lapic.toml", "hvm_lapic.elf", "timer_handler", None),
+    ("pv-smp.toml", "pv_smp.elf", "event_upcall", "counter"),
+])
+def test_stops_in_smp_and_hvm_guests_leave_the_run_unchanged(scenario, elf, symbol, variable):
+    from hypervisor.core.elf import load_kernel
+
+    symbols = load_kernel(GUESTS / elf).symbols
+    plain = _without_wall(run_scenario(load_scenario(ROOT / "scenarios" / scenario)))
+    result, script = _scripted_run(
+        _stop_often(symbols[symbol], symbols[variable] if variable else None), scenario)
+    assert len(script.stops) > 20
+    assert {s.thread for s, _ in script.stops if s.thread} == {1, 2}  # both vCPUs stopped
+    if variable:
+        assert any(s.watch == symbols[variable] for s, _ in script.stops)
+    assert _without_wall(result) == plain
+
+
+def test_points_reinserted_at_every_stop_and_a_watch_set_mid_run_leave_hvm_unchanged():
+    """As gdb does: every stop removes all points and resuming inserts them again."""
+    from hypervisor.core.elf import load_kernel
+
+    symbols = load_kernel(GUESTS / "hvm_lapic.elf").symbols
+    handler, ticks = symbols["timer_handler"], symbols["percpus"] + 0x10  # vCPU 0's count
+    plain = _without_wall(run_scenario(load_scenario(ROOT / "scenarios" / "hvm-lapic.toml")))
+
+    def decide(session: GdbSession, script: _Script) -> None:
+        points = [("software", handler, 1)]
+        session.insert_point(*points[0])
+
+        def serve(stop: Stop) -> Resume:
+            script.stops.append((stop, 0))
+            for point in points:
+                session.remove_point(*point)
+            if len(script.stops) == 10:
+                points.append(("write", ticks, 8))
+            if len(script.stops) > 80:
+                return Resume("detach")
+            for point in points:
+                session.insert_point(*point)
+            return Resume("step", stop.thread) if len(script.stops) % 2 else Resume("continue")
+
+        script.serve = serve  # type: ignore[method-assign]
+
+    result, script = _scripted_run(decide, "hvm-lapic.toml")
+    watched = [s for s, _ in script.stops[10:] if s.watch is not None]
+    assert watched and all(s.watch == ticks and s.thread == 1 for s in watched)
+    assert _without_wall(result) == plain
