@@ -220,7 +220,7 @@ class GdbSession:
             t = walk(self.hv.memory.u64, root, address & ~0xFFF, access,
                      table_to_ma=physmap.gpa_to_ma, set_accessed=False)
         else:
-            t = walk(self.hv.memory.u64, v.mmu.base_ma, address & ~0xFFF, access,
+            t = walk(self.hv.memory.u64, v.roots.kernel_ma, address & ~0xFFF, access,
                      set_accessed=False)
         if isinstance(t, WalkFault):
             return None

@@ -136,7 +136,7 @@ def walk_view(hv: Hypervisor, dom: Domain, va: int, vcpu: int = 0) -> dict[str, 
         table = register_value(hv, v, "cr3") & ADDR_MASK  # guest-physical
         out["root"] = {"cr3": table, "ept": _ept_state(dom, table)}
     else:
-        table = v.mmu.base_ma
+        table = v.roots.kernel_ma
         out["root"] = frame_state(hv, table >> 12)
     u64 = hv.memory.u64
     for level in (4, 3, 2, 1):
@@ -259,8 +259,8 @@ def vcpu_view(hv: Hypervisor, dom: Domain) -> dict[str, Any]:
         if v.context is not None:
             row["registers"] = {name: register_value(hv, v, name) for name in VCPU_REGISTERS}
         if dom.hvm is None:  # PV: the tables the hypervisor walks, not the CR3 register
-            row["kernel_cr3"] = v.mmu.base_ma
-            row["user_cr3"] = v.user_base_ma
+            row["kernel_cr3"] = v.roots.kernel_ma
+            row["user_cr3"] = v.roots.user_ma
         rows.append(row)
     return {"domain": dom.name, "vcpus": rows}
 

@@ -32,7 +32,7 @@ def test_walk_shows_four_levels_that_agree_with_the_hardware_walk(capsys):
     assert not any(lv["target"]["pinned"] for lv in levels)
     hv = open_machine(str(SCENARIOS / "pv-hello.toml"), 50_000)
     v = hv.domains[0].vcpus[0]
-    t = walk(hv.memory.u64, v.mmu.base_ma, KERNEL_TEXT, "read", set_accessed=False)
+    t = walk(hv.memory.u64, v.roots.kernel_ma, KERNEL_TEXT, "read", set_accessed=False)
     assert data["final"]["mfn"] == t.ma >> 12 == levels[-1]["target"]["mfn"]
     assert data["final"]["pfn"] == 1  # VIRT_BASE + 4 KiB is pseudo-physical frame 1
     assert "fault" not in data
@@ -100,7 +100,7 @@ def test_evtchn_and_vcpu_views(capsys):
     hv = open_machine(smp, 1_000_000)
     for row, v in zip(vc["vcpus"], hv.domains[0].vcpus, strict=True):
         assert row["registers"]["rip"] == hv.read_vcpu_registers(v)["rip"]
-        assert row["kernel_cr3"] == v.mmu.base_ma
+        assert row["kernel_cr3"] == v.roots.kernel_ma
 
 
 def test_an_image_is_inspected_like_a_scenario(capsys):
