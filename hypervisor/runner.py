@@ -12,6 +12,7 @@ from emulator.memory import HostMemory
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
 from hypervisor.scenario import Scenario, ScenarioError
 from hypervisor.seams import Seams
+from hypervisor.teaching.gdb import GdbKilled, GdbSession
 from hypervisor.tracing import Tracer
 
 
@@ -49,8 +50,6 @@ def run_scenario(scenario: Scenario, trace: TextIO | None = None,
         hv.tracer = Tracer(hv, trace, trace_limit)
     session = None
     if gdb is not None:
-        from hypervisor.teaching.gdb import GdbKilled, GdbSession
-
         session = GdbSession.wait_for_client(hv, gdb, sys.stderr)
     try:
         if session is not None:
