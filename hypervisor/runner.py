@@ -12,15 +12,18 @@ from typing import Any, TextIO
 import unicorn
 
 from emulator.memory import HostMemory
+from hypervisor.core.elf import load_kernel
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
 from hypervisor.core.seams import Seams
+from hypervisor.debug.gdb import GdbKilled, GdbSession
 from hypervisor.hvm.policy import create_hvm_domain
+from hypervisor.lib.errors import HvlabError
 from hypervisor.liveupdate.driver import ScheduledUpdate, UpdateRun
 from hypervisor.liveupdate.orchestrator import UpdatePlan
 from hypervisor.liveupdate.report import print_update_report
 from hypervisor.pv.domain import create_pv_domain
-from hypervisor.scenario import Scenario, ScenarioError
-from hypervisor.tracing import Tracer
+from hypervisor.scenario import Scenario, ScenarioError, load_scenario
+from hypervisor.tracing import Symbols, TraceOptions, Tracer, parse_rip_range
 
 
 def boot_scenario(scenario: Scenario, build: str | None = None,
@@ -48,12 +51,25 @@ def boot_scenario(scenario: Scenario, build: str | None = None,
 
 def run_scenario(scenario: Scenario, trace: TextIO | None = None,
                  trace_limit: int = 10_000, build: str | None = None,
-                 seams: Seams | None = None) -> dict[str, Any]:
+                 seams: Seams | None = None, gdb: str | None = None) -> dict[str, Any]:
+    """Run to the end; with `gdb` (HOST:PORT) a gdb client holds it before the first
+    instruction and may stop it at will, without changing what the run does."""
     started = time.perf_counter()
     hv = boot_scenario(scenario, build or scenario.build, seams=seams)
     if trace is not None:
         hv.tracer = Tracer(hv, trace, trace_limit)
-    stop = hv.run(scenario.virtual_time_ns)
+    session = None
+    if gdb is not None:
+        session = GdbSession.wait_for_client(hv, gdb, sys.stderr)
+    try:
+        if session is not None:
+            session.hold_before_start()
+        stop = hv.run(scenario.virtual_time_ns)
+    except GdbKilled:
+        stop = "killed by gdb"
+    finally:
+        if session is not None:
+            session.finish(locals().get("stop", "error"))
     wall = time.perf_counter() - started
     return describe(hv, scenario, stop, wall)
 
@@ -160,3 +176,26 @@ def print_report(result: dict[str, Any], out: TextIO | None = None) -> None:
     out.write(f"\n{result['instructions']:,} instructions in {result['virtual_ns'] / 1e6:.3f} ms "
               f"virtual, {wall:.2f} s wall ({mips:.1f} MIPS); stop: {result['stop']}\n")
     out.write(f"exits: {exits}\n")
+
+
+def trace_scenario(scenario_path: str, out: TextIO, limit: int, options: TraceOptions,
+                   rip_text: str | None) -> str:
+    """Run a scenario with a tracer: the symbols of its guests, the filters, the window."""
+    scenario = load_scenario(scenario_path)
+    names = [d.name for d in scenario.domains]
+    if options.domain is not None and options.domain not in names:
+        raise HvlabError(f"--domain {options.domain}: no such domain (domains: "
+                         f"{', '.join(names)})")
+    for spec in scenario.domains:
+        if spec.kernel is not None:
+            options.symbols[spec.name] = Symbols(load_kernel(spec.kernel).symbols)
+    wanted = [options.symbols[n] for n in ([options.domain] if options.domain else names)
+              if n in options.symbols]
+    if rip_text is not None:
+        options.rip = parse_rip_range(rip_text, wanted)
+    hv = boot_scenario(scenario)
+    hv.tracer = Tracer(hv, out, limit, options)
+    until = scenario.virtual_time_ns
+    if options.window[1] is not None:
+        until = min(until, options.window[1])
+    return hv.run(until)
