@@ -205,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("-o", "--output", required=True)
     make.add_argument("--json", action="store_true")
     image.set_defaults(func=_cmd_image)
+
+    from hypervisor.research.cli import register as register_research
+
+    register_research(sub)
     return parser
 
 
