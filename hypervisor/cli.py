@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from hypervisor.errors import HvlabError
+from hypervisor.lib.errors import HvlabError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -38,8 +38,8 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _cmd_save(args: argparse.Namespace) -> int:
+    from hypervisor.pv.save import save_domain
     from hypervisor.runner import boot_scenario
-    from hypervisor.save import save_domain
     from hypervisor.scenario import load_scenario, parse_time
 
     scenario = load_scenario(args.scenario)
@@ -94,19 +94,19 @@ def _cmd_update(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.which == "revalidate":
-        from hypervisor.bench_revalidate import run_revalidate_bench
+        from hypervisor.bench.revalidate import run_revalidate_bench
         from hypervisor.scenario import parse_size
 
         run_revalidate_bench(parse_size(args.mem, "--mem"), args.build, args.json)
         return 0
     if args.which == "update":
-        from hypervisor.bench_update import run_update_bench
+        from hypervisor.bench.update import run_update_bench
 
         if args.repeat < 1:
             raise HvlabError("--repeat must be at least 1")
         run_update_bench(args.json, sizes=args.sizes, repeat=args.repeat)
         return 0
-    from hypervisor.bench import run_bench
+    from hypervisor.bench.emulator import run_bench
 
     return run_bench(args)
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 from hypervisor.cli import main
 from hypervisor.liveupdate.costs import DEFAULT_COSTS_NS, without_fixed_costs
-
-SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
+from tests import SCENARIOS
 
 # Fields that may differ between two runs of the same scenario: wall-clock
 # times (any name with "wall"), where a hand-over was written, per-phase wall

@@ -26,7 +26,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from hypervisor.errors import HvlabError
+from hypervisor.lib.errors import HvlabError
 
 MEASURED, PUBLISHED, ESTIMATE = "measured", "published", "estimate"
 

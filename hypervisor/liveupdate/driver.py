@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from emulator.memory import HostMemory
-from hypervisor.hypervisor import Hypervisor
+from hypervisor.core.hypervisor import Hypervisor
 from hypervisor.liveupdate.orchestrator import (
     Blackout,
     UpdatePlan,

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from emulator.memory import HostMemory
-from hypervisor.errors import HvlabError
+from hypervisor.lib.errors import HvlabError
 from hypervisor.liveupdate.driver import RESUME_FILE, UpdateRun
 from hypervisor.liveupdate.orchestrator import Blackout, complete_update
 

@@ -20,10 +20,10 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from hypervisor.builds import BUILDS
-from hypervisor.errors import HvlabError
 from hypervisor.images.guest_layouts import LAYOUTS
-from hypervisor.liveupdate.strategies import STRATEGIES
+from hypervisor.lib.errors import HvlabError
+from hypervisor.liveupdate.strategies.base import STRATEGIES
+from hypervisor.mm.builds import BUILDS
 from hypervisor.scenario import parse_size
 
 KINDS = ("update", "revalidate")

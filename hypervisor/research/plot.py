@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from hypervisor.errors import HvlabError
+from hypervisor.lib.errors import HvlabError
 from hypervisor.research.table import read_rows
 
 FIGURE_FORMATS = (".png", ".svg", ".pdf")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import unicorn
 
-from hypervisor.errors import HvlabError
+from hypervisor.lib.errors import HvlabError
 from hypervisor.research.grid import KEY_COLUMNS, Run
 
 RUN_BEFORE_NS = 1_000_000
@@ -69,12 +69,12 @@ def run_one(run: Run) -> dict[str, Any]:
 
 
 def _update(run: Run) -> dict[str, Any]:
-    from hypervisor.hypervisor import Hypervisor, MachineConfig
+    from hypervisor.core.hypervisor import Hypervisor, MachineConfig
     from hypervisor.images import image_make
     from hypervisor.liveupdate.costs import DEFAULT_COSTS_NS, deferred_ns
     from hypervisor.liveupdate.orchestrator import UpdatePlan, live_update, prepare
-    from hypervisor.liveupdate.strategies import typed_work
-    from hypervisor.restore import restore_domain
+    from hypervisor.liveupdate.strategies.base import typed_work
+    from hypervisor.pv.restore import restore_domain
 
     with tempfile.TemporaryDirectory(prefix="hvlab-sweep-") as tmp:
         image = Path(run.image) if run.image else Path(tmp) / "guest.img"
@@ -131,7 +131,7 @@ def _guest_bytes(image: Path) -> int:
 
 
 def _revalidate(run: Run) -> dict[str, Any]:
-    from hypervisor.bench_revalidate import run_revalidate_bench
+    from hypervisor.bench.revalidate import run_revalidate_bench
     from hypervisor.liveupdate.costs import DEFAULT_COSTS_NS
 
     r = run_revalidate_bench(run.size_bytes, run.from_build, True, io.StringIO(),

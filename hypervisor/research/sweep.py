@@ -15,7 +15,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 from typing import Any
 
-from hypervisor.errors import HvlabError
+from hypervisor.lib.errors import HvlabError
 from hypervisor.research.grid import Run, load_grid
 from hypervisor.research.progress import progress
 from hypervisor.research.runs import COLUMNS, run_one

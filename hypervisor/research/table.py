@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hypervisor.errors import HvlabError
+from hypervisor.lib.errors import HvlabError
 from hypervisor.research.grid import KEY_COLUMNS
 
 FORMATS = (".csv", ".parquet")
