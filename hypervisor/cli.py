@@ -120,6 +120,20 @@ def _cmd_image(args: argparse.Namespace) -> int:
     if args.action == "verify":
         verdict = images.image_verify(args.image)
         return 0 if verdict["ok"] else 2
+    if args.action == "frames":
+        from hypervisor.images import frames
+
+        if args.image.endswith(".toml") != (args.at is not None):
+            raise HvlabError("image frames: a scenario (.toml) needs --at T; an image takes "
+                             "no --at")
+        columns = (frames.scenario_frames(args.image, args.at, args.domain) if args.at
+                   else frames.image_frames(args.image))
+        if args.csv:
+            frames.write_csv(columns, sys.stdout)
+        else:
+            json.dump(frames.summary(columns), sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        return 0
     from hypervisor.scenario import parse_size
 
     kind = "hvm" if args.hvm else "pv"
@@ -194,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     verify = image_sub.add_parser("verify", help="structure and page-table validity")
     verify.add_argument("image")
+    frames = image_sub.add_parser("frames", help="per-frame type state (restored, or a "
+                                  "scenario's domain at --at T)")
+    frames.add_argument("image", help="an image, or a scenario (.toml) with --at")
+    frames.add_argument("--at", help="scenario: virtual time to read the frames at, e.g. 2ms")
+    frames.add_argument("--domain", help="scenario: the domain (if it has several)")
+    frames.add_argument("--csv", action="store_true",
+                        help="one CSV row per frame: pfn, mfn, type, type_count, pinned, "
+                             "validated, general_count (else a JSON summary)")
     make = image_sub.add_parser("make", help="generate a large guest image")
     kind = make.add_mutually_exclusive_group(required=True)
     kind.add_argument("--pv", action="store_true")
