@@ -97,14 +97,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from hypervisor.bench.revalidate import run_revalidate_bench
         from hypervisor.scenario import parse_size
 
-        run_revalidate_bench(parse_size(args.mem, "--mem"), args.build, args.json)
+        run_revalidate_bench(parse_size(args.mem, "--mem"), args.build, args.json,
+                             quiet=args.quiet)
         return 0
     if args.which == "update":
         from hypervisor.bench.update import run_update_bench
 
         if args.repeat < 1:
             raise HvlabError("--repeat must be at least 1")
-        run_update_bench(args.json, sizes=args.sizes, repeat=args.repeat)
+        run_update_bench(args.json, sizes=args.sizes, repeat=args.repeat, quiet=args.quiet)
         return 0
     from hypervisor.bench.emulator import run_bench
 
@@ -138,7 +139,7 @@ def _cmd_image(args: argparse.Namespace) -> int:
 
     kind = "hvm" if args.hvm else "pv"
     stats = images.image_make(kind, parse_size(args.mem, "--mem"), args.layout, args.seed,
-                              args.output)
+                              args.output, quiet=args.quiet)
     if args.json:
         json.dump(stats, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
@@ -192,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (ratios measured in one run)")
     bench.add_argument("which", choices=["emulator", "revalidate", "update"])
     bench.add_argument("--json", action="store_true")
+    bench.add_argument("--quiet", action="store_true", help="no progress on stderr")
     bench.add_argument("--mem", default="1G", help="revalidate: guest memory (default 1G)")
     bench.add_argument("--build", default="4.19", help="revalidate: the build's layout")
     bench.add_argument("--sizes", default="1G,4G,16G,64G",
@@ -226,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--seed", type=int, default=1)
     make.add_argument("-o", "--output", required=True)
     make.add_argument("--json", action="store_true")
+    make.add_argument("--quiet", action="store_true", help="no progress on stderr")
     image.set_defaults(func=_cmd_image)
 
     from hypervisor.research.cli import register as register_research

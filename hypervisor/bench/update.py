@@ -35,6 +35,7 @@ from hypervisor.liveupdate.orchestrator import (
 )
 from hypervisor.liveupdate.strategies.base import STRATEGIES
 from hypervisor.pv.restore import restore_domain
+from hypervisor.research.progress import progress
 from hypervisor.scenario import parse_size
 
 RUN_BEFORE_NS = 1_000_000
@@ -97,19 +98,23 @@ def _median_run(image: Path, guest_bytes: int, strategy: str, repeat: int) -> di
 
 
 def run_update_bench(as_json: bool, sizes: str = "1G,4G,16G,64G", repeat: int = 3,
-                     out: TextIO | None = None) -> dict[str, Any]:
+                     out: TextIO | None = None, quiet: bool = False) -> dict[str, Any]:
     out = out if out is not None else sys.stdout
     wanted = [parse_size(s.strip(), "--sizes") for s in sizes.split(",") if s.strip()]
     rows = []
     images: dict[int, float] = {}
-    with tempfile.TemporaryDirectory(prefix="hvlab-bench-update-") as tmp:
+    steps = len(wanted) * (1 + len(STRATEGIES))
+    with (tempfile.TemporaryDirectory(prefix="hvlab-bench-update-") as tmp,
+          progress(steps, "bench update", quiet) as advance):
         for guest in wanted:
             image = Path(tmp) / f"pv-{guest >> 20}M.img"
             started = time.perf_counter()
             image_make("pv", guest, "linux-like", 1, image, out=io.StringIO())
             images[guest] = round(time.perf_counter() - started, 3)
+            advance(f"{guest >> 20} MiB image made")
             for strategy in STRATEGIES:
                 rows.append(_median_run(image, guest, strategy, repeat))
+                advance(f"{guest >> 20} MiB {strategy}")
             image.unlink()
     result: dict[str, Any] = {
         "rows": rows,

@@ -164,3 +164,42 @@ def test_revalidate_rows_are_sweepable(tmp_path):
     assert all(r["proof_ok"] == "True" and float(r["bulk_wall_s"]) > 0 for r in rows)
     fig = make_figure(rows)
     assert fig.axes[1].get_legend() is not None
+
+
+def _sweep_with_stderr_on_a_terminal(grid, out, *extra: str) -> tuple[bytes, bytes]:
+    """stdout and what reached the terminal on stderr (a pseudo-terminal)."""
+    import os
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        done = subprocess.run([sys.executable, "-m", "hypervisor.cli", "sweep", str(grid),
+                               "-o", str(out), "--json", *extra], stdout=subprocess.PIPE,
+                              stderr=follower, timeout=120, check=True)
+        os.close(follower)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal closed: everything is read
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(leader)
+    return done.stdout, seen
+
+
+def test_progress_goes_to_a_terminal_only_and_json_stays_byte_identical(grid, tmp_path):
+    out = tmp_path / "out.csv"
+    with_bar, terminal = _sweep_with_stderr_on_a_terminal(grid, out)
+    out.unlink()
+    quiet, silent = _sweep_with_stderr_on_a_terminal(grid, out, "--quiet")
+    assert with_bar == quiet and json.loads(quiet)["done"] == 2
+    assert b"2/2" in terminal and b"ETA" in terminal  # rich's bar, per run
+    assert silent == b""
+    out.unlink()
+    piped = subprocess.run([sys.executable, "-m", "hypervisor.cli", "sweep", str(grid), "-o",
+                            str(out), "--json"], capture_output=True, timeout=120, check=True)
+    assert piped.stdout == quiet and b"ETA" not in piped.stderr  # not a terminal: no bar
