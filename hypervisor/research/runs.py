@@ -86,8 +86,9 @@ def _update(run: Run) -> dict[str, Any]:
             dom = restore_domain(hv, image)
             hv.run(hv.now + RUN_BEFORE_NS)
             work = typed_work(hv.frame_table, dom.p2m.astype(np.int64))
-            plan = UpdatePlan(run.to_build, run.strategy, workdir=Path(tmp) / "handover")
-            plan.workdir.mkdir()
+            workdir = Path(tmp) / "handover"  # removed with tmp on every path
+            workdir.mkdir()
+            plan = UpdatePlan(run.to_build, run.strategy, workdir=workdir)
             started = time.perf_counter()
             prepared = prepare(hv, plan)
             before_pause_s = time.perf_counter() - started

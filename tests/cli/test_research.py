@@ -203,3 +203,19 @@ def test_progress_goes_to_a_terminal_only_and_json_stays_byte_identical(grid, tm
     piped = subprocess.run([sys.executable, "-m", "hypervisor.cli", "sweep", str(grid), "-o",
                             str(out), "--json"], capture_output=True, timeout=120, check=True)
     assert piped.stdout == quiet and b"ETA" not in piped.stderr  # not a terminal: no bar
+
+
+def test_without_dask_the_command_says_how_to_get_it(grid, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import fails as if not installed
+    out = tmp_path / "out.csv"
+    assert main(["sweep", str(grid), "-o", str(out), "--dask", "local"]) == 2
+    assert "pip install -e '.[cluster]'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_costs_measure_gives_this_machines_figures():
+    from hypervisor.research.cli import measure_memory
+
+    measured = measure_memory(8 << 20, passes=1)
+    assert set(measured) == {"frame_table_row_init", "frame_copied"}
+    assert all(0 < ns < 1_000 for ns in measured.values())

@@ -58,10 +58,10 @@ def test_fixed_terms_are_paid_once_whatever_the_guests():
 
 
 @pytest.mark.parametrize("strategy", ["full-walk", "prevalidate", "lazy"])
-def test_an_update_reports_its_breakdown_and_the_work_outside_the_blackout(strategy):
+def test_an_update_reports_its_breakdown_and_the_work_outside_the_blackout(strategy, tmp_path):
     hv = boot_scenario(load_scenario(SCENARIOS / "pv-smp.toml"))
     hv.run(2_000_000)
-    plan = UpdatePlan("4.12", strategy)
+    plan = UpdatePlan("4.12", strategy, workdir=tmp_path)
     new, report = live_update(hv, plan, prepare(hv, plan))
     breakdown = report["downtime_breakdown"]
     assert sum(breakdown.values()) == report["modelled_downtime_ns"]
