@@ -219,3 +219,15 @@ def test_costs_measure_gives_this_machines_figures():
     measured = measure_memory(8 << 20, passes=1)
     assert set(measured) == {"frame_table_row_init", "frame_copied"}
     assert all(0 < ns < 1_000 for ns in measured.values())
+
+
+def test_a_sweep_submits_to_a_running_scheduler_by_its_address(grid, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    out = tmp_path / "out.csv"
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster:
+        summary = run_sweep(grid, out, dask=cluster.scheduler_address, quiet=True)
+    assert summary["done"] == 2
+    rows = read_rows(out)
+    assert {r["executor"] for r in rows} == {f"dask:{cluster.scheduler_address}"}
+    assert all(r["proof_ok"] == "True" for r in rows)
