@@ -57,9 +57,12 @@ def _draw(ax, rows: list[dict], x: str, y: str, hue: str | None, style: str = "-
     xdiv, xlabel = _label(x)
     ydiv, ylabel = _label(y)
     lines = 0
+    # one colour per hue value, whichever column is drawn (modelled and wall match)
+    names = sorted({str(r.get(hue, "")) for r in rows}) if hue else []
     for name, points in _series(rows, x, y, hue).items():
+        color = f"C{names.index(name) % 10}" if name in names else None
         ax.plot([p[0] / xdiv for p in points], [p[1] / ydiv for p in points], style,
-                marker="o", label=f"{name}{suffix}")
+                marker="o", color=color, label=f"{name}{suffix}")
         lines += 1
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -117,7 +120,8 @@ def make_figure(rows: list[dict], x: str | None = None, y: str | None = None,
         right.legend(fontsize="small")
     right.set_title("Revalidation cost against PTE count")
     right.set_xscale("log")
-    right.set_yscale("symlog", linthresh=1e-3)
+    right.set_yscale("symlog", linthresh=1e-3)  # prevalidate's typeref share can be 0
+    right.set_ylim(bottom=0)
     return fig
 
 

@@ -136,6 +136,10 @@ def test_plot_draws_the_default_figures_with_axes_and_legends(grid, tmp_path, ca
     assert "MiB" in left.get_xlabel() and "ms" in left.get_ylabel()
     labels = [t.get_text() for t in left.get_legend().get_texts()]
     assert "lazy (modelled native)" in labels and "full-walk (wall)" in labels
+    colours = {line.get_label(): line.get_color() for line in left.lines}
+    assert colours["lazy (modelled native)"] == colours["lazy (wall)"] != colours[
+        "full-walk (wall)"]
+    assert right.get_ylim()[0] == 0  # no empty negative half on the symlog axis
     assert "entries" in right.get_xlabel()
     for suffix, magic in ((".png", b"\x89PNG"), (".svg", b"<?xml"), (".pdf", b"%PDF")):
         fig_path = tmp_path / f"fig{suffix}"
