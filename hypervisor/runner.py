@@ -7,8 +7,10 @@ import sys
 import time
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 import unicorn
 
 from emulator.memory import HostMemory
@@ -17,12 +19,13 @@ from hypervisor.core.hypervisor import Hypervisor, MachineConfig
 from hypervisor.core.seams import Seams
 from hypervisor.debug.gdb import GdbKilled, GdbSession
 from hypervisor.hvm.policy import create_hvm_domain
+from hypervisor.images.frames import domain_frames
 from hypervisor.lib.errors import HvlabError
 from hypervisor.liveupdate.driver import ScheduledUpdate, UpdateRun
 from hypervisor.liveupdate.orchestrator import UpdatePlan
 from hypervisor.liveupdate.report import print_update_report
 from hypervisor.pv.domain import create_pv_domain
-from hypervisor.scenario import Scenario, ScenarioError, load_scenario
+from hypervisor.scenario import Scenario, ScenarioError, load_scenario, parse_time
 from hypervisor.tracing import Symbols, TraceOptions, Tracer, parse_rip_range
 
 
@@ -199,3 +202,22 @@ def trace_scenario(scenario_path: str, out: TextIO, limit: int, options: TraceOp
     if options.window[1] is not None:
         until = min(until, options.window[1])
     return hv.run(until)
+
+
+def scenario_frames(path: str | Path, at: str, domain: str | None) -> dict[str, np.ndarray]:
+    """Run the scenario at `path` to virtual time `at` and read one domain's frames."""
+    scenario = load_scenario(path)
+    at_ns = parse_time(at, "--at")
+    hv = boot_scenario(scenario)
+    try:
+        hv.run(at_ns)
+        pv = [d for d in hv.domains if domain is None or d.name == domain]
+        if not pv:
+            names = ", ".join(d.name for d in hv.domains)
+            raise HvlabError(f"{path}: no domain '{domain}' (domains: {names})")
+        if domain is None and len(pv) > 1:
+            names = ", ".join(d.name for d in hv.domains)
+            raise HvlabError(f"{path}: several domains ({names}): choose one with --domain")
+        return domain_frames(hv, pv[0])
+    finally:
+        hv.teardown()

@@ -10,7 +10,7 @@ How an image is made (all in a scratch hypervisor, nothing persists but the file
    `mod_l4_entry` for the hook into the running L4);
 3. run the workload for `RUN_NS` of virtual time, so the image is saved
    mid-run, and check the typeref invariant;
-4. save with `hypervisor.pv.save.save_domain` (pages never written go out as
+4. save with `hypervisor.images.domains.save_domain` (pages never written go out as
    XALLOC, so a 64 GiB guest costs its page tables and P2M list on disk).
 
 Same arguments, same seed: the same bytes (the hypervisor's virtual time is
@@ -30,6 +30,7 @@ from emulator.addr import PAGE_SIZE
 from hypervisor.core.elf import load_kernel
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
 from hypervisor.images.domains import save_domain
+from hypervisor.lib.progress import progress
 from hypervisor.pv.builder import plan_layout
 from hypervisor.pv.domain import create_pv_domain
 
@@ -40,6 +41,7 @@ GUESTS_DIR = Path(__file__).resolve().parents[2] / "scenarios" / "guests"
 # The dedicated workload kernel if it has been written, else the spinning one.
 WORKLOAD_KERNELS = ("pv_imagework.elf", "pv_spin.elf")
 KINDS = ("pv", "hvm")
+PROGRESS_FROM = 1 << 30  # guests from 1 GiB get a progress bar
 RUN_NS = 1_000_000  # 1 ms of virtual time (a million instructions) before the save
 MIN_MEMORY = 16 << 20
 MAX_MEMORY = 256 << 30
@@ -82,7 +84,8 @@ def _size(n: int) -> str:
 
 def image_make(kind: str, mem_bytes: int, layout: str, seed: int,
                out_path: str | os.PathLike[str], *, out: TextIO | None = None,
-               kernel: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+               kernel: str | os.PathLike[str] | None = None,
+               quiet: bool = True) -> dict[str, Any]:
     """Generate a guest image at `out_path` (zstd if it ends in .zst); return statistics.
 
     `kind` "pv" ("hvm": not yet), `layout` one of LAYOUTS, `mem_bytes` the
@@ -96,41 +99,45 @@ def image_make(kind: str, mem_bytes: int, layout: str, seed: int,
     temp = path.with_name(f".partial-{path.name}")
     times: dict[str, float] = {}
     started = last = time.perf_counter()
+    # progress on stderr only for large guests (small ones take well under a second)
+    with progress(5, f"image make {_size(mem_bytes)}",
+                  quiet or mem_bytes < PROGRESS_FROM) as advance:
 
-    def lap(name: str) -> None:
-        nonlocal last
-        now = time.perf_counter()
-        times[name] = round(now - last, 3)
-        last = now
+        def lap(name: str) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            times[name] = round(now - last, 3)
+            last = now
+            advance(f"image make {_size(mem_bytes)}: {name.removesuffix('_s')} done")
 
-    nr_pages = mem_bytes // PAGE_SIZE
-    name = f"{kind}-{layout}-{_size(mem_bytes)}"
-    hv = Hypervisor(MachineConfig(pcpus=1, memory=mem_bytes + HOST_MARGIN))
-    try:
-        dom = create_pv_domain(hv, name, str(kernel_path), mem_bytes, 1)
-        start_of_day = plan_layout(load_kernel(kernel_path), nr_pages)
-        lap("boot_s")
-        builder = Builder(hv, dom, start_of_day.mapped_pages, seed)
-        BUILDERS[layout](builder)
-        lap("layout_s")
-        stop = hv.run(RUN_NS)
-        if not dom.alive:
-            raise LayoutError(f"the workload kernel {kernel_path.name} stopped before the save "
-                              f"({stop}): {dom.crash_report or dom.shutdown}")
-        lap("run_s")
-        diffs = hv.check_typerefs(dom)
-        if diffs:
-            raise LayoutError(f"layout {layout}: typeref invariant broken: {diffs[0]} "
-                              f"({len(diffs)} differences)")
-        lap("check_s")
+        nr_pages = mem_bytes // PAGE_SIZE
+        name = f"{kind}-{layout}-{_size(mem_bytes)}"
+        hv = Hypervisor(MachineConfig(pcpus=1, memory=mem_bytes + HOST_MARGIN))
         try:
-            saved = save_domain(hv, dom, temp)
-            os.replace(temp, path)
+            dom = create_pv_domain(hv, name, str(kernel_path), mem_bytes, 1)
+            start_of_day = plan_layout(load_kernel(kernel_path), nr_pages)
+            lap("boot_s")
+            builder = Builder(hv, dom, start_of_day.mapped_pages, seed)
+            BUILDERS[layout](builder)
+            lap("layout_s")
+            stop = hv.run(RUN_NS)
+            if not dom.alive:
+                raise LayoutError(f"the workload kernel {kernel_path.name} stopped before the "
+                                  f"save ({stop}): {dom.crash_report or dom.shutdown}")
+            lap("run_s")
+            diffs = hv.check_typerefs(dom)
+            if diffs:
+                raise LayoutError(f"layout {layout}: typeref invariant broken: {diffs[0]} "
+                                  f"({len(diffs)} differences)")
+            lap("check_s")
+            try:
+                saved = save_domain(hv, dom, temp)
+                os.replace(temp, path)
+            finally:
+                temp.unlink(missing_ok=True)
+            lap("save_s")
         finally:
-            temp.unlink(missing_ok=True)
-        lap("save_s")
-    finally:
-        hv.teardown()
+            hv.teardown()
     times["total_s"] = round(time.perf_counter() - started, 3)
     added = builder.added
     stats: dict[str, Any] = {

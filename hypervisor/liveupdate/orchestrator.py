@@ -39,7 +39,12 @@ from hypervisor.core.hypervisor import Hypervisor, MachineConfig, StagedTables
 from hypervisor.core.seams import HVLAB_OWN, Seams
 from hypervisor.hvm.image import adopt_hvm_domain
 from hypervisor.lib.errors import HvlabError
-from hypervisor.liveupdate.costs import DEFAULT_COSTS_NS, modelled_ns
+from hypervisor.liveupdate.costs import (
+    DEFAULT_COSTS_NS,
+    TYPEREF_TERM,
+    before_pause_ns,
+    downtime_breakdown,
+)
 from hypervisor.liveupdate.handover import (
     DomainHandover,
     DomainMemory,
@@ -48,6 +53,7 @@ from hypervisor.liveupdate.handover import (
     frames_in_use,
     read_handover,
     read_precopy,
+    state_counts,
     write_handover,
     write_precopy,
 )
@@ -96,7 +102,7 @@ class UpdatePlan:
 
     @property
     def settings(self) -> UpdateSettings:
-        return UpdateSettings(self.to_build, self.sweep_budget_ptes)
+        return UpdateSettings(self.to_build, self.sweep_budget_ptes, self.costs)
 
 
 def check_plan(hv: Hypervisor, plan: UpdatePlan) -> Strategy:
@@ -174,6 +180,9 @@ def prepare(hv: Hypervisor, plan: UpdatePlan) -> Prepared:
     wall: dict[str, float] = {}
     started = time.perf_counter()
     precopied, counters = write_precopy(hv, workdir)
+    # natively the new build's frame table is set up ahead, even where (`--exec`) hvlab's
+    # new process cannot start before the pause
+    counters["frame_table_rows_staged"] = hv.memory.nr_frames
     wall["precopy_wall_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -192,6 +201,7 @@ def prepare(hv: Hypervisor, plan: UpdatePlan) -> Prepared:
         {domid: sent[name] for domid, name in precopied.items()}, staged.typing)
     ahead = strategy.before_pause(hv, plan.settings, state)
     wall["strategy_wall_s"] = time.perf_counter() - started
+    counters |= strategy.ahead_counters(ahead)
     report = {k: round(v, 6) for k, v in wall.items()} | counters
     return Prepared(workdir, precopied, staged, ahead, report)
 
@@ -228,7 +238,8 @@ def live_update(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared | None = No
     """
     strategy = check_plan(hv, plan)
     phases = _Phases(plan.fail_at)
-    counters: dict[str, Any] = {"vcpus": sum(len(d.vcpus) for d in hv.domains)}
+    counters: dict[str, Any] = {"vcpus": sum(len(d.vcpus) for d in hv.domains),
+                                "pcpus": hv.machine.pcpus, **state_counts(hv)}
     report: dict[str, Any] = {"strategy": plan.strategy, "from_build": hv.build,
                               "to_build": plan.to_build, "at_ns": hv.now}
     hv.finish_background_work()  # an earlier lazy update still validating: complete it
@@ -321,6 +332,8 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
                 key = "late_staging_runs" if "precopy" in ho.meta else "ownership_runs"
                 counters[key] += new.claim_frames(ho.p2m, domid)
         counters["frames_claimed"] = int(sum(ho.p2m.size for ho in handovers))  # (unpriced)
+        # the new build's frame table, unless it was set up before the pause
+        counters["frame_table_rows"] = 0 if report["before_pause"] else memory.nr_frames
         counters["tables_changed_since_precopy"] = sum(ho.tables_changed for ho in handovers)
         return new, handovers
 
@@ -354,7 +367,8 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
 
     proof = _prove(bo.before, new, f"the new build {plan.to_build}",
                    check_types=strategy.proves_types_at_resume, report=report)
-    downtime = modelled_ns(counters, plan.costs)
+    breakdown = downtime_breakdown(counters, plan.costs)
+    downtime = sum(breakdown.values())
     new.now += downtime  # guests see the blackout as time that passed (their offsets stay)
     _devices_catch_up(new)
     proof["blackout_interrupts"] = blackout_posts(bo.before, new)
@@ -366,6 +380,11 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
         "outcome": "updated",
         "blackout_wall_s": round(blackout_wall, 6),
         "modelled_downtime_ns": downtime,
+        "downtime_breakdown": breakdown,
+        "typeref_downtime_ns": breakdown[TYPEREF_TERM],
+        "before_pause_work_ns": before_pause_ns(report["before_pause"], plan.costs),
+        # work left after the resume (lazy) is priced when it completes
+        "deferred_work_ns": 0 if strategy.proves_types_at_resume else None,
         "phases": {p: round(phases.wall.get(p, 0.0), 6) for p in PHASES},
         "counters": counters,
         "proof": proof,
@@ -420,7 +439,7 @@ def _retrying(phases: _Phases, name: str, fn: Callable[[], Any],
 def _aborted(phases: _Phases, why: str, started: float) -> dict[str, Any]:
     return {"outcome": "aborted: the old build resumed", "reason": why,
             "blackout_wall_s": round(time.monotonic() - started, 6),
-            "modelled_downtime_ns": 0,
+            "modelled_downtime_ns": 0, "downtime_breakdown": {},
             "phases": {p: round(phases.wall.get(p, 0.0), 6) for p in PHASES},
             "counters": {}, "injected": phases.injected}
 

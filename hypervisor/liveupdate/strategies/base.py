@@ -54,6 +54,7 @@ class UpdateSettings:
 
     to_build: str
     sweep_budget_ptes: int  # page-table entries per quantum for work left after resume
+    costs: dict[str, float] = field(default_factory=dict)  # to price work done after resume
 
 
 @dataclass
@@ -94,6 +95,10 @@ class Strategy:
                      staged: StagedState | None) -> Any:
         """Work done while the guests still run; returned as `NewBuild.ahead`."""
         return None
+
+    def ahead_counters(self, ahead: Any) -> dict[str, Any]:
+        """What `before_pause` did, counted (priced by costs.before_pause_ns)."""
+        return {}
 
     def rebuild(self, nb: NewBuild) -> dict[str, Any]:
         """The blackout's typeref phase; returns counters."""

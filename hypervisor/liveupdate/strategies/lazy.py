@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from emulator.paging import ADDR_MASK, P
+from hypervisor.liveupdate.costs import deferred_ns
 from hypervisor.liveupdate.handover import DomainHandover
 from hypervisor.liveupdate.proof import ProofFailed
 from hypervisor.liveupdate.strategies.base import (
@@ -95,6 +96,7 @@ class Lazy(Strategy):
         lazy = lazy_update_of(nb.hv)
         if lazy is None:  # no PV domain: nothing is validated lazily (HVM has no page types)
             report["proof_after_lazy"] = {"ok": True, "problems": [], "domains": 0}
+            report["deferred_work_ns"] = 0
             return
         lazy.resumed()
         problems: list[str] = []
@@ -110,6 +112,7 @@ class Lazy(Strategy):
                                           "domains": len(lazy.domains)}
             counters = lazy.counters(nb.hv)
             report["counters"].update(counters)
+            report["deferred_work_ns"] = deferred_ns(report["counters"], nb.settings.costs)
             ns = counters["shadow_off_virtual_ns"]
             report.setdefault("throughput", {})["during_lazy"] = (
                 round(counters["lazy_period_instructions"] / (ns / 1e6), 1) if ns else None)

@@ -41,6 +41,9 @@ class Prevalidate(Strategy):
         return prevalidate(hv, settings.to_build,
                            staged.frame_table if staged is not None else None)
 
+    def ahead_counters(self, ahead: Prevalidation | None) -> dict[str, Any]:
+        return {} if ahead is None else dict(ahead.counters)
+
     def rebuild(self, nb: NewBuild) -> dict[str, Any]:
         if nb.ahead is None:
             raise StrategyError("strategy prevalidate: nothing was prepared before the pause")
