@@ -172,10 +172,12 @@ def rebuild_from_roots(mem: np.ndarray, frames: FrameTable, domid: int, roots: S
     result = bulk_validate(mem, frames, domid,
                            [x if isinstance(x, Root) else roots[x] for x in order])
     refused = {f.index for f in result.failures}
+    refused_holds = {x.mfn for x in (order[i] for i in refused) if isinstance(x, Root)}
+    blame = _first_reaching(mem, roots, tables, refused_holds)
     failures: dict[int, RootFailure] = {}
     for f in result.failures:
         at = order[f.index]
-        index = at if isinstance(at, int) else _first_reaching(mem, roots, tables, at.mfn)
+        index = at if isinstance(at, int) else blame[at.mfn]
         failures.setdefault(index, RootFailure(index, roots[index], f.rc))
     result.failures = sorted(failures.values(), key=lambda f: f.index)
     typing = PageTyping(frames, mem)
@@ -189,11 +191,17 @@ def rebuild_from_roots(mem: np.ndarray, frames: FrameTable, domid: int, roots: S
 
 
 def _first_reaching(mem: np.ndarray, roots: Sequence[Root],
-                    tables: tuple[np.ndarray, np.ndarray], target: int) -> int:
-    """The first root whose tables hold a linear entry onto `target`."""
-    pt = _Tables(mem, tables)
+                    tables: tuple[np.ndarray, np.ndarray], targets: set[int]) -> dict[int, int]:
+    """For each of `targets`, the first root whose tables hold a linear entry onto it."""
+    first: dict[int, int] = {}
+    pt = _Tables(mem, tables) if targets else None
     for i, root in enumerate(roots):
+        if pt is None or len(first) == len(targets):
+            break
         _, _, dst = pt.reach([root.mfn])
-        if (dst == target).any():
-            return i
-    raise MmError(f"rebuild: no root reaches a linear entry onto mfn {target:#x}")
+        for mfn in targets.intersection(dst.tolist()):
+            first.setdefault(mfn, i)
+    if len(first) < len(targets):
+        raise MmError(f"rebuild: no root reaches a linear entry onto mfn "
+                      f"{min(targets - first.keys()):#x}")
+    return first
