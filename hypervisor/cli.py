@@ -15,11 +15,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     scenario = load_scenario(args.scenario)
     if scenario.updates:  # the scenario's own [[update]]s: the same as `hvlab update`
+        if args.gdb is not None:
+            raise HvlabError(f"{args.scenario}: --gdb is not supported with live updates")
         args.at = args.to = args.strategy = args.fail_at = args.costs = None
         args.corrupt_stream = args.exec_ = False
         return _cmd_update(args)
     trace = sys.stderr if args.trace else None
-    result = run_scenario(scenario, trace=trace, trace_limit=args.trace_limit)
+    result = run_scenario(scenario, trace=trace, trace_limit=args.trace_limit, gdb=args.gdb)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -29,11 +31,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    from hypervisor.runner import run_scenario
-    from hypervisor.scenario import load_scenario
+    from hypervisor.scenario import parse_time
+    from hypervisor.tracing import TraceOptions, parse_registers, trace_scenario
 
-    scenario = load_scenario(args.scenario)
-    run_scenario(scenario, trace=sys.stdout, trace_limit=args.limit)
+    start = 0 if args.from_ in (None, "0") else parse_time(args.from_, "--from")
+    stop = None if args.to is None else parse_time(args.to, "--to")
+    if stop is not None and stop <= start:
+        raise HvlabError("--to must come after --from")
+    if args.limit < 1:
+        raise HvlabError("--limit must be at least 1")
+    options = TraceOptions(domain=args.domain, vcpu=args.vcpu, window=(start, stop),
+                           registers=parse_registers(args.regs), memory=args.mem,
+                           format=args.format)
+    trace_scenario(args.scenario, sys.stdout, args.limit, options, args.rip)
     return 0
 
 
@@ -97,14 +107,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from hypervisor.bench.revalidate import run_revalidate_bench
         from hypervisor.scenario import parse_size
 
-        run_revalidate_bench(parse_size(args.mem, "--mem"), args.build, args.json)
+        run_revalidate_bench(parse_size(args.mem, "--mem"), args.build, args.json,
+                             quiet=args.quiet)
         return 0
     if args.which == "update":
         from hypervisor.bench.update import run_update_bench
 
         if args.repeat < 1:
             raise HvlabError("--repeat must be at least 1")
-        run_update_bench(args.json, sizes=args.sizes, repeat=args.repeat)
+        run_update_bench(args.json, sizes=args.sizes, repeat=args.repeat, quiet=args.quiet)
         return 0
     from hypervisor.bench.emulator import run_bench
 
@@ -120,11 +131,25 @@ def _cmd_image(args: argparse.Namespace) -> int:
     if args.action == "verify":
         verdict = images.image_verify(args.image)
         return 0 if verdict["ok"] else 2
+    if args.action == "frames":
+        from hypervisor.images import frames
+
+        if args.image.endswith(".toml") != (args.at is not None):
+            raise HvlabError("image frames: a scenario (.toml) needs --at T; an image takes "
+                             "no --at")
+        columns = (frames.scenario_frames(args.image, args.at, args.domain) if args.at
+                   else frames.image_frames(args.image))
+        if args.csv:
+            frames.write_csv(columns, sys.stdout)
+        else:
+            json.dump(frames.summary(columns), sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        return 0
     from hypervisor.scenario import parse_size
 
     kind = "hvm" if args.hvm else "pv"
     stats = images.image_make(kind, parse_size(args.mem, "--mem"), args.layout, args.seed,
-                              args.output)
+                              args.output, quiet=args.quiet)
     if args.json:
         json.dump(stats, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
@@ -168,12 +193,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trace", action="store_true",
                      help="also print disassembled execution to stderr")
     run.add_argument("--trace-limit", type=int, default=10_000, metavar="N")
+    run.add_argument("--gdb", metavar="HOST:PORT",
+                     help="wait for gdb (target remote HOST:PORT) before the first instruction; "
+                          "port 0 picks a free one")
     run.set_defaults(func=_cmd_run)
 
     trace = sub.add_parser("trace", help="print disassembled execution per vCPU")
     trace.add_argument("scenario")
     trace.add_argument("--limit", type=int, default=2_000, metavar="N",
                        help="stop after N trace lines (default 2000)")
+    trace.add_argument("--domain", help="only this domain's vCPUs")
+    trace.add_argument("--vcpu", type=int, metavar="N", help="only vCPU N (of each domain)")
+    trace.add_argument("--rip", metavar="LO-HI",
+                       help="only instructions in this range (inclusive); numbers or guest "
+                            "symbols, or one symbol for all of it, e.g. check_value")
+    trace.add_argument("--from", dest="from_", metavar="T", help="virtual time to start at")
+    trace.add_argument("--to", metavar="T", help="virtual time to stop at")
+    trace.add_argument("--regs", metavar="LIST", help="registers to show, e.g. rax,rdi,rsp")
+    trace.add_argument("--mem", action="store_true",
+                       help="show the data addresses each instruction accesses")
+    trace.add_argument("--format", choices=["text", "jsonl"], default="text")
     trace.set_defaults(func=_cmd_trace)
 
     save = sub.add_parser("save", help="run a scenario to a time, then save one domain")
@@ -204,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (ratios measured in one run)")
     bench.add_argument("which", choices=["emulator", "revalidate", "update"])
     bench.add_argument("--json", action="store_true")
+    bench.add_argument("--quiet", action="store_true", help="no progress on stderr")
     bench.add_argument("--mem", default="1G", help="revalidate: guest memory (default 1G)")
     bench.add_argument("--build", default="4.19", help="revalidate: the build's layout")
     bench.add_argument("--sizes", default="1G,4G,16G,64G",
@@ -220,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     verify = image_sub.add_parser("verify", help="structure and page-table validity")
     verify.add_argument("image")
+    frames = image_sub.add_parser("frames", help="per-frame type state (restored, or a "
+                                  "scenario's domain at --at T)")
+    frames.add_argument("image", help="an image, or a scenario (.toml) with --at")
+    frames.add_argument("--at", help="scenario: virtual time to read the frames at, e.g. 2ms")
+    frames.add_argument("--domain", help="scenario: the domain (if it has several)")
+    frames.add_argument("--csv", action="store_true",
+                        help="one CSV row per frame: pfn, mfn, type, type_count, pinned, "
+                             "validated, general_count (else a JSON summary)")
     make = image_sub.add_parser("make", help="generate a large guest image")
     kind = make.add_mutually_exclusive_group(required=True)
     kind.add_argument("--pv", action="store_true")
@@ -230,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--seed", type=int, default=1)
     make.add_argument("-o", "--output", required=True)
     make.add_argument("--json", action="store_true")
+    make.add_argument("--quiet", action="store_true", help="no progress on stderr")
     image.set_defaults(func=_cmd_image)
 
     lab = sub.add_parser("lab", help="graded teaching labs (scenarios/labs)")
@@ -246,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fast", action="store_true",
                       help="no pauses (also when stdout is not a terminal)")
     demo.set_defaults(func=_cmd_demo)
+
+    from hypervisor.teaching import inspect
+
+    inspect.register(sub)
+
+    from hypervisor.research.cli import register as register_research
+
+    register_research(sub)
     return parser
 
 
