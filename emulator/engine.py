@@ -21,11 +21,19 @@ cope (measured; docs/design.md §2):
   every fault we reload a pristine context and write the registers back.
 - `cpuid`, `in`, `out`, `rdtsc`, `rdtscp` are answered synchronously inside
   their hooks by the exit handler given from above (rdtsc returns virtual time).
+- Ring 3 (the Xen PV ABI, guest kernel and user both at CPL 3): writing CS/SS
+  changes the selector only, never the CPL, so `enter_ring3` executes one
+  `iretq` from a private CPL-0 page and keeps that CPL-3 context as the
+  pristine one its fault scrubs reload. At CPL 3 wrmsr, rdmsr, cli, sti, hlt,
+  mov CR, invlpg, swapgs fault with #GP at the instruction; in/out never fault
+  (the port hooks answer them). A hooked `syscall` moves RIP past itself and
+  writes neither rcx nor r11: it becomes a `Syscall` exit.
 """
 
 from __future__ import annotations
 
 import ctypes
+import struct
 from collections.abc import Callable
 from typing import Protocol
 
@@ -64,6 +72,7 @@ from emulator.exits import (
     InvalidOpcode,
     MmuFault,
     PortIO,
+    Syscall,
 )
 from emulator.memory import HostMemory
 from emulator.native_counter import NativeCounter
@@ -88,6 +97,12 @@ _REG = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in (
     "cs", "ss", "ds", "es", "fs", "gs", "fs_base", "gs_base", "mxcsr",
 )} | {f"xmm{i}": X.UC_X86_REG_XMM0 + i for i in range(16)}
 _EFER_MSR = 0xC000_0080
+# A page of the engine's own, outside host memory, holding the `iretq` that
+# loads CPL 3; mapped at a virtual address no guest translation can use
+# (inside the hypervisor's reserved L4 slots) and only while it runs.
+RING3_ENTRY_VA = 0xFFFF_87FF_FFFF_F000
+_IRETQ = b"\x48\xcf"
+_RING0_CS, _RING0_SS = 0x08, 0x10
 _KERNEL_GS_BASE_MSR = 0xC000_0102
 
 # Everything a fault scrub must carry over (order matters: control state
@@ -144,6 +159,9 @@ class PhysicalCpu:
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
         self._add_rdtsc_hooks()
         self._pristine = uc.context_save()
+        self._pristine_ring3 = None  # the CPL-3 context, once `enter_ring3` made it
+        self._entry_ma = -(-memory.size // 0x1000) * 0x1000
+        self._entering_ring3 = False
         self.tsc: Callable[[], int] = lambda: 0
 
     def _add_rdtsc_hooks(self) -> None:
@@ -222,6 +240,9 @@ class PhysicalCpu:
 
     def _on_tlb_fill(self, uc: Uc, vaddr: int, access: int, entry, _ud) -> bool:
         kind = FETCH if access == UC_MEM_FETCH else WRITE if access == UC_MEM_WRITE else READ
+        if self._entering_ring3 and vaddr >> 12 == RING3_ENTRY_VA >> 12:
+            entry.paddr, entry.perms = self._entry_ma, PERM_R | PERM_X
+            return True
         self.tlb_fills += 1
         result = self.mmu.translate(vaddr, kind) if self.mmu is not None else None
         if result is None:
@@ -240,6 +261,11 @@ class PhysicalCpu:
             self._exit = InvalidOpcode(rip)
         uc.emu_stop()
         return True
+
+    def _on_syscall(self, uc: Uc, _ud) -> None:
+        # RIP is still the instruction here; unicorn moves past it when the run stops
+        self._exit = Syscall(uc.reg_read(X.UC_X86_REG_RIP))
+        uc.emu_stop()
 
     def _on_interrupt(self, uc: Uc, vector: int, _ud) -> None:
         rip = uc.reg_read(X.UC_X86_REG_RIP)
@@ -297,6 +323,38 @@ class PhysicalCpu:
         uc.reg_write(X.UC_X86_REG_RDX, tsc >> 32)
         return 1  # skip unicorn's host-derived TSC
 
+    # ------------------------------------------------------- quirk: CPL 3
+    def enter_ring3(self, rip: int, rsp: int, rflags: int, cs: int, ss: int) -> None:
+        """Load CPL 3 at `cs:rip`, `ss:rsp` (the GDT must already describe cs and ss).
+
+        Unicorn keeps the CPL when CS is written, so one `iretq` runs from the
+        engine's private page; the context it leaves is kept as the pristine
+        CPL-3 state that later fault scrubs reload. `syscall` becomes an exit.
+        """
+        if self._pristine_ring3 is None:
+            self.uc.mem_map(self._entry_ma, 0x1000, UC_PROT_READ | UC_PROT_EXEC)
+            self.uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
+        frame = struct.pack("<5Q", rip, cs, rflags, rsp, ss)
+        self.uc.mem_write(self._entry_ma, _IRETQ.ljust(0x100, b"\xcc") + frame)
+        self.uc.reg_write(X.UC_X86_REG_CS, _RING0_CS)
+        self.uc.reg_write(X.UC_X86_REG_SS, _RING0_SS)
+        self.uc.reg_write(X.UC_X86_REG_RSP, RING3_ENTRY_VA + 0x100)
+        self.uc.reg_write(X.UC_X86_REG_RIP, RING3_ENTRY_VA)
+        self._entering_ring3 = True
+        self.flush_tlb()
+        try:
+            exit_ = self.run(1)
+        finally:
+            self._entering_ring3 = False
+            self.flush_tlb()
+        if not isinstance(exit_, BudgetExhausted) or self.reg("rip") != rip:
+            raise RuntimeError(f"entering ring 3 at {rip:#x} failed: {exit_}")
+        self._pristine_ring3 = self.uc.context_save()
+
+    @property
+    def in_ring3(self) -> bool:
+        return self._pristine_ring3 is not None and self.uc.reg_read(X.UC_X86_REG_CS) & 3 == 3
+
     # ----------------------------------------------------- quirk: #DF promotion
     def _scrub_exception_state(self) -> None:
         """Forget unicorn's record of the last fault so the next one is not a #DF."""
@@ -306,7 +364,8 @@ class PhysicalCpu:
         kgs = self.uc.reg_read(X.UC_X86_REG_MSR, _KERNEL_GS_BASE_MSR)
         gdtr = self.uc.reg_read(X.UC_X86_REG_GDTR)
         idtr = self.uc.reg_read(X.UC_X86_REG_IDTR)
-        self.uc.context_restore(self._pristine)
+        ring3 = self.in_ring3
+        self.uc.context_restore(self._pristine_ring3 if ring3 else self._pristine)
         self.uc.reg_write(X.UC_X86_REG_MSR, (_EFER_MSR, efer))
         for name in _SCRUB_CONTROL:
             self.uc.reg_write(_REG[name], regs[name])
