@@ -10,6 +10,7 @@ import unicorn
 
 from emulator.memory import HostMemory
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
+from hypervisor.pv.linux.domain import create_linux_domain, uses_xen_abi
 from hypervisor.scenario import Scenario, ScenarioError
 from hypervisor.tracing import Tracer
 
@@ -31,6 +32,12 @@ def boot_scenario(scenario: Scenario, build: str | None = None,
         elif spec.type == "hvm":
             hv.create_hvm_domain(spec.name, str(spec.kernel), spec.memory, spec.vcpus,
                                  pod=spec.pod, sources=spec.sources)
+        elif uses_xen_abi(spec.kernel):  # Linux: Xen's PV ABI at CPL 3
+            create_linux_domain(hv, spec.name, spec.kernel, spec.memory, spec.vcpus,
+                                spec.cmdline, spec.busybox)
+        elif spec.cmdline or spec.busybox:
+            raise ScenarioError(f"{scenario.path} domain '{spec.name}': 'cmdline' and "
+                                "'busybox' are for kernels on Xen's PV ABI (Linux)")
         else:
             hv.create_pv_domain(spec.name, str(spec.kernel), spec.memory, spec.vcpus)
     return hv

@@ -35,6 +35,7 @@ from hypervisor.mm.frametable import DOMID_INVALID, FrameTable
 from hypervisor.mm.typerefs import PageTyping
 from hypervisor.pv.builder import build_pv_memory
 from hypervisor.pv.mmu import GDT_VA, PvMmu
+from hypervisor.pv.xen.support import XenPvSupport
 from hypervisor.stream.vcpu_context import VcpuGuestContext
 
 if TYPE_CHECKING:
@@ -135,6 +136,7 @@ class Hypervisor:
         self.scheduler = Scheduler(machine.pcpus)
         self.dispatcher = ExitDispatcher(self)
         self.hvm = HvmSupport(self)  # HVM domains: builder, entry path, exits, reports
+        self.xen_pv = XenPvSupport(self)  # CPL-3 PV domains: Xen's pages, exits, upcalls
         self.now = 0  # virtual ns at the start of the current slice
         self.exits: Counter[str] = Counter()
         self.tracer: Tracer | None = None
