@@ -1,7 +1,7 @@
 """The CPUID a CPL-3 PV guest sees: unicorn's CPU model, masked as Xen masks it for a PV domU.
 
-Hidden: PSE and PSE36 (a PV guest maps 4 KiB pages only), XSAVE/OSXSAVE (the FPU then uses FXSAVE, which unicorn runs), MCE and
-MCA (a #GP in the MCE code panics Linux), FSGSBASE and SMEP (the kernel
+Hidden: PSE and PSE36 (a PV guest maps 4 KiB pages only), XSAVE/OSXSAVE
+(the FPU then uses FXSAVE, which unicorn runs), MCE and MCA (a #GP in the MCE code panics Linux), FSGSBASE and SMEP (the kernel
 would use them at CPL 3), RDRAND (not deterministic). Xen's leaves sit at
 0x40000000 with the "XenVMMXenVMM" signature. Every answer is a constant:
 never the host's.
@@ -17,7 +17,7 @@ BRAND = b"hvlab virtual CPU (unicorn)".ljust(48, b"\0")
 
 XEN_VERSION = (4 << 16) | 19
 LEAF1_ECX = 0xCED8_2203 & ~((1 << 26) | (1 << 27) | (1 << 30)) | (1 << 31)
-LEAF1_EDX = 0x078B_FBFD & ~((1 << 3) | (1 << 7) | (1 << 14) | (1 << 17))  # no PSE, PSE36: no superpages for PV
+LEAF1_EDX = 0x078B_FBFD & ~((1 << 3) | (1 << 7) | (1 << 14) | (1 << 17))
 LEAF7_EBX = 0x389 & ~((1 << 0) | (1 << 7))
 
 
