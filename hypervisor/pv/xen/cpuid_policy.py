@@ -2,8 +2,9 @@
 
 Hidden: PSE and PSE36 (a PV guest maps 4 KiB pages only), XSAVE/OSXSAVE
 (the FPU then uses FXSAVE, which unicorn runs), MCE and MCA (a #GP in the
-MCE code panics Linux), FSGSBASE and SMEP (the kernel would use them at CPL 3), RDRAND (not deterministic). Xen's leaves sit at
-0x40000000 with the "XenVMMXenVMM" signature. Every answer is a constant:
+MCE code panics Linux), FSGSBASE and SMEP (the kernel would use them at
+CPL 3), RDRAND (not deterministic). Xen's leaves sit at 0x40000000 with the
+"XenVMMXenVMM" signature. Every answer is a constant:
 never the host's.
 """
 
