@@ -63,6 +63,7 @@ from hypervisor.liveupdate.strategies import base as strategies
 from hypervisor.liveupdate.strategies.lazy import stage_typing, start_lazy
 from hypervisor.mm.incremental import IncrementalTyping
 from hypervisor.pv.restore import install_domain
+from hypervisor.seams import HVLAB_OWN, Seams
 
 PHASES = ("pause", "save", "teardown", "restore", "typerefs", "resume")
 
@@ -102,6 +103,9 @@ def check_plan(hv: Hypervisor, plan: UpdatePlan) -> None:
         raise UpdateError(f"--fail-at {plan.fail_at}: phases are {', '.join(PHASES)}")
     if plan.strategy == "transfer":
         strategies.translator_for(hv.build, plan.to_build)
+    if plan.exec_new_process and hv.seams.plugged:
+        raise UpdateError("--exec: a lab's code plugged into this build cannot cross into a "
+                          "new process")
     for dom in hv.domains:
         if dom.kind not in ("pv", "hvm"):
             raise UpdateError(f"domain {dom.name}: live update of {dom.kind} domains is not "
@@ -206,6 +210,7 @@ class Blackout:
     old_build: str
     started: float  # time.monotonic(): system-wide, comparable across processes
     staged: StagedBuild | None = None  # made before the pause, in this process
+    seams: Seams = HVLAB_OWN  # a lab's code plugged into the old build goes on in the new
 
 
 def live_update(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared | None = None,
@@ -281,7 +286,7 @@ def _blackout(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared, phases: _Pha
     blackout = Blackout(
         plan, phases, counters, report, prepared.workdir, before, prepared.prevalidation,
         changed_domains(hv), [frames_in_use(d) for d in hv.domains],
-        hv.machine, hv.now, hv.build, started, prepared.staged)
+        hv.machine, hv.now, hv.build, started, prepared.staged, hv.seams)
     memory = hv.memory
     _retrying(phases, "teardown", hv.teardown)
     if handoff is not None:
@@ -303,7 +308,8 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
         typing.update(staged.typing if staged is not None else {})
         new = Hypervisor(bo.machine, plan.to_build, memory,
                          in_use=[f for d, f in enumerate(bo.in_use) if d not in claimed],
-                         staged=staged.tables if staged is not None else None)
+                         staged=staged.tables if staged is not None else None,
+                         seams=bo.seams)
         new.now = bo.now
         handovers = read_handover(bo.workdir, staged.sent if staged is not None else None)
         # what was sent ahead but could not be staged before the pause (costs.py)
