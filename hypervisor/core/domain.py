@@ -44,6 +44,7 @@ class Domain:
     time_offset: int = 0
     hvm: HvmDomain | None = None  # P2M/EPT, layout, EPT violation counts (HVM only)
     backends: Backends | None = None  # console ring and xenstore of a Linux PV domain
+    kernel_file: str = ""  # Linux PV: the kernel file that was booted (its real name)
 
     @property
     def nr_pages(self) -> int:

@@ -91,7 +91,8 @@ def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memo
                          f"({errno_name(rc)})")
     layout = built.layout
     dom = Domain(domid, name, "pv", p2m, shared_info,
-                 start_info_va=layout.va(layout.start_info_pfn), virt_base=layout.virt_base)
+                 start_info_va=layout.va(layout.start_info_pfn), virt_base=layout.virt_base,
+                 kernel_file=Path(kernel_path).resolve().name)
     page = hv.memory.frame_u8(shared_info)
     init_shared_info(page)
     for vid in range(vcpus):  # pvclock: a 1 GHz TSC that counts virtual ns (mul 2^31, shift 1)
