@@ -143,3 +143,22 @@ def test_only_kernels_without_a_hypercall_page_take_xen_abi(tmp_path):
     path.write_bytes(kernel_elf(b"\xf4"))
     assert uses_xen_abi(path)
     assert not uses_xen_abi("scenarios/guests/pv_hello.elf")
+
+
+def test_the_direct_walk_agrees_with_the_reference_walk(tmp_path):
+    from emulator.paging import walk, walk_direct
+
+    hv = boot(tmp_path, bytes.fromhex("f4"))
+    root = hv.domains[0].vcpus[0].roots.kernel_ma
+    view = memoryview(hv.memory.u64)
+    base = hv.domains[0].virt_base
+    for va in (base, base + 0x201000, base + 0x3FF000, base + 0x7FF000, 0x1000,
+               0xFFFF_8000_0000_0000, 0x0000_8000_0000_0000):
+        for access in ("read", "write", "fetch"):
+            before = hv.memory.u64.copy()
+            ref = walk(hv.memory.u64, root, va, access)
+            after_ref = hv.memory.u64.copy()
+            hv.memory.u64[:] = before
+            fast = walk_direct(view, root, va, access)
+            assert fast == ref, (hex(va), access)
+            assert (hv.memory.u64 == after_ref).all()
