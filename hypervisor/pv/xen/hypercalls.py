@@ -358,6 +358,16 @@ def console_io(hv: Hypervisor, v: Vcpu, cmd: int, count: int, buf: int, *_: int)
     return core.console_io(hv, v, cmd, count, buf)
 
 
+def sched_op(hv: Hypervisor, v: Vcpu, cmd: int, arg: int, *rest: int) -> int:
+    """As hvlab's core, except that SCHEDOP_shutdown's argument is Xen's: the reason only
+    (hvlab's own guests append a verdict code; a Linux guest's next word is not one)."""
+    if cmd == core.SCHEDOP_SHUTDOWN:
+        reason = struct.unpack("<I", hv.copy_from_guest(v, arg, 4))[0]
+        hv.shutdown_domain(v.domain, reason, 0)
+        return 0
+    return core.sched_op(hv, v, cmd, arg, *rest)
+
+
 def grant_table_op(hv: Hypervisor, v: Vcpu, *_: int) -> int:
     return -ENOSYS  # no grant table: Linux runs without one
 
@@ -383,7 +393,7 @@ TABLE: dict[int, tuple[str, Handler]] = {
     core.HYPERVISOR_VCPU_OP: ("vcpu_op", vcpu_op),
     HYPERVISOR_SET_SEGMENT_BASE: ("set_segment_base", set_segment_base),
     core.HYPERVISOR_MMUEXT_OP: ("mmuext_op", mmuext_op),
-    core.HYPERVISOR_SCHED_OP: ("sched_op", core.sched_op),
+    core.HYPERVISOR_SCHED_OP: ("sched_op", sched_op),
     HYPERVISOR_CALLBACK_OP: ("callback_op", callback_op),
     HYPERVISOR_EVENT_CHANNEL_OP: ("event_channel_op", event_channel_op),
     HYPERVISOR_PHYSDEV_OP: ("physdev_op", physdev_op),

@@ -58,7 +58,7 @@ class Asm:
     def shutdown(self, reason: int = 0) -> Asm:
         self.emit("b8").imm32(29).emit("bf").imm32(2).emit("488d35").rip_rel("reason")
         self.emit("0f05")
-        return self.label("reason").imm32(reason).imm32(0)
+        return self.label("reason").imm32(reason).imm32(0xDEAD)  # not a code: Xen ignores it
 
     def bytes(self) -> bytes:
         out = bytearray(self.code)

@@ -34,6 +34,7 @@ def test_a_kernel_runs_at_cpl3_with_xen_selectors_and_emulated_priv_ops(tmp_path
     assert hv.run(10_000_000) == "shutdown"
     assert dom.console_text() == MSG.decode()
     assert dom.shutdown is not None and dom.shutdown.reason == "poweroff"
+    assert dom.shutdown.code == 0  # Xen's sched_shutdown has the reason only
     assert cpu.reg("gs_base") == 0x1234_5000
     assert cpu.reg("r13") == struct.unpack("<I", b"XenV")[0]
     assert cpu.reg("r12") == 0x620
