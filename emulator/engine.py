@@ -59,6 +59,7 @@ from unicorn import (
     UcError,
 )
 from unicorn import x86_const as X
+from unicorn.unicorn_py3.unicorn import uclib
 
 from emulator.disasm import data_addresses
 from emulator.exits import (
@@ -96,6 +97,11 @@ _REG = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in (
     *GPRS, "rip", "rflags", "cr0", "cr2", "cr3", "cr4",
     "cs", "ss", "ds", "es", "fs", "gs", "fs_base", "gs_base", "mxcsr",
 )} | {f"xmm{i}": X.UC_X86_REG_XMM0 + i for i in range(16)}
+# Registers read and written as plain u64 straight through the C API: the
+# binding's own reg_read/reg_write spend most of their ~4 us choosing a
+# value class; a CPL-3 PV boot touches registers a few million times.
+_U64_REGS = {name: _REG[name] for name in (*GPRS, "rip", "rflags", "fs_base", "gs_base",
+                                           "cr0", "cr2", "cr3", "cr4")}
 _EFER_MSR = 0xC000_0080
 # A page of the engine's own, outside host memory, holding the `iretq` that
 # loads CPL 3; mapped at a virtual address no guest translation can use
@@ -143,6 +149,8 @@ class PhysicalCpu:
         uc.ctl_exits_enabled(True)
         uc.ctl_set_exits([])
         self.uc = uc
+        self._u64 = ctypes.c_uint64()  # the buffer of the direct register path
+        self._u64_ref = ctypes.byref(self._u64)
         self.mmu: Mmu | None = None
         self.sync_exit: SyncExitHandler = lambda exit_: False
         self._exit: Exit | None = None
@@ -406,12 +414,24 @@ class PhysicalCpu:
 
     # --------------------------------------------------------------- registers
     def reg(self, name: str) -> int:
+        reg_id = _U64_REGS.get(name)
+        if reg_id is not None:
+            rc = uclib.uc_reg_read(self.uc._uch, reg_id, self._u64_ref)
+            if rc:
+                raise UcError(rc)
+            return self._u64.value
         if name == "efer":
             return self.uc.reg_read(X.UC_X86_REG_MSR, _EFER_MSR)
         return self.uc.reg_read(_REG[name])
 
     def set_reg(self, name: str, value: int) -> None:
-        if name == "efer":
+        reg_id = _U64_REGS.get(name)
+        if reg_id is not None:
+            self._u64.value = value
+            rc = uclib.uc_reg_write(self.uc._uch, reg_id, self._u64_ref)
+            if rc:
+                raise UcError(rc)
+        elif name == "efer":
             self.uc.reg_write(X.UC_X86_REG_MSR, (_EFER_MSR, value))
         else:
             self.uc.reg_write(_REG[name], value)

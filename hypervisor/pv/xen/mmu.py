@@ -13,9 +13,9 @@ Xen's reserved range (L4 slots 256-271) shows the guest two things:
 
 from __future__ import annotations
 
-from emulator.engine import PERM_R
+from emulator.engine import PERM_R, PERM_W, PERM_X
 from emulator.memory import HostMemory
-from emulator.paging import Translation, WalkFault, walk_direct
+from emulator.paging import Translation, WalkFault, fill_direct, walk_direct
 from hypervisor.pv.mmu import HYPERVISOR_END, HYPERVISOR_START, PvMmu
 
 RO_MPT_VIRT_START = 0xFFFF_8000_0000_0000
@@ -42,7 +42,15 @@ class XenAbiMmu(PvMmu):
                                             | (16 if access == "fetch" else 0), 4)
                 return None
             return ma, PERM_R
-        return super().translate(gva, access)
+        if self.lazy is not None:
+            return super().translate(gva, access)
+        self.fills += 1
+        result = fill_direct(self._u64, self.active_root, gva, access)
+        if isinstance(result, WalkFault):
+            self.last_fault = result
+            return None
+        ma, writable, executable, dirty = result  # as PvMmu's perms: W once dirty
+        return ma, PERM_R | (PERM_W if writable and dirty else 0) | (PERM_X if executable else 0)
 
     def _xen_page(self, gva: int) -> int | None:
         page = (gva - RO_MPT_VIRT_START) >> 12

@@ -147,9 +147,11 @@ def test_only_kernels_without_a_hypercall_page_take_xen_abi(tmp_path):
 
 
 def test_the_direct_walk_agrees_with_the_reference_walk(tmp_path):
-    from emulator.paging import walk, walk_direct
+    from emulator.paging import WalkFault, walk, walk_direct
+    from hypervisor.pv.mmu import _perms
 
     hv = boot(tmp_path, bytes.fromhex("f4"))
+    mmu = hv.domains[0].vcpus[0].mmu
     root = hv.domains[0].vcpus[0].roots.kernel_ma
     view = memoryview(hv.memory.u64)
     base = hv.domains[0].virt_base
@@ -163,3 +165,8 @@ def test_the_direct_walk_agrees_with_the_reference_walk(tmp_path):
             fast = walk_direct(view, root, va, access)
             assert fast == ref, (hex(va), access)
             assert (hv.memory.u64 == after_ref).all()
+            hv.memory.u64[:] = before
+            filled = mmu.translate(va, access)  # the fill path: PvMmu's permissions
+            if va < 0xFFFF_8000_0000_0000 or va >= 0xFFFF_8800_0000_0000:
+                expected = None if isinstance(ref, WalkFault) else (ref.ma, _perms(ref))
+                assert filled == expected, (hex(va), access)
