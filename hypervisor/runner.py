@@ -36,7 +36,7 @@ def boot_scenario(scenario: Scenario, build: str | None = None,
         elif spec.type == "hvm":
             hv.create_hvm_domain(spec.name, str(spec.kernel), spec.memory, spec.vcpus,
                                  pod=spec.pod, sources=spec.sources)
-        elif uses_xen_abi(spec.kernel):  # Linux: Xen's PV ABI at CPL 3
+        elif spec.kernel is not None and uses_xen_abi(spec.kernel):  # Linux: Xen's ABI
             create_linux_domain(hv, spec.name, spec.kernel, spec.memory, spec.vcpus,
                                 spec.cmdline, spec.busybox)
         elif spec.cmdline or spec.busybox:
@@ -102,7 +102,7 @@ def describe(hv: Hypervisor, scenario: Scenario, stop: str, wall_s: float) -> di
 def describe_xen_pv(d: Domain) -> dict[str, Any]:
     """The kernel file, and what Xen's CPL-3 ABI did for the domain (summed over vCPUs)."""
     hypercalls: Counter[str] = Counter()
-    totals = Counter()
+    totals: Counter[str] = Counter()
     for v in d.vcpus:
         assert v.xen is not None
         hypercalls.update(v.xen.hypercalls)

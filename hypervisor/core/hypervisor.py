@@ -265,6 +265,10 @@ class Hypervisor:
         """Give a (restored) vCPU its architectural state."""
         self._start_vcpu(v, registers, base_ma)
 
+    def domain_events(self, domid: int) -> EventChannels | None:
+        """The event channels of live domain `domid` (an interdomain peer), or None."""
+        return self._domain_evtchn(domid)
+
     def _domain_evtchn(self, domid: int) -> EventChannels | None:
         if 0 <= domid < len(self.domains) and self.domains[domid].alive:
             return self.domains[domid].evtchn

@@ -111,7 +111,7 @@ def mmuext_op(hv: Hypervisor, v: Vcpu, ops: int, count: int, done_ptr: int, fore
         if word0 & 0xFFFF_FFFF == MMUEXT_SET_LDT:
             rc = 0 if arg2 == 0 else -ENOSYS  # a non-empty LDT is not modelled
         else:
-            rc, _ = do_mmuext_op(ctx, [[word0, arg1, arg2]], foreigndom & 0xFFFF_FFFF)
+            rc, _done = do_mmuext_op(ctx, [[word0, arg1, arg2]], foreigndom & 0xFFFF_FFFF)
         if rc:
             break
         done = i + 1
@@ -127,7 +127,7 @@ def update_va_mapping(hv: Hypervisor, v: Vcpu, va: int, val: int, flags: int,
     if entry_ma is None:
         return -EINVAL
     hv.before_page_table_hypercall(v.domain)
-    rc, _ = do_mmu_update(VcpuMmuContext(hv, v), [[entry_ma | MMU_NORMAL_PT_UPDATE, val]])
+    rc, _done = do_mmu_update(VcpuMmuContext(hv, v), [[entry_ma | MMU_NORMAL_PT_UPDATE, val]])
     if rc == 0 and flags & UVMF_FLUSHTYPE_MASK:
         _cpu(hv, v).flush_tlb()
     return rc
@@ -150,12 +150,12 @@ def multicall(hv: Hypervisor, v: Vcpu, calls: int, count: int, *_: int) -> int:
         return -EINVAL
     for i in range(count):
         at = calls + i * MULTICALL_ENTRY.size
-        op, _result, *args = MULTICALL_ENTRY.unpack(hv.copy_from_guest(v, at,
-                                                                       MULTICALL_ENTRY.size))
-        if op in (HYPERVISOR_MULTICALL, HYPERVISOR_IRET):
+        number, _result, *args = MULTICALL_ENTRY.unpack(hv.copy_from_guest(
+            v, at, MULTICALL_ENTRY.size))
+        if number in (HYPERVISOR_MULTICALL, HYPERVISOR_IRET):
             result = -EINVAL
         else:
-            result = call(hv, v, op, tuple(args[:5]))
+            result = call(hv, v, number, tuple(args[:5]))
         hv.copy_to_guest(v, at + 8, struct.pack("<q", result))
         if not v.domain.alive:
             break

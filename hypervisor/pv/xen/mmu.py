@@ -31,7 +31,7 @@ class XenAbiMmu(PvMmu):
         self.m2p_mas = m2p_mas  # machine addresses of the read-only M2P's pages
         self.user_mode = False
         self.guest_gdt: tuple[int, ...] = ()  # mfns of set_gdt's frames
-        self._u64 = memoryview(memory.u64)  # Python ints, fast (the fill path)
+        self._u64 = memoryview(memory.u64)  # type: ignore[arg-type]  # Python ints, fast
 
     def translate(self, gva: int, access: str) -> tuple[int, int] | None:
         if HYPERVISOR_START <= gva < HYPERVISOR_END:

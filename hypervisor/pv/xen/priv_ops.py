@@ -17,6 +17,7 @@ from capstone import x86_const as cx
 from emulator.disasm import _decoder
 from emulator.engine import GuestMemoryFault, PhysicalCpu
 from hypervisor.pv.xen.cpuid_policy import cpuid
+from hypervisor.pv.xen.hypercalls import new_baseptr
 from hypervisor.pv.xen.state import CR0_GUEST, CR0_TS, XenVcpu
 
 if TYPE_CHECKING:
@@ -136,11 +137,11 @@ def _emulate_insn(hv: Hypervisor, cpu: PhysicalCpu, v: Vcpu, x: XenVcpu, insn) -
         value = (cpu.reg("rdx") & 0xFFFF_FFFF) << 32 | cpu.reg("rax") & 0xFFFF_FFFF
         return DONE if write_msr(cpu, v, x, index, value) else INJECT_GP
     if m == "rdmsr":
-        value = read_msr(cpu, x, cpu.reg("rcx") & 0xFFFF_FFFF)
-        if value is None:
+        msr = read_msr(cpu, x, cpu.reg("rcx") & 0xFFFF_FFFF)
+        if msr is None:
             return INJECT_GP
-        cpu.set_reg("rax", value & 0xFFFF_FFFF)
-        cpu.set_reg("rdx", value >> 32)
+        cpu.set_reg("rax", msr & 0xFFFF_FFFF)
+        cpu.set_reg("rdx", msr >> 32)
         return DONE
     if m in ("cli", "sti"):
         # no-ops for a kernel with virtual IOPL >= 1 (the event mask is the guest's IF)
@@ -151,10 +152,10 @@ def _emulate_insn(hv: Hypervisor, cpu: PhysicalCpu, v: Vcpu, x: XenVcpu, insn) -
         dst, src = (insn.reg_name(op.reg) if op.type == cx.X86_OP_REG else None
                     for op in insn.operands)
         if src and src.startswith("cr") and dst in SUBREGISTERS:
-            value = _read_cr(hv, v, x, src)
-            if value is None:
+            cr = _read_cr(hv, v, x, src)
+            if cr is None:
                 return f"mov from {src} not emulated"
-            write_operand_reg(cpu, dst, value)
+            write_operand_reg(cpu, dst, cr)
             return DONE
         if dst and dst.startswith("cr") and src in SUBREGISTERS:
             return _write_cr(hv, cpu, v, x, dst, read_operand_reg(cpu, src))
@@ -196,8 +197,6 @@ def _write_cr(hv: Hypervisor, cpu: PhysicalCpu, v: Vcpu, x: XenVcpu, name: str,
         x.cr0_ts = bool(value & CR0_TS)
         return DONE
     if name == "cr3":
-        from hypervisor.pv.xen.hypercalls import new_baseptr
-
         return DONE if new_baseptr(hv, v, value >> 12) == 0 else INJECT_GP
     if name == "cr4":
         x.cr4 = value
