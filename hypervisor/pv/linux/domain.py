@@ -4,8 +4,9 @@ The kernel file (a bzImage or its ELF) is placed by its Xen notes; the
 start of day is Xen's (layout.py), pinned through hvlab's typerefs; the
 shared_info page is a hypervisor frame the domain owns (Xen's
 share_xen_page_with_guest), mapped by the guest itself through the machine
-address start_info gives it. The console ring's event channel is port 1;
-xenstore is absent (store_evtchn 0: Linux then runs without a store).
+address start_info gives it. The console ring's event channel is port 1,
+xenstore's port 2 (an in-memory store on the ring, xenstore.py); both
+backends run when the guest sends on an event channel and after every slice.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from hypervisor.pv.linux.initramfs import build_initramfs_file
 from hypervisor.pv.linux.kernel_image import KernelImageError, read_kernel_elf
 from hypervisor.pv.linux.layout import build_start_of_day, init_shared_info
 from hypervisor.pv.linux.xen_notes import KernelLoadPlan, XenNotesError, plan_kernel_load
+from hypervisor.pv.linux.xenstore import Xenstore
 from hypervisor.pv.xen.mmu import XenAbiMmu
 from hypervisor.pv.xen.state import XenVcpu
 
-CONSOLE_EVTCHN = 1  # the first port: allocated before the guest runs
-STORE_EVTCHN = 0  # no xenstore
+CONSOLE_EVTCHN = 1  # the ports the backends use, allocated before the guest runs
+STORE_EVTCHN = 2
 VCPU_TIME_OFFSET = 32
 BZIMAGE_MAGIC_OFFSET, BZIMAGE_MAGIC = 0x202, b"HdrS"
 
@@ -63,6 +65,15 @@ def load_plan(kernel_path: str | Path) -> KernelLoadPlan:
         raise
     except (OSError, ValueError) as err:
         raise HvlabError(f"kernel {kernel_path}: {err}") from None
+
+
+def toolstack_nodes(name: str, domid: int, memory: int, vcpus: int) -> dict[str, bytes]:
+    """What xl writes under /local/domain/<id> before the guest runs (relative paths)."""
+    kib = str(memory // 1024).encode()
+    nodes = {"name": name.encode(), "domid": str(domid).encode(), "memory/target": kib,
+             "memory/static-max": kib}
+    nodes.update({f"cpu/{i}/availability": b"online" for i in range(vcpus)})
+    return nodes
 
 
 def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memory: int,
@@ -100,12 +111,16 @@ def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memo
         page[at:at + 32] = np.frombuffer(struct.pack("<IIQQIbB2x", 2, 0, 0, 0, 0x8000_0000, 1,
                                                      0), np.uint8)
     dom.evtchn = EventChannels(domid, vcpus, page, kick=dom.wake_vcpu,
-                               peer=hv._domain_evtchn)
-    port = dom.evtchn.alloc_unbound(0)
-    assert port == CONSOLE_EVTCHN
+                               peer=hv.domain_events)
+    ports = [dom.evtchn.alloc_unbound(0) for _ in range(2)]
+    assert ports == [CONSOLE_EVTCHN, STORE_EVTCHN]
     console_page = hv.memory.frame_u8(int(p2m[layout.console_pfn]))
+    store_page = hv.memory.frame_u8(int(p2m[layout.xenstore_pfn]))
+    store = Xenstore(store_page, domid, lambda: dom.events.set_pending(STORE_EVTCHN))
+    for path, value in toolstack_nodes(name, domid, memory, vcpus).items():
+        store.write(path, value)
     dom.backends = Backends(ConsoleRing(console_page, dom.console.extend,
-                                        lambda: dom.events.set_pending(CONSOLE_EVTCHN)))
+                                        lambda: dom.events.set_pending(CONSOLE_EVTCHN)), store)
     hv.slice_hooks.append(lambda _end: dom.backends.kick() if dom.alive and dom.backends
                           else None)
     for vid in range(vcpus):

@@ -170,3 +170,24 @@ def test_the_direct_walk_agrees_with_the_reference_walk(tmp_path):
             if va < 0xFFFF_8000_0000_0000 or va >= 0xFFFF_8800_0000_0000:
                 expected = None if isinstance(ref, WalkFault) else (ref.ma, _perms(ref))
                 assert filled == expected, (hex(va), access)
+
+
+def test_the_xenstore_ring_answers_a_kick_on_its_event_channel(tmp_path):
+    from hypervisor.pv.linux.domain import STORE_EVTCHN
+
+    asm = (Asm().emit("b8").imm32(32).emit("bf").imm32(4)  # event_channel_op(send, &port)
+           .emit("488d35").rip_rel("port").emit("0f05").shutdown(0)
+           .label("port").imm32(STORE_EVTCHN))
+    hv = boot(tmp_path, asm.bytes())
+    dom = hv.domains[0]
+    store = dom.backends.xenstore
+    request = struct.pack("<IIII", 2, 7, 0, 14) + b"memory/target\0"  # XS_READ memory/target
+    store.page[:len(request)] = np.frombuffer(request, np.uint8)
+    store.page[2052:2056] = np.frombuffer(struct.pack("<I", len(request)), np.uint8)
+    assert hv.run(10_000_000) == "shutdown"
+    assert struct.unpack("<I", store.page[2048:2052].tobytes())[0] == len(request)  # consumed
+    rsp_prod = struct.unpack("<I", store.page[2060:2064].tobytes())[0]
+    msg_type, req_id, _tx, length = struct.unpack("<IIII", store.page[1024:1040].tobytes())
+    assert rsp_prod == 16 + length and req_id == 7
+    assert msg_type == 2 and store.page[1040:1040 + length].tobytes() == b"8192"  # KiB
+    assert dom.events.bits.test(dom.events.bits.PENDING, STORE_EVTCHN)
