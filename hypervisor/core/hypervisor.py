@@ -165,6 +165,10 @@ class Hypervisor:
         self.loaded = []
         if not self.frames.free[self.gdt_mfn]:
             self._scrub_and_release(np.array([self.gdt_mfn], dtype=np.uint64))
+        xen_pages = self.xen_pv.own_frames()  # CPL-3 PV: Xen's GDT page and read-only M2P
+        xen_pages = xen_pages[~self.frames.free[xen_pages.astype(np.int64)]]
+        if xen_pages.size:
+            self._scrub_and_release(xen_pages)
         for dom in self.domains:  # HVM: the EPT tables are this build's, in its layout
             if dom.hvm is not None:
                 tables = np.array(sorted(dom.hvm.physmap.ept.frames), dtype=np.uint64)

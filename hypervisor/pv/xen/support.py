@@ -84,6 +84,12 @@ class XenPvSupport:
         assert self.m2p_mfns is not None
         return self.gdt_mfn * 4096, tuple(int(m) * 4096 for m in self.m2p_mfns)
 
+    def own_frames(self) -> np.ndarray:
+        """The frames of Xen's pages (released with the hypervisor, as its GDT is)."""
+        if self.gdt_mfn is None or self.m2p_mfns is None:
+            return np.zeros(0, dtype=np.uint64)
+        return np.concatenate([np.array([self.gdt_mfn], dtype=np.uint64), self.m2p_mfns])
+
     def refresh_m2p(self) -> None:
         """Copy the M2P into the pages the guests read (after frames changed hands)."""
         assert self.m2p_mfns is not None

@@ -191,3 +191,12 @@ def test_the_xenstore_ring_answers_a_kick_on_its_event_channel(tmp_path):
     assert rsp_prod == 16 + length and req_id == 7
     assert msg_type == 2 and store.page[1040:1040 + length].tobytes() == b"8192"  # KiB
     assert dom.events.bits.test(dom.events.bits.PENDING, STORE_EVTCHN)
+
+
+def test_teardown_releases_xens_pages(tmp_path):
+    hv = boot(tmp_path, bytes.fromhex("f4"))
+    own = hv.xen_pv.own_frames()
+    assert own.size > 1 and not hv.frames.free[own.astype(np.int64)].any()
+    hv.teardown()
+    assert hv.frames.free[own.astype(np.int64)].all()
+    assert not hv.memory.u64.reshape(-1, 512)[own.astype(np.int64)].any()
