@@ -41,7 +41,7 @@ import unicorn
 
 from emulator.memory import HostMemory
 from hypervisor.builds import BuildError, PageType, get_build
-from hypervisor.errors import HvlabError
+from hypervisor.errors import HvlabError, HvlabFailure
 from hypervisor.mm.bulk import bulk_validate
 from hypervisor.mm.frametable import FrameTable
 from hypervisor.mm.layouts import PvTree, build_linux_like
@@ -80,10 +80,8 @@ class RevalidateBenchError(HvlabError):
     """The benchmark was asked for something it cannot run (size, build, options)."""
 
 
-class RevalidateMismatchError(HvlabError):
+class RevalidateMismatchError(HvlabFailure):
     """Bulk and reference disagree, or bulk refused a valid guest: a bug, not bad input."""
-
-    exit_status = 1
 
 
 @dataclass

@@ -191,3 +191,6 @@ def verify(before: Snapshot, hv: Hypervisor, check_types: bool = True) -> dict[s
 
 class ProofFailed(Exception):
     """A live update lost or changed something: never silently ignored."""
+
+    exit_status = 1  # errors.RUN_FAILED: the update ran and its proof says no
+    headline = "PROOF FAILED"

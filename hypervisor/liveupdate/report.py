@@ -13,20 +13,30 @@ def print_update_report(result: dict[str, Any], out: TextIO | None = None) -> No
     for u in result["updates"]:
         out.write(f"live update {u['from_build']} -> {u['to_build']} at "
                   f"{u['at_ns'] / 1e6:.3f} ms, strategy {u['strategy']}: {u['outcome']}\n")
+        if "blackout_wall_s" not in u:  # not started: nothing more to say
+            continue
+        for what in u.get("injected", []):  # --fail-at / --corrupt-stream, and what it did
+            injected = what if what.startswith("corrupt") else f"a failure in phase '{what}'"
+            if u.get("reason"):
+                fate = f"the old build resumed ({u['reason']})"
+            else:
+                fate = "the new build redid the phase from the hand-over and went on"
+            out.write(f"  injected: {injected} -> {fate}\n")
         if u.get("translator"):
             out.write(f"  translator: {u['translator']}\n")
         out.write(f"  blackout {u['blackout_wall_s'] * 1e3:.1f} ms wall, modelled native "
                   f"downtime {u['modelled_downtime_ns'] / 1e6:.3f} ms\n")
-        phases = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in u["phases"].items())
+        phases = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in u["phases_wall_s"].items())
         out.write(f"  phases (ms wall): {phases}\n")
         if u.get("before_pause"):
             ahead = ", ".join(f"{k} {v}" for k, v in u["before_pause"].items())
             out.write(f"  before the pause, guests running: {ahead}\n")
         counters = ", ".join(f"{k} {v}" for k, v in sorted(u["counters"].items()))
         out.write(f"  counters: {counters}\n")
-        proof = u["proof"]
-        verdict = "ok" if proof["ok"] else "FAILED: " + "; ".join(proof["problems"])
-        out.write(f"  proof: {verdict} {proof.get('checks', {})}\n")
+        proof = u.get("proof")
+        if proof is not None:
+            verdict = "ok" if proof.get("ok") else "FAILED: " + "; ".join(proof["problems"])
+            out.write(f"  proof: {verdict} {proof.get('checks', {})}\n")
         if "proof_after_lazy" in u:
             lazy_ok = u["proof_after_lazy"]["ok"]
             out.write(f"  proof when lazy finished: {'ok' if lazy_ok else 'FAILED'}\n")

@@ -1,36 +1,53 @@
-"""`python -m hypervisor.liveupdate.resume DIR`: the new build's process after an exec.
+"""`python -m hypervisor.liveupdate.resume DIR temporary|kept`: the new build's process
+after an exec.
 
 It maps the same file-backed host memory, reads the hand-over in DIR,
 completes the update (restore, typerefs, vCPU state, proof) and carries the
 scenario on to its end, printing the result as the original command would.
+The hand-over (unless kept) and the memory file are removed on every path.
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import sys
 from pathlib import Path
 
 from emulator.memory import HostMemory
-from hypervisor.errors import HvlabError
-from hypervisor.liveupdate.driver import RESUME_FILE, UpdateRun
+from hypervisor.errors import report_failure, terminate_by_exception
+from hypervisor.liveupdate.driver import RESUME_FILE, UpdateRun, hvlab_failure
 from hypervisor.liveupdate.orchestrator import Blackout, complete_update
 
 
 def main(argv: list[str]) -> int:
-    workdir = Path(argv[0])
+    workdir, temporary = Path(argv[0]), argv[1:] != ["kept"]
+    run: UpdateRun | None = None
     try:
-        with (workdir / RESUME_FILE).open("rb") as f:
-            run, blackout = pickle.load(f)
-        assert isinstance(run, UpdateRun) and isinstance(blackout, Blackout)
-        memory = HostMemory(run.scenario.memory, run.memory_file)
-        new, report = complete_update(blackout, memory)
-        run.record(new, report)
-        result = run.carry_on(new)
-    except HvlabError as err:
-        print(f"hvlab: {err}", file=sys.stderr)
-        return err.exit_status
+        with terminate_by_exception():
+            try:
+                with (workdir / RESUME_FILE).open("rb") as f:
+                    run, blackout = pickle.load(f)
+                assert isinstance(run, UpdateRun) and isinstance(blackout, Blackout)
+            finally:  # unreadable: nobody else will remove it
+                if run is None and temporary:
+                    shutil.rmtree(workdir, ignore_errors=True)
+            memory = HostMemory(run.scenario.memory, run.memory_file)
+            with hvlab_failure(f"update to {blackout.plan.to_build} "
+                               f"({blackout.plan.strategy}), in the new process"):
+                new, report = complete_update(blackout, memory)
+            run.record(new, report)
+            result = run.carry_on(new)  # (a further update with --exec execs again)
+    except BrokenPipeError:
+        return 0
+    except BaseException as err:  # noqa: BLE001 - one line and the status of its kind
+        if isinstance(err, SystemExit):
+            raise
+        return report_failure(err)
+    finally:
+        if run is not None:
+            run.remove_memory_file()
     if run.output == "json":
         json.dump(result, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
