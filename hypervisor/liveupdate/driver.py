@@ -39,6 +39,18 @@ PREPARE_LEAD_NS = 1_000_000
 RESUME_FILE = "resume.pickle"
 
 
+def _memory_file() -> Path:
+    """Host memory shared across execs: a file in /dev/shm (RAM), unlinked at once and
+    reached through an open descriptor every new program image inherits, so nothing
+    is left behind however the run ends (even killed)."""
+    shm = Path("/dev/shm")
+    folder = shm if shm.is_dir() else Path(tempfile.gettempdir())
+    fd, name = tempfile.mkstemp(prefix="hvlab-memory-", dir=folder)
+    os.unlink(name)
+    os.set_inheritable(fd, True)
+    return Path(f"/proc/self/fd/{fd}")
+
+
 def _process_start_time() -> float:
     """When this process image began (seconds since boot), to show an exec happened."""
     try:
@@ -113,25 +125,12 @@ class UpdateRun:
     started_updates: int = 0
 
     def start(self) -> dict[str, Any]:
-        """Boot and run; the memory file is removed on every path (after an exec,
-        by the last process: resume.py)."""
-        try:
-            memory = None
-            if self.plan.exec_new_process:
-                shm = Path("/dev/shm")
-                folder = shm if shm.is_dir() else Path(tempfile.gettempdir())
-                fd, name = tempfile.mkstemp(prefix="hvlab-memory-", dir=folder)
-                os.close(fd)
-                self.memory_file = Path(name)
-                memory = HostMemory(self.scenario.memory, self.memory_file)
-            hv = boot_scenario(self.scenario, memory=memory)
-            return self.carry_on(hv)
-        finally:
-            self.remove_memory_file()
-
-    def remove_memory_file(self) -> None:
-        if self.memory_file is not None:
-            self.memory_file.unlink(missing_ok=True)
+        memory = None
+        if self.plan.exec_new_process:
+            self.memory_file = _memory_file()
+            memory = HostMemory(self.scenario.memory, self.memory_file)
+        hv = boot_scenario(self.scenario, memory=memory)
+        return self.carry_on(hv)
 
     def _plan_for(self, spec: UpdateSpec) -> UpdatePlan:
         self.started_updates += 1

@@ -4,7 +4,8 @@ after an exec.
 It maps the same file-backed host memory, reads the hand-over in DIR,
 completes the update (restore, typerefs, vCPU state, proof) and carries the
 scenario on to its end, printing the result as the original command would.
-The hand-over (unless kept) and the memory file are removed on every path.
+The hand-over (unless kept) is removed on every path; the memory file was
+unlinked when created (this process reaches it through an inherited descriptor).
 """
 
 from __future__ import annotations
@@ -39,22 +40,19 @@ def main(argv: list[str]) -> int:
                 new, report = complete_update(blackout, memory)
             run.record(new, report)
             result = run.carry_on(new)  # (a further update with --exec execs again)
+            if run.output == "json":
+                json.dump(result, sys.stdout, indent=2, default=str)
+                sys.stdout.write("\n")
+            elif run.output == "text":
+                from hypervisor.liveupdate.report import print_update_report
+
+                print_update_report(result)
     except BrokenPipeError:
         return 0
     except BaseException as err:  # noqa: BLE001 - one line and the status of its kind
         if isinstance(err, SystemExit):
             raise
         return report_failure(err)
-    finally:
-        if run is not None:
-            run.remove_memory_file()
-    if run.output == "json":
-        json.dump(result, sys.stdout, indent=2, default=str)
-        sys.stdout.write("\n")
-    elif run.output == "text":
-        from hypervisor.liveupdate.report import print_update_report
-
-        print_update_report(result)
     return 0
 
 
