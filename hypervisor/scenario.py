@@ -100,7 +100,8 @@ def parse_size(value: Any, where: str) -> int:
     elif isinstance(value, str) and (m := _SIZE.match(value)):
         size = int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
     if size is None or size <= 0:
-        raise ScenarioError(f"{where}: expected a positive size like \"64M\", got {value!r}")
+        raise ScenarioError(f"{where}: expected a size like \"64M\" (more than zero), "
+                            f"got {value!r}")
     return size
 
 
@@ -109,8 +110,8 @@ def parse_time(value: Any, where: str) -> int:
     m = _TIME.match(value) if isinstance(value, str) else None
     ns = int(m.group(1)) * _TIME_UNITS[m.group(2)] if m else 0
     if ns <= 0:
-        raise ScenarioError(f"{where}: expected a positive time with its unit (ns, us, ms, "
-                            f"s) like \"2s\" or \"500us\", got {value!r}")
+        raise ScenarioError(f"{where}: expected a time like \"2s\" or \"500us\" (more than "
+                            f"zero, with its unit: ns, us, ms, s), got {value!r}")
     return ns
 
 

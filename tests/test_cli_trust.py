@@ -60,11 +60,11 @@ def one_line_bad_input(status: int, out: str, err: str, *words: str) -> None:
 
 
 @pytest.mark.parametrize("machine, limits, words", [
-    ('memory = "0"', 'virtual_time = "1ms"', ("[machine] memory", "positive size")),
+    ('memory = "0"', 'virtual_time = "1ms"', ("[machine] memory", "more than zero")),
     ('build = "5.0"', 'virtual_time = "1ms"', ("[machine] build", "'5.0'", "4.19")),
-    ('quantum = "0ms"', 'virtual_time = "1ms"', ("quantum", "positive time")),
+    ('quantum = "0ms"', 'virtual_time = "1ms"', ("quantum", "more than zero")),
     ("", "virtual_time = 2", ("virtual_time", "with its unit", "got 2")),
-    ("", 'virtual_time = "0s"', ("virtual_time", "positive time", "'0s'")),
+    ("", 'virtual_time = "0s"', ("virtual_time", "more than zero", "'0s'")),
 ])
 def test_bad_scenario_values(tmp_path, capsys, machine, limits, words):
     path = scenario(tmp_path, machine, limits)
@@ -330,3 +330,14 @@ def test_update_json_is_deterministic_but_for_wall_fields(capsys, temp_dir):
     second = json.loads(run(capsys, *args)[1])
     assert stable(first) == stable(second)
     assert "handover_dir" not in json.dumps(first) and "phases_wall_s" in first
+
+
+def test_an_update_after_every_guest_stopped_says_so(capsys, temp_dir):
+    """pv-hello powers off at 0.174 ms: an update at 1 ms has nothing to update, and the
+    report says it did not start (it used to print nothing about it)."""
+    status, out, _ = run(capsys, "update", HELLO, "--at", "1ms", "--to", "4.12",
+                         "--strategy", "lazy")
+    assert status == 0
+    assert out.startswith("live update 4.19 -> 4.12 at 1.000 ms, strategy lazy: not started: "
+                          "no domain was running\n")
+    assert list(temp_dir.iterdir()) == []
