@@ -298,8 +298,8 @@ def test_injected_failures_are_told_in_the_human_report(capsys, temp_dir):
     status, out, _ = run(capsys, "update", SMP, "--at", "2ms", "--to", "4.12",
                          "--strategy", "transfer", "--fail-at", "restore")
     assert status == 0
-    assert ("  injected: a failure in phase 'restore' -> the new build redid the phase "
-            "from the hand-over and went on") in out.splitlines()
+    assert ("  injected: a failure in phase 'restore' -> past the point of no return: the "
+            "phase was done again, the update went on") in out.splitlines()
     status, out, _ = run(capsys, "update", SMP, "--at", "2ms", "--to", "4.12",
                          "--strategy", "transfer", "--corrupt-stream")
     assert "  injected: corrupt-stream dom0.stream -> the old build resumed (hand-over " \

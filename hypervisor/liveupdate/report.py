@@ -20,7 +20,7 @@ def print_update_report(result: dict[str, Any], out: TextIO | None = None) -> No
             if u.get("reason"):
                 fate = f"the old build resumed ({u['reason']})"
             else:
-                fate = "the new build redid the phase from the hand-over and went on"
+                fate = "past the point of no return: the phase was done again, the update went on"
             out.write(f"  injected: {injected} -> {fate}\n")
         if u.get("translator"):
             out.write(f"  translator: {u['translator']}\n")
