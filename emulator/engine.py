@@ -1,7 +1,7 @@
 """The unicorn adapter: one physical CPU, and every unicorn quirk hvlab knows.
 
 Nothing outside this module touches a `Uc`. What unicorn 2.1.4 does and how we
-cope (measured; DESIGN.md §2):
+cope (measured; docs/design.md §2):
 
 - Host memory is mapped as ONE region at machine address 0 (per-page regions
   make unicorn's region insertion super-linear).
@@ -396,7 +396,7 @@ class PhysicalCpu:
         """Call `callback(rip)` before every instruction this pCPU executes.
 
         A Python code hook costs hundreds of nanoseconds per instruction
-        (DESIGN.md §2): only ever installed on request. The hook's size argument
+        (docs/design.md §2): only ever installed on request. The hook's size argument
         is not passed on: unicorn reports nonsense for instructions it cannot
         decode (vmcall), so callers decode with capstone from RIP.
         """

@@ -17,7 +17,7 @@ bytes of x86-64 machine code in an executable page, called by unicorn as
     mov byte [rcx+24], 1  ; remember that the budget, not the guest, ended the run
     jmp [rcx+16]          ; tail-call uc_emu_stop(uc): this instruction does not run
 
-A Python hook in its place would cost ~350 ns per instruction (DESIGN.md §2).
+A Python hook in its place would cost ~350 ns per instruction (docs/design.md §2).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The VT-d / VMX posted-interrupt descriptor, as the hardware sees it: 64 bytes in host memory.
 
-Layout (little-endian bit numbering over the 64 bytes, DESIGN.md section 2):
+Layout (little-endian bit numbering over the 64 bytes, docs/design.md §2):
 
 =============  =============  ==========================================================
 bits           bytes          field

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from hypervisor.errors import HvlabError, report_failure, terminate_by_exception
+from hypervisor.lib.errors import HvlabError, report_failure, terminate_by_exception
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -42,8 +42,8 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _cmd_save(args: argparse.Namespace) -> int:
+    from hypervisor.pv.save import save_domain
     from hypervisor.runner import boot_scenario
-    from hypervisor.save import save_domain
     from hypervisor.scenario import load_scenario, parse_time
 
     scenario = load_scenario(args.scenario)
@@ -110,17 +110,17 @@ def _cmd_update(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.which == "revalidate":
-        from hypervisor.bench_revalidate import run_revalidate_bench
+        from hypervisor.bench.revalidate import run_revalidate_bench
         from hypervisor.scenario import parse_size
 
         run_revalidate_bench(parse_size(args.mem, "--mem"), args.build, args.json)
         return 0
     if args.which == "update":
-        from hypervisor.bench_update import run_update_bench
+        from hypervisor.bench.update import run_update_bench
 
         run_update_bench(args.json, sizes=args.sizes, repeat=args.repeat)
         return 0
-    from hypervisor.bench import run_bench
+    from hypervisor.bench.emulator import run_bench
 
     return run_bench(args)
 
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
     except BrokenPipeError:
         return 0
-    except BaseException as err:  # one line and the status of its kind (errors.py)
+    except BaseException as err:  # one line and the status of its kind (lib/errors.py)
         if isinstance(err, SystemExit):
             raise
         return report_failure(err)

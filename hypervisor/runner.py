@@ -9,7 +9,7 @@ from typing import Any, TextIO
 import unicorn
 
 from emulator.memory import HostMemory
-from hypervisor.hypervisor import Hypervisor, MachineConfig
+from hypervisor.core.hypervisor import Hypervisor, MachineConfig
 from hypervisor.scenario import Scenario, ScenarioError
 from hypervisor.tracing import Tracer
 
@@ -21,7 +21,7 @@ def boot_scenario(scenario: Scenario, build: str | None = None,
                     build or scenario.build, memory)
     for spec in scenario.domains:
         if spec.image is not None:
-            from hypervisor.restore import restore_domain
+            from hypervisor.pv.restore import restore_domain
 
             dom = restore_domain(hv, spec.image, name=spec.name)
             if spec.type not in ("image", dom.kind):
@@ -59,7 +59,7 @@ def describe(hv: Hypervisor, scenario: Scenario, stop: str, wall_s: float) -> di
             "shutdown": None if sd is None else {"reason": sd.reason, "code": sd.code,
                                                   "virtual_ns": sd.virtual_ns},
             "crash_report": d.crash_report,
-            # the typeref invariant recomputed independently (DESIGN.md §3); [] = clean
+            # the typeref invariant recomputed independently (docs/design.md §3); [] = clean
             "typeref_differences": [str(diff) for diff in hv.check_typerefs(d)],
             "vcpus": [{"id": v.vcpu_id, "pcpu": v.pcpu, "instructions": v.instructions,
                        "upcalls": v.upcalls, "state": v.runstate} for v in d.vcpus],

@@ -45,9 +45,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hypervisor.builds import BuildError, get_build
-from hypervisor.errors import HvlabError
 from hypervisor.hvm.domain import SourceConfig
+from hypervisor.lib.errors import HvlabError
+from hypervisor.mm.builds import BuildError, get_build
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 _TIME = re.compile(r"^\s*(\d+)\s*(ns|us|ms|s)\s*$")

@@ -10,8 +10,8 @@ from emulator.engine import PhysicalCpu
 from emulator.exits import Exit
 
 if TYPE_CHECKING:
-    from hypervisor.hypervisor import Hypervisor
-    from hypervisor.vcpu import Vcpu
+    from hypervisor.core.hypervisor import Hypervisor
+    from hypervisor.core.vcpu import Vcpu
 
 
 class Tracer:

@@ -9,8 +9,8 @@ import struct
 import numpy as np
 import pytest
 
-from hypervisor.hypervisor import Hypervisor, MachineConfig
-from hypervisor.restore import RestoreError, restore_domain
+from hypervisor.core.hypervisor import Hypervisor, MachineConfig
+from hypervisor.pv.restore import RestoreError, restore_domain
 
 HEADERS = 24 + 16  # image header + domain header
 

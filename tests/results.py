@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from hypervisor.cli import main
-
-SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
+from tests import SCENARIOS
 
 # What legitimately differs between an update in this process and one completed
 # in a new program image: that it was exec'd, and what its new process had to

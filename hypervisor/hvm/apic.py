@@ -24,7 +24,7 @@ from collections.abc import Callable
 from emulator.addr import PAGE_SIZE
 from emulator.engine import PhysicalCpu
 from hypervisor.hvm.vcpu import HvmVcpu
-from hypervisor.vlapic import VLapicError
+from hypervisor.hvm.vlapic import VLapicError
 
 CurrentVcpu = Callable[[], HvmVcpu | None]
 

@@ -36,8 +36,8 @@ import numpy as np
 from emulator.addr import PAGE_SHIFT, PAGE_SIZE
 from emulator.memory import HostMemory
 from emulator.paging import RW, P
-from hypervisor.elf import KernelImage
-from hypervisor.errors import HvlabError
+from hypervisor.core.elf import KernelImage
+from hypervisor.lib.errors import HvlabError
 
 HVM_START_MAGIC = 0x336EC578
 HVM_START_INFO_VERSION = 1

@@ -47,17 +47,19 @@ from emulator.irqsource import InterruptSource, InterruptSourceError, InterruptS
 from emulator.memory import HostMemory
 from emulator.paging import ADDR_MASK, PSE, P
 from emulator.posted import PostedInterruptDescriptor
-from hypervisor.domain import Domain, Shutdown
-from hypervisor.ept import INVALID_MFN, P2mType
-from hypervisor.errors import HvlabError
-from hypervisor.frames import OutOfFrames
+from hypervisor.core.domain import Domain, Shutdown
+from hypervisor.core.frames import OutOfFrames
+from hypervisor.core.vcpu import BLOCKED, DOWN, RUNNABLE, Vcpu
 from hypervisor.hvm.builder import MAX_HVM_MEMORY, HvmLayout
 from hypervisor.hvm.domain import HvmDomain
+from hypervisor.hvm.ept import INVALID_MFN, P2mType
+from hypervisor.hvm.p2m import P2M
 from hypervisor.hvm.physmap import GuestPhysmap, PhysmapStats, ept_layout_for
 from hypervisor.hvm.vcpu import HvmSource
-from hypervisor.p2m import P2M
-from hypervisor.restore import RestoreError
-from hypervisor.save import BATCH, HVLAB_DOMAIN_RECORD, TSC_KHZ, SaveError
+from hypervisor.hvm.vlapic import VLapic, VLapicError, VLapicState
+from hypervisor.lib.errors import HvlabError
+from hypervisor.pv.restore import RestoreError
+from hypervisor.pv.save import BATCH, HVLAB_DOMAIN_RECORD, TSC_KHZ, SaveError
 from hypervisor.stream import (
     DomainType,
     EndRecord,
@@ -84,11 +86,9 @@ from hypervisor.stream.hvm_records import (
     HvmSaveHeader,
     hvm_type_name,
 )
-from hypervisor.vcpu import BLOCKED, DOWN, RUNNABLE, Vcpu
-from hypervisor.vlapic import VLapic, VLapicError, VLapicState
 
 if TYPE_CHECKING:
-    from hypervisor.hypervisor import Hypervisor
+    from hypervisor.core.hypervisor import Hypervisor
 
 HVLAB_HVM_VERSION = 1
 HVM_PARAM_PAE_ENABLED = 4

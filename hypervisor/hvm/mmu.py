@@ -41,11 +41,11 @@ from emulator.addr import GPA
 from emulator.engine import PERM_R, PERM_W, PERM_X
 from emulator.memory import HostMemory
 from emulator.paging import ADDR_MASK, Translation, WalkFault, walk
-from hypervisor.ept import PERM_R as EPT_R
-from hypervisor.ept import PERM_W as EPT_W
-from hypervisor.ept import PERM_X as EPT_X
-from hypervisor.ept import EptTables, P2mType
 from hypervisor.hvm.builder import LAPIC_GPA
+from hypervisor.hvm.ept import PERM_R as EPT_R
+from hypervisor.hvm.ept import PERM_W as EPT_W
+from hypervisor.hvm.ept import PERM_X as EPT_X
+from hypervisor.hvm.ept import EptTables, P2mType
 from hypervisor.hvm.physmap import GuestPhysmap
 
 LAPIC_GFN = LAPIC_GPA >> 12

@@ -13,7 +13,7 @@
   one gfn; new frames are zeroed. Frames come straight from the host allocator (hvlab
   has no PoD cache or target): when host memory runs out the caller crashes the domain,
   as Xen does when its PoD cache is empty. Populated ranges stay 4 KiB leaves in EPT.
-- **Log-dirty** follows the P2M (hypervisor/p2m.py): write-protect all RAM, a write
+- **Log-dirty** follows the P2M (hypervisor/hvm/p2m.py): write-protect all RAM, a write
   violation marks the gfn dirty and makes it writable again, `take_dirty` is CLEAN.
 
 Every change goes through the P2M, which keeps the EPT in step and bumps its
@@ -28,10 +28,10 @@ import numpy as np
 
 from emulator.addr import MFN, PAGE_SHIFT, PFN
 from emulator.memory import HostMemory
-from hypervisor.ept import EPT_LAYOUTS, INVALID_MFN, EptLayout, EptTables, P2mType
-from hypervisor.errors import HvlabError
-from hypervisor.frames import FrameAllocator, OutOfFrames
-from hypervisor.p2m import P2M, P2MError
+from hypervisor.core.frames import FrameAllocator, OutOfFrames
+from hypervisor.hvm.ept import EPT_LAYOUTS, INVALID_MFN, EptLayout, EptTables, P2mType
+from hypervisor.hvm.p2m import P2M, P2MError
+from hypervisor.lib.errors import HvlabError
 
 #: The EPT software-bit layout each hypervisor build uses. 4.4 predates the recalc bit
 #: but keeps the p2m type (52-57) and access (58-61) where 4.12 has them, so hvlab

@@ -41,13 +41,12 @@ from emulator.exits import BudgetExhausted, Exit, MmuFault
 from emulator.interrupts import DeliveryError
 from emulator.irqsource import InterruptSource, InterruptSourceError
 from emulator.posted import PostedInterruptDescriptor
-from hypervisor import hypercalls
-from hypervisor.dispatch import EXIT_NAMES, VECTOR_NAMES
-from hypervisor.domain import Domain
-from hypervisor.elf import load_kernel
-from hypervisor.ept import P2mType
-from hypervisor.errors import HvlabError
-from hypervisor.frames import OutOfFrames
+from hypervisor.core import hypercalls
+from hypervisor.core.dispatch import EXIT_NAMES, VECTOR_NAMES
+from hypervisor.core.domain import Domain
+from hypervisor.core.elf import load_kernel
+from hypervisor.core.frames import OutOfFrames
+from hypervisor.core.vcpu import BLOCKED, DOWN, RUNNABLE, Vcpu
 from hypervisor.hvm.apic import LapicWindow
 from hypervisor.hvm.builder import (
     GDT,
@@ -59,6 +58,7 @@ from hypervisor.hvm.builder import (
     plan_hvm_layout,
 )
 from hypervisor.hvm.domain import HvmDomain, SourceConfig
+from hypervisor.hvm.ept import P2mType
 from hypervisor.hvm.interrupts import (
     deliver_vector,
     in_interrupt_shadow,
@@ -68,11 +68,11 @@ from hypervisor.hvm.interrupts import (
 from hypervisor.hvm.mmu import EptViolation, HvmMmu
 from hypervisor.hvm.physmap import GuestPhysmap, PhysmapError, ept_layout_for
 from hypervisor.hvm.vcpu import HvmSource, HvmVcpu
-from hypervisor.vcpu import BLOCKED, DOWN, RUNNABLE, Vcpu
-from hypervisor.vlapic import REG_ESR, IpiShorthand, VLapic
+from hypervisor.hvm.vlapic import REG_ESR, IpiShorthand, VLapic
+from hypervisor.lib.errors import HvlabError
 
 if TYPE_CHECKING:
-    from hypervisor.hypervisor import Hypervisor
+    from hypervisor.core.hypervisor import Hypervisor
 
 MAX_VCPUS = 32  # 64-byte descriptors, one host page per domain would hold 64
 POSTED_NOTIFICATION_VECTOR = 0xF2  # NV: the vector a real CPU would be notified with
@@ -263,7 +263,7 @@ class HvmSupport:
 
     # ================================================================= exits
     # ------------------------------------------------------------------ exits
-    # (the dispatcher, hypervisor/dispatch.py, asks these for HVM vCPUs)
+    # (the dispatcher, hypervisor/core/dispatch.py, asks these for HVM vCPUs)
     def exit_name(self, v: Vcpu, exit_: Exit) -> str:
         """The name an exit is counted under; a run stopped right after a LAPIC write is
         one (the mark is used up here)."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from emulator.irqsource import InterruptSource
 from emulator.posted import PostedInterruptDescriptor
-from hypervisor.vlapic import REG_TIMER_INITIAL, VLapic
+from hypervisor.hvm.vlapic import REG_TIMER_INITIAL, VLapic
 
 _NS_PER_S = 1_000_000_000
 

@@ -9,8 +9,8 @@ from contextlib import contextmanager
 import numpy as np
 import numpy.typing as npt
 
-from hypervisor.errors import HvlabError
-from hypervisor.save import HVLAB_DOMAIN_RECORD
+from hypervisor.lib.errors import HvlabError
+from hypervisor.pv.save import HVLAB_DOMAIN_RECORD
 from hypervisor.stream import Pfinfo, StreamError, StreamReader, open_image_for_read
 from hypervisor.stream.framing import record_type_name
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hypervisor.builds import PageType
-from hypervisor.errors import HvlabError
+from hypervisor.lib.errors import HvlabError
+from hypervisor.mm.builds import PageType
 from hypervisor.mm.bulk import bulk_validate
 from hypervisor.mm.errors import errno_name
 from hypervisor.mm.pte import (

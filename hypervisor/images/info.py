@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from hypervisor.save import HVLAB_DOMAIN_RECORD
+from hypervisor.pv.save import HVLAB_DOMAIN_RECORD
 from hypervisor.stream import (
     DomainType,
     HvmContextRecord,

@@ -10,7 +10,7 @@ How an image is made (all in a scratch hypervisor, nothing persists but the file
    `mod_l4_entry` for the hook into the running L4);
 3. run the workload for `RUN_NS` of virtual time, so the image is saved
    mid-run, and check the typeref invariant;
-4. save with `hypervisor.save.save_domain` (pages never written go out as
+4. save with `hypervisor.pv.save.save_domain` (pages never written go out as
    XALLOC, so a 64 GiB guest costs its page tables and P2M list on disk).
 
 Same arguments, same seed: the same bytes (the hypervisor's virtual time is
@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from emulator.addr import PAGE_SIZE
-from hypervisor.elf import load_kernel
-from hypervisor.hypervisor import Hypervisor, MachineConfig
-from hypervisor.pv_builder import plan_layout
-from hypervisor.save import save_domain
+from hypervisor.core.elf import load_kernel
+from hypervisor.core.hypervisor import Hypervisor, MachineConfig
+from hypervisor.pv.builder import plan_layout
+from hypervisor.pv.save import save_domain
 
 from .common import ImageError
 from .guest_layouts import BUILDERS, LAYOUTS, Builder, LayoutError

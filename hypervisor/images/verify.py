@@ -31,7 +31,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from emulator.memory import HostMemory
-from hypervisor.builds import BUILDS, LATEST_BUILD, PageType, get_build
+from hypervisor.mm.builds import BUILDS, LATEST_BUILD, PageType, get_build
 from hypervisor.mm.bulk import bulk_validate
 from hypervisor.mm.errors import MmError, errno_name
 from hypervisor.mm.frametable import PGC_ALLOCATED, FrameTable
@@ -46,7 +46,7 @@ from hypervisor.mm.pte import (
     disallow_mask,
 )
 from hypervisor.mm.typerefs import Root
-from hypervisor.save import HVLAB_DOMAIN_RECORD, HVLAB_DOMAIN_VERSION
+from hypervisor.pv.save import HVLAB_DOMAIN_RECORD, HVLAB_DOMAIN_VERSION
 from hypervisor.stream import (
     DomainType,
     EndRecord,

@@ -20,7 +20,7 @@ import json
 import math
 from pathlib import Path
 
-from hypervisor.errors import HvlabError
+from hypervisor.lib.errors import HvlabError
 
 MAX_COST_NS = 1e9  # one second per operation: beyond any hardware, and no overflow
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from emulator.memory import HostMemory
-from hypervisor.errors import HvlabError, HvlabFailure
-from hypervisor.hypervisor import Hypervisor
+from hypervisor.core.hypervisor import Hypervisor
+from hypervisor.lib.errors import HvlabError, HvlabFailure
 from hypervisor.liveupdate.orchestrator import (
     Blackout,
     UpdateError,
@@ -101,7 +101,7 @@ def _ms(ns: int) -> str:
 @contextmanager
 def hvlab_failure(what: str) -> Iterator[None]:
     """Past the checks, an error is not the user's: the request was legal and hvlab
-    could not carry it out (exit status 3, errors.py)."""
+    could not carry it out (exit status 3, lib/errors.py)."""
     try:
         yield
     except HvlabError as err:

@@ -43,12 +43,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hypervisor.ept import INVALID_MFN
-from hypervisor.errors import HvlabError
-from hypervisor.extents import runs_of
+from hypervisor.hvm.ept import INVALID_MFN
 from hypervisor.hvm.image import HVM_PARAM_PAE_ENABLED, hvm_handover_state
-from hypervisor.p2m import P2M, P2MError, P2MState
-from hypervisor.save import (
+from hypervisor.hvm.p2m import P2M, P2MError, P2MState
+from hypervisor.lib.errors import HvlabError
+from hypervisor.lib.extents import runs_of
+from hypervisor.pv.save import (
     HVLAB_DOMAIN_RECORD,
     TSC_KHZ,
     classify_pages,
@@ -71,8 +71,8 @@ from hypervisor.stream import (
 from hypervisor.stream.vcpu_context import VcpuGuestContext
 
 if TYPE_CHECKING:
-    from hypervisor.domain import Domain
-    from hypervisor.hypervisor import Hypervisor
+    from hypervisor.core.domain import Domain
+    from hypervisor.core.hypervisor import Hypervisor
 
 HVLAB_FRAMES_RECORD = 0x8000_4802
 HVLAB_TYPEINFO_RECORD = 0x8000_4803

@@ -7,7 +7,7 @@ frames claimed, as a new hypervisor image is loaded ahead of a kexec;
 `prevalidate` builds its type state then too. From then on type changes are
 logged per frame, so the blackout hands over only what changed.
 
-Phases (DESIGN.md §4): pause every domain at a restartable boundary (the
+Phases (docs/design.md §4): pause every domain at a restartable boundary (the
 hypervisor is between slices); the old build writes the hand-over streams;
 the old hypervisor is torn down (engines gone, its own frames scrubbed); the
 new build boots on the same host memory around the guests' frames, restores
@@ -37,10 +37,9 @@ from typing import Any
 import numpy as np
 
 from emulator.memory import HostMemory
-from hypervisor.errors import HvlabError
+from hypervisor.core.hypervisor import Hypervisor, MachineConfig, StagedTables
 from hypervisor.hvm.image import adopt_hvm_domain
-from hypervisor.hypervisor import Hypervisor, MachineConfig, StagedTables
-from hypervisor.liveupdate import strategies
+from hypervisor.lib.errors import HvlabError
 from hypervisor.liveupdate.costs import DEFAULT_COSTS_NS, modelled_ns
 from hypervisor.liveupdate.handover import (
     DomainHandover,
@@ -53,7 +52,6 @@ from hypervisor.liveupdate.handover import (
     write_handover,
     write_precopy,
 )
-from hypervisor.liveupdate.lazy import stage_typing, start_lazy
 from hypervisor.liveupdate.proof import (
     ProofFailed,
     Snapshot,
@@ -62,8 +60,10 @@ from hypervisor.liveupdate.proof import (
     type_state,
     verify,
 )
+from hypervisor.liveupdate.strategies import base as strategies
+from hypervisor.liveupdate.strategies.lazy import stage_typing, start_lazy
 from hypervisor.mm.incremental import IncrementalTyping
-from hypervisor.restore import install_domain
+from hypervisor.pv.restore import install_domain
 
 PHASES = ("pause", "save", "teardown", "restore", "typerefs", "resume")
 
@@ -93,7 +93,7 @@ def check_updates(build: str, updates: list[tuple[str, str]], fail_at: str | Non
     """Refuse, before anything runs, a chain of (to_build, strategy) updates from
     `build` that cannot work: unknown builds or strategies, a transfer without a
     translator for its pair, an unknown --fail-at phase."""
-    from hypervisor.builds import get_build
+    from hypervisor.mm.builds import get_build
 
     if fail_at is not None and fail_at not in PHASES:
         raise UpdateError(f"--fail-at {fail_at}: phases are {', '.join(PHASES)}")

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from emulator.memory import HostMemory
-from hypervisor.vcpu import Vcpu, VcpuState
+from hypervisor.core.vcpu import Vcpu, VcpuState
 
 if TYPE_CHECKING:
-    from hypervisor.hypervisor import Hypervisor
+    from hypervisor.core.hypervisor import Hypervisor
 
 # A fixed random odd multiplier per word: a multilinear hash of a frame's
 # 512 words, vectorised (numpy wraps uint64 arithmetic modulo 2^64).
@@ -74,7 +74,7 @@ class Snapshot:
 
 def hvm_view(hv: Hypervisor, dom) -> dict[str, Any]:
     """An HVM domain's device and memory state in build-independent terms (read only)."""
-    from hypervisor.ept import INVALID_MFN
+    from hypervisor.hvm.ept import INVALID_MFN
     from hypervisor.hvm.image import folded_lapic_state
 
     p2m = dom.hvm.physmap.p2m

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from emulator.memory import HostMemory
-from hypervisor.errors import report_failure, terminate_by_exception
+from hypervisor.lib.errors import report_failure, terminate_by_exception
 from hypervisor.liveupdate.driver import RESUME_FILE, UpdateRun, hvlab_failure
 from hypervisor.liveupdate.orchestrator import Blackout, complete_update
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hypervisor.builds import UNDEFINED_TYPE, PageType
+from hypervisor.mm.builds import UNDEFINED_TYPE, PageType
 from hypervisor.mm.errors import EBUSY, EINVAL, EPERM, ERESTART, MmError
 from hypervisor.mm.frametable import DOMID_IO, PGC_COUNT_MASK, FrameTable
 from hypervisor.mm.pte import (

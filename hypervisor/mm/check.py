@@ -2,7 +2,7 @@
 
 `check_typerefs` recomputes, from the page tables reachable from the pins and
 CR3s alone, what every frame's type, type count and pinned bit must be
-(DESIGN §3):
+(docs/design.md §3):
 
     type count = pinned (1) + CR3 / user-CR3 references
                  + referencing parent entries (self-maps not counted)
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hypervisor.builds import UNDEFINED_TYPE, PageType
+from hypervisor.mm.builds import UNDEFINED_TYPE, PageType
 from hypervisor.mm.frametable import FrameTable
 from hypervisor.mm.pte import (
     ENTRIES_PER_TABLE,

@@ -1,11 +1,11 @@
-"""The memory-typing exceptions, and Xen's error numbers (from hypervisor.errno).
+"""The memory-typing exceptions, and Xen's error numbers (from hypervisor.lib.errno).
 
 Operations that a guest can make fail return a negative errno, as Xen does.
 Exceptions are for misuse by the hypervisor itself (bad arguments, a frame
 table in an impossible state).
 """
 
-from hypervisor.errno import (  # noqa: F401 - re-exported for the mm modules
+from hypervisor.lib.errno import (  # noqa: F401 - re-exported for the mm modules
     EACCES,
     EBUSY,
     EFAULT,

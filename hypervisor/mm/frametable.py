@@ -3,7 +3,7 @@
 Fields (one element per machine frame):
 
 - ``type_info`` (uint64): type, pinned/validated/partial/locked flags and type
-  count, in the layout of the build that owns the table (`hypervisor.builds`).
+  count, in the layout of the build that owns the table (`hypervisor.mm.builds`).
 - ``count_info`` (uint64): bit 63 ``PGC_allocated``; bits 56-0 the general
   reference count (Xen's ``PGC_count_mask`` with shadow paging). An allocated
   frame holds one reference for its allocation, so its count never falls to 0
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hypervisor.builds import Build, PageType, TypeInfo, TypeInfoLayout
-from hypervisor.extents import runs_of
+from hypervisor.lib.extents import runs_of
+from hypervisor.mm.builds import Build, PageType, TypeInfo, TypeInfoLayout
 from hypervisor.mm.errors import FrameTableError
 from hypervisor.mm.pte import ENTRIES_PER_TABLE
 

@@ -7,7 +7,7 @@ older Xen), the linear page-table rules, mod_lN_entry) and follow their order of
 checks and their error codes. `hypervisor.mm.bulk` must produce exactly the frame
 table this module produces; `hypervisor.mm.check` recomputes it independently.
 
-The rules, in short (DESIGN §3):
+The rules, in short (docs/design.md §3):
 
 - a frame's type may change only while its type count is 0; a change clears
   PGT_validated; a count > 0 of another type refuses the request (-EINVAL);
@@ -50,7 +50,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from hypervisor.builds import PageType, TypeInfo
+from hypervisor.mm.builds import PageType, TypeInfo
 from hypervisor.mm.errors import (
     EBUSY,
     EINTR,

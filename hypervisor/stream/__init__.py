@@ -1,7 +1,7 @@
 """Xen migration stream v2 (libxc layer): byte-exact reader and writer.
 
 Stored guest images and the live-update hand-over both use this format (see
-DESIGN.md section 3).  Modules:
+docs/design.md §3).  Modules:
 
 * :mod:`.framing` -- constants, image/domain headers, :class:`StreamError`, ``check_pfns``
 * :mod:`.records` -- typed records and their body codecs

@@ -1,0 +1,4 @@
+"""Benchmarks behind `hvlab bench`: the emulator, typeref revalidation, live updates.
+
+Each prints ratios, never absolute times alone.
+"""

@@ -1,0 +1,4 @@
+"""How the new build rebuilds page-type references during a live update.
+
+One module per strategy.
+"""
