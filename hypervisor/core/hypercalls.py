@@ -173,16 +173,16 @@ class VcpuMmuContext:
         self.m2p = hv.m2p
 
     def get_cr3(self) -> int:
-        return self.v.mmu.base_ma >> 12
+        return self.v.roots.kernel_ma >> 12
 
     def set_cr3(self, mfn: int) -> None:
         self.hv.set_base_pointer(self.v, mfn << 12)
 
     def get_user_cr3(self) -> int:
-        return self.v.user_base_ma >> 12
+        return self.v.roots.user_ma >> 12
 
     def set_user_cr3(self, mfn: int) -> None:
-        self.v.user_base_ma = mfn << 12
+        self.v.roots.user_ma = mfn << 12
 
     def flush_tlb(self, flush: TlbFlush) -> None:
         if flush.kind == FlushKind.LOCAL:

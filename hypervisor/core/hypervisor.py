@@ -281,10 +281,10 @@ class Hypervisor:
         cpu = self.pcpus[v.pcpu]
         self._unload(v.pcpu)
         cpu.reset()
-        v.mmu.base_ma = base_ma
+        v.roots.kernel_ma = base_ma
         cpu.mmu = v.mmu
         cpu.set_reg("cr4", CR4_PAE)
-        cpu.set_reg("cr3", base_ma)
+        cpu.set_reg("cr3", base_ma)  # the guest's view of its root
         cpu.set_reg("cr0", CR0_PE_PG)
         cpu.set_descriptor_table("gdtr", GDT_VA, len(GDT) - 1)
         cpu.set_reg("cs", KERNEL_CS)
@@ -301,6 +301,9 @@ class Hypervisor:
         base_ma = ctx.ctrlreg[3] & ~0xFFF
         if base_ma == 0 or base_ma >> 12 >= self.memory.nr_frames:
             return -EINVAL
+        # the CR3 reference changes the domain's type state: a lazy update's
+        # validation (and its proof) completes first, as before a page-table hypercall
+        self.before_page_table_hypercall(v.domain)
         rc = until_done(lambda: self.typing.get_root_ref(base_ma >> 12, v.domain.domid))
         if rc:
             return rc
@@ -327,16 +330,22 @@ class Hypervisor:
         return {name: cpu.reg(name) for name in REGISTERS}
 
     def before_page_table_hypercall(self, dom: Domain) -> None:
-        """A domain still being validated lazily is finished before its tables change."""
+        """A domain still being validated lazily is finished before its type state
+        changes (its tables, pins, base pointers, or a new vCPU's CR3 reference)."""
         lazy = dom.vcpus[0].mmu.lazy if dom.vcpus else None
         if lazy is not None:
             lazy.finish()
 
     def set_base_pointer(self, v: Vcpu, base_ma: int) -> None:
-        """NEW_BASEPTR: the vCPU now translates through another (referenced) L4."""
-        v.mmu.base_ma = base_ma
-        if self.loaded[v.pcpu] is v:
-            self.pcpus[v.pcpu].flush_tlb()
+        """NEW_BASEPTR: the vCPU now translates through another (referenced) L4.
+
+        Its CR3 register follows, as Xen's emulated CR3 read would: the guest sees
+        its new root, and a later save or live update, which load CR3 from the
+        root, give back the register the guest had."""
+        v.roots.kernel_ma = base_ma
+        cpu = self._switch(v.pcpu, v)
+        cpu.set_reg("cr3", base_ma)
+        cpu.flush_tlb()
 
     def check_typerefs(self, dom: Domain) -> list[Difference]:
         """Every frame's type state recomputed from the domain's tables, pins and CR3s."""
@@ -345,8 +354,7 @@ class Hypervisor:
         owned = self.frame_table.frames_of(dom.domid)
         pinned = owned[self.frame_table.pinned(owned)]
         pins = {int(m): int(self.frame_table.page_type(int(m))) for m in pinned}
-        cr3s = [v.mmu.base_ma >> 12 for v in dom.vcpus if v.context is not None]
-        cr3s += [v.user_base_ma >> 12 for v in dom.vcpus if v.user_base_ma]
+        cr3s = [mfn for v in dom.vcpus for mfn in v.roots.referenced()]
         return check_typerefs(self.memory.u64, self.frame_table, dom.domid, pins, cr3s)
 
     def _unload(self, pcpu: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from hypervisor.pv.base_pointers import BasePointers
 from hypervisor.pv.mmu import PvMmu
 
 if TYPE_CHECKING:
@@ -62,7 +63,6 @@ class Vcpu:
     event_callback: int = 0
     failsafe_callback: int = 0
     syscall_callback: int = 0
-    user_base_ma: int = 0
     timer_deadline_ns: int | None = None
     yield_requested: bool = False
     instructions: int = 0  # instructions this vCPU has executed
@@ -74,6 +74,11 @@ class Vcpu:
         return f"{self.domain.name}/v{self.vcpu_id}"
 
     @property
+    def roots(self) -> BasePointers:
+        """A PV vCPU's page-table roots (an HVM vCPU's root is its CR3 register)."""
+        return self.mmu.roots
+
+    @property
     def runnable(self) -> bool:
         return self.runstate == RUNNABLE and self.domain.alive
 
@@ -82,9 +87,9 @@ class Vcpu:
         offset = self.domain.time_offset
         deadline = None if self.timer_deadline_ns is None else self.timer_deadline_ns + offset
         # an HVM vCPU's base pointer is its CR3 register (in `registers`)
-        base_ma = getattr(self.mmu, "base_ma", 0)
-        return VcpuState(self.vcpu_id, self.runstate, registers, base_ma,
-                         self.user_base_ma, deadline,
+        roots = self.roots if isinstance(self.mmu, PvMmu) else BasePointers()
+        return VcpuState(self.vcpu_id, self.runstate, registers, roots.kernel_ma,
+                         roots.user_ma, deadline,
                          tuple(entry for _, entry in sorted(self.trap_table.items())),
                          self.event_callback, self.failsafe_callback, self.syscall_callback,
                          self.instructions, self.upcalls)

@@ -225,7 +225,7 @@ class Builder:
 
 
 def _boot_l4_mfn(hv, dom) -> int:
-    return dom.vcpus[0].mmu.base_ma >> 12
+    return dom.vcpus[0].roots.kernel_ma >> 12
 
 
 def linux_like(b: Builder) -> None:

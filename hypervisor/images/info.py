@@ -99,7 +99,7 @@ def _take(tally: _Tally, record: object, path: str | os.PathLike[str]) -> None:
                 "rip": ctx.user_regs.rip,
                 "rsp": ctx.user_regs.rsp,
                 "cr3_pfn": ctx.ctrlreg[3] >> 12,
-                "user_cr3_pfn": (ctx.ctrlreg[1] >> 12) or None,
+                "user_cr3_pfn": ctx.user_table,
             })
         case HvmContextRecord(blob=blob):
             for entry in iter_hvm_context(blob):
@@ -204,7 +204,7 @@ def print_info(info: dict[str, Any], out: TextIO) -> None:
     vcpus = info["vcpus"]
     w(f"vcpus       {vcpus['count']} ({vcpus['online']} online)\n")
     for v in vcpus["list"]:
-        user = f" user-cr3 pfn {v['user_cr3_pfn']:#x}" if v["user_cr3_pfn"] else ""
+        user = f" user-cr3 pfn {v['user_cr3_pfn']:#x}" if v["user_cr3_pfn"] is not None else ""
         w(f"            v{v['id']:<3} {'online ' if v['online'] else 'offline'} "
           f"rip {v['rip']:#018x}  cr3 pfn {v['cr3_pfn']:#x}{user}\n")
     if info["tsc"] is not None:

@@ -10,8 +10,9 @@ Two parts, in one streaming pass plus a validation:
 * **Page tables**, without running anything: the page-table pages are
   *localised* into scratch memory (pfn p becomes mfn p + 1, since mfn 0 is
   never a guest frame) with a scratch frame table, then the `*_PIN` pages are
-  pinned and the vCPUs' CR3 references taken, in the order a restore does,
-  by the vectorised validator (`mm.bulk.bulk_validate`). A refused root is
+  pinned and the vCPUs' CR3 references taken, in the order a restore does
+  (`mm.rebuild.rebuild_from_roots`: the vectorised validator, with the roots
+  ordered so that linear entries find their targets validated). A refused root is
   explained by walking its tree for the entry at fault.
 
 Only page-table pages are copied: data pages are never read as tables by a
@@ -32,7 +33,6 @@ import numpy as np
 
 from emulator.memory import HostMemory
 from hypervisor.mm.builds import BUILDS, LATEST_BUILD, PageType, get_build
-from hypervisor.mm.bulk import bulk_validate
 from hypervisor.mm.errors import MmError, errno_name
 from hypervisor.mm.frametable import PGC_ALLOCATED, FrameTable
 from hypervisor.mm.pte import (
@@ -45,6 +45,7 @@ from hypervisor.mm.pte import (
     XEN_L4_LAST_SLOT,
     disallow_mask,
 )
+from hypervisor.mm.rebuild import rebuild_from_roots
 from hypervisor.mm.typerefs import Root
 from hypervisor.pv.save import HVLAB_DOMAIN_RECORD, HVLAB_DOMAIN_VERSION
 from hypervisor.stream import (
@@ -401,13 +402,12 @@ def _vcpu(st: _State, record: X86PvVcpuBasicRecord) -> None:
     except StreamError as err:
         st.problem(str(err))
         return
-    for reg, what in ((3, "CR3"), (1, "user CR3")):
-        value = ctx.ctrlreg[reg]
-        if value == 0:
-            if reg == 3:
-                st.at(*where, f"vCPU {vid} has no CR3")
+    if ctx.ctrlreg[3] == 0:
+        st.at(*where, f"vCPU {vid} has no CR3")
+    for pfn, what in ((ctx.ctrlreg[3] >> 12 if ctx.ctrlreg[3] else None, "CR3"),
+                      (ctx.user_table, "user CR3")):
+        if pfn is None:
             continue
-        pfn = value >> 12
         if st.nr_pages is None or pfn >= st.nr_pages:
             st.at(*where, f"vCPU {vid} {what} is pfn {pfn:#x}, beyond the domain")
             continue
@@ -446,7 +446,10 @@ def _validate_tables(st: _State) -> dict[str, Any]:
     frames.count_info[1:] = PGC_ALLOCATED | 1
     roots = st.pins + st.cr3s
     try:
-        result = bulk_validate(st.memory.u64, frames, SCRATCH_DOMID, [r.root for r in roots])
+        saved_levels = pfinfo_levels(st.pfn_type).astype(np.int64)
+        table_pfns = np.flatnonzero(saved_levels)  # scratch mfn = pfn + 1
+        result = rebuild_from_roots(st.memory.u64, frames, SCRATCH_DOMID, [r.root for r in roots],
+                                    (table_pfns + 1, saved_levels[table_pfns]))
     except MmError as err:
         st.problem(f"page tables could not be validated: {err}")
         return {}

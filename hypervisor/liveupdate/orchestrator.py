@@ -429,7 +429,7 @@ def _complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict
                 assert dom.hvm is not None
                 counters["ept_entries_written"] += dom.hvm.physmap.ept_entries()
                 continue  # EPT is rebuilt from the P2M whatever the strategy
-            bases = {vid: (ctx.ctrlreg[3] >> 12, ctx.ctrlreg[1] >> 12)
+            bases = {vid: (ctx.ctrlreg[3] >> 12, ctx.user_table or 0)
                      for vid, ctx in ho.contexts.items()}
             dom = install_domain(new, ho.meta, ho.p2m, ho.contexts, bases)
             if plan.strategy == "lazy":

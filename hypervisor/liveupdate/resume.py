@@ -4,8 +4,10 @@ after an exec.
 It maps the same file-backed host memory, reads the hand-over in DIR,
 completes the update (restore, typerefs, vCPU state, proof) and carries the
 scenario on to its end, printing the result as the original command would.
-The hand-over (unless kept) is removed on every path; the memory file was
-unlinked when created (this process reaches it through an inherited descriptor).
+Everything here happens after the point of no return: any failure is one line
+with its exit status (hypervisor/lib/errors.py), never a traceback. The
+hand-over (unless kept) is removed on every path; the memory file was unlinked
+when created (this process reaches it through an inherited descriptor).
 """
 
 from __future__ import annotations

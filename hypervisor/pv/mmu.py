@@ -2,8 +2,9 @@
 
 `PvMmu` is the one-stage PV walk: the guest's page tables hold machine frame
 numbers and the walk starts at the base pointer the *hypervisor* holds for
-the vCPU (set by NEW_BASEPTR or the builder), never the CPU's CR3 register,
-which a CPL-0 guest could load with anything. The hypervisor's own range (L4
+the vCPU (`BasePointers.kernel_ma`: set by NEW_BASEPTR, the builder or a
+restore), never the CPU's CR3 register, which a CPL-0 guest could load with
+anything. The hypervisor's own range (L4
 slots 256-271) is never walked through guest tables: it maps only the
 hypervisor's read-only GDT page.
 """
@@ -15,6 +16,7 @@ from typing import Protocol
 from emulator.engine import PERM_R, PERM_W, PERM_X
 from emulator.memory import HostMemory
 from emulator.paging import Translation, WalkFault, walk
+from hypervisor.pv.base_pointers import BasePointers
 
 
 class LazyTyping(Protocol):
@@ -33,7 +35,7 @@ class PvMmu:
     def __init__(self, memory: HostMemory, gdt_ma: int) -> None:
         self.memory = memory
         self.gdt_ma = gdt_ma
-        self.base_ma = 0  # machine address of the L4 the vCPU runs on
+        self.roots = BasePointers()  # the vCPU's page-table roots (Vcpu.roots)
         self.last_fault: WalkFault | None = None
         self.fills = 0
         # During a lazy live update: validates the tables a walk goes through and
@@ -59,8 +61,8 @@ class PvMmu:
     def lookup(self, gva: int, access: str) -> Translation | WalkFault:
         """A walk for the hypervisor's own guest accesses (copy to/from guest)."""
         if self.lazy is not None:
-            self.lazy.validate_walk(self.memory.u64, self.base_ma, gva)
-        return walk(self.memory.u64, self.base_ma, gva, access)
+            self.lazy.validate_walk(self.memory.u64, self.roots.kernel_ma, gva)
+        return walk(self.memory.u64, self.roots.kernel_ma, gva, access)
 
 
 def _perms(t: Translation) -> int:

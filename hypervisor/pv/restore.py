@@ -25,8 +25,8 @@ from hypervisor.core.domain import Shutdown
 from hypervisor.core.evtchn import EventChannelState
 from hypervisor.core.vcpu import DOWN, RUNNABLE, TrapEntry
 from hypervisor.lib.errors import HvlabError
-from hypervisor.mm.bulk import bulk_validate
 from hypervisor.mm.errors import errno_name
+from hypervisor.mm.rebuild import rebuild_from_roots
 from hypervisor.mm.typerefs import Root
 from hypervisor.pv.save import (
     FXSAVE_MXCSR,
@@ -74,6 +74,7 @@ class _Pending:
     p2m_list_pfns: np.ndarray | None = None
     seen: np.ndarray | None = None
     pins: list[tuple[int, int, int]] = field(default_factory=list)  # (pfn, level, offset)
+    tables: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (pfns, levels)
     shared_info: bytes | None = None
     vcpus: dict[int, tuple[VcpuGuestContext, int]] = field(default_factory=dict)
     tsc_nsec: int | None = None
@@ -180,6 +181,7 @@ def _load_pages(hv: Hypervisor, st: _Pending, record: PageDataRecord, path: Path
     hv.memory.u8.reshape(-1, PAGE_SIZE)[st.p2m[pfns[has_data]].astype(np.int64)] = data
     pinned = np.flatnonzero((types & 0x8).astype(bool) & (levels > 0))
     st.pins += [(int(pfns[i]), int(levels[i]), record.offset) for i in pinned]
+    st.tables.append((pfns[levels > 0], levels[levels > 0]))
 
 
 def _localise(pages: np.ndarray, st: _Pending, record: PageDataRecord, path: Path,
@@ -221,7 +223,9 @@ def _finish(hv: Hypervisor, st: _Pending, domid: int, path: Path, name: str | No
     hv.memory.write_u64(start_info_ma + 40, shared_info_mfn * PAGE_SIZE)
     # Restoring validates, as Xen's restore does: pin what was pinned, then take each
     # vCPU's CR3 references. The bulk validator gives exactly the reference's frame
-    # table (and refusals) in vectorised passes: a 64 GiB guest in seconds.
+    # table (and refusals) in vectorised passes: a 64 GiB guest in seconds; the
+    # saved levels order the roots so that linear entries find their targets
+    # validated (mm/rebuild.py).
     roots: list[Root] = []
     blame: list[tuple[str, int, str]] = []  # per root: record, offset, what it was
     for pfn, level, offset in st.pins:
@@ -229,16 +233,19 @@ def _finish(hv: Hypervisor, st: _Pending, domid: int, path: Path, name: str | No
         blame.append(("PAGE_DATA", offset, f"pinning the L{level} table at pfn {pfn}"))
     bases: dict[int, tuple[int, int]] = {}
     for vid, (ctx, offset) in sorted(st.vcpus.items()):
-        cr3_pfn, user_pfn = ctx.ctrlreg[3] >> 12, ctx.ctrlreg[1] >> 12
-        if cr3_pfn >= st.nr_pages or user_pfn >= st.nr_pages:
+        cr3_pfn, user_pfn = ctx.ctrlreg[3] >> 12, ctx.user_table
+        if cr3_pfn >= st.nr_pages or (user_pfn or 0) >= st.nr_pages:
             raise _fail(path, "X86_PV_VCPU_BASIC", offset, "CR3 lies beyond the domain")
         base = int(st.p2m[cr3_pfn])
-        user = int(st.p2m[user_pfn]) if ctx.ctrlreg[1] else 0
+        user = int(st.p2m[user_pfn]) if user_pfn is not None else 0
         for root in (base, user) if user else (base,):
             roots.append(Root(root, 4, False))
             blame.append(("X86_PV_VCPU_BASIC", offset, f"vCPU {vid}'s page tables"))
         bases[vid] = (base, user)
-    result = bulk_validate(hv.memory.u64, hv.frame_table, domid, roots)
+    pfns = np.concatenate([t[0] for t in st.tables] or [np.empty(0, np.int64)])
+    levels = np.concatenate([t[1] for t in st.tables] or [np.empty(0, np.int64)])
+    result = rebuild_from_roots(hv.memory.u64, hv.frame_table, domid, roots,
+                                (st.p2m[pfns].astype(np.int64), levels))
     if result.failures:
         failure = result.failures[0]
         record, offset, what = blame[failure.index]
@@ -275,7 +282,7 @@ def install_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray,
         ctx = contexts[v.vcpu_id]
         base, user = bases[v.vcpu_id]
         hv.start_vcpu(v, _registers(ctx), base * PAGE_SIZE)
-        v.user_base_ma = user * PAGE_SIZE
+        v.roots.user_ma = user * PAGE_SIZE
         v.event_callback = ctx.event_callback_eip
         v.failsafe_callback = ctx.failsafe_callback_eip
         v.syscall_callback = ctx.syscall_callback_eip

@@ -133,9 +133,9 @@ def vcpu_context(hv: Hypervisor, v, normalise: bool = True) -> VcpuGuestContext:
         return int(hv.m2p[ma >> 12]) if normalise else ma >> 12
 
     ctx.ctrlreg = [regs["cr0"], 0, regs["cr2"], 0, regs["cr4"], 0, 0, 0]
-    ctx.ctrlreg[3] = frame(v.mmu.base_ma) << 12
-    if v.user_base_ma:
-        ctx.ctrlreg[1] = frame(v.user_base_ma) << 12
+    ctx.ctrlreg[3] = frame(v.roots.kernel_ma) << 12
+    if v.roots.user_ma:
+        ctx.user_table = frame(v.roots.user_ma)
     ctx.event_callback_eip = v.event_callback
     ctx.failsafe_callback_eip = v.failsafe_callback
     ctx.syscall_callback_eip = v.syscall_callback

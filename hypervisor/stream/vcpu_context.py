@@ -34,6 +34,10 @@ against)::
 Padding octets are written as zero and ignored on read.  In a saved image
 ``ctrlreg[3]``, ``ctrlreg[1]`` (user page table) and ``gdt_frames`` hold PFNs
 (normalised); in VCPUOP_initialise and the live-update hand-over, MFNs.
+``ctrlreg[1]`` is written as Xen's saver writes it, ``1 | frame << 12`` (bit 0:
+there is a user page table; Xen's restorer converts the field only when bit 0
+is set), and read in that encoding or the bare ``frame << 12`` older images
+hold: any non-zero value names ``value >> 12``.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ VGCF_SYSCALL_DISABLES_EVENTS = 1 << 4
 VGCF_ONLINE = 1 << 5
 
 NR_TRAPS = 256
+USER_TABLE_PRESENT = 1  # ctrlreg[1] bit 0, as Xen's saver sets it
 NR_GDT_FRAMES = 16
 
 _GPRS = (
@@ -173,6 +178,15 @@ class VcpuGuestContext:
     gs_base_user: int = 0
 
     SIZE = VCPU_GUEST_CONTEXT_SIZE
+
+    @property
+    def user_table(self) -> int | None:
+        """The user page table's frame (ctrlreg[1], either encoding), None for none."""
+        return self.ctrlreg[1] >> 12 if self.ctrlreg[1] else None
+
+    @user_table.setter
+    def user_table(self, frame: int | None) -> None:
+        self.ctrlreg[1] = 0 if frame is None else USER_TABLE_PRESENT | frame << 12
 
     def pack(self) -> bytes:
         """The exact 5168-octet image; StreamError naming the field if a value does not fit."""

@@ -88,7 +88,7 @@ def test_booting_validates_and_pins_the_initial_tables():
     hv = boot_scenario(load_scenario(SCENARIOS / "pv-hello.toml"))
     (dom,) = hv.domains
     ft = hv.frame_table
-    l4 = dom.vcpus[0].mmu.base_ma >> 12
+    l4 = dom.vcpus[0].roots.kernel_ma >> 12
     assert ft.page_type(l4) == PageType.L4 and ft.is_pinned(l4) and ft.is_validated(l4)
     assert ft.type_count(l4) == 2  # the pin and vCPU 0's CR3
     owned = ft.frames_of(dom.domid)

@@ -17,8 +17,8 @@ from hypervisor.lib.errors import HvlabError
 from hypervisor.lib.extents import runs_of
 from hypervisor.liveupdate.handover import PFN_MASK, DomainHandover, start_type_log
 from hypervisor.mm.builds import PageType, get_build
-from hypervisor.mm.bulk import bulk_validate
 from hypervisor.mm.frametable import DOMID_INVALID, FrameTable
+from hypervisor.mm.rebuild import rebuild_from_roots
 from hypervisor.mm.typerefs import Root
 from hypervisor.stream.vcpu_context import VcpuGuestContext
 
@@ -59,8 +59,8 @@ def cr3s_of(contexts: dict[int, VcpuGuestContext]) -> list[int]:
     cr3s = []
     for _vid, ctx in sorted(contexts.items()):
         cr3s.append(ctx.ctrlreg[3] >> 12)
-        if ctx.ctrlreg[1]:
-            cr3s.append(ctx.ctrlreg[1] >> 12)
+        if ctx.user_table is not None:
+            cr3s.append(ctx.user_table)
     return cr3s
 
 
@@ -76,6 +76,14 @@ def table_frames(p2m: np.ndarray, tables: np.ndarray) -> tuple[np.ndarray, np.nd
     return p2m[pfns].astype(np.int64), info & LEVEL_MASK
 
 
+def _validated_tables(frames: FrameTable, p2m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The page tables a (running) build has typed among `p2m`'s frames: (mfns, levels)."""
+    mfns = p2m.astype(np.int64)
+    types = frames.types(mfns)
+    is_table = (types >= PageType.L1) & (types <= PageType.L4) & (frames.type_counts(mfns) > 0)
+    return mfns[is_table], types[is_table].astype(np.int64)
+
+
 def typed_work(frames: FrameTable, mfns: np.ndarray) -> dict[str, int]:
     """What validating these frames amounted to: PTEs read, tables validated, refs taken."""
     types = frames.types(mfns)
@@ -89,7 +97,8 @@ def typed_work(frames: FrameTable, mfns: np.ndarray) -> dict[str, int]:
 
 
 def _full_walk_domain(hv: Hypervisor, domid: int, ho: DomainHandover) -> dict[str, int]:
-    result = bulk_validate(hv.memory.u64, hv.frame_table, domid, roots_of(ho))
+    result = rebuild_from_roots(hv.memory.u64, hv.frame_table, domid, roots_of(ho),
+                                table_frames(ho.p2m, ho.tables))
     if not result.ok:
         first = result.failures[0]
         raise StrategyError(f"domain {ho.meta['name']}: the old build's page tables failed "
@@ -203,9 +212,9 @@ def prevalidate(old: Hypervisor, new_build: str, staged: FrameTable | None = Non
         pins = old.frame_table.pinned(dom.p2m.astype(np.int64))
         roots = [Root(int(m), int(old.frame_table.page_type(int(m))), True)
                  for m in dom.p2m[pins]]
-        roots += [Root(v.mmu.base_ma >> 12, 4, False) for v in dom.vcpus if v.context is not None]
-        roots += [Root(v.user_base_ma >> 12, 4, False) for v in dom.vcpus if v.user_base_ma]
-        result = bulk_validate(old.memory.u64, frames, dom.domid, roots)
+        roots += [Root(mfn, 4, False) for v in dom.vcpus for mfn in v.roots.referenced()]
+        result = rebuild_from_roots(old.memory.u64, frames, dom.domid, roots,
+                                    _validated_tables(old.frame_table, dom.p2m))
         if not result.ok:
             raise StrategyError(f"prevalidation of {dom.name} failed: {result.failures[0]}")
         for key, value in typed_work(frames, dom.p2m.astype(np.int64)).items():

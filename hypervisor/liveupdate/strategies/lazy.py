@@ -187,7 +187,7 @@ def start_lazy(hv: Hypervisor, dom: Domain, ho: DomainHandover, budget_ptes: int
         if v.context is not None:
             regs = hv.read_vcpu_registers(v)
             for gva in (regs["rip"], regs["rsp"]):
-                lazy.validate_walk(hv.memory.u64, v.mmu.base_ma, gva)
+                lazy.validate_walk(hv.memory.u64, v.roots.kernel_ma, gva)
     # the blackout's own work (roots and the RIP/RSP paths) is priced; fills come later
     for key in ("ptes_examined", "pages_validated", "refs_taken"):
         update.blackout[f"blackout_{key}"] = (update.blackout.get(f"blackout_{key}", 0)
