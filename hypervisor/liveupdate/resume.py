@@ -25,7 +25,7 @@ from hypervisor.liveupdate.orchestrator import Blackout, complete_update
 
 
 def main(argv: list[str]) -> int:
-    workdir, temporary = Path(argv[0]), argv[1:] != ["kept"]
+    workdir, temporary = Path(argv[0]), argv[1:] == ["temporary"]  # else never removed
     run: UpdateRun | None = None
     try:
         with terminate_by_exception():
