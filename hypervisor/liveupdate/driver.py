@@ -33,6 +33,7 @@ from hypervisor.liveupdate.orchestrator import (
 )
 from hypervisor.runner import boot_scenario, describe
 from hypervisor.scenario import Scenario, UpdateSpec
+from hypervisor.seams import Seams
 
 # the work before the pause (hand-over sent ahead, prevalidation) starts this long before it
 PREPARE_LEAD_NS = 1_000_000
@@ -69,10 +70,13 @@ def _rate(instructions: int, ns: int) -> float | None:
 
 
 def check_run(scenario: Scenario, updates: list[UpdateSpec], plan: UpdatePlan,
-              keep_handover: Path | None = None) -> None:
+              keep_handover: Path | None = None, seams: Seams | None = None) -> None:
     """Every planned update checked before the run starts: each inside the run, each
     build and strategy known, a translator for every transfer along the chain of
-    builds, and a place to keep the hand-overs if asked."""
+    builds, a lab's code not asked to cross an exec, a place to keep the hand-overs."""
+    if plan.exec_new_process and seams is not None and seams.plugged:
+        raise UpdateError("--exec: a lab's code plugged into this build cannot cross into a "
+                          "new process")
     build = scenario.build
     for n, spec in enumerate(sorted(updates, key=lambda u: u.at_ns), 1):
         where = f"update {n} of {len(updates)} (at {_ms(spec.at_ns)}, {build} -> {spec.to}, " \
@@ -123,14 +127,20 @@ class UpdateRun:
     skipped: list[dict[str, Any]] = field(default_factory=list)  # no domain left to update
     keep_handover: Path | None = None  # keep each update's hand-over in DIR/update-N
     started_updates: int = 0
+    seams: Seams | None = None  # a lab's code in place of hvlab's (hypervisor/seams.py)
 
     def start(self) -> dict[str, Any]:
         memory = None
         if self.plan.exec_new_process:
             self.memory_file = _memory_file()
             memory = HostMemory(self.scenario.memory, self.memory_file)
-        hv = boot_scenario(self.scenario, memory=memory)
-        return self.carry_on(hv)
+        try:
+            hv = boot_scenario(self.scenario, memory=memory, seams=self.seams)
+            return self.carry_on(hv)  # with --exec, a new process goes on from here
+        except BaseException:  # the memory file has no name left: close its descriptor
+            if self.memory_file is not None:
+                os.close(int(self.memory_file.name))
+            raise
 
     def _plan_for(self, spec: UpdateSpec) -> UpdatePlan:
         self.started_updates += 1
@@ -210,13 +220,14 @@ def _not_started(hv: Hypervisor, spec: UpdateSpec) -> dict[str, Any]:
 
 
 def run_with_updates(scenario: Scenario, updates: list[UpdateSpec], plan: UpdatePlan,
-                     output: str = "none", keep_handover: Path | None = None) -> dict[str, Any]:
+                     output: str = "none", seams: Seams | None = None,
+                     keep_handover: Path | None = None) -> dict[str, Any]:
     """Check every update, boot, run to each update's time, update, run to the end;
     one report per update. `output` matters with `plan.exec_new_process`: the last
     process prints. Hand-overs are removed when done unless `keep_handover`."""
-    check_run(scenario, updates, plan, keep_handover)
+    check_run(scenario, updates, plan, keep_handover, seams)
     if keep_handover is not None:
         keep_handover.mkdir(exist_ok=True)
     run = UpdateRun(scenario, sorted(updates, key=lambda u: u.at_ns), plan, output=output,
-                    keep_handover=keep_handover)
+                    seams=seams, keep_handover=keep_handover)
     return run.start()

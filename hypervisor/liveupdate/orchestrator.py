@@ -65,6 +65,7 @@ from hypervisor.liveupdate.strategies import base as strategies
 from hypervisor.liveupdate.strategies.lazy import stage_typing, start_lazy
 from hypervisor.mm.incremental import IncrementalTyping
 from hypervisor.pv.restore import install_domain
+from hypervisor.seams import HVLAB_OWN, Seams
 
 PHASES = ("pause", "save", "teardown", "restore", "typerefs", "resume")
 
@@ -114,6 +115,9 @@ def check_updates(build: str, updates: list[tuple[str, str]], fail_at: str | Non
 def check_plan(hv: Hypervisor, plan: UpdatePlan) -> None:
     """Refuse a plan that cannot work before anything is paused."""
     check_updates(hv.build, [(plan.to_build, plan.strategy)], plan.fail_at)
+    if plan.exec_new_process and hv.seams.plugged:
+        raise UpdateError("--exec: a lab's code plugged into this build cannot cross into a "
+                          "new process")
     for dom in hv.domains:
         if dom.kind not in ("pv", "hvm"):
             raise UpdateError(f"domain {dom.name}: live update of {dom.kind} domains is not "
@@ -263,6 +267,7 @@ class Blackout:
     old_build: str
     started: float  # time.monotonic(): system-wide, comparable across processes
     staged: StagedBuild | None = None  # made before the pause, in this process
+    seams: Seams = HVLAB_OWN  # a lab's code plugged into the old build goes on in the new
     temporary_workdir: bool = True  # removed once the new build has read it
 
 
@@ -350,7 +355,8 @@ def _blackout(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared, phases: _Pha
     blackout = Blackout(
         plan, phases, counters, report, prepared.workdir, before, prepared.prevalidation,
         changed_domains(hv), [frames_in_use(d) for d in hv.domains],
-        hv.machine, hv.now, hv.build, started, prepared.staged, prepared.temporary)
+        hv.machine, hv.now, hv.build, started, prepared.staged, hv.seams,
+        temporary_workdir=prepared.temporary)
     memory = hv.memory
     _retrying(phases, "teardown", hv.teardown)
     if handoff is not None:
@@ -381,7 +387,8 @@ def _complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict
         typing.update(staged.typing if staged is not None else {})
         new = Hypervisor(bo.machine, plan.to_build, memory,
                          in_use=[f for d, f in enumerate(bo.in_use) if d not in claimed],
-                         staged=staged.tables if staged is not None else None)
+                         staged=staged.tables if staged is not None else None,
+                         seams=bo.seams)
         new.now = bo.now
         handovers = read_handover(bo.workdir, staged.sent if staged is not None else None)
         # what was sent ahead but could not be staged before the pause (costs.py)
