@@ -53,6 +53,7 @@ from hypervisor.mm.pte import (
     XEN_L4_LAST_SLOT,
 )
 from hypervisor.mm.typerefs import PageTyping
+from hypervisor.research.progress import progress
 
 PAGE_SIZE = 4096
 DOMID = 1
@@ -279,6 +280,7 @@ def run_revalidate_bench(
     nr_processes: int = DEFAULT_PROCESSES,
     sample_pages: int = REFERENCE_SAMPLE_PAGES,
     repeats: int = DEFAULT_REPEATS,
+    quiet: bool = True,
 ) -> dict[str, Any]:
     """Measure bulk, reference and scan for one `mem_bytes` guest; print and return them.
 
@@ -301,24 +303,29 @@ def run_revalidate_bench(
             raise RevalidateBenchError(f"{name} {value!r} is not an integer in {low}..{high}")
     out = sys.stdout if out is None else out
 
-    # guest.frames stays fresh (ownership only): every bulk run starts from a copy.
-    guest = lay_out_guest(guest_pages, build, seed, nr_processes)
-    mem2d = guest.frames.check_mem(guest.mem)
-    scans = [scan_page_tables(mem2d, guest.tree.tables) for _ in range(repeats)]
-    scan = min(scans, key=lambda x: x.seconds)
-    bulk_runs: list[float] = []
-    validated = guest.frames
-    for _ in range(repeats):
-        del validated  # free the previous run's table before copying the next
-        validated = guest.frames.copy()
-        bulk_runs.append(_validate(guest.mem, validated, guest.tree, "guest"))
-    _check_all_tables_validated(validated, guest)
+    with progress(3 + repeats, f"bench revalidate {_size(mem_bytes)}", quiet) as advance:
+        # guest.frames stays fresh (ownership only): every bulk run starts from a copy.
+        guest = lay_out_guest(guest_pages, build, seed, nr_processes)
+        advance("laid out")
+        mem2d = guest.frames.check_mem(guest.mem)
+        scans = [scan_page_tables(mem2d, guest.tree.tables) for _ in range(repeats)]
+        scan = min(scans, key=lambda x: x.seconds)
+        advance("scanned")
+        bulk_runs: list[float] = []
+        validated = guest.frames
+        for _ in range(repeats):
+            del validated  # free the previous run's table before copying the next
+            validated = guest.frames.copy()
+            bulk_runs.append(_validate(guest.mem, validated, guest.tree, "guest"))
+            advance(f"bulk run {len(bulk_runs)}")
+        _check_all_tables_validated(validated, guest)
 
-    if guest_pages <= sample_pages:
-        reference = _reference(guest.frames, validated, guest, sample_is_guest=True)
-    else:
-        del validated
-        reference = _reference_on_sample(build, seed, nr_processes, sample_pages)
+        if guest_pages <= sample_pages:
+            reference = _reference(guest.frames, validated, guest, sample_is_guest=True)
+        else:
+            del validated
+            reference = _reference_on_sample(build, seed, nr_processes, sample_pages)
+        advance("reference done")
 
     ptes = scan.ptes
     bulk_s = min(bulk_runs)
