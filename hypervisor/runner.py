@@ -21,10 +21,11 @@ from hypervisor.debug.gdb import GdbKilled, GdbSession
 from hypervisor.hvm.policy import create_hvm_domain
 from hypervisor.images.frames import domain_frames
 from hypervisor.lib.errors import HvlabError
-from hypervisor.liveupdate.driver import ScheduledUpdate, UpdateRun
+from hypervisor.liveupdate.driver import ScheduledUpdate, UpdateRun, check_run
 from hypervisor.liveupdate.orchestrator import UpdatePlan
 from hypervisor.liveupdate.report import print_update_report
 from hypervisor.pv.domain import create_pv_domain
+from hypervisor.pv.linux.domain import create_linux_domain, uses_xen_abi
 from hypervisor.scenario import Scenario, ScenarioError, load_scenario, parse_time
 from hypervisor.tracing import Symbols, TraceOptions, Tracer, parse_rip_range
 
@@ -47,6 +48,12 @@ def boot_scenario(scenario: Scenario, build: str | None = None,
         elif spec.type == "hvm":
             create_hvm_domain(hv, spec.name, str(spec.kernel), spec.memory, spec.vcpus,
                               pod=spec.pod, sources=spec.sources)
+        elif spec.kernel is not None and uses_xen_abi(spec.kernel):  # Linux: Xen's ABI
+            create_linux_domain(hv, spec.name, spec.kernel, spec.memory, spec.vcpus,
+                                spec.cmdline, spec.busybox)
+        elif spec.cmdline or spec.busybox:
+            raise ScenarioError(f"{scenario.path} domain '{spec.name}': 'cmdline' and "
+                                "'busybox' are for kernels on Xen's PV ABI (Linux)")
         else:
             create_pv_domain(hv, spec.name, str(spec.kernel), spec.memory, spec.vcpus)
     return hv
@@ -94,11 +101,10 @@ def describe(hv: Hypervisor, scenario: Scenario, stop: str, wall_s: float) -> di
             "vcpus": [{"id": v.vcpu_id, "pcpu": v.pcpu, "instructions": v.instructions,
                        "upcalls": v.upcalls, "state": v.runstate} for v in d.vcpus],
         }
-        figures = d.policy.describe(d)  # HVM: EPT/PoD; per vCPU timer ticks, IPIs, sources
-        if figures is not None:
-            entry[d.kind] = figures
-            for row, v in zip(entry["vcpus"], d.vcpus, strict=True):
-                row.update(d.policy.describe_vcpu(v))
+        # what the kind adds (HVM: EPT/PoD; Linux on Xen's ABI: its hypercalls), per vCPU
+        entry.update(d.policy.describe(d))
+        for row, v in zip(entry["vcpus"], d.vcpus, strict=True):
+            row.update(d.policy.describe_vcpu(v))
         domains.append(entry)
     instructions = sum(v.instructions for d in hv.domains for v in d.vcpus)
     return {
@@ -117,16 +123,20 @@ def describe(hv: Hypervisor, scenario: Scenario, stop: str, wall_s: float) -> di
 
 
 def run_with_updates(scenario: Scenario, updates: Sequence[ScheduledUpdate], plan: UpdatePlan,
-                     output: str = "none", seams: Seams | None = None) -> dict[str, Any]:
-    """Boot, run to each update's time, update, run to the end; one report per update.
-
-    `output` ("json", "text" or "none") matters with `plan.exec_new_process`: the last
-    process prints. `seams`: a lab's code in place of hvlab's (hypervisor/core/seams.py).
-    """
+                     output: str = "none", seams: Seams | None = None,
+                     keep_handover: Path | None = None) -> dict[str, Any]:
+    """Check every update, boot, run to each update's time, update, run to the end; one
+    report per update. `output` ("json", "text" or "none") matters with
+    `plan.exec_new_process`: the last process prints. `seams`: a lab's code in place of
+    hvlab's (hypervisor/core/seams.py). Hand-overs are removed when done unless
+    `keep_handover`."""
+    check_run(scenario.build, scenario.virtual_time_ns, updates, plan, keep_handover, seams)
+    if keep_handover is not None:
+        keep_handover.mkdir(exist_ok=True)
     emit = {"json": print_json, "text": print_update_run}.get(output)
     run = UpdateRun(sorted(updates, key=lambda u: u.at_ns), plan, scenario.memory,
                     scenario.virtual_time_ns, partial(_boot, scenario, seams),
-                    partial(_describe, scenario), emit)
+                    partial(_describe, scenario), emit, keep_handover=keep_handover)
     return run.start()
 
 

@@ -26,6 +26,7 @@ from emulator.exits import (
     InvalidOpcode,
     MmuFault,
     PortIO,
+    Syscall,
 )
 from emulator.paging import WalkFault
 from hypervisor.core import hypercalls
@@ -44,6 +45,7 @@ EXIT_NAMES = {
     MmuFault: "page_fault",
     InvalidOpcode: "invalid_opcode",
     EngineError: "engine_error",
+    Syscall: "syscall",
 }
 
 VECTOR_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM",
@@ -78,6 +80,8 @@ class ExitDispatcher:
             hook(v, exit_, name)
         if self.hv.tracer is not None:
             self.hv.tracer.exit(v, exit_)
+        if policy.handle_exit(cpu, v, exit_):  # a kind whose exits mean other things
+            return
         match exit_:
             case BudgetExhausted() | Cpuid() | PortIO():
                 pass  # Cpuid, PortIO: answered synchronously, here when the handler stopped
@@ -103,9 +107,11 @@ class ExitDispatcher:
         self.hv.count_exit(EXIT_NAMES[type(exit_)])
         match exit_:
             case Cpuid(leaf=leaf):
-                eax, ebx, ecx, edx = CPUID_TABLE.get(leaf, (0, 0, 0, 0))
-                for name, value in (("rax", eax), ("rbx", ebx), ("rcx", ecx), ("rdx", edx)):
-                    cpu.set_reg(name, value)
+                if not v.domain.policy.answer_cpuid(cpu, v, leaf):
+                    eax, ebx, ecx, edx = CPUID_TABLE.get(leaf, (0, 0, 0, 0))
+                    for name, value in (("rax", eax), ("rbx", ebx), ("rcx", ecx),
+                                        ("rdx", edx)):
+                        cpu.set_reg(name, value)
             case PortIO(port=port, size=size, is_write=is_write, value=value):
                 if is_write and port == DEBUG_CONSOLE_PORT:
                     v.domain.console.append(value & 0xFF)

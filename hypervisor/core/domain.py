@@ -42,6 +42,8 @@ class Domain:
     # from where it was saved (like a TSC offset)
     time_offset: int = 0
     hvm: Any = None  # an HvmDomain (P2M/EPT, layout, EPT violations) for HVM domains
+    backends: Any = None  # console ring and xenstore of a Linux PV domain (pv/linux/backends)
+    kernel_file: str = ""  # Linux PV: the kernel file that was booted (its real name)
 
     @property
     def kind(self) -> str:

@@ -68,6 +68,15 @@ class DomainPolicy(Protocol):
         is the guest's own page fault."""
         ...
 
+    def handle_exit(self, cpu: PhysicalCpu, v: Vcpu, exit_: Exit) -> bool:
+        """The whole exit, for a kind whose exits mean something else entirely (a guest
+        on Xen's ABI at CPL 3); False: the dispatcher's own handling applies."""
+        ...
+
+    def answer_cpuid(self, cpu: PhysicalCpu, v: Vcpu, leaf: int) -> bool:
+        """Answer `cpuid` for the guest; False: the dispatcher's table answers."""
+        ...
+
     # --------------------------------------------------- state and reports
     def check_typerefs(self, dom: Domain) -> list[Difference]:
         """The page-type invariant recomputed ([] where the kind has no page types)."""
@@ -77,8 +86,8 @@ class DomainPolicy(Protocol):
         """At teardown: the frames this build holds for `dom` in its own layout."""
         ...
 
-    def describe(self, dom: Domain) -> dict[str, Any] | None:
-        """Kind-specific figures for the run report (None: nothing to add)."""
+    def describe(self, dom: Domain) -> dict[str, Any]:
+        """Kind-specific sections for the domain's entry in the run report ({} for none)."""
         ...
 
     def describe_vcpu(self, v: Vcpu) -> dict[str, Any]:

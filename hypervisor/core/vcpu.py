@@ -64,6 +64,7 @@ class Vcpu:
     instructions: int = 0  # instructions this vCPU has executed
     upcalls: int = 0
     hvm: Any = None  # an HvmVcpu (vLAPIC, posted interrupts, sources) for HVM vCPUs
+    xen: Any = None  # a XenVcpu: Xen's PV ABI at CPL 3 (hypervisor/pv/xen) when set
 
     @property
     def name(self) -> str:

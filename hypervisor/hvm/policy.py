@@ -278,6 +278,12 @@ class HvmPolicy:
             return "lapic_write"
         return EXIT_NAMES[type(exit_)]
 
+    def handle_exit(self, cpu: PhysicalCpu, v: Vcpu, exit_: Exit) -> bool:
+        return False
+
+    def answer_cpuid(self, cpu: PhysicalCpu, v: Vcpu, leaf: int) -> bool:
+        return False
+
     def memory_fault(self, cpu: PhysicalCpu, v: Vcpu, exit_: MmuFault) -> bool:
         if isinstance(exit_.reason, EptViolation):
             self.ept_violation(cpu, v, exit_, exit_.reason)
@@ -395,13 +401,13 @@ class HvmPolicy:
     def describe(self, dom: Domain) -> dict[str, Any]:
         hd = _hd(dom)
         stats = hd.physmap.stats
-        return {"populate_on_demand": hd.physmap.pod,
+        return {"hvm": {"populate_on_demand": hd.physmap.pod,
                 "pod_pages_populated": stats.pod_pages,
                 "pod_faults": stats.pod_faults,
                 "pod_superpage_faults": stats.pod_superpages,
                 "ept_violations": dict(sorted(hd.violations.items())),
                 "ept_leaves": hd.physmap.superpage_counts(),
-                "log_dirty": hd.physmap.logdirty}
+                "log_dirty": hd.physmap.logdirty}}
 
     def describe_vcpu(self, v: Vcpu) -> dict[str, Any]:
         hvm = _hvm(v)

@@ -96,6 +96,12 @@ class PvPolicy:
     def memory_fault(self, cpu: PhysicalCpu, v: Vcpu, exit_: MmuFault) -> bool:
         return False  # a refused PV walk is the guest's page fault
 
+    def handle_exit(self, cpu: PhysicalCpu, v: Vcpu, exit_: Exit) -> bool:
+        return False
+
+    def answer_cpuid(self, cpu: PhysicalCpu, v: Vcpu, leaf: int) -> bool:
+        return False
+
     # --------------------------------------------------- state and reports
     def check_typerefs(self, dom: Domain) -> list[Difference]:
         """Every frame's type state recomputed from the domain's tables, pins and CR3s."""
@@ -111,8 +117,8 @@ class PvPolicy:
     def release(self, dom: Domain) -> list[int]:
         return []  # PV page tables are guest frames: they stay
 
-    def describe(self, dom: Domain) -> dict[str, Any] | None:
-        return None
+    def describe(self, dom: Domain) -> dict[str, Any]:
+        return {}
 
     def describe_vcpu(self, v: Vcpu) -> dict[str, Any]:
         return {}

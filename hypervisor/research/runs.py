@@ -75,6 +75,7 @@ def _update(run: Run) -> dict[str, Any]:
     from hypervisor.liveupdate.costs import DEFAULT_COSTS_NS, deferred_ns
     from hypervisor.liveupdate.orchestrator import UpdatePlan, live_update, prepare
     from hypervisor.liveupdate.strategies.base import typed_work
+    from hypervisor.liveupdate.strategies.lazy import lazy_update_of
 
     with tempfile.TemporaryDirectory(prefix="hvlab-sweep-") as tmp:
         image = Path(run.image) if run.image else Path(tmp) / "guest.img"
@@ -94,9 +95,10 @@ def _update(run: Run) -> dict[str, Any]:
             before_pause_s = time.perf_counter() - started
             hv, report = live_update(hv, plan, prepared)
             after_s = 0.0
-            if hv.slice_hooks:  # work left after the resume (lazy): run until it is done
+            if lazy_update_of(hv) is not None:  # lazy: run until its validation is done
                 limit = hv.now + LAZY_RUN_LIMIT_NS
-                while hv.slice_hooks and hv.now < limit and hv.domains[0].alive:
+                while (lazy_update_of(hv) is not None and hv.now < limit
+                       and hv.domains[0].alive):
                     hv.run(hv.now + 1_000_000)
                 hv.finish_background_work()
                 after_s = report["counters"].get("lazy_background_wall_s", 0.0)
