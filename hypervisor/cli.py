@@ -131,6 +131,32 @@ def _cmd_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_lab(args: argparse.Namespace) -> int:
+    from hypervisor.teaching import labs
+
+    if args.action == "list":
+        found = labs.list_labs()
+        if args.json:
+            json.dump({"labs": found}, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            labs.print_list(found)
+        return 0
+    result = labs.check_lab(args.name, args.dir)
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        labs.print_check(result)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from hypervisor.teaching.demo import run_demo
+
+    return run_demo(fast=args.fast)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hvlab", description=(
         "An x86-64 hypervisor emulator for live-update research and teaching labs."))
@@ -205,6 +231,21 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("-o", "--output", required=True)
     make.add_argument("--json", action="store_true")
     image.set_defaults(func=_cmd_image)
+
+    lab = sub.add_parser("lab", help="graded teaching labs (scenarios/labs)")
+    lab_sub = lab.add_subparsers(dest="action", required=True)
+    lab_list = lab_sub.add_parser("list", help="the labs and their titles")
+    lab_list.add_argument("--json", action="store_true")
+    lab_check = lab_sub.add_parser("check", help="grade a lab: score and every check")
+    lab_check.add_argument("name")
+    lab_check.add_argument("--dir", help="grade the files in this folder (a copy of the lab)")
+    lab_check.add_argument("--json", action="store_true")
+    lab.set_defaults(func=_cmd_lab)
+
+    demo = sub.add_parser("demo", help="a guided tour: boot, page walk, attack, live update")
+    demo.add_argument("--fast", action="store_true",
+                      help="no pauses (also when stdout is not a terminal)")
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -11,14 +11,16 @@ import unicorn
 from emulator.memory import HostMemory
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
 from hypervisor.scenario import Scenario, ScenarioError
+from hypervisor.seams import Seams
 from hypervisor.tracing import Tracer
 
 
 def boot_scenario(scenario: Scenario, build: str | None = None,
-                  memory: HostMemory | None = None) -> Hypervisor:
-    """The scenario's machine with its domains, on `build` (default: the scenario's)."""
+                  memory: HostMemory | None = None, seams: Seams | None = None) -> Hypervisor:
+    """The scenario's machine with its domains, on `build` (default: the scenario's);
+    `seams`: a lab's code in place of hvlab's own (hypervisor/seams.py)."""
     hv = Hypervisor(MachineConfig(scenario.pcpus, scenario.memory, scenario.quantum_ns),
-                    build or scenario.build, memory)
+                    build or scenario.build, memory, seams=seams)
     for spec in scenario.domains:
         if spec.image is not None:
             from hypervisor.pv.restore import restore_domain
@@ -37,9 +39,10 @@ def boot_scenario(scenario: Scenario, build: str | None = None,
 
 
 def run_scenario(scenario: Scenario, trace: TextIO | None = None,
-                 trace_limit: int = 10_000, build: str | None = None) -> dict[str, Any]:
+                 trace_limit: int = 10_000, build: str | None = None,
+                 seams: Seams | None = None) -> dict[str, Any]:
     started = time.perf_counter()
-    hv = boot_scenario(scenario, build or scenario.build)
+    hv = boot_scenario(scenario, build or scenario.build, seams=seams)
     if trace is not None:
         hv.tracer = Tracer(hv, trace, trace_limit)
     stop = hv.run(scenario.virtual_time_ns)

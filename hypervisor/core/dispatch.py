@@ -76,8 +76,10 @@ class ExitDispatcher:
         counted under, `hlt`, faults through the guest IDT, the hypercalls allowed, EPT
         violations) is asked of hypervisor/hvm/support.py."""
         hvm = self.hv.hvm if v.hvm is not None else None
-        self.hv.count_exit(hvm.exit_name(v, exit_) if hvm is not None
-                           else EXIT_NAMES[type(exit_)])
+        name = hvm.exit_name(v, exit_) if hvm is not None else EXIT_NAMES[type(exit_)]
+        self.hv.count_exit(name)
+        for hook in self.hv.exit_hooks:
+            hook(v, exit_, name)
         if self.hv.tracer is not None:
             self.hv.tracer.exit(v, exit_)
         match exit_:

@@ -171,6 +171,7 @@ class VcpuMmuContext:
         self.frames = hv.frame_table
         self.mem = hv.memory.u64
         self.m2p = hv.m2p
+        self.writable_mapping = hv.seams.writable_mapping  # None: Xen's rule
 
     def get_cr3(self) -> int:
         return self.v.roots.kernel_ma >> 12

@@ -35,6 +35,7 @@ from hypervisor.mm.frametable import DOMID_INVALID, FrameTable
 from hypervisor.mm.typerefs import PageTyping
 from hypervisor.pv.builder import build_pv_memory
 from hypervisor.pv.mmu import GDT_VA, PvMmu
+from hypervisor.seams import HVLAB_OWN, Seams
 from hypervisor.stream.vcpu_context import VcpuGuestContext
 
 if TYPE_CHECKING:
@@ -109,11 +110,14 @@ class Hypervisor:
     def __init__(self, machine: MachineConfig, build: str = "4.19",
                  memory: HostMemory | None = None,
                  in_use: list[np.ndarray] | None = None,
-                 staged: StagedTables | None = None) -> None:
+                 staged: StagedTables | None = None,
+                 seams: Seams | None = None) -> None:
         """Boot on `machine`. A live update passes the host memory it keeps and the
         frames the guests hold (`in_use`), so this build allocates around them, and
-        may pass the per-frame tables it staged before the pause."""
+        may pass the per-frame tables it staged before the pause. `seams` plugs a
+        lab's code in place of hvlab's own (hypervisor/seams.py)."""
         self.machine = machine
+        self.seams = seams if seams is not None else HVLAB_OWN
         self.build = build
         self.memory = memory if memory is not None else HostMemory(machine.memory)
         if staged is None:
@@ -125,7 +129,8 @@ class Hypervisor:
             self.frames.mark_used(frames)
         # page_info for every machine frame, in this build's layout (docs/design.md §3)
         self.frame_table = staged.frame_table
-        self.typing = PageTyping(self.frame_table, self.memory.u64)
+        self.typing = PageTyping(self.frame_table, self.memory.u64,
+                                 writable_mapping=self.seams.writable_mapping)
         self.m2p = staged.m2p
         self.pcpus = [PhysicalCpu(i, self.memory) for i in range(machine.pcpus)]
         self.loaded: list[Vcpu | None] = [None] * machine.pcpus
@@ -138,6 +143,8 @@ class Hypervisor:
         self.now = 0  # virtual ns at the start of the current slice
         self.exits: Counter[str] = Counter()
         self.tracer: Tracer | None = None
+        # called with (vCPU, exit, its name) at every exit, once counted (hypervisor/api.py)
+        self.exit_hooks: list[Callable[[Vcpu, Exit, str], None]] = []
         # called with the slice's end time after every slice (a lazy sweeper, say)
         self.slice_hooks: list[Callable[[int], None]] = []
         self.lazy_update: LazyUpdate | None = None  # a lazy live update, until shadow-off

@@ -144,7 +144,8 @@ class HvmSupport:
         descriptor = PostedInterruptDescriptor(hv.memory.u8[base:base + 64])
         descriptor.nv = POSTED_NOTIFICATION_VECTOR
         descriptor.ndst = vid << 8  # xAPIC: the destination APIC id in bits 15:8
-        lapic = VLapic(vid, self._ipi_router(dom, vid), bsp=vid == 0, now_ns=hv.now)
+        lapic = VLapic(vid, self._ipi_router(dom, vid), bsp=vid == 0, now_ns=hv.now,
+                       timer_rule=hv.seams.lapic_timer)
         v.hvm = HvmVcpu(lapic, descriptor)
         return v
 

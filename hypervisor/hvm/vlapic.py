@@ -269,18 +269,21 @@ class VLapic:
         bus_hz: int = DEFAULT_BUS_HZ,
         bsp: bool = False,
         now_ns: int = 0,
+        timer_rule: TimerRule | None = None,
     ) -> None:
         """A LAPIC in its power-on state.
 
         ``bus_hz`` is the timer's input clock before the divider (default one tick per ns at
         divide-by-1); ``bsp`` sets the BSP flag in the APIC base MSR; ``now_ns`` is the
-        virtual time at creation.
+        virtual time at creation. ``timer_rule`` replaces `timer_expiries` (a lab's seam,
+        hypervisor/seams.py).
         """
         if not isinstance(apic_id, int) or not 0 <= apic_id <= 0xFF:
             raise VLapicError(f"xAPIC id must be 0..255, got {apic_id!r}")
         _check_bus_hz(bus_hz)
         _check_time(now_ns)
         self._send_ipi = send_ipi
+        self._timer_rule = timer_rule or timer_expiries
         self._bus_hz = bus_hz
         self._regs = bytearray(REGS_SIZE)
         self._apic_base_msr = APIC_MMIO_BASE | APIC_BASE_ENABLED | (APIC_BASE_BSP if bsp else 0)
@@ -662,13 +665,13 @@ class VLapic:
         first_due = self._next_expiry_tick()
         if elapsed < first_due:
             return 0
-        if self.timer_periodic:
-            period = self._get(REG_TIMER_INITIAL)
-            fired = (elapsed - first_due) // period + 1
-            self._timer_expiries += fired
-        else:
-            fired = 1
-            self._timer_running = False
+        fired, self._timer_running = self._timer_rule(elapsed, first_due,
+                                                      self._get(REG_TIMER_INITIAL),
+                                                      self.timer_periodic)
+        if fired < 1:  # only a lab's rule can get here: never let time stand still
+            raise VLapicError(f"timer rule: {fired} expiries when one was due "
+                              f"({elapsed} ticks elapsed, first due at {first_due})")
+        self._timer_expiries += fired
         self._deliver_timer(fired)
         return fired
 
@@ -847,6 +850,19 @@ class VLapic:
 
 
 # --- helpers -----------------------------------------------------------------------------
+
+
+def timer_expiries(elapsed: int, first_due: int, period: int, periodic: bool,
+                   ) -> tuple[int, bool]:
+    """(expiries, still running) once ``elapsed`` ticks reached the expiry due at
+    ``first_due``: a one-shot timer fires once and stops; a periodic one fires for every
+    period that ended by now (a late look finds several) and runs on."""
+    if not periodic:
+        return 1, False
+    return (elapsed - first_due) // period + 1, True
+
+
+TimerRule: TypeAlias = Callable[[int, int, int, bool], tuple[int, bool]]
 
 
 def _vectors_of(bitmap: int) -> list[int]:

@@ -28,6 +28,7 @@ from hypervisor.liveupdate.orchestrator import (
 )
 from hypervisor.runner import boot_scenario, describe
 from hypervisor.scenario import Scenario, UpdateSpec
+from hypervisor.seams import Seams
 
 # the work before the pause (hand-over sent ahead, prevalidation) starts this long before it
 PREPARE_LEAD_NS = 1_000_000
@@ -63,6 +64,7 @@ class UpdateRun:
     started: float = field(default_factory=time.monotonic)
     output: str = "none"  # how the last process prints the result: "json", "text", "none"
     pending_rate: float | None = None  # throughput before the update under way
+    seams: Seams | None = None  # a lab's code in place of hvlab's (hypervisor/seams.py)
 
     def start(self) -> dict[str, Any]:
         memory = None
@@ -73,8 +75,13 @@ class UpdateRun:
             os.close(fd)
             self.memory_file = Path(name)
             memory = HostMemory(self.scenario.memory, self.memory_file)
-        hv = boot_scenario(self.scenario, memory=memory)
-        return self.carry_on(hv)
+        try:
+            hv = boot_scenario(self.scenario, memory=memory, seams=self.seams)
+            return self.carry_on(hv)  # with --exec, a new process goes on from here
+        except BaseException:  # a refused plan or a failure: the memory file goes too
+            if self.memory_file is not None:
+                self.memory_file.unlink(missing_ok=True)
+            raise
 
     def carry_on(self, hv: Hypervisor) -> dict[str, Any]:
         """Run to each pending update, update, and on to the end."""
@@ -129,10 +136,11 @@ class UpdateRun:
 
 
 def run_with_updates(scenario: Scenario, updates: list[UpdateSpec], plan: UpdatePlan,
-                     output: str = "none") -> dict[str, Any]:
+                     output: str = "none", seams: Seams | None = None) -> dict[str, Any]:
     """Boot, run to each update's time, update, run to the end; one report per update.
 
     `output` matters with `plan.exec_new_process`: the last process prints.
     """
-    run = UpdateRun(scenario, sorted(updates, key=lambda u: u.at_ns), plan, output=output)
+    run = UpdateRun(scenario, sorted(updates, key=lambda u: u.at_ns), plan, output=output,
+                    seams=seams)
     return run.start()

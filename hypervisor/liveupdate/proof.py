@@ -3,9 +3,11 @@
 At the pause the old build's view is captured: a hash of every guest frame,
 each frame's type state decoded from the old layout, every vCPU's registers,
 event-channel tables and timers. For HVM domains: a hash of every P2M-backed
-gfn, the whole P2M (mfn, type, access, log-dirty), registers, each vLAPIC's
-`State` with PIR folded into IRR (on a copy: neither side is changed), the
-posted-interrupt descriptors' bytes and the interrupt sources' state.
+gfn, the whole P2M (mfn, type, access, log-dirty), what the EPT grants each gfn
+(read from its tables: a rebuilt EPT must grant what the old one did),
+registers, each vLAPIC's `State` with PIR folded into IRR (on a copy: neither
+side is changed), the posted-interrupt descriptors' bytes and the interrupt
+sources' state.
 After the update the same is read from the new build (type state decoded
 from *its* layout) and compared field by field. Any difference is a loud
 failure.
@@ -83,6 +85,7 @@ def hvm_view(hv: Hypervisor, dom) -> dict[str, Any]:
     view: dict[str, Any] = {
         "p2m": (state.mfn, state.p2m_type, state.access, state.logdirty, state.dirty_bitmap),
         "hashes": frame_hashes(hv.memory, backed),
+        "ept": ept_view(dom.hvm.physmap.ept, p2m.nr_gfns),
         "pod": dom.hvm.physmap.pod,
         "shutdown": (dom.shutdown, dom.crash_report, bytes(dom.console), dom.time_offset),
     }
@@ -100,8 +103,29 @@ def hvm_view(hv: Hypervisor, dom) -> dict[str, Any]:
     return view
 
 
-def _compare_hvm(name: str, before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+def ept_view(ept, nr_gfns: int) -> dict[str, np.ndarray]:
+    """What the EPT grants each gfn, read by walking its tables in host memory: frame,
+    type, access and effective R/W/X. The layout and the superpage sizes are the
+    build's own business and stay out: two builds must agree on these."""
+    found = ept.lookup_many(np.arange(nr_gfns, dtype=np.uint64))
+    return {"mfn": found.mfn, "type": found.p2m_type, "access": found.access,
+            "perms": found.perms}
+
+
+def _compare_ept(name: str, before: dict[str, np.ndarray],
+                 now: dict[str, np.ndarray]) -> list[str]:
     problems = []
+    for key, old in before.items():
+        bad = np.flatnonzero(now[key] != old)
+        if bad.size:
+            gfn = int(bad[0])
+            problems.append(f"{name}: EPT {key} differs on {bad.size} gfns, first gfn "
+                            f"{gfn:#x}: {int(old[gfn]):#x} -> {int(now[key][gfn]):#x}")
+    return problems
+
+
+def _compare_hvm(name: str, before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    problems = _compare_ept(name, before["ept"], now["ept"])
     differ = np.flatnonzero(now["hashes"] != before["hashes"])
     if before["hashes"].size != now["hashes"].size:
         problems.append(f"{name}: {before['hashes'].size} backed gfns before, "
@@ -110,7 +134,7 @@ def _compare_hvm(name: str, before: dict[str, Any], now: dict[str, Any]) -> list
         problems.append(f"{name}: {differ.size} backed gfns changed, the first is backed "
                         f"gfn #{differ[0]}")
     for key, old in before.items():
-        if key != "hashes" and now.get(key) != old:
+        if key not in ("hashes", "ept") and now.get(key) != old:
             problems.append(f"{name}: {key} differs")
     return problems
 
@@ -187,6 +211,46 @@ def verify(before: Snapshot, hv: Hypervisor, check_types: bool = True) -> dict[s
         if (ev.ports, ev.virq_ports) != before.evtchn[dom.domid]:
             problems.append(f"{dom.name}: event-channel table differs")
     return {"ok": not problems, "checks": checks, "problems": problems}
+
+
+def _due_by(state: dict[str, int], limit: int | None, now_ns: int) -> int:
+    """Occurrences of a source (saved as `state`) not posted yet and due by `now_ns`."""
+    last = now_ns if limit is None else min(now_ns, state["start_ns"]
+                                            + (limit - 1) * state["period_ns"])
+    if last < state["start_ns"]:
+        return 0
+    return max(0, (last - state["start_ns"]) // state["period_ns"] + 1
+               - state["next_occurrence"])
+
+
+def blackout_posts(before: Snapshot, hv: Hypervisor) -> dict[str, Any]:
+    """After the resume time is set: every interrupt source posted exactly the
+    occurrences that fell due since the pause (reckoned from the old build's saved
+    source state, not the new build's) and each such vector waits in PIR or IRR."""
+    problems: list[str] = []
+    due_total = made_total = 0
+    for dom in hv.domains:
+        if dom.hvm is None or not dom.alive:
+            continue
+        now = hv.now + dom.time_offset  # sources run on the guest's clock
+        for v in dom.vcpus:
+            h = v.hvm
+            assert h is not None  # every vCPU of an HVM domain
+            old = before.hvm[dom.domid][f"{v.name} sources"]
+            for (state, limit, *_), s in zip(old, h.sources, strict=True):
+                due = _due_by(state, limit, now)
+                made = s.source.posted - state["posted"]
+                due_total += due
+                made_total += made
+                if made != due:
+                    problems.append(f"{v.name} source {s.name}: {due} posts fell due during "
+                                    f"the blackout, {made} were made")
+                elif due and not (h.posted.is_posted(s.vector)
+                                  or s.vector in h.lapic.irr_vectors()):
+                    problems.append(f"{v.name} source {s.name}: vector {s.vector:#x} fell due "
+                                    "during the blackout but is in neither PIR nor IRR")
+    return {"ok": not problems, "due": due_total, "posted": made_total,
+            "problems": problems}
 
 
 class ProofFailed(Exception):

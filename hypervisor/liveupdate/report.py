@@ -26,7 +26,12 @@ def print_update_report(result: dict[str, Any], out: TextIO | None = None) -> No
         out.write(f"  counters: {counters}\n")
         proof = u["proof"]
         verdict = "ok" if proof["ok"] else "FAILED: " + "; ".join(proof["problems"])
-        out.write(f"  proof: {verdict} {proof.get('checks', {})}\n")
+        out.write(f"  proof of {proof.get('subject', 'the new build')}: {verdict} "
+                  f"{proof.get('checks', {})}\n")
+        if proof.get("blackout_interrupts", {}).get("due"):
+            posts = proof["blackout_interrupts"]
+            out.write(f"  device posts due in the blackout: {posts['due']}, made by the "
+                      f"resume and waiting in PIR/IRR: {posts['posted']}\n")
         if "proof_after_lazy" in u:
             lazy_ok = u["proof_after_lazy"]["ok"]
             out.write(f"  proof when lazy finished: {'ok' if lazy_ok else 'FAILED'}\n")

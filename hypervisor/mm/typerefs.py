@@ -132,6 +132,13 @@ class PreemptAfter:
         return False
 
 
+def take_writable_reference(typing: PageTyping, mfn: int) -> int:
+    """A writable mapping holds a PGT_writable_page type reference on its frame, refused
+    (-EBUSY, Xen's could_not_pin) while the frame has another type: page tables are never
+    writable by the guest."""
+    return -EBUSY if typing.get_page_type(mfn, PageType.WRITABLE) != 0 else 0
+
+
 class PageTyping:
     """Xen's typing rules over one FrameTable and the host memory it describes.
 
@@ -139,6 +146,7 @@ class PageTyping:
     hypercall_preempt_check() during preemptible validation (None: never).
     `on_type_change(mfn)` is called when a frame changes type at count 0, where
     Xen flushes the TLBs that may still map the frame under its old type.
+    `writable_mapping(typing, mfn)` replaces `take_writable_reference` (a lab's seam).
     """
 
     def __init__(
@@ -148,8 +156,11 @@ class PageTyping:
         *,
         preempt_check: PreemptCheck | None = None,
         on_type_change: Callable[[int], None] | None = None,
+        writable_mapping: Callable[[PageTyping, int], int] | None = None,
     ) -> None:
         self.frames = frames
+        # the rule for a writable mapping: Xen's, or a lab's (hypervisor/seams.py)
+        self.writable_mapping = writable_mapping or take_writable_reference
         self.mem = frames.check_mem(mem).reshape(-1)
         self.layout = frames.layout
         self.preempt_check = preempt_check
@@ -343,9 +354,9 @@ class PageTyping:
             if real_owner is not None:
                 self.put_page(mfn)
             return -EBUSY  # could_not_pin: free or foreign frame
-        if l1e & PTE_RW and self.get_page_type(mfn, PageType.WRITABLE) != 0:
+        if l1e & PTE_RW and (rc := self.writable_mapping(self, mfn)) != 0:
             self.put_page(mfn)
-            return -EBUSY
+            return rc
         return 0
 
     def put_page_from_l1e(self, l1e: int, domid: int) -> None:

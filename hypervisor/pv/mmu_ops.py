@@ -152,6 +152,8 @@ class _Hypercall:
         self.type_changed = False
         self.typing = PageTyping(ctx.frames, ctx.mem,
                                  preempt_check=ctx.hypercall_preempt_check,
+                                 # a lab's rule, if the context carries one (seams.py)
+                                 writable_mapping=getattr(ctx, "writable_mapping", None),
                                  on_type_change=self._type_changed)
 
     def _type_changed(self, mfn: int) -> None:

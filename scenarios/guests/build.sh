@@ -12,6 +12,10 @@ GUESTS=(pv_hello pv_smp pv_faults pv_crash pv_spin pv_touch pv_ptchurn pv_hostil
 LIBS=(hypercall_page console check)
 HVM_GUESTS=(hvm_lapic hvm_memtouch hvm_crash)
 HVM_LIBS=(hvm_idt)
+# Variants: NAME:SOURCE:ASSEMBLER FLAGS. hvm_lapic_slow is hvm_lapic built for the
+# device schedule of scenarios/hvm-lapic-slow.toml (its guest reckons occurrences
+# from the start and period it knows, as it knows the counts).
+HVM_VARIANTS=("hvm_lapic_slow:hvm_lapic:--defsym SLOW_DEVICES=1")
 # Linked only into the guests that manage page tables, so that adding them
 # left the other kernels byte-identical.
 MM_GUESTS=(pv_ptchurn pv_hostile)
@@ -35,11 +39,11 @@ for tool in "$AS" "$LD" "$OBJCOPY" "$NM"; do
 done
 mkdir -p build
 
-# assemble SOURCE OBJECT: as, then drop the local absolute symbols that the
+# assemble SOURCE OBJECT [FLAGS...]: as, then drop the local absolute symbols that the
 # .equ constants of xen.inc leave in every object, so that the symbol table
 # of the kernel (objdump -d, hvlab trace) shows only code and data labels.
 assemble() {
-    "$AS" "${ASFLAGS[@]}" -o "$2" "$1" || die "assembling $1"
+    "$AS" "${ASFLAGS[@]}" "${@:3}" -o "$2" "$1" || die "assembling $1"
     "$NM" "$2" | awk '$2 == "a" { print $3 }' | sort -u > "$2.abs"
     if [[ -s "$2.abs" ]]; then
         "$OBJCOPY" --strip-symbols="$2.abs" "$2" || die "stripping constants from $2"
@@ -79,6 +83,15 @@ done
 for guest in "${HVM_GUESTS[@]}"; do
     [[ -f "$guest.s" ]] || die "missing source $guest.s"
     assemble "$guest.s" "build/$guest.o"
+    "$LD" "${HVM_LDFLAGS[@]}" -o "$guest.elf" "build/$guest.o" "${lib_objects[@]}" \
+        "${hvm_lib_objects[@]}" || die "linking $guest.elf"
+    echo "built $guest.elf"
+done
+
+for variant in "${HVM_VARIANTS[@]}"; do
+    IFS=: read -r guest source flags <<< "$variant"
+    read -r -a extra <<< "$flags"
+    assemble "$source.s" "build/$guest.o" "${extra[@]}"
     "$LD" "${HVM_LDFLAGS[@]}" -o "$guest.elf" "build/$guest.o" "${lib_objects[@]}" \
         "${hvm_lib_objects[@]}" || die "linking $guest.elf"
     echo "built $guest.elf"

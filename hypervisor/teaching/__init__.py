@@ -1,0 +1,1 @@
+"""Teaching: graded labs, the guided demo (and the debugging and inspection tools)."""
