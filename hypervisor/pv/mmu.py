@@ -15,8 +15,10 @@ walks that succeeded and is forgotten whenever the TLB is (`flush`: every
 hypervisor TLB flush, and after every page-table hypercall of the domain,
 whether or not the guest asks for a flush) and when the root changes. Only
 the hypervisor writes a PV guest's page tables (they are never writable to
-the guest), so nothing else can make a cached entry stale. During a lazy live
-update every fill takes the full walk, which validates as it goes.
+the guest), so nothing else can make a cached entry stale. When a lab plugs
+its own writable-mapping rule, that may no longer hold and the hypervisor
+turns the cache off (`cache_walks`). During a lazy live update every fill
+takes the full walk, which validates as it goes.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ GDT_VA = HYPERVISOR_START
 
 
 class PvMmu:
-    def __init__(self, memory: HostMemory, gdt_ma: int) -> None:
+    def __init__(self, memory: HostMemory, gdt_ma: int, cache_walks: bool = True) -> None:
         self.memory = memory
         self.gdt_ma = gdt_ma
         self.roots = BasePointers()  # the vCPU's page-table roots (Vcpu.roots)
@@ -72,6 +74,7 @@ class PvMmu:
         # writable, executable so far), for walks from `_cached_root`.
         self._upper: dict[int, tuple[int, bool, bool]] = {}
         self._cached_root = -1
+        self.cache_walks = cache_walks
 
     def flush(self) -> None:
         """Forget cached upper levels (the TLB was flushed, or page tables changed)."""
@@ -105,7 +108,7 @@ class PvMmu:
     def _fill(self, gva: int, access: str) -> tuple[int, int] | None:
         """`walk` for a TLB fill, same result and A/D updates, in plain ints."""
         root = self.roots.kernel_ma
-        if root != self._cached_root:
+        if root != self._cached_root or not self.cache_walks:
             self._upper.clear()
             self._cached_root = root
         upper = self._upper.get(gva >> 21)

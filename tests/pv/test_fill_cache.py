@@ -73,6 +73,27 @@ def test_a_new_root_never_uses_the_old_roots_walks() -> None:
     assert mmu.translate(GVA, "read") == (DATA << 12, PERM_R | PERM_X)
 
 
+def test_without_the_cache_every_fill_walks_afresh() -> None:
+    memory, mmu = _tree()
+    mmu.cache_walks = False
+    mmu.translate(GVA, "read")
+    _point_l2_at_other_l1(memory)
+    assert mmu.translate(GVA, "read") == (DATA_OTHER << 12, PERM_R | PERM_X)
+
+
+def test_a_plugged_writable_mapping_rule_turns_the_cache_off() -> None:
+    from hypervisor.runner import boot_scenario
+    from hypervisor.scenario import load_scenario
+    from hypervisor.seams import Seams
+    from tests import SCENARIOS
+
+    scenario = load_scenario(SCENARIOS / "pv-hello.toml")
+    own = boot_scenario(scenario)
+    plugged = boot_scenario(scenario, seams=Seams(writable_mapping=lambda typing, mfn: 0))
+    assert all(v.mmu.cache_walks for d in own.domains for v in d.vcpus)
+    assert not any(v.mmu.cache_walks for d in plugged.domains for v in d.vcpus)
+
+
 def test_an_unflushed_cache_is_what_the_flush_is_for() -> None:
     """Without a flush the cached L2 entry is used (hardware may do the same): this is
     the staleness the flushes above exist to prevent, shown to be observable."""
