@@ -1,0 +1,1 @@
+"""The parts a stock Linux PV kernel needs from hvlab: its image, notes, start-of-day, devices."""
