@@ -28,12 +28,23 @@ cope (measured; docs/design.md §2):
   every fault we reload a pristine context and write the registers back.
 - `cpuid`, `in`, `out`, `rdtsc`, `rdtscp` are answered synchronously inside
   their hooks by the exit handler given from above (rdtsc returns virtual time).
+- Debugging (gdb): a code hook on an address range stops *before* the
+  instruction with `emu_stop`, but the counting hook, added first, has already
+  counted it, so the stop takes that count back. Dropping all translated code
+  makes unicorn refill an MMIO page's TLB entry once, so breakpoints drop only
+  their page's code, and single steps use the counter's limit, not a hook. Memory hooks under
+  `UC_TLB_VIRTUAL` are told *machine* addresses, so write watches are set on
+  the machine range; a write stops the run after the writing instruction by
+  lowering the counter's limit (emu_stop inside a memory hook would cut the
+  instruction short). Debug stops are served inside `run` and the run goes on
+  with the same budget: the guest and virtual time never notice a debugger.
 """
 
 from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from unicorn import (
@@ -46,6 +57,7 @@ from unicorn import (
     UC_HOOK_INSN,
     UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
+    UC_HOOK_MEM_WRITE,
     UC_HOOK_TLB_FILL,
     UC_MEM_FETCH,
     UC_MEM_WRITE,
@@ -102,6 +114,11 @@ _REG = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in (
     *GPRS, "rip", "rflags", "cr0", "cr2", "cr3", "cr4",
     "cs", "ss", "ds", "es", "fs", "gs", "fs_base", "gs_base", "mxcsr",
 )} | {f"xmm{i}": X.UC_X86_REG_XMM0 + i for i in range(16)}
+# x87 state under the names gdb gives it
+_REG |= {f"st{i}": X.UC_X86_REG_ST0 + i for i in range(8)} | {
+    "fctrl": X.UC_X86_REG_FPCW, "fstat": X.UC_X86_REG_FPSW, "ftag": X.UC_X86_REG_FPTAG,
+    "fiseg": X.UC_X86_REG_FCS, "fioff": X.UC_X86_REG_FIP, "foseg": X.UC_X86_REG_FDS,
+    "fooff": X.UC_X86_REG_FDP, "fop": X.UC_X86_REG_FOP}
 _EFER_MSR = 0xC000_0080
 _KERNEL_GS_BASE_MSR = 0xC000_0102
 
@@ -129,6 +146,16 @@ class Mmu(Protocol):
 
 
 SyncExitHandler = Callable[[Exit], bool]
+
+
+@dataclass(frozen=True)
+class DebugStop:
+    """Why a debugger stopped the guest: `kind` is "code" (before the instruction at
+    `address`), "write" (after a write to machine address `address`), "step" or
+    "interrupt" (before the instruction at `address`)."""
+
+    kind: str
+    address: int
 
 
 class PhysicalCpu:
@@ -165,6 +192,13 @@ class PhysicalCpu:
         self._cr3_value = ctypes.c_uint64()
         self._cr3_ref = ctypes.byref(self._cr3_value)
         self.tsc: Callable[[], int] = lambda: 0
+        # a debugger's stop handler: called outside emu_start, returns to resume
+        self.on_debug_stop: Callable[[DebugStop], None] | None = None
+        self._debug_stop: DebugStop | None = None
+        self._interrupt_requested = False
+        self.stepping: Callable[[], bool] | None = None
+        self._step_ran = False
+        self._probing = self._probe_missed = False
 
     def _add_tlb_fill_hook(self) -> None:
         uc = self.uc
@@ -172,6 +206,9 @@ class PhysicalCpu:
 
         def on_fill(_handle, vaddr, access, entry, _ud):
             try:
+                if translate_for._probing:  # `_retranslate` asking where code is
+                    translate_for._probe_missed = True
+                    return False
                 kind = _ACCESS_KIND.get(access, READ)
                 translate_for.tlb_fills += 1
                 mmu = translate_for.mmu
@@ -216,12 +253,33 @@ class PhysicalCpu:
         """Run the loaded context for at most `budget` instructions."""
         self._exit = None
         self.counter.set_budget(budget)
-        rip = self.uc.reg_read(X.UC_X86_REG_RIP)
-        try:
-            self.uc.emu_start(rip, 0)
-        except UcError as err:
-            if self._exit is None:
-                self._exit = self._explain_error(err)
+        limit = self.counter.block.limit
+        while True:
+            if self._interrupt_requested:
+                self.counter.block.limit = 0  # stop before the next instruction
+            stepping = self.stepping is not None and self.stepping()
+            if stepping:  # one instruction, then stop before the next one
+                self.counter.block.limit = min(self.counter.block.limit, self.executed
+                                               + (0 if self._step_ran else 1))
+            started = self.executed
+            rip = self.uc.reg_read(X.UC_X86_REG_RIP)
+            try:
+                self.uc.emu_start(rip, 0)
+            except UcError as err:
+                if self._exit is None:
+                    self._exit = self._explain_error(err)
+            if stepping and self.executed > started:
+                self._step_ran = True
+            stop = self._take_debug_stop(stepping and self.executed < limit)
+            if stop is None:
+                break
+            # the budget is the run's own again; a debugger's stop never ends it
+            self.counter.block.limit = limit
+            self.counter.block.stopped = int(self.counter.executed >= limit)
+            if self.on_debug_stop is not None:
+                self.on_debug_stop(stop)
+            if self._exit is not None or self.counter.budget_ran_out:
+                break
         if self._exit is not None:
             if isinstance(self._exit, GuestException):
                 self._scrub_exception_state()
@@ -230,6 +288,18 @@ class PhysicalCpu:
         if self.counter.budget_ran_out:
             return BudgetExhausted(rip)
         return Halt(rip)
+
+    def _take_debug_stop(self, step_may_end: bool) -> DebugStop | None:
+        stop, self._debug_stop = self._debug_stop, None
+        if stop is None and self.counter.budget_ran_out:
+            rip = self.uc.reg_read(X.UC_X86_REG_RIP)
+            if self._interrupt_requested:
+                stop = DebugStop("interrupt", rip)
+            elif step_may_end and self._step_ran:
+                stop = DebugStop("step", rip)
+        if stop is not None:
+            self._interrupt_requested = False
+        return stop
 
     def _explain_error(self, err: UcError) -> Exit:
         rip = self.uc.reg_read(X.UC_X86_REG_RIP)
@@ -252,12 +322,12 @@ class PhysicalCpu:
             code = self.read_virtual(rip, 15 if (rip & 0xFFF) <= 0xFF1 else 0x1000 - (rip & 0xFFF))
         except GuestMemoryFault:
             return page
-        for address in data_addresses(code, rip, self._reg_by_capstone_name):
+        for address in data_addresses(code, rip, self.reg_by_capstone_name):
             if address >> 12 == page >> 12:
                 return address
         return page
 
-    def _reg_by_capstone_name(self, name: str) -> int:
+    def reg_by_capstone_name(self, name: str) -> int:
         if name in ("fs_base", "gs_base"):
             return self.reg(name)
         return self.uc.reg_read(getattr(X, f"UC_X86_REG_{name.upper()}"))
@@ -398,6 +468,20 @@ class PhysicalCpu:
         else:
             self.uc.reg_write(_REG[name], value)
 
+    @staticmethod
+    def context_reg(ctx, name: str) -> int:
+        """A register of a saved context (a vCPU not loaded on any engine)."""
+        if name == "efer":
+            return ctx.reg_read(X.UC_X86_REG_MSR, _EFER_MSR)
+        return ctx.reg_read(_REG[name])
+
+    @staticmethod
+    def set_context_reg(ctx, name: str, value: int) -> None:
+        if name == "efer":
+            ctx.reg_write(X.UC_X86_REG_MSR, (_EFER_MSR, value))
+        else:
+            ctx.reg_write(_REG[name], value)
+
     def set_descriptor_table(self, which: str, base: int, limit: int) -> None:
         reg = X.UC_X86_REG_GDTR if which == "gdtr" else X.UC_X86_REG_IDTR
         self.uc.reg_write(reg, (0, base, limit, 0))
@@ -436,16 +520,90 @@ class PhysicalCpu:
             flush()
 
     # --------------------------------------------------------------- tracing
-    def trace_instructions(self, callback: Callable[[int], None]) -> None:
-        """Call `callback(rip)` before every instruction this pCPU executes.
+    def trace_instructions(self, callback: Callable[[int], None], begin: int = 1,
+                           end: int = 0) -> None:
+        """Call `callback(rip)` before every instruction this pCPU executes at a
+        guest-virtual address in [begin, end] (the default range is every address).
 
         A Python code hook costs hundreds of nanoseconds per instruction
         (docs/design.md §2): only ever installed on request. The hook's size argument
         is not passed on: unicorn reports nonsense for instructions it cannot
         decode (vmcall), so callers decode with capstone from RIP.
         """
-        self.uc.hook_add(UC_HOOK_CODE, lambda _uc, address, _size, _ud: callback(address))
+        self.uc.hook_add(UC_HOOK_CODE, lambda _uc, address, _size, _ud: callback(address),
+                         None, begin, end)
         self.flush_translations()  # code translated before the hook would bypass it
+
+    # --------------------------------------------------------------- debugging
+    def stop_before(self, begin: int, end: int, should_stop: Callable[[int], bool]) -> int:
+        """Stop before any instruction at a guest-virtual address in [begin, end] for
+        which `should_stop(address)` says so; returns a handle for `remove_hook`."""
+        def on_code(uc: Uc, address: int, _size: int, _ud) -> None:
+            if self._debug_stop is None and should_stop(address):
+                self._uncount_stopped_instruction()
+                self._debug_stop = DebugStop("code", address)
+                uc.emu_stop()
+
+        handle = self.uc.hook_add(UC_HOOK_CODE, on_code, None, begin, end)
+        self._retranslate(begin)  # code translated before the hook would bypass it
+        return handle
+
+    def _retranslate(self, address: int) -> None:
+        """Forget translated code holding `address`, without touching the TLB's state.
+
+        Dropping every translation (`flush_translations`) makes unicorn refill an
+        MMIO page's TLB entry once more (an HVM guest's LAPIC page), which would
+        show in `tlb_fills`; dropping the one page's code needs its translation, so
+        it is looked up quietly: a page the TLB does not hold is not filled (that
+        would count and change the fills to come), everything is dropped instead.
+        """
+        self._probe_missed = False
+        self._probing = True
+        try:
+            self.uc.ctl_remove_cache(address, address + 1)
+        finally:
+            self._probing = False
+        if self._probe_missed:
+            self.flush_translations()
+
+    def single_step(self, active: Callable[[], bool]) -> None:
+        """Stop after one instruction, run while `active()` (the vCPU to step is loaded).
+
+        The counter's limit does it, not a code hook: nothing is retranslated.
+        An instruction that exits (a hypercall, hlt) counts as the step; the stop
+        then comes before the next instruction, whenever that runs.
+        """
+        self.stepping = active
+        self._step_ran = False
+
+    def cancel_step(self) -> None:
+        self.stepping = None
+        self._step_ran = False
+
+    def _uncount_stopped_instruction(self) -> None:
+        # the counting hook ran first and counted an instruction that never ran
+        self.counter.block.executed -= 1
+
+    def stop_after_write(self, begin_ma: int, end_ma: int) -> int:
+        """Stop after an instruction that writes machine addresses [begin_ma, end_ma]."""
+        def on_write(_uc: Uc, _access: int, address: int, _size: int, _value: int,
+                     _ud) -> None:
+            if self._debug_stop is None:
+                self._debug_stop = DebugStop("write", address)
+                self.counter.block.limit = self.counter.block.executed
+
+        return self.uc.hook_add(UC_HOOK_MEM_WRITE, on_write, None, begin_ma, end_ma)
+
+    def remove_hook(self, handle: int) -> None:
+        self.uc.hook_del(handle)
+
+    def request_debug_stop(self) -> None:
+        """From any thread: stop before the next instruction (gdb's Ctrl-C)."""
+        self._interrupt_requested = True
+        self.counter.block.limit = 0
+
+    def cancel_debug_stop(self) -> None:
+        self._interrupt_requested = False
 
     # -------------------------------------------------------------------- MMIO
     def map_mmio(self, base: int, size: int,

@@ -15,11 +15,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     scenario = load_scenario(args.scenario)
     if scenario.updates:  # the scenario's own [[update]]s: the same as `hvlab update`
+        if args.gdb is not None:
+            raise HvlabError(f"{args.scenario}: --gdb is not supported with live updates")
         args.at = args.to = args.strategy = args.fail_at = args.costs = None
         args.corrupt_stream = args.exec_ = False
         return _cmd_update(args)
     trace = sys.stderr if args.trace else None
-    result = run_scenario(scenario, trace=trace, trace_limit=args.trace_limit)
+    result = run_scenario(scenario, trace=trace, trace_limit=args.trace_limit, gdb=args.gdb)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -29,11 +31,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    from hypervisor.runner import run_scenario
-    from hypervisor.scenario import load_scenario
+    from hypervisor.scenario import parse_time
+    from hypervisor.tracing import TraceOptions, parse_registers, trace_scenario
 
-    scenario = load_scenario(args.scenario)
-    run_scenario(scenario, trace=sys.stdout, trace_limit=args.limit)
+    start = 0 if args.from_ in (None, "0") else parse_time(args.from_, "--from")
+    stop = None if args.to is None else parse_time(args.to, "--to")
+    if stop is not None and stop <= start:
+        raise HvlabError("--to must come after --from")
+    if args.limit < 1:
+        raise HvlabError("--limit must be at least 1")
+    options = TraceOptions(domain=args.domain, vcpu=args.vcpu, window=(start, stop),
+                           registers=parse_registers(args.regs), memory=args.mem,
+                           format=args.format)
+    trace_scenario(args.scenario, sys.stdout, args.limit, options, args.rip)
     return 0
 
 
@@ -168,12 +178,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trace", action="store_true",
                      help="also print disassembled execution to stderr")
     run.add_argument("--trace-limit", type=int, default=10_000, metavar="N")
+    run.add_argument("--gdb", metavar="HOST:PORT",
+                     help="wait for gdb (target remote HOST:PORT) before the first instruction; "
+                          "port 0 picks a free one")
     run.set_defaults(func=_cmd_run)
 
     trace = sub.add_parser("trace", help="print disassembled execution per vCPU")
     trace.add_argument("scenario")
     trace.add_argument("--limit", type=int, default=2_000, metavar="N",
                        help="stop after N trace lines (default 2000)")
+    trace.add_argument("--domain", help="only this domain's vCPUs")
+    trace.add_argument("--vcpu", type=int, metavar="N", help="only vCPU N (of each domain)")
+    trace.add_argument("--rip", metavar="LO-HI",
+                       help="only instructions in this range (inclusive); numbers or guest "
+                            "symbols, or one symbol for all of it, e.g. check_value")
+    trace.add_argument("--from", dest="from_", metavar="T", help="virtual time to start at")
+    trace.add_argument("--to", metavar="T", help="virtual time to stop at")
+    trace.add_argument("--regs", metavar="LIST", help="registers to show, e.g. rax,rdi,rsp")
+    trace.add_argument("--mem", action="store_true",
+                       help="show the data addresses each instruction accesses")
+    trace.add_argument("--format", choices=["text", "jsonl"], default="text")
     trace.set_defaults(func=_cmd_trace)
 
     save = sub.add_parser("save", help="run a scenario to a time, then save one domain")
@@ -246,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fast", action="store_true",
                       help="no pauses (also when stdout is not a terminal)")
     demo.set_defaults(func=_cmd_demo)
+
+    from hypervisor.teaching import inspect
+
+    inspect.register(sub)
     return parser
 
 

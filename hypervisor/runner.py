@@ -12,6 +12,7 @@ from emulator.memory import HostMemory
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
 from hypervisor.scenario import Scenario, ScenarioError
 from hypervisor.seams import Seams
+from hypervisor.teaching.gdb import GdbKilled, GdbSession
 from hypervisor.tracing import Tracer
 
 
@@ -40,12 +41,25 @@ def boot_scenario(scenario: Scenario, build: str | None = None,
 
 def run_scenario(scenario: Scenario, trace: TextIO | None = None,
                  trace_limit: int = 10_000, build: str | None = None,
-                 seams: Seams | None = None) -> dict[str, Any]:
+                 seams: Seams | None = None, gdb: str | None = None) -> dict[str, Any]:
+    """Run to the end; with `gdb` (HOST:PORT) a gdb client holds it before the first
+    instruction and may stop it at will, without changing what the run does."""
     started = time.perf_counter()
     hv = boot_scenario(scenario, build or scenario.build, seams=seams)
     if trace is not None:
         hv.tracer = Tracer(hv, trace, trace_limit)
-    stop = hv.run(scenario.virtual_time_ns)
+    session = None
+    if gdb is not None:
+        session = GdbSession.wait_for_client(hv, gdb, sys.stderr)
+    try:
+        if session is not None:
+            session.hold_before_start()
+        stop = hv.run(scenario.virtual_time_ns)
+    except GdbKilled:
+        stop = "killed by gdb"
+    finally:
+        if session is not None:
+            session.finish(locals().get("stop", "error"))
     wall = time.perf_counter() - started
     return describe(hv, scenario, stop, wall)
 

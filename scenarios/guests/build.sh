@@ -3,6 +3,7 @@
 # and the HVM guest kernels, linked at guest-physical 1 MiB (hvm_kernel.ld)
 # with the HVM-only library objects as well.
 #
+# Assembled with -g: gdb shows source lines (hvlab run --gdb).
 # Needs GNU as and ld (binutils).  Objects go to build/ (git-ignored).  The
 # output is reproducible: no timestamps, no build id, relative file names.
 # Usage: scenarios/guests/build.sh            (from anywhere)
@@ -25,7 +26,7 @@ AS=${AS:-as}
 LD=${LD:-ld}
 OBJCOPY=${OBJCOPY:-objcopy}
 NM=${NM:-nm}
-ASFLAGS=(--64 --fatal-warnings -I include)
+ASFLAGS=(--64 -g --fatal-warnings -I include)
 LDFLAGS=(-m elf_x86_64 -T kernel.ld -static -nostdlib --build-id=none
          -z max-page-size=4096 -z noexecstack --fatal-warnings)
 HVM_LDFLAGS=(-m elf_x86_64 -T hvm_kernel.ld -static -nostdlib --build-id=none
@@ -34,6 +35,8 @@ HVM_LDFLAGS=(-m elf_x86_64 -T hvm_kernel.ld -static -nostdlib --build-id=none
 die() { echo "build.sh: error: $*" >&2; exit 1; }
 
 cd "$(dirname "$0")"
+# Debug info (-g, for gdb) names this directory as ".", not where it was built.
+ASFLAGS+=(--debug-prefix-map "$PWD=.")
 for tool in "$AS" "$LD" "$OBJCOPY" "$NM"; do
     command -v "$tool" >/dev/null || die "'$tool' not found (install binutils)"
 done
