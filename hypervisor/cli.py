@@ -107,14 +107,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from hypervisor.bench.revalidate import run_revalidate_bench
         from hypervisor.scenario import parse_size
 
-        run_revalidate_bench(parse_size(args.mem, "--mem"), args.build, args.json)
+        run_revalidate_bench(parse_size(args.mem, "--mem"), args.build, args.json,
+                             quiet=args.quiet)
         return 0
     if args.which == "update":
         from hypervisor.bench.update import run_update_bench
 
         if args.repeat < 1:
             raise HvlabError("--repeat must be at least 1")
-        run_update_bench(args.json, sizes=args.sizes, repeat=args.repeat)
+        run_update_bench(args.json, sizes=args.sizes, repeat=args.repeat, quiet=args.quiet)
         return 0
     from hypervisor.bench.emulator import run_bench
 
@@ -130,11 +131,25 @@ def _cmd_image(args: argparse.Namespace) -> int:
     if args.action == "verify":
         verdict = images.image_verify(args.image)
         return 0 if verdict["ok"] else 2
+    if args.action == "frames":
+        from hypervisor.images import frames
+
+        if args.image.endswith(".toml") != (args.at is not None):
+            raise HvlabError("image frames: a scenario (.toml) needs --at T; an image takes "
+                             "no --at")
+        columns = (frames.scenario_frames(args.image, args.at, args.domain) if args.at
+                   else frames.image_frames(args.image))
+        if args.csv:
+            frames.write_csv(columns, sys.stdout)
+        else:
+            json.dump(frames.summary(columns), sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        return 0
     from hypervisor.scenario import parse_size
 
     kind = "hvm" if args.hvm else "pv"
     stats = images.image_make(kind, parse_size(args.mem, "--mem"), args.layout, args.seed,
-                              args.output)
+                              args.output, quiet=args.quiet)
     if args.json:
         json.dump(stats, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
@@ -228,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (ratios measured in one run)")
     bench.add_argument("which", choices=["emulator", "revalidate", "update"])
     bench.add_argument("--json", action="store_true")
+    bench.add_argument("--quiet", action="store_true", help="no progress on stderr")
     bench.add_argument("--mem", default="1G", help="revalidate: guest memory (default 1G)")
     bench.add_argument("--build", default="4.19", help="revalidate: the build's layout")
     bench.add_argument("--sizes", default="1G,4G,16G,64G",
@@ -244,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     verify = image_sub.add_parser("verify", help="structure and page-table validity")
     verify.add_argument("image")
+    frames = image_sub.add_parser("frames", help="per-frame type state (restored, or a "
+                                  "scenario's domain at --at T)")
+    frames.add_argument("image", help="an image, or a scenario (.toml) with --at")
+    frames.add_argument("--at", help="scenario: virtual time to read the frames at, e.g. 2ms")
+    frames.add_argument("--domain", help="scenario: the domain (if it has several)")
+    frames.add_argument("--csv", action="store_true",
+                        help="one CSV row per frame: pfn, mfn, type, type_count, pinned, "
+                             "validated, general_count (else a JSON summary)")
     make = image_sub.add_parser("make", help="generate a large guest image")
     kind = make.add_mutually_exclusive_group(required=True)
     kind.add_argument("--pv", action="store_true")
@@ -254,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--seed", type=int, default=1)
     make.add_argument("-o", "--output", required=True)
     make.add_argument("--json", action="store_true")
+    make.add_argument("--quiet", action="store_true", help="no progress on stderr")
     image.set_defaults(func=_cmd_image)
 
     lab = sub.add_parser("lab", help="graded teaching labs (scenarios/labs)")
@@ -274,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     from hypervisor.teaching import inspect
 
     inspect.register(sub)
+
+    from hypervisor.research.cli import register as register_research
+
+    register_research(sub)
     return parser
 
 

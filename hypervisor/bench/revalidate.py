@@ -65,6 +65,7 @@ from hypervisor.mm.pte import (
     XEN_L4_LAST_SLOT,
 )
 from hypervisor.mm.typerefs import PageTyping
+from hypervisor.research.progress import progress
 
 PAGE_SIZE = 4096
 DOMID = 1
@@ -307,6 +308,7 @@ def run_revalidate_bench(
     nr_processes: int = DEFAULT_PROCESSES,
     sample_pages: int = REFERENCE_SAMPLE_PAGES,
     repeats: int = DEFAULT_REPEATS,
+    quiet: bool = True,
 ) -> dict[str, Any]:
     """Measure bulk, reference and scan for one `mem_bytes` guest; print and return them.
 
@@ -329,28 +331,33 @@ def run_revalidate_bench(
             raise RevalidateBenchError(f"{name} {value!r} is not an integer in {low}..{high}")
     out = sys.stdout if out is None else out
 
-    # guest.frames stays fresh (ownership only): every bulk run starts from a copy.
-    guest = lay_out_guest(guest_pages, build, seed, nr_processes)
-    mem2d = guest.frames.check_mem(guest.mem)
-    bulk_runs: list[float] = []
-    bulk_phases: list[dict[str, float]] = []
-    validated = guest.frames
-    for _ in range(repeats):
-        del validated  # free the previous run's table before copying the next
-        validated = guest.frames.copy()
-        seconds, phases = _validate(guest.mem, validated, guest.tree, "guest")
-        bulk_runs.append(seconds)
-        bulk_phases.append(phases)
-    floor_runs = memory_floor(mem2d, guest.tree.tables, repeats)
-    scans = [scan_page_tables(mem2d, guest.tree.tables) for _ in range(repeats)]
-    scan = min(scans, key=lambda x: x.seconds)
-    _check_all_tables_validated(validated, guest)
+    with progress(3 + repeats, f"bench revalidate {_size(mem_bytes)}", quiet) as advance:
+        # guest.frames stays fresh (ownership only): every bulk run starts from a copy.
+        guest = lay_out_guest(guest_pages, build, seed, nr_processes)
+        advance("laid out")
+        mem2d = guest.frames.check_mem(guest.mem)
+        bulk_runs: list[float] = []
+        bulk_phases: list[dict[str, float]] = []
+        validated = guest.frames
+        for _ in range(repeats):
+            del validated  # free the previous run's table before copying the next
+            validated = guest.frames.copy()
+            seconds, phases = _validate(guest.mem, validated, guest.tree, "guest")
+            bulk_runs.append(seconds)
+            bulk_phases.append(phases)
+            advance(f"bulk run {len(bulk_runs)}")
+        _check_all_tables_validated(validated, guest)
+        floor_runs = memory_floor(mem2d, guest.tree.tables, repeats)
+        scans = [scan_page_tables(mem2d, guest.tree.tables) for _ in range(repeats)]
+        scan = min(scans, key=lambda x: x.seconds)
+        advance("floor and scan")
 
-    if guest_pages <= sample_pages:
-        reference = _reference(guest.frames, validated, guest, sample_is_guest=True)
-    else:
-        del validated
-        reference = _reference_on_sample(build, seed, nr_processes, sample_pages)
+        if guest_pages <= sample_pages:
+            reference = _reference(guest.frames, validated, guest, sample_is_guest=True)
+        else:
+            del validated
+            reference = _reference_on_sample(build, seed, nr_processes, sample_pages)
+        advance("reference done")
 
     ptes = scan.ptes
     bulk_s = min(bulk_runs)

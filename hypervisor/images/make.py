@@ -31,6 +31,7 @@ from hypervisor.core.elf import load_kernel
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
 from hypervisor.pv.builder import plan_layout
 from hypervisor.pv.save import save_domain
+from hypervisor.research.progress import progress
 
 from .common import ImageError
 from .guest_layouts import BUILDERS, LAYOUTS, Builder, LayoutError
@@ -39,6 +40,7 @@ GUESTS_DIR = Path(__file__).resolve().parents[2] / "scenarios" / "guests"
 # The dedicated workload kernel if it has been written, else the spinning one.
 WORKLOAD_KERNELS = ("pv_imagework.elf", "pv_spin.elf")
 KINDS = ("pv", "hvm")
+PROGRESS_FROM = 1 << 30  # guests from 1 GiB get a progress bar
 RUN_NS = 1_000_000  # 1 ms of virtual time (a million instructions) before the save
 MIN_MEMORY = 16 << 20
 MAX_MEMORY = 256 << 30
@@ -81,7 +83,8 @@ def _size(n: int) -> str:
 
 def image_make(kind: str, mem_bytes: int, layout: str, seed: int,
                out_path: str | os.PathLike[str], *, out: TextIO | None = None,
-               kernel: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+               kernel: str | os.PathLike[str] | None = None,
+               quiet: bool = True) -> dict[str, Any]:
     """Generate a guest image at `out_path` (zstd if it ends in .zst); return statistics.
 
     `kind` "pv" ("hvm": not yet), `layout` one of LAYOUTS, `mem_bytes` the
@@ -95,41 +98,45 @@ def image_make(kind: str, mem_bytes: int, layout: str, seed: int,
     temp = path.with_name(f".partial-{path.name}")
     times: dict[str, float] = {}
     started = last = time.perf_counter()
+    # progress on stderr only for large guests (small ones take well under a second)
+    with progress(5, f"image make {_size(mem_bytes)}",
+                  quiet or mem_bytes < PROGRESS_FROM) as advance:
 
-    def lap(name: str) -> None:
-        nonlocal last
-        now = time.perf_counter()
-        times[name] = round(now - last, 3)
-        last = now
+        def lap(name: str) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            times[name] = round(now - last, 3)
+            last = now
+            advance(f"image make {_size(mem_bytes)}: {name.removesuffix('_s')} done")
 
-    nr_pages = mem_bytes // PAGE_SIZE
-    name = f"{kind}-{layout}-{_size(mem_bytes)}"
-    hv = Hypervisor(MachineConfig(pcpus=1, memory=mem_bytes + HOST_MARGIN))
-    try:
-        dom = hv.create_pv_domain(name, str(kernel_path), mem_bytes, 1)
-        start_of_day = plan_layout(load_kernel(kernel_path), nr_pages)
-        lap("boot_s")
-        builder = Builder(hv, dom, start_of_day.mapped_pages, seed)
-        BUILDERS[layout](builder)
-        lap("layout_s")
-        stop = hv.run(RUN_NS)
-        if not dom.alive:
-            raise LayoutError(f"the workload kernel {kernel_path.name} stopped before the save "
-                              f"({stop}): {dom.crash_report or dom.shutdown}")
-        lap("run_s")
-        diffs = hv.check_typerefs(dom)
-        if diffs:
-            raise LayoutError(f"layout {layout}: typeref invariant broken: {diffs[0]} "
-                              f"({len(diffs)} differences)")
-        lap("check_s")
+        nr_pages = mem_bytes // PAGE_SIZE
+        name = f"{kind}-{layout}-{_size(mem_bytes)}"
+        hv = Hypervisor(MachineConfig(pcpus=1, memory=mem_bytes + HOST_MARGIN))
         try:
-            saved = save_domain(hv, dom, temp)
-            os.replace(temp, path)
+            dom = hv.create_pv_domain(name, str(kernel_path), mem_bytes, 1)
+            start_of_day = plan_layout(load_kernel(kernel_path), nr_pages)
+            lap("boot_s")
+            builder = Builder(hv, dom, start_of_day.mapped_pages, seed)
+            BUILDERS[layout](builder)
+            lap("layout_s")
+            stop = hv.run(RUN_NS)
+            if not dom.alive:
+                raise LayoutError(f"the workload kernel {kernel_path.name} stopped before the "
+                                  f"save ({stop}): {dom.crash_report or dom.shutdown}")
+            lap("run_s")
+            diffs = hv.check_typerefs(dom)
+            if diffs:
+                raise LayoutError(f"layout {layout}: typeref invariant broken: {diffs[0]} "
+                                  f"({len(diffs)} differences)")
+            lap("check_s")
+            try:
+                saved = save_domain(hv, dom, temp)
+                os.replace(temp, path)
+            finally:
+                temp.unlink(missing_ok=True)
+            lap("save_s")
         finally:
-            temp.unlink(missing_ok=True)
-        lap("save_s")
-    finally:
-        hv.teardown()
+            hv.teardown()
     times["total_s"] = round(time.perf_counter() - started, 3)
     added = builder.added
     stats: dict[str, Any] = {

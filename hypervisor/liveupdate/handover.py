@@ -599,3 +599,22 @@ def _array(body: bytes, width: int, offset: int, name: str,
         raise StreamError(f"{count} entries do not fill a {len(body)}-octet body",
                           offset=offset, record=name)
     return np.frombuffer(body, "<u8", count * width, _COUNT.size).reshape(count, width)
+
+
+def state_counts(hv: Hypervisor) -> dict[str, int]:
+    """How much non-memory state the hand-over carries, as the cost model prices it:
+    bound event channels, armed timers, vCPU contexts and HVM records (LAPIC and
+    LAPIC_REGS per vCPU, TSC_INFO and HVM_PARAMS per domain; CPU records are contexts)."""
+    counts = {"event_channels": 0, "timers": 0, "vcpu_contexts": 0, "hvm_records": 0}
+    for dom in hv.domains:
+        counts["vcpu_contexts"] += len(dom.vcpus)
+        if dom.hvm is not None:
+            counts["hvm_records"] += 2 * len(dom.vcpus) + 2
+            counts["timers"] += sum(1 for v in dom.vcpus
+                                    if v.hvm is not None and v.hvm.lapic.timer_running)
+            continue
+        if dom.evtchn is not None:
+            counts["event_channels"] += sum(1 for p in dom.evtchn.state.ports.values()
+                                            if p.state != "free")
+        counts["timers"] += sum(1 for v in dom.vcpus if v.timer_deadline_ns is not None)
+    return counts

@@ -38,7 +38,13 @@ from emulator.memory import HostMemory
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig, StagedTables
 from hypervisor.hvm.image import adopt_hvm_domain
 from hypervisor.lib.errors import HvlabError
-from hypervisor.liveupdate.costs import DEFAULT_COSTS_NS, modelled_ns
+from hypervisor.liveupdate.costs import (
+    DEFAULT_COSTS_NS,
+    TYPEREF_TERM,
+    before_pause_ns,
+    deferred_ns,
+    downtime_breakdown,
+)
 from hypervisor.liveupdate.handover import (
     DomainHandover,
     DomainMemory,
@@ -47,6 +53,7 @@ from hypervisor.liveupdate.handover import (
     frames_in_use,
     read_handover,
     read_precopy,
+    state_counts,
     write_handover,
     write_precopy,
 )
@@ -164,6 +171,9 @@ def prepare(hv: Hypervisor, plan: UpdatePlan) -> Prepared:
     wall: dict[str, float] = {}
     started = time.perf_counter()
     precopied, counters = write_precopy(hv, workdir)
+    # natively the new build's frame table is set up ahead, even where (`--exec`) hvlab's
+    # new process cannot start before the pause
+    counters["frame_table_rows_staged"] = hv.memory.nr_frames
     wall["precopy_wall_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -187,6 +197,7 @@ def prepare(hv: Hypervisor, plan: UpdatePlan) -> Prepared:
         prevalidation = strategies.prevalidate(
             hv, plan.to_build, staged.tables.frame_table if staged is not None else None)
         wall["prevalidate_wall_s"] = time.perf_counter() - started
+        counters |= prevalidation.counters
     report = {k: round(v, 6) for k, v in wall.items()} | counters
     return Prepared(workdir, precopied, staged, prevalidation, report)
 
@@ -223,7 +234,8 @@ def live_update(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared | None = No
     """
     check_plan(hv, plan)
     phases = _Phases(plan.fail_at)
-    counters: dict[str, Any] = {"vcpus": sum(len(d.vcpus) for d in hv.domains)}
+    counters: dict[str, Any] = {"vcpus": sum(len(d.vcpus) for d in hv.domains),
+                                "pcpus": hv.machine.pcpus, **state_counts(hv)}
     report: dict[str, Any] = {"strategy": plan.strategy, "from_build": hv.build,
                               "to_build": plan.to_build, "at_ns": hv.now}
     _settle_lazy(hv)
@@ -321,6 +333,8 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
                 key = "late_staging_runs" if "precopy" in ho.meta else "ownership_runs"
                 counters[key] += new.claim_frames(ho.p2m, domid)
         counters["frames_claimed"] = int(sum(ho.p2m.size for ho in handovers))  # (unpriced)
+        # the new build's frame table, unless it was set up before the pause
+        counters["frame_table_rows"] = 0 if report["before_pause"] else memory.nr_frames
         counters["tables_changed_since_precopy"] = sum(ho.tables_changed for ho in handovers)
         return new, handovers
 
@@ -375,7 +389,8 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
 
     proof = _prove(bo.before, new, f"the new build {plan.to_build}",
                    check_types=plan.strategy != "lazy", report=report)
-    downtime = modelled_ns(counters, plan.costs)
+    breakdown = downtime_breakdown(counters, plan.costs)
+    downtime = sum(breakdown.values())
     new.now += downtime  # guests see the blackout as time that passed (their offsets stay)
     _devices_catch_up(new)
     proof["blackout_interrupts"] = blackout_posts(bo.before, new)
@@ -389,6 +404,11 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
         "outcome": "updated",
         "blackout_wall_s": round(blackout_wall, 6),
         "modelled_downtime_ns": downtime,
+        "downtime_breakdown": breakdown,
+        "typeref_downtime_ns": breakdown[TYPEREF_TERM],
+        "before_pause_work_ns": before_pause_ns(report["before_pause"], plan.costs),
+        # lazy: priced when its validation completes (_arm_lazy_proof)
+        "deferred_work_ns": None if plan.strategy == "lazy" else 0,
         "phases": {p: round(phases.wall.get(p, 0.0), 6) for p in PHASES},
         "counters": counters,
         "proof": proof,
@@ -396,17 +416,19 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
         "handover_dir": str(bo.workdir),
     })
     if plan.strategy == "lazy":
-        _arm_lazy_proof(new, bo.before, report)
+        _arm_lazy_proof(new, bo.before, report, plan.costs)
     return new, report
 
 
-def _arm_lazy_proof(new: Hypervisor, before: Snapshot, report: dict[str, Any]) -> None:
+def _arm_lazy_proof(new: Hypervisor, before: Snapshot, report: dict[str, Any],
+                    new_costs: dict[str, float]) -> None:
     """Prove each domain's type state the moment its lazy validation completes
     (before its guest can change a table), and report when all are done."""
     lazy = new.lazy_update
     problems: list[str] = []
     if lazy is None:  # no PV domain: nothing is validated lazily (HVM has no page types)
         report["proof_after_lazy"] = {"ok": True, "problems": [], "domains": 0}
+        report["deferred_work_ns"] = 0
         return
 
     def on_domain_done(dom) -> None:
@@ -420,6 +442,7 @@ def _arm_lazy_proof(new: Hypervisor, before: Snapshot, report: dict[str, Any]) -
                                       "domains": len(lazy.domains)}
         counters = lazy.counters(new)
         report["counters"].update(counters)
+        report["deferred_work_ns"] = deferred_ns(report["counters"], new_costs)
         ns = counters["shadow_off_virtual_ns"]
         report.setdefault("throughput", {})["during_lazy"] = (
             round(counters["lazy_period_instructions"] / (ns / 1e6), 1) if ns else None)
@@ -466,7 +489,7 @@ def _retrying(phases: _Phases, name: str, fn: Callable[[], Any],
 def _aborted(phases: _Phases, why: str, started: float) -> dict[str, Any]:
     return {"outcome": "aborted: the old build resumed", "reason": why,
             "blackout_wall_s": round(time.monotonic() - started, 6),
-            "modelled_downtime_ns": 0,
+            "modelled_downtime_ns": 0, "downtime_breakdown": {},
             "phases": {p: round(phases.wall.get(p, 0.0), 6) for p in PHASES},
             "counters": {}, "injected": phases.injected}
 

@@ -17,6 +17,14 @@ def print_update_report(result: dict[str, Any], out: TextIO | None = None) -> No
             out.write(f"  translator: {u['translator']}\n")
         out.write(f"  blackout {u['blackout_wall_s'] * 1e3:.1f} ms wall, modelled native "
                   f"downtime {u['modelled_downtime_ns'] / 1e6:.3f} ms\n")
+        if u.get("downtime_breakdown"):
+            terms = ", ".join(f"{k} {v / 1e6:.3f}" for k, v in u["downtime_breakdown"].items())
+            out.write(f"  modelled downtime by phase (ms): {terms}\n")
+            deferred = u.get("deferred_work_ns")
+            out.write(f"  modelled work outside the blackout: before the pause "
+                      f"{u['before_pause_work_ns'] / 1e6:.3f} ms, after the resume "
+                      + ("not finished" if deferred is None else f"{deferred / 1e6:.3f} ms")
+                      + " (`hvlab costs`: each cost's source)\n")
         phases = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in u["phases"].items())
         out.write(f"  phases (ms wall): {phases}\n")
         if u.get("before_pause"):

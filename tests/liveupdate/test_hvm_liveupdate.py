@@ -4,6 +4,7 @@ in the blackout included, is delivered exactly once."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from hypervisor.liveupdate.orchestrator import PHASES, UpdatePlan, live_update
 from hypervisor.runner import boot_scenario, run_scenario
 from hypervisor.scenario import UpdateSpec, load_scenario
 from tests import SCENARIOS
+from tests.results import SHORT_BLACKOUT_COSTS as SHORT
 from tests.results import in_process_and_exec, stable
 
 LAPIC = SCENARIOS / "hvm-lapic-image.toml"  # hvm_lapic from its stored 2 ms image, build 4.19
@@ -37,10 +39,11 @@ def booted(scenario: Path, at_ns: int):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_hvm_lapic_to_4_12_and_back_with_interrupts_flowing(strategy):
-    """Default costs: the blackout (30 us) is shorter than the devices' periods, so each
+    """A blackout of the typeref work (30 us) is shorter than the devices' periods, so each
     source has at most one post due in it, made on resume; none may be lost or doubled."""
     specs = [UpdateSpec(1_000_000, "4.12", strategy), UpdateSpec(2_000_000, "4.19", "full-walk")]
-    result = run_with_updates(load_scenario(LAPIC), specs, UpdatePlan("4.12", strategy))
+    result = run_with_updates(load_scenario(LAPIC), specs,
+                              UpdatePlan("4.12", strategy, costs=SHORT))
     first, back = result["updates"]
     assert [(u["from_build"], u["to_build"]) for u in result["updates"]] == [
         ("4.19", "4.12"), ("4.12", "4.19")]
@@ -64,7 +67,7 @@ def test_posts_due_in_the_blackout_are_made_on_resume_exactly_once():
     paused_at = hv.now + old.time_offset
     due_at = {s.name: s.next_deadline_ns() for v in old.vcpus for s in v.hvm.sources}
     posted_before = {s.name: s.source.posted for v in old.vcpus for s in v.hvm.sources}
-    new, report = live_update(hv, UpdatePlan("4.12", "full-walk"))
+    new, report = live_update(hv, UpdatePlan("4.12", "full-walk", costs=SHORT))
     dom = new.domains[0]
     resumed_at = new.now + dom.time_offset
     assert resumed_at - paused_at == report["modelled_downtime_ns"] > 0
@@ -160,7 +163,7 @@ def test_a_domain_that_had_shut_down_stays_down():
 @pytest.mark.parametrize("phase", PHASES)
 def test_a_failure_in_any_phase_still_proves_and_hvm_lapic_finishes(phase):
     result = run_with_updates(load_scenario(LAPIC), [UpdateSpec(1_000_000, "4.12", "full-walk")],
-                              UpdatePlan("4.12", "full-walk", fail_at=phase))
+                              UpdatePlan("4.12", "full-walk", fail_at=phase, costs=SHORT))
     (report,) = result["updates"]
     assert report["injected"] == [phase] and report["proof"]["ok"]
     assert report["outcome"].startswith("aborted") == (phase in ("pause", "save"))
@@ -176,10 +179,12 @@ def test_a_corrupt_hvm_handover_stream_resumes_the_old_build():
     assert result["build"] == "4.19" and result["domains"][0]["shutdown"]["code"] == 0
 
 
-def test_exec_into_a_new_process_gives_the_same_proof_and_final_state(capsys):
+def test_exec_into_a_new_process_gives_the_same_proof_and_final_state(capsys, tmp_path):
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps(SHORT))
     in_process, execed = in_process_and_exec(capsys, [
         "update", str(LAPIC), "--at", "1ms", "--to", "4.12", "--strategy", "full-walk",
-        "--json"])
+        "--costs", str(short), "--json"])
     assert execed["domains"][0]["shutdown"]["code"] == 0
     assert stable(execed) == stable(in_process)
 

@@ -11,6 +11,7 @@ from hypervisor.liveupdate.driver import run_with_updates
 from hypervisor.liveupdate.orchestrator import PHASES, UpdatePlan
 from hypervisor.scenario import UpdateSpec, load_scenario
 from tests import SCENARIOS
+from tests.results import SHORT_BLACKOUT_COSTS as SHORT
 from tests.results import in_process_and_exec, stable
 
 STRATEGIES = ["full-walk", "transfer", "prevalidate", "lazy"]
@@ -141,7 +142,7 @@ name = "touch"
 kernel = "{SCENARIOS / 'guests' / 'pv_touch.elf'}"
 memory = "2G"
 [limits]
-virtual_time = "3ms"
+virtual_time = "10ms"
 """)
     result = run_with_updates(load_scenario(scenario), [UpdateSpec(1_000_000, "4.12", "lazy")],
                               UpdatePlan("4.12", "lazy"))
@@ -168,7 +169,8 @@ def test_update_mixed_stored_guests_to_4_19_and_back(strategy):
     scenario = load_scenario(SCENARIOS / "update-mixed.toml")
     assert scenario.build == "4.12"
     specs = [UpdateSpec(1_000_000, "4.19", strategy), UpdateSpec(3_000_000, "4.12", "full-walk")]
-    result = run_with_updates(scenario, specs, UpdatePlan("4.19", strategy))
+    result = run_with_updates(scenario, specs,
+                              UpdatePlan("4.19", strategy, costs=SHORT))
     first, back = result["updates"]
     assert (first["from_build"], first["to_build"]) == ("4.12", "4.19")
     assert (back["from_build"], back["to_build"]) == ("4.19", "4.12")
@@ -205,7 +207,8 @@ def test_an_update_while_lazy_validation_is_still_running_finishes_it_first():
     (lazy) update's sweeper has not reached the 1 GiB guest's tables yet."""
     scenario = load_scenario(SCENARIOS / "update-mixed.toml")
     specs = [UpdateSpec(1_000_000, "4.19", "lazy"), UpdateSpec(1_010_000, "4.12", "lazy")]
-    result = run_with_updates(scenario, specs, UpdatePlan("4.19", "lazy"))
+    result = run_with_updates(scenario, specs,
+                              UpdatePlan("4.19", "lazy", costs=SHORT))
     first, second = result["updates"]
     assert first["proof"]["ok"] and first["proof_after_lazy"]["ok"]
     assert second["proof"]["ok"] and second["proof_after_lazy"]["ok"]
