@@ -11,8 +11,8 @@ Two parts, in one streaming pass plus a validation:
   *localised* into scratch memory (pfn p becomes mfn p + 1, since mfn 0 is
   never a guest frame) with a scratch frame table, then the `*_PIN` pages are
   pinned and the vCPUs' CR3 references taken, in the order a restore does
-  (`mm.rebuild.rebuild_from_roots`: the vectorised validator, with the roots
-  ordered so that linear entries find their targets validated). A refused root is
+  (`mm.rebuild.rebuild_from_roots`: the vectorised validator, every linear
+  entry's target validated first). A refused root is
   explained by walking its tree for the entry at fault.
 
 Only page-table pages are copied: data pages are never read as tables by a

@@ -224,8 +224,8 @@ def _finish(hv: Hypervisor, st: _Pending, domid: int, path: Path, name: str | No
     # Restoring validates, as Xen's restore does: pin what was pinned, then take each
     # vCPU's CR3 references. The bulk validator gives exactly the reference's frame
     # table (and refusals) in vectorised passes: a 64 GiB guest in seconds; the
-    # saved levels order the roots so that linear entries find their targets
-    # validated (mm/rebuild.py).
+    # saved levels tell which entries are linear, and their targets are
+    # validated first (mm/rebuild.py).
     roots: list[Root] = []
     blame: list[tuple[str, int, str]] = []  # per root: record, offset, what it was
     for pfn, level, offset in st.pins:

@@ -187,3 +187,94 @@ def test_an_image_holding_a_linear_l4_entry_verifies_restores_and_finishes(tmp_p
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_an_update_while_an_l4_links_to_a_later_pinned_l4(strategy):
     _proved_and_finished(_update("pv-hostile.toml", LINKED_L4S_NS, strategy))
+
+
+# ----------------------------------- an L4 that only a linear entry holds (its pin dropped)
+def _as_guest(hv, dom, cmd: int, mfn: int) -> int:
+    """One mmuext_op from the domain's vCPU 0, through the hypervisor's own path."""
+    from hypervisor.core.hypercalls import VcpuMmuContext
+    from hypervisor.pv.mmu_ops import do_mmuext_op
+
+    hv.before_page_table_hypercall(dom)
+    rc, _ = do_mmuext_op(VcpuMmuContext(hv, dom.vcpus[0]), [[cmd, mfn, 0]])
+    return rc
+
+
+def _linear_target(hv, dom) -> int:
+    mfns = dom.p2m.astype(np.int64)
+    (target,) = mfns[hv.frame_table.linear_pt_count[mfns] < 0]
+    return int(target)
+
+
+def _linked_then_unpinned():
+    """pv-hostile while its L4 links its second L4, B, read-only; then, as the guest may,
+    B is unpinned: B stays a validated L4 held by that linear entry alone, a state no
+    order of the remaining roots validates by itself."""
+    from hypervisor.pv.mmu_ops import MMUEXT_UNPIN_TABLE
+
+    hv = boot_scenario(load_scenario(SCENARIOS / "pv-hostile.toml"))
+    hv.run(LINKED_L4S_NS)
+    dom = hv.domains[0]
+    b = _linear_target(hv, dom)
+    assert _as_guest(hv, dom, MMUEXT_UNPIN_TABLE, b) == 0
+    info = hv.frame_table.info(b)
+    assert (info.type, info.count, info.pinned, info.validated) == (PageType.L4, 1, False, True)
+    return hv
+
+
+def _type_rows(hv, dom) -> list[tuple]:
+    """Per pfn, in the build's own layout decoded: type, type count, pinned, validated,
+    general count, linear count."""
+    ft, mfns = hv.frame_table, dom.p2m.astype(np.int64)
+    ti, layout = ft.type_info[mfns], ft.layout
+    return list(zip(layout.type_of(ti).tolist(), layout.count_of(ti).tolist(),
+                    layout.pinned_of(ti).tolist(), layout.validated_of(ti).tolist(),
+                    ft.count_info[mfns].tolist(), ft.linear_pt_count[mfns].tolist(),
+                    strict=True))
+
+
+def _repin_and_finish(hv, dom) -> None:
+    """The guest later removes the link and unpins B itself: give B its pin back first,
+    then the guest must finish as it does without the detour."""
+    from hypervisor.pv.mmu_ops import MMUEXT_PIN_L4_TABLE
+
+    assert _as_guest(hv, dom, MMUEXT_PIN_L4_TABLE, _linear_target(hv, dom)) == 0
+    hv.run(10_000_000)
+    assert dom.shutdown is not None and dom.shutdown.code == 0, dom.console[-400:]
+
+
+def test_an_image_where_only_a_linear_entry_holds_an_l4_verifies_and_restores(tmp_path):
+    from hypervisor.core.hypervisor import Hypervisor, MachineConfig
+    from hypervisor.images.verify import image_verify
+    from hypervisor.pv.restore import restore_domain
+    from hypervisor.pv.save import save_domain
+
+    old = _linked_then_unpinned()
+    path = tmp_path / "hostile.img"
+    save_domain(old, old.domains[0], path)
+    verdict = image_verify(path, out=io.StringIO())
+    assert verdict["ok"], verdict
+    hv = Hypervisor(MachineConfig(1, 64 << 20), build=old.build)
+    dom = restore_domain(hv, path)
+    assert _type_rows(hv, dom) == _type_rows(old, old.domains[0])
+    assert hv.check_typerefs(dom) == []
+    _repin_and_finish(hv, dom)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_an_update_while_only_a_linear_entry_holds_an_l4(strategy):
+    from hypervisor.liveupdate.orchestrator import live_update, prepare
+
+    old = _linked_then_unpinned()
+    before = _type_rows(old, old.domains[0])
+    plan = UpdatePlan("4.12", strategy)
+    hv, report = live_update(old, plan, prepare(old, plan))
+    assert report["outcome"] == "updated", report
+    assert report["proof"]["ok"], report["proof"]["problems"]
+    dom = hv.domains[0]
+    if hv.lazy_update is not None:
+        hv.lazy_update.finish_now()
+        assert report["proof_after_lazy"]["ok"], report["proof_after_lazy"]["problems"]
+    assert hv.check_typerefs(dom) == []
+    assert _type_rows(hv, dom) == before
+    _repin_and_finish(hv, dom)
