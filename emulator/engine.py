@@ -13,8 +13,6 @@ cope (measured; docs/design.md §2):
   binding's exception handling done here (an exception stops the run and
   `emu_start` raises it). A guest's own `mov cr3`/`invlpg` flush unicorn's TLB
   without telling us; `flush_tlb` also tells the MMU (`Mmu.flush`).
-  `cr3()` reads CR3 with one raw `uc_reg_read` (the binding's `reg_read`
-  costs several Python calls; a two-stage fill needs CR3 every time).
 - Instruction budgets come from a native counting hook (native_counter.py):
   exact executed-instruction counts at the cost of unicorn's own `count=`.
 - `vmcall` is an invalid instruction to unicorn: the invalid-instruction hook
@@ -38,11 +36,19 @@ cope (measured; docs/design.md §2):
   lowering the counter's limit (emu_stop inside a memory hook would cut the
   instruction short). Debug stops are served inside `run` and the run goes on
   with the same budget: the guest and virtual time never notice a debugger.
+- Ring 3 (the Xen PV ABI, guest kernel and user both at CPL 3): writing CS/SS
+  changes the selector only, never the CPL, so `enter_ring3` executes one
+  `iretq` from a private CPL-0 page and keeps that CPL-3 context as the
+  pristine one its fault scrubs reload. At CPL 3 wrmsr, rdmsr, cli, sti, hlt,
+  mov CR, invlpg, swapgs fault with #GP at the instruction; in/out never fault
+  (the port hooks answer them). A hooked `syscall` moves RIP past itself and
+  writes neither rcx nor r11: it becomes a `Syscall` exit.
 """
 
 from __future__ import annotations
 
 import ctypes
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -52,7 +58,6 @@ from unicorn import (
     UC_CTL_IO_WRITE,
     UC_CTL_TLB_FLUSH,
     UC_ERR_EXCEPTION,
-    UC_ERR_OK,
     UC_HOOK_CODE,
     UC_HOOK_INSN,
     UC_HOOK_INSN_INVALID,
@@ -71,7 +76,7 @@ from unicorn import (
     UcError,
 )
 from unicorn import x86_const as X
-from unicorn.unicorn_py3.unicorn import uclib as _uclib
+from unicorn.unicorn_py3.unicorn import uclib
 
 from emulator.disasm import data_addresses
 from emulator.exits import (
@@ -85,6 +90,7 @@ from emulator.exits import (
     InvalidOpcode,
     MmuFault,
     PortIO,
+    Syscall,
 )
 from emulator.memory import HostMemory
 from emulator.native_counter import NativeCounter
@@ -93,7 +99,6 @@ from emulator.native_counter import NativeCounter
 _TLB_FILL_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
                                    ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p)
 _ACCESS_KIND = {UC_MEM_FETCH: "fetch", UC_MEM_WRITE: "write"}
-_CR3_REG = X.UC_X86_REG_CR3
 
 VMCALL = b"\x0f\x01\xc1"
 
@@ -119,7 +124,18 @@ _REG |= {f"st{i}": X.UC_X86_REG_ST0 + i for i in range(8)} | {
     "fctrl": X.UC_X86_REG_FPCW, "fstat": X.UC_X86_REG_FPSW, "ftag": X.UC_X86_REG_FPTAG,
     "fiseg": X.UC_X86_REG_FCS, "fioff": X.UC_X86_REG_FIP, "foseg": X.UC_X86_REG_FDS,
     "fooff": X.UC_X86_REG_FDP, "fop": X.UC_X86_REG_FOP}
+# Registers read and written as plain u64 straight through the C API: the
+# binding's own reg_read/reg_write spend most of their ~4 us choosing a
+# value class; a CPL-3 PV boot touches registers a few million times.
+_U64_REGS = {name: _REG[name] for name in (*GPRS, "rip", "rflags", "fs_base", "gs_base",
+                                           "cr0", "cr2", "cr3", "cr4")}
 _EFER_MSR = 0xC000_0080
+# A page of the engine's own, outside host memory, holding the `iretq` that
+# loads CPL 3; mapped at a virtual address no guest translation can use
+# (inside the hypervisor's reserved L4 slots) and only while it runs.
+RING3_ENTRY_VA = 0xFFFF_87FF_FFFF_F000
+_IRETQ = b"\x48\xcf"
+_RING0_CS, _RING0_SS = 0x08, 0x10
 _KERNEL_GS_BASE_MSR = 0xC000_0102
 
 # Everything a fault scrub must carry over (order matters: control state
@@ -173,6 +189,8 @@ class PhysicalCpu:
         uc.ctl_exits_enabled(True)
         uc.ctl_set_exits([])
         self.uc = uc
+        self._u64 = ctypes.c_uint64()  # the buffer of the direct register path
+        self._u64_ref = ctypes.byref(self._u64)
         self.mmu: Mmu | None = None
         self.sync_exit: SyncExitHandler = lambda exit_: False
         self._exit: Exit | None = None
@@ -189,8 +207,9 @@ class PhysicalCpu:
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
         self._add_rdtsc_hooks()
         self._pristine = uc.context_save()
-        self._cr3_value = ctypes.c_uint64()
-        self._cr3_ref = ctypes.byref(self._cr3_value)
+        self._pristine_ring3 = None  # the CPL-3 context, once `enter_ring3` made it
+        self._entry_ma = -(-memory.size // 0x1000) * 0x1000
+        self._entering_ring3 = False
         self.tsc: Callable[[], int] = lambda: 0
         # a debugger's stop handler: called outside emu_start, returns to resume
         self.on_debug_stop: Callable[[DebugStop], None] | None = None
@@ -209,6 +228,9 @@ class PhysicalCpu:
                 if translate_for._probing:  # `_retranslate` asking where code is
                     translate_for._probe_missed = True
                     return False
+                if translate_for._entering_ring3 and vaddr >> 12 == RING3_ENTRY_VA >> 12:
+                    entry[0], entry[1] = translate_for._entry_ma, PERM_R | PERM_X
+                    return True
                 kind = _ACCESS_KIND.get(access, READ)
                 translate_for.tlb_fills += 1
                 mmu = translate_for.mmu
@@ -345,6 +367,11 @@ class PhysicalCpu:
         uc.emu_stop()
         return True
 
+    def _on_syscall(self, uc: Uc, _ud) -> None:
+        # RIP is still the instruction here; unicorn moves past it when the run stops
+        self._exit = Syscall(uc.reg_read(X.UC_X86_REG_RIP))
+        uc.emu_stop()
+
     def _on_interrupt(self, uc: Uc, vector: int, _ud) -> None:
         rip = uc.reg_read(X.UC_X86_REG_RIP)
         if vector == 3 or vector >= FIRST_SOFTWARE_VECTOR:
@@ -401,6 +428,38 @@ class PhysicalCpu:
         uc.reg_write(X.UC_X86_REG_RDX, tsc >> 32)
         return 1  # skip unicorn's host-derived TSC
 
+    # ------------------------------------------------------- quirk: CPL 3
+    def enter_ring3(self, rip: int, rsp: int, rflags: int, cs: int, ss: int) -> None:
+        """Load CPL 3 at `cs:rip`, `ss:rsp` (the GDT must already describe cs and ss).
+
+        Unicorn keeps the CPL when CS is written, so one `iretq` runs from the
+        engine's private page; the context it leaves is kept as the pristine
+        CPL-3 state that later fault scrubs reload. `syscall` becomes an exit.
+        """
+        if self._pristine_ring3 is None:
+            self.uc.mem_map(self._entry_ma, 0x1000, UC_PROT_READ | UC_PROT_EXEC)
+            self.uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
+        frame = struct.pack("<5Q", rip, cs, rflags, rsp, ss)
+        self.uc.mem_write(self._entry_ma, _IRETQ.ljust(0x100, b"\xcc") + frame)
+        self.uc.reg_write(X.UC_X86_REG_CS, _RING0_CS)
+        self.uc.reg_write(X.UC_X86_REG_SS, _RING0_SS)
+        self.uc.reg_write(X.UC_X86_REG_RSP, RING3_ENTRY_VA + 0x100)
+        self.uc.reg_write(X.UC_X86_REG_RIP, RING3_ENTRY_VA)
+        self._entering_ring3 = True
+        self.flush_tlb()
+        try:
+            exit_ = self.run(1)
+        finally:
+            self._entering_ring3 = False
+            self.flush_tlb()
+        if not isinstance(exit_, BudgetExhausted) or self.reg("rip") != rip:
+            raise RuntimeError(f"entering ring 3 at {rip:#x} failed: {exit_}")
+        self._pristine_ring3 = self.uc.context_save()
+
+    @property
+    def in_ring3(self) -> bool:
+        return self._pristine_ring3 is not None and self.uc.reg_read(X.UC_X86_REG_CS) & 3 == 3
+
     # ----------------------------------------------------- quirk: #DF promotion
     def _scrub_exception_state(self) -> None:
         """Forget unicorn's record of the last fault so the next one is not a #DF."""
@@ -410,7 +469,8 @@ class PhysicalCpu:
         kgs = self.uc.reg_read(X.UC_X86_REG_MSR, _KERNEL_GS_BASE_MSR)
         gdtr = self.uc.reg_read(X.UC_X86_REG_GDTR)
         idtr = self.uc.reg_read(X.UC_X86_REG_IDTR)
-        self.uc.context_restore(self._pristine)
+        ring3 = self.in_ring3
+        self.uc.context_restore(self._pristine_ring3 if ring3 else self._pristine)
         self.uc.reg_write(X.UC_X86_REG_MSR, (_EFER_MSR, efer))
         for name in _SCRUB_CONTROL:
             self.uc.reg_write(_REG[name], regs[name])
@@ -450,20 +510,25 @@ class PhysicalCpu:
         return result[0] + (gva & 0xFFF)
 
     # --------------------------------------------------------------- registers
-    def cr3(self) -> int:
-        """CR3, read the cheap way (see the module docstring)."""
-        status = _uclib.uc_reg_read(self.uc._uch, _CR3_REG, self._cr3_ref)  # type: ignore[attr-defined]
-        if status != UC_ERR_OK:
-            raise UcError(status)
-        return self._cr3_value.value
-
     def reg(self, name: str) -> int:
+        reg_id = _U64_REGS.get(name)
+        if reg_id is not None:
+            rc = uclib.uc_reg_read(self.uc._uch, reg_id, self._u64_ref)
+            if rc:
+                raise UcError(rc)
+            return self._u64.value
         if name == "efer":
             return self.uc.reg_read(X.UC_X86_REG_MSR, _EFER_MSR)
         return self.uc.reg_read(_REG[name])
 
     def set_reg(self, name: str, value: int) -> None:
-        if name == "efer":
+        reg_id = _U64_REGS.get(name)
+        if reg_id is not None:
+            self._u64.value = value
+            rc = uclib.uc_reg_write(self.uc._uch, reg_id, self._u64_ref)
+            if rc:
+                raise UcError(rc)
+        elif name == "efer":
             self.uc.reg_write(X.UC_X86_REG_MSR, (_EFER_MSR, value))
         else:
             self.uc.reg_write(_REG[name], value)

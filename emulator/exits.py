@@ -30,6 +30,12 @@ class Hypercall(Exit):
 
 
 @dataclass(frozen=True)
+class Syscall(Exit):
+    """`syscall` executed at CPL 3 (the Xen PV ABI): `rip` is the instruction, which
+    is 2 bytes long. Unicorn wrote neither rcx nor r11; RIP is already past it."""
+
+
+@dataclass(frozen=True)
 class Halt(Exit):
     """`hlt` executed; `rip` is the instruction after it."""
 

@@ -106,3 +106,55 @@ def walk(
 
 def _error_code(present: bool, write: bool, fetch: bool) -> int:
     return (PF_PRESENT if present else 0) | (PF_WRITE if write else 0) | (PF_FETCH if fetch else 0)
+
+
+def walk_direct(mem: memoryview, root_ma: int, gva: int, access: str) -> Translation | WalkFault:
+    """`walk` for one-stage tables of machine addresses, over a memoryview of u64.
+
+    The same answer and the same A/D updates as `walk(..., table_to_ma=None)`;
+    a memoryview hands out Python ints several times faster than numpy
+    indexing, and the TLB-fill path of a CPL-3 PV guest runs this a million
+    times per boot (it takes `fill_direct`, which skips building the result).
+    """
+    used: list[int] = []
+    result = fill_direct(mem, root_ma, gva, access, used)
+    if isinstance(result, WalkFault):
+        return result
+    ma, writable, executable, dirty = result
+    return Translation(ma, writable, executable, dirty, tuple(used))
+
+
+def fill_direct(mem: memoryview, root_ma: int, gva: int, access: str,
+                used: list[int] | None = None) -> tuple[int, bool, bool, bool] | WalkFault:
+    """`walk_direct`'s work: (page ma, writable, executable, dirty) or the fault;
+    the entries' machine addresses are appended to `used` when given."""
+    write = access == "write"
+    fetch = access == "fetch"
+    if not canonical(gva):
+        return WalkFault(gva, 0, 4)
+    table_ma = root_ma
+    writable = executable = True
+    slot = 0
+    for shift in (39, 30, 21, 12):
+        slot = (table_ma >> 3) + ((gva >> shift) & 0x1FF)
+        entry = mem[slot]
+        if used is not None:
+            used.append(slot << 3)
+        if not entry & P:
+            return WalkFault(gva, _error_code(False, write, fetch), (shift - 3) // 9)
+        if not entry & RW:
+            writable = False
+        if entry & NX:
+            executable = False
+        if shift in (30, 21) and entry & PSE:
+            return WalkFault(gva, _error_code(True, write, fetch) | PF_RSVD, (shift - 3) // 9)
+        if not entry & A:
+            entry |= A
+            mem[slot] = entry
+        table_ma = entry & ADDR_MASK
+    if (write and not writable) or (fetch and not executable):
+        return WalkFault(gva, _error_code(True, write, fetch), 1)
+    if write and not entry & D:
+        entry |= D
+        mem[slot] = entry
+    return table_ma, writable, executable, bool(entry & D)

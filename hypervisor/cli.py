@@ -110,6 +110,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         run_revalidate_bench(parse_size(args.mem, "--mem"), args.build, args.json,
                              quiet=args.quiet)
         return 0
+    if args.which == "linux":
+        from hypervisor.bench.linux import run_linux_bench
+
+        run_linux_bench(args.json)
+        return 0
     if args.which == "update":
         from hypervisor.bench.update import run_update_bench
 
@@ -241,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     update.set_defaults(func=_cmd_update)
 
     bench = sub.add_parser("bench", help="benchmarks (ratios measured in one run)")
-    bench.add_argument("which", choices=["emulator", "revalidate", "update"])
+    bench.add_argument("which", choices=["emulator", "revalidate", "update", "linux"])
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--quiet", action="store_true", help="no progress on stderr")
     bench.add_argument("--mem", default="1G", help="revalidate: guest memory (default 1G)")

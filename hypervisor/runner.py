@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from typing import Any, TextIO
 
 import unicorn
 
 from emulator.memory import HostMemory
+from hypervisor.core.domain import Domain
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
+from hypervisor.pv.linux.domain import create_linux_domain, uses_xen_abi
 from hypervisor.scenario import Scenario, ScenarioError
 from hypervisor.seams import Seams
 from hypervisor.teaching.gdb import GdbKilled, GdbSession
@@ -34,6 +37,12 @@ def boot_scenario(scenario: Scenario, build: str | None = None,
         elif spec.type == "hvm":
             hv.create_hvm_domain(spec.name, str(spec.kernel), spec.memory, spec.vcpus,
                                  pod=spec.pod, sources=spec.sources)
+        elif spec.kernel is not None and uses_xen_abi(spec.kernel):  # Linux: Xen's ABI
+            create_linux_domain(hv, spec.name, spec.kernel, spec.memory, spec.vcpus,
+                                spec.cmdline, spec.busybox)
+        elif spec.cmdline or spec.busybox:
+            raise ScenarioError(f"{scenario.path} domain '{spec.name}': 'cmdline' and "
+                                "'busybox' are for kernels on Xen's PV ABI (Linux)")
         else:
             hv.create_pv_domain(spec.name, str(spec.kernel), spec.memory, spec.vcpus)
     return hv
@@ -81,6 +90,8 @@ def describe(hv: Hypervisor, scenario: Scenario, stop: str, wall_s: float) -> di
             "vcpus": [{"id": v.vcpu_id, "pcpu": v.pcpu, "instructions": v.instructions,
                        "upcalls": v.upcalls, "state": v.runstate} for v in d.vcpus],
         }
+        if any(v.xen is not None for v in d.vcpus):  # Xen's ABI at CPL 3 (Linux)
+            entry["xen_pv"] = describe_xen_pv(d)
         if d.hvm is not None:  # EPT/PoD figures; per vCPU timer ticks, IPIs, sources
             entry["hvm"] = hv.hvm.describe_domain(d)
             for row, v in zip(entry["vcpus"], d.vcpus, strict=True):
@@ -100,6 +111,19 @@ def describe(hv: Hypervisor, scenario: Scenario, stop: str, wall_s: float) -> di
         "domains": domains,
         "wall_s": round(wall_s, 6),
     }
+
+
+def describe_xen_pv(d: Domain) -> dict[str, Any]:
+    """The kernel file, and what Xen's CPL-3 ABI did for the domain (summed over vCPUs)."""
+    hypercalls: Counter[str] = Counter()
+    totals: Counter[str] = Counter()
+    for v in d.vcpus:
+        assert v.xen is not None
+        hypercalls.update(v.xen.hypercalls)
+        totals.update(privops=v.xen.privops, forced_cpuids=v.xen.forced_cpuids,
+                      ptwr=v.xen.ptwr, bounces=v.xen.bounces)
+    return {"kernel": d.kernel_file, "hypercalls": dict(sorted(hypercalls.items())),
+            **{k: totals[k] for k in ("privops", "forced_cpuids", "ptwr", "bounces")}}
 
 
 def print_report(result: dict[str, Any], out: TextIO | None = None) -> None:

@@ -15,6 +15,8 @@ memory = "4M"                    # (with image: taken from the image)
 vcpus = 1
 type = "pv"            # optional; "pv" is the default, or "hvm"
 # pod = true           # HVM only: populate-on-demand (memory backed on first touch)
+# cmdline = "console=hvc0"       # PV kernels on Xen's ABI (Linux): the command line
+# busybox = "linux/build/busybox/bin/busybox"  # ... and the initramfs built around it
 
 # [[domain.source]]    # HVM only, several allowed: a device posting an interrupt
 # name = "disk"
@@ -68,6 +70,8 @@ class DomainSpec:
     image: Path | None = None
     pod: bool = False  # HVM: populate-on-demand
     sources: tuple[SourceConfig, ...] = ()  # HVM: interrupt sources
+    cmdline: str = ""  # Linux PV: the kernel command line
+    busybox: Path | None = None  # Linux PV: the initramfs's busybox
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,7 @@ def load_scenario(path: str | Path) -> Scenario:
         if not isinstance(raw, dict):
             raise ScenarioError(f"{dwhere}: must be a table")
         _check_keys(raw, {"name", "kernel", "image", "memory", "vcpus", "type", "pod",
-                          "source"}, dwhere)
+                          "source", "cmdline", "busybox"}, dwhere)
         name = _str(raw, "name", dwhere)
         dwhere = f"{where} domain '{name}'"
         kind = _str(raw, "type", dwhere, "pv")
@@ -200,9 +204,15 @@ def load_scenario(path: str | Path) -> Scenario:
         dmem = parse_size(raw.get("memory", "4M"), f"{dwhere} memory")
         vcpus = _int(raw, "vcpus", dwhere, 1)
         sources = _sources(raw.get("source", []), vcpus, dwhere)
+        if ("cmdline" in raw or "busybox" in raw) and (kind != "pv" or kernel is None):
+            raise ScenarioError(f"{dwhere}: 'cmdline' and 'busybox' are for PV kernels")
+        cmdline = _str(raw, "cmdline", dwhere, "")
+        busybox = (path.parent / _str(raw, "busybox", dwhere)).resolve() if "busybox" in raw \
+            else None
         if image is not None and "type" not in raw:
             kind = "image"  # the image's domain header says whether it is PV or HVM
-        domains.append(DomainSpec(name, kernel, dmem, vcpus, kind, image, pod, sources))
+        domains.append(DomainSpec(name, kernel, dmem, vcpus, kind, image, pod, sources,
+                                  cmdline, busybox))
     names = [d.name for d in domains]
     if len(set(names)) != len(names):
         raise ScenarioError(f"{where}: domain names must be unique")

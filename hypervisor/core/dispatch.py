@@ -23,6 +23,7 @@ from emulator.exits import (
     InvalidOpcode,
     MmuFault,
     PortIO,
+    Syscall,
 )
 from emulator.interrupts import GATE_TRAP, DeliveryError, Gate, deliver
 from emulator.paging import WalkFault
@@ -30,6 +31,7 @@ from hypervisor.core import hypercalls
 from hypervisor.core.vcpu import BLOCKED, Vcpu
 from hypervisor.hvm.mmu import EptViolation
 from hypervisor.lib.errno import ENOSYS
+from hypervisor.pv.xen.priv_ops import answer_cpuid
 
 if TYPE_CHECKING:
     from hypervisor.core.hypervisor import Hypervisor
@@ -44,6 +46,7 @@ EXIT_NAMES = {
     MmuFault: "page_fault",
     InvalidOpcode: "invalid_opcode",
     EngineError: "engine_error",
+    Syscall: "syscall",
 }
 
 VECTOR_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM",
@@ -82,6 +85,9 @@ class ExitDispatcher:
             hook(v, exit_, name)
         if self.hv.tracer is not None:
             self.hv.tracer.exit(v, exit_)
+        if v.xen is not None:  # Xen's PV ABI at CPL 3
+            self.hv.xen_pv.handle(cpu, v, exit_)
+            return
         match exit_:
             case BudgetExhausted() | Cpuid() | PortIO():
                 pass  # Cpuid, PortIO: answered synchronously, here when the handler stopped
@@ -107,6 +113,8 @@ class ExitDispatcher:
     def handle_sync(self, cpu: PhysicalCpu, v: Vcpu, exit_: Exit) -> bool:
         self.hv.count_exit(EXIT_NAMES[type(exit_)])
         match exit_:
+            case Cpuid() if v.xen is not None:
+                answer_cpuid(cpu)
             case Cpuid(leaf=leaf):
                 eax, ebx, ecx, edx = CPUID_TABLE.get(leaf, (0, 0, 0, 0))
                 for name, value in (("rax", eax), ("rbx", ebx), ("rcx", ecx), ("rdx", edx)):
@@ -153,6 +161,9 @@ class ExitDispatcher:
 
     def deliver_upcall(self, cpu: PhysicalCpu, v: Vcpu) -> None:
         """Enter the guest's event callback, events masked, as Xen's upcall does."""
+        if v.xen is not None:
+            self.hv.xen_pv.deliver_upcall(cpu, v)
+            return
         v.domain.events.bits.set_upcall_mask(v.vcpu_id, True)
         try:
             deliver(cpu, Gate(KERNEL_CS, v.event_callback, GATE_TRAP, True), cpu.reg("rip"),

@@ -12,6 +12,7 @@ from hypervisor.core.vcpu import Vcpu
 
 if TYPE_CHECKING:
     from hypervisor.hvm.domain import HvmDomain
+    from hypervisor.pv.linux.backends import Backends
 
 SHUTDOWN_REASONS = {0: "poweroff", 1: "reboot", 2: "suspend", 3: "crash", 4: "watchdog"}
 
@@ -42,6 +43,8 @@ class Domain:
     # from where it was saved (like a TSC offset)
     time_offset: int = 0
     hvm: HvmDomain | None = None  # P2M/EPT, layout, EPT violation counts (HVM only)
+    backends: Backends | None = None  # console ring and xenstore of a Linux PV domain
+    kernel_file: str = ""  # Linux PV: the kernel file that was booted (its real name)
 
     @property
     def nr_pages(self) -> int:

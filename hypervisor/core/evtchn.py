@@ -66,6 +66,7 @@ class SharedInfoBits:
     def __init__(self, page_u8: np.ndarray) -> None:
         self.u8 = page_u8
         self.u64 = page_u8.view(np.uint64)
+        self._moved: dict[int, np.ndarray] = {}  # vCPU -> its registered vcpu_info
 
     def _bit(self, base_word: int, port: int) -> tuple[int, int]:
         return base_word + port // 64, 1 << (port % 64)
@@ -89,20 +90,36 @@ class SharedInfoBits:
     PENDING = EVTCHN_PENDING_OFFSET // 8
     MASK = EVTCHN_MASK_OFFSET // 8
 
-    def pending_sel_word(self, vcpu: int) -> int:
-        return (VCPU_INFO_SIZE * vcpu + 8) // 8
+    def relocate_vcpu_info(self, vcpu: int, view: np.ndarray) -> None:
+        """VCPUOP_register_vcpu_info: from now on the vCPU's vcpu_info is `view`
+        (64 bytes of a guest frame) instead of its slot in shared_info."""
+        view[:] = self.vcpu_info(vcpu)
+        self._moved[vcpu] = view
+
+    def vcpu_info(self, vcpu: int) -> np.ndarray:
+        """The 64 bytes of the vCPU's vcpu_info, wherever the guest put them."""
+        view = self._moved.get(vcpu)
+        return view if view is not None else self.u8[VCPU_INFO_SIZE * vcpu:
+                                                      VCPU_INFO_SIZE * (vcpu + 1)]
+
+    def test_and_set_sel(self, vcpu: int, bit: int) -> bool:
+        """evtchn_pending_sel: test and set one bit."""
+        sel = self.vcpu_info(vcpu)[8:16].view(np.uint64)
+        old = int(sel[0])
+        sel[0] = np.uint64(old | (1 << bit))
+        return bool(old >> bit & 1)
 
     def upcall_pending(self, vcpu: int) -> bool:
-        return bool(self.u8[VCPU_INFO_SIZE * vcpu])
+        return bool(self.vcpu_info(vcpu)[0])
 
     def set_upcall_pending(self, vcpu: int, value: bool) -> None:
-        self.u8[VCPU_INFO_SIZE * vcpu] = 1 if value else 0
+        self.vcpu_info(vcpu)[0] = 1 if value else 0
 
     def upcall_mask(self, vcpu: int) -> bool:
-        return bool(self.u8[VCPU_INFO_SIZE * vcpu + 1])
+        return bool(self.vcpu_info(vcpu)[1])
 
     def set_upcall_mask(self, vcpu: int, value: bool) -> None:
-        self.u8[VCPU_INFO_SIZE * vcpu + 1] = 1 if value else 0
+        self.vcpu_info(vcpu)[1] = 1 if value else 0
 
 
 class EventChannels:
@@ -291,7 +308,7 @@ class EventChannels:
         b = self.bits
         vcpu = self.state.ports[port].notify_vcpu
         if (b.test_and_clear(b.MASK, port) and b.test(b.PENDING, port)
-                and not b.test_and_set(b.pending_sel_word(vcpu), port // 64)):
+                and not b.test_and_set_sel(vcpu, port // 64)):
             self._mark_events_pending(vcpu)
         return 0
 
@@ -304,7 +321,7 @@ class EventChannels:
             return
         if b.test(b.MASK, port):
             return
-        if b.test_and_set(b.pending_sel_word(vcpu), port // 64):
+        if b.test_and_set_sel(vcpu, port // 64):
             return
         self._mark_events_pending(vcpu)
 

@@ -35,6 +35,7 @@ from hypervisor.mm.frametable import DOMID_INVALID, FrameTable
 from hypervisor.mm.typerefs import PageTyping
 from hypervisor.pv.builder import build_pv_memory
 from hypervisor.pv.mmu import GDT_VA, PvMmu
+from hypervisor.pv.xen.support import XenPvSupport
 from hypervisor.seams import HVLAB_OWN, Seams
 from hypervisor.stream.vcpu_context import VcpuGuestContext
 
@@ -140,6 +141,7 @@ class Hypervisor:
         self.scheduler = Scheduler(machine.pcpus)
         self.dispatcher = ExitDispatcher(self)
         self.hvm = HvmSupport(self)  # HVM domains: builder, entry path, exits, reports
+        self.xen_pv = XenPvSupport(self)  # CPL-3 PV domains: Xen's pages, exits, upcalls
         self.now = 0  # virtual ns at the start of the current slice
         self.exits: Counter[str] = Counter()
         self.tracer: Tracer | None = None
@@ -163,6 +165,10 @@ class Hypervisor:
         self.loaded = []
         if not self.frames.free[self.gdt_mfn]:
             self._scrub_and_release(np.array([self.gdt_mfn], dtype=np.uint64))
+        xen_pages = self.xen_pv.own_frames()  # CPL-3 PV: Xen's GDT page and read-only M2P
+        xen_pages = xen_pages[~self.frames.free[xen_pages.astype(np.int64)]]
+        if xen_pages.size:
+            self._scrub_and_release(xen_pages)
         for dom in self.domains:  # HVM: the EPT tables are this build's, in its layout
             if dom.hvm is not None:
                 tables = np.array(sorted(dom.hvm.physmap.ept.frames), dtype=np.uint64)
@@ -266,6 +272,10 @@ class Hypervisor:
     def start_vcpu(self, v: Vcpu, registers: dict[str, int], base_ma: int) -> None:
         """Give a (restored) vCPU its architectural state."""
         self._start_vcpu(v, registers, base_ma)
+
+    def domain_events(self, domid: int) -> EventChannels | None:
+        """The event channels of live domain `domid` (an interdomain peer), or None."""
+        return self._domain_evtchn(domid)
 
     def _domain_evtchn(self, domid: int) -> EventChannels | None:
         if 0 <= domid < len(self.domains) and self.domains[domid].alive:

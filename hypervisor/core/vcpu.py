@@ -11,6 +11,7 @@ from hypervisor.pv.mmu import PvMmu
 if TYPE_CHECKING:
     from hypervisor.core.domain import Domain
     from hypervisor.hvm.vcpu import HvmVcpu
+    from hypervisor.pv.xen.state import XenVcpu
 
 REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
@@ -68,6 +69,7 @@ class Vcpu:
     instructions: int = 0  # instructions this vCPU has executed
     upcalls: int = 0
     hvm: HvmVcpu | None = None  # vLAPIC, posted interrupts, sources (HVM vCPUs only)
+    xen: XenVcpu | None = None  # Xen's PV ABI at CPL 3 (hypervisor/pv/xen) when set
 
     @property
     def name(self) -> str:

@@ -163,7 +163,7 @@ class HvmSupport:
 
         def cr3() -> int:
             if hv.loaded[v.pcpu] is v:
-                last[0] = hv.pcpus[v.pcpu].cr3()
+                last[0] = hv.pcpus[v.pcpu].reg("cr3")
             return last[0]
 
         return cr3

@@ -85,6 +85,7 @@ if [ -f "$manifest" ] && [ -f "$vmlinuz" ] && [ -f "$busybox" ] \
    && grep -qF "\"version\": \"$busybox_ver\"" "$manifest" \
    && grep -qF "\"vmlinuz_sha256\": \"$(sha "$vmlinuz")\"" "$manifest" \
    && grep -qF "\"busybox_sha256\": \"$(sha "$busybox")\"" "$manifest"; then
+    ln -sfn "kernel/boot/vmlinuz-$abi" "$build/vmlinuz"  # the name scenarios use
     echo "fetch.sh: up to date ($kernel_pkg $kernel_ver, $busybox_pkg $busybox_ver)" >&2
     exit 0
 fi
@@ -100,6 +101,7 @@ dpkg-deb --fsys-tarfile "$kernel_deb" | tar -x -C "$build/kernel" ./boot
 dpkg-deb -x "$busybox_deb" "$build/busybox"
 [ -f "$vmlinuz" ] || die "$kernel_pkg has no boot/vmlinuz-$abi"
 [ -x "$busybox" ] || die "$busybox_pkg has no executable bin/busybox"
+ln -sfn "kernel/boot/vmlinuz-$abi" "$build/vmlinuz"  # the name scenarios use
 
 # Debian's System.map is a one-line placeholder (the real one is in the -dbg package).
 if [ -f "$sysmap" ]; then

@@ -98,3 +98,18 @@ def test_an_image_domain_takes_its_kind_from_the_image(tmp_path, capsys):
     wrong.write_text(text + 'type = "hvm"\n')
     status, _, err = run_cli(["run", str(wrong)], capsys)
     assert status == 2 and "holds a pv domain" in err
+
+
+def test_linux_keys_parse_and_are_refused_where_they_mean_nothing(tmp_path, capsys):
+    linux = GOOD.replace('vcpus = 2\n', 'vcpus = 1\ncmdline = "console=hvc0"\n'
+                         'busybox = "bb/busybox"\n')
+    (d,) = load_scenario(write(tmp_path, linux)).domains
+    assert d.cmdline == "console=hvc0" and d.busybox == (tmp_path / "bb/busybox").resolve()
+    hvm = linux.replace('vcpus = 1\n', 'vcpus = 1\ntype = "hvm"\n')
+    with pytest.raises(ScenarioError, match="'cmdline' and 'busybox' are for PV kernels"):
+        load_scenario(write(tmp_path, hvm))
+    # an hvlab guest (no Xen notes) with a command line: one line, status 2
+    own = linux.replace('kernel = "k.elf"', f'kernel = "{SCENARIOS / "guests/pv_hello.elf"}"')
+    assert main(["run", str(write(tmp_path, own))]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "are for kernels on Xen's PV ABI" in err

@@ -1,0 +1,81 @@
+"""Tiny hand-assembled kernels on Xen's PV ABI at CPL 3 (ELF with Linux-like Xen notes)."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hypervisor.core.hypervisor import Hypervisor, MachineConfig
+from hypervisor.pv.linux.domain import create_linux_domain
+from tests.pv.linux.synthetic import VIRT_BASE, elf64, linux_like_notes
+
+TEXT_PADDR = 0x200000
+ENTRY = VIRT_BASE + TEXT_PADDR
+
+
+@dataclass
+class Asm:
+    """Machine code with labels for rip-relative references (resolved by `bytes`)."""
+
+    code: bytearray = field(default_factory=bytearray)
+    labels: dict[str, int] = field(default_factory=dict)
+    fixups: list[tuple[int, str]] = field(default_factory=list)
+
+    def emit(self, hex_bytes: str) -> Asm:
+        self.code += bytes.fromhex(hex_bytes)
+        return self
+
+    def imm32(self, value: int) -> Asm:
+        self.code += struct.pack("<I", value & 0xFFFF_FFFF)
+        return self
+
+    def imm64(self, value: int) -> Asm:
+        self.code += struct.pack("<Q", value)
+        return self
+
+    def rip_rel(self, label: str) -> Asm:  # a disp32 that ends the instruction
+        self.fixups.append((len(self.code), label))
+        self.code += b"\0" * 4
+        return self
+
+    def label(self, name: str) -> Asm:
+        self.labels[name] = len(self.code)
+        return self
+
+    def data(self, raw: bytes) -> Asm:
+        self.code += raw
+        return self
+
+    def hypercall(self, number: int, rdi: int | None = None, rsi: int | None = None) -> Asm:
+        self.emit("b8").imm32(number)
+        if rdi is not None:
+            self.emit("bf").imm32(rdi)
+        if rsi is not None:
+            self.emit("be").imm32(rsi)
+        return self.emit("0f05")
+
+    def shutdown(self, reason: int = 0) -> Asm:
+        self.emit("b8").imm32(29).emit("bf").imm32(2).emit("488d35").rip_rel("reason")
+        self.emit("0f05")
+        return self.label("reason").imm32(reason).imm32(0xDEAD)  # not a code: Xen ignores it
+
+    def bytes(self) -> bytes:
+        out = bytearray(self.code)
+        for at, name in self.fixups:
+            struct.pack_into("<i", out, at, self.labels[name] - (at + 4))
+        return bytes(out)
+
+
+def kernel_elf(code: bytes) -> bytes:
+    size = max(0x2000, -(-len(code) // 4096) * 4096)
+    segments = [(ENTRY, TEXT_PADDR, code, size)]
+    return elf64(segments, linux_like_notes(entry=ENTRY, mod_start_pfn=True), TEXT_PADDR)
+
+
+def boot(tmp_path: Path, code: bytes, memory: int = 8 << 20) -> Hypervisor:
+    path = tmp_path / "kernel.elf"
+    path.write_bytes(kernel_elf(code))
+    hv = Hypervisor(MachineConfig(1, 32 << 20))
+    create_linux_domain(hv, "tiny", path, memory, 1, "console=hvc0", None)
+    return hv
