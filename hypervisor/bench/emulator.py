@@ -19,9 +19,10 @@ counterpart by about 1%). The wall figures are reported too (`*_wall_s`).
   register-only instructions, the same per-instruction counting hook, the
   same budget per `emu_start`; hvlab only adds its per-quantum Python work
   (scheduler, timer, exit dispatch, ~200 quanta). By wall time the ratio was
-  1.07-1.27, mostly other processes on the shared machine. By CPU time a
-  residual ~2% in hvlab's favour remains in every pair, whichever side runs
-  first: it is in the two engines' setup, not in less work. Unicorn's TLB mode
+  1.07-1.27, mostly other processes on the shared machine. By CPU time the
+  ratio still comes out above 1 in every pair, whichever side runs first
+  (1.01-1.14 in the runs so far, the bare side varying more): it is in the
+  two engines' setup and the host, not in less work. Unicorn's TLB mode
   is ruled out (the bare engine in hvlab's virtual-TLB mode with an identity
   fill hook runs at the same speed); what differs besides is where the code
   sits (hvlab: the kernel's high addresses through one host-memory mapping;
@@ -206,8 +207,8 @@ def run_bench(args: argparse.Namespace) -> int:
               f"{result['bare_unicorn_mips']:.1f} MIPS, ratio {result['ratio']:.3f} "
               f"(median of {runs}; per CPU second of this process)")
         print("  same instructions, translated loop, counting hook and budgets on both "
-              "sides; hvlab only adds work. A ratio slightly above 1 is engine setup "
-              "(code address, start state; not unicorn's TLB mode), not less work")
+              "sides; hvlab only adds work. A ratio above 1 is engine setup and the host "
+              "(not unicorn's TLB mode), not less work: see ratio_runs for the spread")
         print(f"TLB fills: {result['tlb_fills_per_s']:,} per CPU second ({pv_fills.count:,} fills)")
         print(f"HVM two-stage TLB fills: {result['hvm_tlb_fills_per_s']:,} per CPU second "
               f"({hvm_fills.count:,} fills, {result['hvm_fill_ratio']:.3f} of the PV rate)")
