@@ -678,6 +678,9 @@ class _QuietMmu:
         self.memory, self.physmap, self.cr3 = memory, physmap, cr3
         self.last_fault: object = None
 
+    def flush(self) -> None:
+        """Nothing is cached: every translation walks afresh."""
+
     def translate(self, gva: int, _access: str) -> tuple[int, int] | None:
         u64 = self.memory.u64
         table = self.cr3 & ADDR_MASK

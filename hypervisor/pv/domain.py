@@ -73,7 +73,11 @@ def install_pv_domain(hv: Hypervisor, name: str, p2m: np.ndarray, shared_info_pf
     dom.evtchn = EventChannels(domid, nr_vcpus, hv.memory.frame_u8(shared_info),
                                kick=dom.wake_vcpu, peer=hv.evtchn_of)
     for vid in range(nr_vcpus):
-        vcpu = Vcpu(dom, vid, PvMmu(hv.memory, hv.gdt_mfn * PAGE_SIZE))
+        # A lab's writable-mapping rule may let a guest write its own page
+        # tables, behind any cache's back: then every fill walks afresh.
+        mmu = PvMmu(hv.memory, hv.gdt_mfn * PAGE_SIZE,
+                    cache_walks=hv.seams.writable_mapping is None)
+        vcpu = Vcpu(dom, vid, mmu)
         dom.vcpus.append(vcpu)
         hv.scheduler.place(vcpu)
     hv.domains.append(dom)
