@@ -29,6 +29,7 @@ from hypervisor.pv.mmu_ops import (
 )
 from hypervisor.pv.vcpu import finish_pending_typing
 from hypervisor.pv.xen.bounce import hypervisor_iret, xen_state
+from hypervisor.pv.xen.grant_table import grant_table_op
 from hypervisor.pv.xen.mmu import RO_MPT_VIRT_START, XEN_GDT_PAGE
 from hypervisor.pv.xen.state import FLAT_KERNEL_SS, VALID_VM_ASSISTS
 
@@ -369,10 +370,6 @@ def sched_op(hv: Hypervisor, v: Vcpu, cmd: int, arg: int, *rest: int) -> int:
         hv.shutdown_domain(v.domain, reason, 0)
         return 0
     return core.sched_op(hv, v, cmd, arg, *rest)
-
-
-def grant_table_op(hv: Hypervisor, v: Vcpu, *_: int) -> int:
-    return -ENOSYS  # no grant table: Linux runs without one
 
 
 TABLE: dict[int, tuple[str, Handler]] = {
