@@ -1,4 +1,4 @@
-"""Grant table v1 (query_size, setup_table, set_version) through a ring-3 kernel and direct calls."""
+"""Grant table v1 (query_size, setup_table, set_version): a ring-3 kernel and direct calls."""
 
 from __future__ import annotations
 
