@@ -14,12 +14,12 @@ import numpy as np
 import unicorn
 
 from emulator.memory import HostMemory
-from hypervisor.core.elf import load_kernel
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
 from hypervisor.core.seams import Seams
 from hypervisor.debug.gdb import GdbKilled, GdbSession
 from hypervisor.hvm.policy import create_hvm_domain
 from hypervisor.images.frames import domain_frames
+from hypervisor.kernel_symbols import kernel_symbols, lazy_describer
 from hypervisor.lib.errors import HvlabError
 from hypervisor.liveupdate.driver import ScheduledUpdate, UpdateRun, check_run
 from hypervisor.liveupdate.orchestrator import UpdatePlan
@@ -27,7 +27,7 @@ from hypervisor.liveupdate.report import print_update_report
 from hypervisor.pv.domain import create_pv_domain
 from hypervisor.pv.linux.domain import create_linux_domain, uses_xen_abi
 from hypervisor.scenario import Scenario, ScenarioError, load_scenario, parse_time
-from hypervisor.tracing import Symbols, TraceOptions, Tracer, parse_rip_range
+from hypervisor.tracing import TraceOptions, Tracer, parse_rip_range
 
 
 def boot_scenario(scenario: Scenario, build: str | None = None,
@@ -49,13 +49,15 @@ def boot_scenario(scenario: Scenario, build: str | None = None,
             create_hvm_domain(hv, spec.name, str(spec.kernel), spec.memory, spec.vcpus,
                               pod=spec.pod, sources=spec.sources)
         elif spec.kernel is not None and uses_xen_abi(spec.kernel):  # Linux: Xen's ABI
-            create_linux_domain(hv, spec.name, spec.kernel, spec.memory, spec.vcpus,
-                                spec.cmdline, spec.busybox)
+            dom = create_linux_domain(hv, spec.name, spec.kernel, spec.memory, spec.vcpus,
+                                      spec.cmdline, spec.busybox)
+            dom.describe_address = lazy_describer(spec.kernel)
         elif spec.cmdline or spec.busybox:
             raise ScenarioError(f"{scenario.path} domain '{spec.name}': 'cmdline' and "
                                 "'busybox' are for kernels on Xen's PV ABI (Linux)")
         else:
-            create_pv_domain(hv, spec.name, str(spec.kernel), spec.memory, spec.vcpus)
+            dom = create_pv_domain(hv, spec.name, str(spec.kernel), spec.memory, spec.vcpus)
+            dom.describe_address = lazy_describer(spec.kernel)
     return hv
 
 
@@ -201,7 +203,7 @@ def trace_scenario(scenario_path: str, out: TextIO, limit: int, options: TraceOp
                          f"{', '.join(names)})")
     for spec in scenario.domains:
         if spec.kernel is not None:
-            options.symbols[spec.name] = Symbols(load_kernel(spec.kernel).symbols)
+            options.symbols[spec.name] = kernel_symbols(spec.kernel)
     wanted = [options.symbols[n] for n in ([options.domain] if options.domain else names)
               if n in options.symbols]
     if rip_text is not None:

@@ -43,6 +43,8 @@ class Domain:
     time_offset: int = 0
     hvm: Any = None  # an HvmDomain (P2M/EPT, layout, EPT violations) for HVM domains
     backends: Any = None  # console ring and xenstore of a Linux PV domain (pv/linux/backends)
+    # address -> "symbol+offset" for crash reports (hypervisor/kernel_symbols.py)
+    describe_address: Any = None
     grant_table: Any = None  # a PV domU's GrantTable (pv/xen/grant_table)
     kernel_file: str = ""  # Linux PV: the kernel file that was booted (its real name)
 

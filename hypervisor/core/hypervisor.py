@@ -10,6 +10,7 @@ domain's fate. What PV and HVM domains do differently is asked of `dom.policy`
 
 from __future__ import annotations
 
+import re
 import struct
 from collections import Counter
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from hypervisor.mm.typerefs import PageTyping
 
 DEFAULT_QUANTUM_NS = 1_000_000  # 1 ms of virtual time = 1 M instructions
 TSC_KHZ = 1_000_000  # one instruction per nanosecond: a 1 GHz TSC
+CRASH_RIP = re.compile(r"at RIP (0x[0-9a-f]+)")
 KERNEL_CS, KERNEL_DS = 0x08, 0x10
 # The hypervisor's own GDT (PV guests run on it): null, 64-bit code (DPL 0), data (DPL 0)
 GDT = struct.pack("<QQQ", 0, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF)
@@ -277,8 +279,19 @@ class Hypervisor:
 
     def crash_domain(self, dom: Domain, report: str) -> None:
         if dom.alive:
-            dom.crash_report = report
+            dom.crash_report = self._with_symbol(dom, report)
             dom.shutdown = Shutdown("crash", None, self.vcpu_time(dom))
+
+    @staticmethod
+    def _with_symbol(dom: Domain, report: str) -> str:
+        """Every report names its RIP as "at RIP 0x...": add the kernel symbol there."""
+        found = CRASH_RIP.search(report)
+        if dom.describe_address is None or found is None:
+            return report
+        symbol = dom.describe_address(int(found.group(1), 16))
+        if symbol is None:
+            return report
+        return f"{report[:found.end()]} <{symbol}>{report[found.end():]}"
 
     def vcpu_time(self, dom: Domain) -> int:
         """The domain's own clock now (restored domains keep theirs)."""

@@ -36,18 +36,18 @@ def _align(buf: bytearray) -> None:
     buf += bytes(-len(buf) % 8)
 
 
-def synthetic_image(symbols: list[tuple[str, str, int]], seqs: bool,
-                    seed: int = 1) -> bytes:
+def synthetic_image(symbols: list[tuple[str, str, int]], seqs: bool, seed: int = 1,
+                    base: int = RELATIVE_BASE) -> bytes:
     """Random bytes around the tables (type, name, address), as kallsyms.c writes them."""
     rng = random.Random(seed)
     tokens = _tokens()
     out = bytearray(rng.randbytes(4000))
     _align(out)
     for _t, _n, address in symbols:  # absolute per-CPU: small ones absolute, others relative
-        offset = address if address < 1 << 31 else RELATIVE_BASE - 1 - address
+        offset = address if address < 1 << 31 else base - 1 - address
         out += struct.pack("<i", offset)
     _align(out)
-    out += struct.pack("<Q", RELATIVE_BASE)
+    out += struct.pack("<Q", base)
     out += struct.pack("<I", len(symbols))
     _align(out)
     names_start, markers = len(out), []
