@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
+from pathlib import Path
+from typing import NoReturn
 
-from hypervisor.lib.errors import HvlabError
+from hypervisor.lib.errors import HvlabError, report_failure, terminate_by_exception
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -18,7 +21,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.gdb is not None:
             raise HvlabError(f"{args.scenario}: --gdb is not supported with live updates")
         args.at = args.to = args.strategy = args.fail_at = args.costs = None
-        args.corrupt_stream = args.exec_ = False
+        args.corrupt_stream = args.keep_handover = None
+        args.exec_ = False
         return _cmd_update(args)
     trace = sys.stderr if args.trace else None
     result = run_scenario(scenario, trace=trace, trace_limit=args.trace_limit, gdb=args.gdb)
@@ -38,8 +42,6 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     stop = None if args.to is None else parse_time(args.to, "--to")
     if stop is not None and stop <= start:
         raise HvlabError("--to must come after --from")
-    if args.limit < 1:
-        raise HvlabError("--limit must be at least 1")
     options = TraceOptions(domain=args.domain, vcpu=args.vcpu, window=(start, stop),
                            registers=parse_registers(args.regs), memory=args.mem,
                            format=args.format)
@@ -54,6 +56,7 @@ def _cmd_save(args: argparse.Namespace) -> int:
 
     scenario = load_scenario(args.scenario)
     at = parse_time(args.at, "--at")
+    _check_output(args.output)
     hv = boot_scenario(scenario)
     hv.run(at)
     dom = next((d for d in hv.domains if d.name == args.domain), None)
@@ -69,6 +72,15 @@ def _cmd_save(args: argparse.Namespace) -> int:
               f"{stats['pages']} pages ({stats['data_pages']} with data, {stats['page_tables']} "
               f"page tables, {stats['pins']} pinned), {stats['bytes']:,} bytes")
     return 0
+
+
+def _check_output(path: str) -> None:
+    """An output file goes into a folder that exists (checked before any work)."""
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise HvlabError(f"-o {path}: no folder {folder}")
+    if Path(path).is_dir():
+        raise HvlabError(f"-o {path}: is a folder, not a file")
 
 
 def _cmd_update(args: argparse.Namespace) -> int:
@@ -90,10 +102,13 @@ def _cmd_update(args: argparse.Namespace) -> int:
     if not updates:
         raise HvlabError(f"{args.scenario}: no [[update]] in the scenario and no --at given")
     plan = UpdatePlan(to_build=updates[0].to, strategy=updates[0].strategy,
-                      fail_at=args.fail_at, corrupt_stream=args.corrupt_stream,
+                      fail_at=args.fail_at, corrupt_stream=args.corrupt_stream == "final",
+                      corrupt_precopy=args.corrupt_stream == "precopy",
                       costs=load_costs(args.costs), exec_new_process=args.exec_)
+    keep = None if args.keep_handover is None else Path(args.keep_handover)
     # with --exec the process that finishes the run (and prints) is a new one
-    result = run_with_updates(scenario, updates, plan, "json" if args.json else "text")
+    result = run_with_updates(scenario, updates, plan, "json" if args.json else "text",
+                              keep_handover=keep)
     if args.json:
         json.dump(result, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
@@ -118,8 +133,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.which == "update":
         from hypervisor.bench.update import run_update_bench
 
-        if args.repeat < 1:
-            raise HvlabError("--repeat must be at least 1")
         run_update_bench(args.json, sizes=args.sizes, repeat=args.repeat, quiet=args.quiet)
         return 0
     from hypervisor.bench.emulator import run_bench
@@ -152,9 +165,10 @@ def _cmd_image(args: argparse.Namespace) -> int:
         return 0
     from hypervisor.scenario import parse_size
 
-    kind = "hvm" if args.hvm else "pv"
-    stats = images.image_make(kind, parse_size(args.mem, "--mem"), args.layout, args.seed,
-                              args.output, quiet=args.quiet)
+    _check_output(args.output)
+    text = io.StringIO() if args.json else sys.stdout  # --json: stdout is the JSON alone
+    stats = images.image_make("pv", parse_size(args.mem, "--mem"), args.layout, args.seed,
+                              args.output, out=text, quiet=args.quiet)
     if args.json:
         json.dump(stats, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
@@ -187,8 +201,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(fast=args.fast)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad options are bad input like any other: one line, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hvlab", description=(
+    parser = _Parser(prog="hvlab", description=(
         "An x86-64 hypervisor emulator for live-update research and teaching labs."))
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -197,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print one JSON object")
     run.add_argument("--trace", action="store_true",
                      help="also print disassembled execution to stderr")
-    run.add_argument("--trace-limit", type=int, default=10_000, metavar="N")
+    run.add_argument("--trace-limit", type=_positive, default=10_000, metavar="N")
     run.add_argument("--gdb", metavar="HOST:PORT",
                      help="wait for gdb (target remote HOST:PORT) before the first instruction; "
                           "port 0 picks a free one")
@@ -205,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     trace = sub.add_parser("trace", help="print disassembled execution per vCPU")
     trace.add_argument("scenario")
-    trace.add_argument("--limit", type=int, default=2_000, metavar="N",
+    trace.add_argument("--limit", type=_positive, default=2_000, metavar="N",
                        help="stop after N trace lines (default 2000)")
     trace.add_argument("--domain", help="only this domain's vCPUs")
     trace.add_argument("--vcpu", type=int, metavar="N", help="only vCPU N (of each domain)")
@@ -236,8 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--fail-at", metavar="PHASE",
                         help="inject a failure in a phase: pause, save, teardown, restore, "
                              "typerefs, resume")
-    update.add_argument("--corrupt-stream", action="store_true",
-                        help="damage the hand-over stream after it is written")
+    update.add_argument("--corrupt-stream", nargs="?", const="final",
+                        choices=["final", "precopy"],
+                        help="damage a hand-over stream on disk before it is read back: one "
+                             "written at the pause (final, the default) or one sent ahead "
+                             "(precopy)")
+    update.add_argument("--keep-handover", metavar="DIR",
+                        help="keep each update's hand-over in DIR/update-N (DIR new or "
+                             "empty); by default it is removed when the update is over")
     update.add_argument("--costs", metavar="FILE", help="JSON overrides of the cost table")
     update.add_argument("--exec", dest="exec_", action="store_true",
                         help="run the new build in a fresh process on the same (file-backed) "
@@ -253,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--build", default="4.19", help="revalidate: the build's layout")
     bench.add_argument("--sizes", default="1G,4G,16G,64G",
                        help="update: guest sizes, comma-separated (default 1G,4G,16G,64G)")
-    bench.add_argument("--repeat", type=int, default=3,
+    bench.add_argument("--repeat", type=_positive, default=3,
                        help="update: updates measured per strategy and size; a row is the "
                             "run with the median blackout (default 3)")
     bench.set_defaults(func=_cmd_bench)
@@ -273,10 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     frames.add_argument("--csv", action="store_true",
                         help="one CSV row per frame: pfn, mfn, type, type_count, pinned, "
                              "validated, general_count (else a JSON summary)")
-    make = image_sub.add_parser("make", help="generate a large guest image")
-    kind = make.add_mutually_exclusive_group(required=True)
-    kind.add_argument("--pv", action="store_true")
-    kind.add_argument("--hvm", action="store_true")
+    make = image_sub.add_parser("make", help="generate a large PV guest image")
+    make.add_argument("--pv", action="store_true",
+                      help="a PV guest (the only kind generated; optional)")
     make.add_argument("--mem", required=True, help="guest memory, e.g. 64G")
     make.add_argument("--layout", default="linux-like",
                       choices=["linux-like", "dense", "sparse", "aliased"])
@@ -314,19 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except HvlabError as err:
-        print(f"hvlab: {err}", file=sys.stderr)
-        return err.exit_status
+        with terminate_by_exception():  # SIGTERM unwinds: temporary files are removed
+            return args.func(args)
     except BrokenPipeError:
         return 0
-    except Exception as err:
-        from hypervisor.liveupdate.proof import ProofFailed
-
-        if isinstance(err, ProofFailed):  # hvlab's own fault, never the user's: loud, status 1
-            print(f"hvlab: PROOF FAILED: {err}", file=sys.stderr)
-            return 1
-        raise
+    except BaseException as err:  # one line and the status of its kind (lib/errors.py)
+        if isinstance(err, SystemExit):
+            raise
+        return report_failure(err)
 
 
 if __name__ == "__main__":

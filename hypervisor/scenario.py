@@ -49,6 +49,7 @@ from typing import Any
 
 from hypervisor.hvm.domain import SourceConfig
 from hypervisor.lib.errors import HvlabError
+from hypervisor.mm.builds import BuildError, get_build
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 _TIME = re.compile(r"^\s*(\d+)\s*(ns|us|ms|s)\s*$")
@@ -96,19 +97,26 @@ class Scenario:
 
 
 def parse_size(value: Any, where: str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    if isinstance(value, str) and (m := _SIZE.match(value)):
-        return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
-    raise ScenarioError(f"{where}: expected a size like \"64M\", got {value!r}")
+    """A positive size: bytes, or a string with an optional K/M/G/T suffix."""
+    size = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.match(value)):
+        size = int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+    if size is None or size <= 0:
+        raise ScenarioError(f"{where}: expected a size like \"64M\" (more than zero), "
+                            f"got {value!r}")
+    return size
 
 
 def parse_time(value: Any, where: str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    if isinstance(value, str) and (m := _TIME.match(value)):
-        return int(m.group(1)) * _TIME_UNITS[m.group(2)]
-    raise ScenarioError(f"{where}: expected a time like \"2s\" or \"500ms\", got {value!r}")
+    """A positive time, always with its unit (a bare number would silently be ns)."""
+    m = _TIME.match(value) if isinstance(value, str) else None
+    ns = int(m.group(1)) * _TIME_UNITS[m.group(2)] if m else 0
+    if ns <= 0:
+        raise ScenarioError(f"{where}: expected a time like \"2s\" or \"500us\" (more than "
+                            f"zero, with its unit: ns, us, ms, s), got {value!r}")
+    return ns
 
 
 def _table(data: dict[str, Any], key: str, where: str, required: bool = True) -> dict[str, Any]:
@@ -163,6 +171,10 @@ def load_scenario(path: str | Path) -> Scenario:
     machine = _table(data, "machine", where)
     _check_keys(machine, {"pcpus", "memory", "quantum", "build"}, f"{where} [machine]")
     build = _str(machine, "build", f"{where} [machine]", "4.19")
+    try:
+        get_build(build)
+    except BuildError as err:
+        raise ScenarioError(f"{where} [machine] build: {err}") from None
     pcpus = _int(machine, "pcpus", f"{where} [machine]", 1)
     if pcpus > 64:
         raise ScenarioError(f"{where} [machine]: pcpus must be at most 64")

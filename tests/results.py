@@ -11,11 +11,10 @@ from hypervisor.cli import main
 from hypervisor.liveupdate.costs import DEFAULT_COSTS_NS, without_fixed_costs
 from tests import SCENARIOS
 
-# Fields that may differ between two runs of the same scenario: wall-clock
-# times (any name with "wall"), where a hand-over was written, per-phase wall
-# times, the process facts of an --exec update and what its new process had
-# to stage after the pause (it did not exist before).
-RUN_SPECIFIC = ("exec", "handover_dir", "phases", "late_staging_entries", "late_staging_runs")
+# What legitimately differs between an update in this process and one completed
+# in a new program image: that it was exec'd, and what its new process had to
+# stage after the pause (it did not exist before).
+EXEC_SPECIFIC = ("exec", "late_staging_entries", "late_staging_runs")
 
 # hvm_lapic checks exact interrupt counts (device periods of 33 and 50 us), which a
 # native blackout of milliseconds breaks (it fails at a 2.007 ms one): tests about update
@@ -42,11 +41,16 @@ def in_process_and_exec(capsys, args: list[str]) -> tuple[dict, dict]:
     return in_process, execed
 
 
-def stable(value):
-    """`value` without what legitimately differs from run to run."""
+def stable(value, drop: tuple[str, ...] = ()):
+    """`value` without its wall-clock fields (any name with "wall"), which are all
+    that may differ from run to run (README), nor the keys in `drop`."""
     if isinstance(value, dict):
-        return {k: stable(v) for k, v in value.items()
-                if "wall" not in k and k not in RUN_SPECIFIC}
+        return {k: stable(v, drop) for k, v in value.items() if "wall" not in k and k not in drop}
     if isinstance(value, list):
-        return [stable(v) for v in value]
+        return [stable(v, drop) for v in value]
     return value
+
+
+def across_modes(value):
+    """`value` comparable between an in-process update and an --exec one."""
+    return stable(value, EXEC_SPECIFIC)

@@ -40,7 +40,7 @@ import numpy as np
 import unicorn
 
 from emulator.memory import HostMemory
-from hypervisor.lib.errors import HvlabError
+from hypervisor.lib.errors import HvlabError, HvlabFailure
 from hypervisor.mm.builds import BuildError, PageType, get_build
 from hypervisor.mm.bulk import bulk_validate
 from hypervisor.mm.frametable import FrameTable
@@ -81,10 +81,8 @@ class RevalidateBenchError(HvlabError):
     """The benchmark was asked for something it cannot run (size, build, options)."""
 
 
-class RevalidateMismatchError(HvlabError):
+class RevalidateMismatchError(HvlabFailure):
     """Bulk and reference disagree, or bulk refused a valid guest: a bug, not bad input."""
-
-    exit_status = 1
 
 
 @dataclass

@@ -84,7 +84,7 @@ def _one(image: Path, guest_bytes: int, strategy: str) -> dict[str, Any]:
         "total_work_wall_s": round(report["blackout_wall_s"] + before_pause_s + background_s, 6),
         "before_pause_wall_s": round(before_pause_s, 6),
         "after_resume_wall_s": round(background_s, 6),
-        "phases": report["phases"],
+        "phases_wall_s": report["phases_wall_s"],
         "counters": report["counters"],
     }
 

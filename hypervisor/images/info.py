@@ -186,7 +186,8 @@ def print_info(info: dict[str, Any], out: TextIO) -> None:
     w(f"image       {info['path']}\n")
     w(f"size        {info['file_bytes']:,} bytes on disk"
       f"{' (zstd)' if info['compressed'] else ''}, {info['stream_bytes']:,} bytes of stream\n")
-    w(f"format      migration stream v{info['image_version']}, x86 {info['domain_type'].upper()}, "
+    w(f"format      Xen migration stream v2 (header version field {info['image_version']}), "
+      f"x86 {info['domain_type'].upper()}, "
       f"saved by build {info['build']}\n")
     w(f"memory      {info['nr_pages']:,} pages ({_size(info['memory_bytes'])}); "
       f"{info['pages_in_stream']:,} in PAGE_DATA, {info['data_pages']:,} with data\n")

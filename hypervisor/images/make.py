@@ -39,7 +39,7 @@ from .guest_layouts import BUILDERS, LAYOUTS, Builder, LayoutError
 GUESTS_DIR = Path(__file__).resolve().parents[2] / "scenarios" / "guests"
 # The dedicated workload kernel if it has been written, else the spinning one.
 WORKLOAD_KERNELS = ("pv_imagework.elf", "pv_spin.elf")
-KINDS = ("pv", "hvm")
+KINDS = ("pv",)  # HVM images come from `hvlab save` of a running HVM domain
 PROGRESS_FROM = 1 << 30  # guests from 1 GiB get a progress bar
 RUN_NS = 1_000_000  # 1 ms of virtual time (a million instructions) before the save
 MIN_MEMORY = 16 << 20
@@ -60,9 +60,6 @@ def workload_kernel(kernel: str | os.PathLike[str] | None = None) -> Path:
 def _check_arguments(kind: str, mem_bytes: int, layout: str, seed: int) -> None:
     if kind not in KINDS:
         raise ImageError(f"image make: kind {kind!r} is not one of {', '.join(KINDS)}")
-    if kind == "hvm":
-        raise ImageError("image make --hvm: not yet (HVM domains cannot be created and saved "
-                         "by this version; use --pv)")
     if layout not in LAYOUTS:
         raise ImageError(f"image make: layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     if not isinstance(mem_bytes, int) or mem_bytes % PAGE_SIZE:
@@ -87,7 +84,7 @@ def image_make(kind: str, mem_bytes: int, layout: str, seed: int,
                quiet: bool = True) -> dict[str, Any]:
     """Generate a guest image at `out_path` (zstd if it ends in .zst); return statistics.
 
-    `kind` "pv" ("hvm": not yet), `layout` one of LAYOUTS, `mem_bytes` the
+    `kind` "pv" (the only kind), `layout` one of LAYOUTS, `mem_bytes` the
     guest's memory. Bad arguments raise ImageError; the file is written under
     a temporary name and renamed at the end, so a failure leaves no image.
     """

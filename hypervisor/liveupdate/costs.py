@@ -23,10 +23,13 @@ of the same keys) overrides any value.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from hypervisor.lib.errors import HvlabError
+
+MAX_COST_NS = 1e9  # one second per operation: beyond any hardware, and no overflow
 
 MEASURED, PUBLISHED, ESTIMATE = "measured", "published", "estimate"
 
@@ -119,8 +122,10 @@ def load_costs(path: str | Path | None) -> dict[str, float]:
         if key not in costs:
             raise HvlabError(f"cost table {path}: unknown cost '{key}' "
                              f"(known: {', '.join(sorted(costs))})")
-        if not isinstance(value, int | float) or value < 0:
-            raise HvlabError(f"cost table {path}: '{key}' must be a non-negative number")
+        if (not isinstance(value, int | float) or isinstance(value, bool)
+                or not math.isfinite(value) or not 0 <= value <= MAX_COST_NS):
+            raise HvlabError(f"cost table {path}: '{key}' must be a number of ns from 0 to "
+                             f"{MAX_COST_NS:.0e}, got {json.dumps(value)}")
         costs[key] = float(value)
     return costs
 

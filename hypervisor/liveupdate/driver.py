@@ -14,15 +14,20 @@ import pickle
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from emulator.memory import HostMemory
 from hypervisor.core.hypervisor import Hypervisor
+from hypervisor.lib.errors import HvlabError, HvlabFailure
 from hypervisor.liveupdate.orchestrator import (
     Blackout,
+    UpdateError,
     UpdatePlan,
+    check_updates,
     live_update,
     prepare,
 )
@@ -33,6 +38,18 @@ from hypervisor.seams import Seams
 # the work before the pause (hand-over sent ahead, prevalidation) starts this long before it
 PREPARE_LEAD_NS = 1_000_000
 RESUME_FILE = "resume.pickle"
+
+
+def _memory_file() -> Path:
+    """Host memory shared across execs: a file in /dev/shm (RAM), unlinked at once and
+    reached through an open descriptor every new program image inherits, so nothing
+    is left behind however the run ends (even killed)."""
+    shm = Path("/dev/shm")
+    folder = shm if shm.is_dir() else Path(tempfile.gettempdir())
+    fd, name = tempfile.mkstemp(prefix="hvlab-memory-", dir=folder)
+    os.unlink(name)
+    os.set_inheritable(fd, True)
+    return Path(f"/proc/self/fd/{fd}")
 
 
 def _process_start_time() -> float:
@@ -52,6 +69,49 @@ def _rate(instructions: int, ns: int) -> float | None:
     return round(instructions / (ns / 1e6), 1) if ns > 0 else None
 
 
+def check_run(scenario: Scenario, updates: list[UpdateSpec], plan: UpdatePlan,
+              keep_handover: Path | None = None, seams: Seams | None = None) -> None:
+    """Every planned update checked before the run starts: each inside the run, each
+    build and strategy known, a translator for every transfer along the chain of
+    builds, a lab's code not asked to cross an exec, a place to keep the hand-overs."""
+    if plan.exec_new_process and seams is not None and seams.plugged:
+        raise UpdateError("--exec: a lab's code plugged into this build cannot cross into a "
+                          "new process")
+    build = scenario.build
+    for n, spec in enumerate(sorted(updates, key=lambda u: u.at_ns), 1):
+        where = f"update {n} of {len(updates)} (at {_ms(spec.at_ns)}, {build} -> {spec.to}, " \
+                f"{spec.strategy})"
+        if spec.at_ns >= scenario.virtual_time_ns:
+            raise UpdateError(f"{where}: not inside the run, which stops at "
+                              f"{_ms(scenario.virtual_time_ns)} ([limits] virtual_time)")
+        try:
+            check_updates(build, [(spec.to, spec.strategy)], plan.fail_at)
+        except HvlabError as err:
+            raise UpdateError(f"{where}: {err}") from None
+        build = spec.to
+    if keep_handover is not None:
+        if not keep_handover.parent.is_dir():
+            raise UpdateError(f"--keep-handover {keep_handover}: no folder "
+                              f"{keep_handover.parent}")
+        if keep_handover.exists() and (not keep_handover.is_dir()
+                                       or any(keep_handover.iterdir())):
+            raise UpdateError(f"--keep-handover {keep_handover}: not an empty folder")
+
+
+def _ms(ns: int) -> str:
+    return f"{ns / 1e6:g} ms"
+
+
+@contextmanager
+def hvlab_failure(what: str) -> Iterator[None]:
+    """Past the checks, an error is not the user's: the request was legal and hvlab
+    could not carry it out (exit status 3, lib/errors.py)."""
+    try:
+        yield
+    except HvlabError as err:
+        raise HvlabFailure(f"{what}: {err}") from err
+
+
 @dataclass
 class UpdateRun:
     """One scenario run with its updates: picklable, so it survives an exec."""
@@ -64,39 +124,57 @@ class UpdateRun:
     started: float = field(default_factory=time.monotonic)
     output: str = "none"  # how the last process prints the result: "json", "text", "none"
     pending_rate: float | None = None  # throughput before the update under way
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # no domain left to update
+    keep_handover: Path | None = None  # keep each update's hand-over in DIR/update-N
+    started_updates: int = 0
     seams: Seams | None = None  # a lab's code in place of hvlab's (hypervisor/seams.py)
 
     def start(self) -> dict[str, Any]:
         memory = None
         if self.plan.exec_new_process:
-            shm = Path("/dev/shm")
-            folder = shm if shm.is_dir() else Path(tempfile.gettempdir())
-            fd, name = tempfile.mkstemp(prefix="hvlab-memory-", dir=folder)
-            os.close(fd)
-            self.memory_file = Path(name)
+            self.memory_file = _memory_file()
             memory = HostMemory(self.scenario.memory, self.memory_file)
         try:
             hv = boot_scenario(self.scenario, memory=memory, seams=self.seams)
             return self.carry_on(hv)  # with --exec, a new process goes on from here
-        except BaseException:  # a refused plan or a failure: the memory file goes too
+        except BaseException:  # the memory file has no name left: close its descriptor
             if self.memory_file is not None:
-                self.memory_file.unlink(missing_ok=True)
+                os.close(int(self.memory_file.name))
             raise
+
+    def _plan_for(self, spec: UpdateSpec) -> UpdatePlan:
+        self.started_updates += 1
+        workdir = (None if self.keep_handover is None
+                   else self.keep_handover / f"update-{self.started_updates}")
+        return replace(self.plan, to_build=spec.to, strategy=spec.strategy, workdir=workdir)
 
     def carry_on(self, hv: Hypervisor) -> dict[str, Any]:
         """Run to each pending update, update, and on to the end."""
         while self.updates:
             spec = self.updates.pop(0)
-            this = replace(self.plan, to_build=spec.to, strategy=spec.strategy)
+            this = self._plan_for(spec)
+            what = f"update at {_ms(spec.at_ns)} to {spec.to} ({spec.strategy})"
             segment_start, instr_start = hv.now, _instructions(hv)
             hv.run(max(hv.now, spec.at_ns - PREPARE_LEAD_NS))
-            prepared = prepare(hv, this) if any(d.alive for d in hv.domains) else None
-            hv.run(spec.at_ns)
+            prepared = None
+            if any(d.alive for d in hv.domains):
+                with hvlab_failure(what):
+                    prepared = prepare(hv, this)
+            try:
+                hv.run(spec.at_ns)
+            except BaseException:
+                if prepared is not None:
+                    prepared.discard()
+                raise
             if not any(d.alive for d in hv.domains):
-                break
+                if prepared is not None:
+                    prepared.discard()
+                self.skipped.append(_not_started(hv, spec))
+                continue
             self.pending_rate = _rate(_instructions(hv) - instr_start, hv.now - segment_start)
             handoff = self._exec_into_new_process if this.exec_new_process else None
-            hv, report = live_update(hv, this, prepared, handoff=handoff)
+            with hvlab_failure(what):
+                hv, report = live_update(hv, this, prepared, handoff=handoff)
             self.record(hv, report)
         return self._finish(hv)
 
@@ -105,7 +183,8 @@ class UpdateRun:
         report.setdefault("throughput", {})["before"] = self.pending_rate
         if self.plan.exec_new_process and report.get("outcome") == "updated":
             # completed by a new program image (execv): the old one is gone
-            report["exec"] = {"pid": os.getpid(), "python_started": _process_start_time()}
+            report["exec"] = {"new_program_image": True, "process_wall": {
+                "pid": os.getpid(), "python_started_s": _process_start_time()}}
         self.finished.append((report, hv.now, _instructions(hv)))
 
     def _exec_into_new_process(self, blackout: Blackout) -> None:
@@ -115,7 +194,8 @@ class UpdateRun:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execv(sys.executable, [sys.executable, "-m", "hypervisor.liveupdate.resume",
-                                  str(blackout.workdir)])
+                                  str(blackout.workdir),
+                                  "temporary" if blackout.temporary_workdir else "kept"])
 
     def _finish(self, hv: Hypervisor) -> dict[str, Any]:
         stop = hv.run(self.scenario.virtual_time_ns)
@@ -127,20 +207,27 @@ class UpdateRun:
             report["throughput"]["after"] = _rate(end_instr - resumed_instr, end_ns - resumed_ns)
             reports.append(report)
         result = describe(hv, self.scenario, stop, time.monotonic() - self.started)
-        result["updates"] = reports
-        if len(reports) == 1:
+        result["updates"] = reports + self.skipped
+        if len(reports) == 1 and not self.skipped:
             result.update({k: v for k, v in reports[0].items() if k not in result})
-        if self.memory_file is not None:
-            self.memory_file.unlink(missing_ok=True)
         return result
 
 
-def run_with_updates(scenario: Scenario, updates: list[UpdateSpec], plan: UpdatePlan,
-                     output: str = "none", seams: Seams | None = None) -> dict[str, Any]:
-    """Boot, run to each update's time, update, run to the end; one report per update.
+def _not_started(hv: Hypervisor, spec: UpdateSpec) -> dict[str, Any]:
+    """An update whose time came after every domain had stopped: nothing to update."""
+    return {"strategy": spec.strategy, "from_build": hv.build, "to_build": spec.to,
+            "at_ns": spec.at_ns, "outcome": "not started: no domain was running"}
 
-    `output` matters with `plan.exec_new_process`: the last process prints.
-    """
+
+def run_with_updates(scenario: Scenario, updates: list[UpdateSpec], plan: UpdatePlan,
+                     output: str = "none", seams: Seams | None = None,
+                     keep_handover: Path | None = None) -> dict[str, Any]:
+    """Check every update, boot, run to each update's time, update, run to the end;
+    one report per update. `output` matters with `plan.exec_new_process`: the last
+    process prints. Hand-overs are removed when done unless `keep_handover`."""
+    check_run(scenario, updates, plan, keep_handover, seams)
+    if keep_handover is not None:
+        keep_handover.mkdir(exist_ok=True)
     run = UpdateRun(scenario, sorted(updates, key=lambda u: u.at_ns), plan, output=output,
-                    seams=seams)
+                    seams=seams, keep_handover=keep_handover)
     return run.start()

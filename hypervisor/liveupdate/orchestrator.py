@@ -24,6 +24,8 @@ hand-over streams, which are still on disk. Either way the proof must pass.
 from __future__ import annotations
 
 import gc
+import hashlib
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -88,28 +90,38 @@ class UpdatePlan:
     to_build: str
     strategy: str
     fail_at: str | None = None
-    corrupt_stream: bool = False
+    corrupt_stream: bool = False  # damage a stream of the pause (dom0.stream)
+    corrupt_precopy: bool = False  # damage a stream sent ahead, as it waits on disk
     exec_new_process: bool = False
     sweep_budget_ptes: int = strategies.SWEEP_BUDGET_PTES  # lazy: per quantum
     costs: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_COSTS_NS))
-    workdir: Path | None = None
+    workdir: Path | None = None  # given: the caller's, kept; else a temporary one, removed
+
+
+def check_updates(build: str, updates: list[tuple[str, str]], fail_at: str | None = None) -> None:
+    """Refuse, before anything runs, a chain of (to_build, strategy) updates from
+    `build` that cannot work: unknown builds or strategies, a transfer without a
+    translator for its pair, an unknown --fail-at phase."""
+    from hypervisor.mm.builds import get_build
+
+    if fail_at is not None and fail_at not in PHASES:
+        raise UpdateError(f"--fail-at {fail_at}: phases are {', '.join(PHASES)}")
+    for to_build, strategy in updates:
+        if strategy not in strategies.STRATEGIES:
+            raise UpdateError(f"unknown strategy '{strategy}' "
+                              f"(choose from {', '.join(strategies.STRATEGIES)})")
+        try:
+            get_build(to_build)
+        except Exception as err:  # noqa: BLE001 - the build registry's own message
+            raise UpdateError(str(err)) from None
+        if strategy == "transfer":
+            strategies.translator_for(build, to_build)
+        build = to_build
 
 
 def check_plan(hv: Hypervisor, plan: UpdatePlan) -> None:
     """Refuse a plan that cannot work before anything is paused."""
-    from hypervisor.mm.builds import get_build
-
-    if plan.strategy not in strategies.STRATEGIES:
-        raise UpdateError(f"unknown strategy '{plan.strategy}' "
-                          f"(choose from {', '.join(strategies.STRATEGIES)})")
-    try:
-        get_build(plan.to_build)
-    except Exception as err:  # noqa: BLE001 - the build registry's own message
-        raise UpdateError(str(err)) from None
-    if plan.fail_at is not None and plan.fail_at not in PHASES:
-        raise UpdateError(f"--fail-at {plan.fail_at}: phases are {', '.join(PHASES)}")
-    if plan.strategy == "transfer":
-        strategies.translator_for(hv.build, plan.to_build)
+    check_updates(hv.build, [(plan.to_build, plan.strategy)], plan.fail_at)
     if plan.exec_new_process and hv.seams.plugged:
         raise UpdateError("--exec: a lab's code plugged into this build cannot cross into a "
                           "new process")
@@ -159,6 +171,40 @@ class Prepared:
     staged: StagedBuild | None
     prevalidation: strategies.Prevalidation | None
     report: dict[str, Any]  # wall times and counters, for the update's report
+    temporary: bool = True  # workdir is ours to remove when the update is over
+    sent: dict[str, DomainMemory] = field(default_factory=dict)  # as read back
+    digests: dict[str, str] = field(default_factory=dict)  # stream name -> sha256
+
+    def discard(self) -> None:
+        """The update is over (done, aborted or failed): remove a temporary hand-over."""
+        if self.temporary:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _workdir(plan: UpdatePlan) -> tuple[Path, bool]:
+    """Where the hand-over is written, and whether it is temporary (removed after)."""
+    if plan.workdir is not None:
+        plan.workdir.mkdir(parents=True, exist_ok=True)
+        return plan.workdir, False
+    return Path(tempfile.mkdtemp(prefix="hvlab-handover-")), True
+
+
+def _digest(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _check_sent_ahead(prepared: Prepared) -> None:
+    """Before the point of no return: every stream sent ahead is still what was read
+    back when it was sent (the new build, or a retried restore, reads it from disk)."""
+    for name, digest in prepared.digests.items():
+        try:
+            same = _digest(prepared.workdir / name) == digest
+        except OSError as err:
+            raise HandoverError(f"hand-over stream {name}: {err}") from None
+        if not same:
+            raise HandoverError(f"hand-over stream {name}: changed on disk since it was "
+                                "sent ahead and read back")
 
 
 def prepare(hv: Hypervisor, plan: UpdatePlan) -> Prepared:
@@ -167,7 +213,16 @@ def prepare(hv: Hypervisor, plan: UpdatePlan) -> Prepared:
     build the new build's type state."""
     check_plan(hv, plan)
     _settle_lazy(hv)
-    workdir = plan.workdir or Path(tempfile.mkdtemp(prefix="hvlab-handover-"))
+    workdir, temporary = _workdir(plan)
+    try:
+        return _prepare(hv, plan, workdir, temporary)
+    except BaseException:
+        if temporary:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+def _prepare(hv: Hypervisor, plan: UpdatePlan, workdir: Path, temporary: bool) -> Prepared:
     wall: dict[str, float] = {}
     started = time.perf_counter()
     precopied, counters = write_precopy(hv, workdir)
@@ -178,6 +233,7 @@ def prepare(hv: Hypervisor, plan: UpdatePlan) -> Prepared:
 
     started = time.perf_counter()
     sent = {name: read_precopy(workdir, name) for name in precopied.values()}  # read back
+    digests = {name: _digest(workdir / name) for name in sent}
     staged = None
     if not plan.exec_new_process:
         tables = StagedTables.empty(hv.memory.nr_frames, plan.to_build, touch=True)
@@ -199,7 +255,8 @@ def prepare(hv: Hypervisor, plan: UpdatePlan) -> Prepared:
         wall["prevalidate_wall_s"] = time.perf_counter() - started
         counters |= prevalidation.counters
     report = {k: round(v, 6) for k, v in wall.items()} | counters
-    return Prepared(workdir, precopied, staged, prevalidation, report)
+    return Prepared(workdir, precopied, staged, prevalidation, report, temporary, sent,
+                    digests)
 
 
 @dataclass
@@ -222,6 +279,7 @@ class Blackout:
     started: float  # time.monotonic(): system-wide, comparable across processes
     staged: StagedBuild | None = None  # made before the pause, in this process
     seams: Seams = HVLAB_OWN  # a lab's code plugged into the old build goes on in the new
+    temporary_workdir: bool = True  # removed once the new build has read it
 
 
 def live_update(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared | None = None,
@@ -233,15 +291,25 @@ def live_update(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared | None = No
     (`--exec`: the callable execs a new process and does not return).
     """
     check_plan(hv, plan)
+    if prepared is None:
+        workdir, temporary = _workdir(plan)
+        prepared = Prepared(workdir, {}, None, None, {}, temporary)
+    try:  # (an exec'd handoff never returns here: the new process removes the hand-over)
+        return _live_update(hv, plan, prepared, handoff)
+    finally:
+        prepared.discard()
+
+
+def _live_update(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared,
+                 handoff: Callable[[Blackout], None] | None) -> tuple[Hypervisor, dict]:
     phases = _Phases(plan.fail_at)
     counters: dict[str, Any] = {"vcpus": sum(len(d.vcpus) for d in hv.domains),
                                 "pcpus": hv.machine.pcpus, **state_counts(hv)}
     report: dict[str, Any] = {"strategy": plan.strategy, "from_build": hv.build,
                               "to_build": plan.to_build, "at_ns": hv.now}
     _settle_lazy(hv)
-    if prepared is None:
-        workdir = plan.workdir or Path(tempfile.mkdtemp(prefix="hvlab-handover-"))
-        prepared = Prepared(workdir, {}, None, None, {})
+    if not prepared.temporary:
+        report["handover_dir"] = str(prepared.workdir)  # the caller's own, kept
     report["before_pause"] = prepared.report
     # The proof's snapshot is instrumentation, not part of an update: outside the blackout.
     proof_started = time.monotonic()
@@ -284,10 +352,11 @@ def _blackout(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared, phases: _Pha
         with phases.phase("save"):
             counters.update(write_handover(hv, prepared.workdir, plan.strategy == "transfer",
                                            prepared.precopied))
-            if plan.corrupt_stream:
-                _corrupt(prepared.workdir)
+            if plan.corrupt_stream or plan.corrupt_precopy:
+                phases.injected.append(_corrupt(prepared, plan.corrupt_precopy))
             # read back: a stream the new build cannot read is fatal
-            read_handover(prepared.workdir, resolve=False)
+            _check_sent_ahead(prepared)
+            read_handover(prepared.workdir, prepared.sent, resolve=bool(prepared.sent))
     except (InjectedFault, HandoverError) as err:
         report.update(_aborted(phases, str(err), started))
         # The old build carries on: the proof is that the attempt changed nothing in it.
@@ -298,7 +367,8 @@ def _blackout(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared, phases: _Pha
     blackout = Blackout(
         plan, phases, counters, report, prepared.workdir, before, prepared.prevalidation,
         changed_domains(hv), [frames_in_use(d) for d in hv.domains],
-        hv.machine, hv.now, hv.build, started, prepared.staged, hv.seams)
+        hv.machine, hv.now, hv.build, started, prepared.staged, hv.seams,
+        temporary_workdir=prepared.temporary)
     memory = hv.memory
     _retrying(phases, "teardown", hv.teardown)
     if handoff is not None:
@@ -308,7 +378,16 @@ def _blackout(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared, phases: _Pha
 
 
 def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]:
-    """The new build's side: restore ownership, typerefs, vCPU state; prove; resume."""
+    """The new build's side: restore ownership, typerefs, vCPU state; prove; resume.
+    A temporary hand-over is removed when done, whatever happened."""
+    try:
+        return _complete_update(bo, memory)
+    finally:
+        if bo.temporary_workdir:
+            shutil.rmtree(bo.workdir, ignore_errors=True)
+
+
+def _complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]:
     plan, phases, counters, report = bo.plan, bo.phases, bo.counters, bo.report
 
     typing: dict[int, IncrementalTyping] = {}  # set up before the pause (lazy)
@@ -409,11 +488,10 @@ def complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict]
         "before_pause_work_ns": before_pause_ns(report["before_pause"], plan.costs),
         # lazy: priced when its validation completes (_arm_lazy_proof)
         "deferred_work_ns": None if plan.strategy == "lazy" else 0,
-        "phases": {p: round(phases.wall.get(p, 0.0), 6) for p in PHASES},
+        "phases_wall_s": {p: round(phases.wall.get(p, 0.0), 6) for p in PHASES},
         "counters": counters,
         "proof": proof,
         "injected": phases.injected,
-        "handover_dir": str(bo.workdir),
     })
     if plan.strategy == "lazy":
         _arm_lazy_proof(new, bo.before, report, plan.costs)
@@ -490,14 +568,18 @@ def _aborted(phases: _Phases, why: str, started: float) -> dict[str, Any]:
     return {"outcome": "aborted: the old build resumed", "reason": why,
             "blackout_wall_s": round(time.monotonic() - started, 6),
             "modelled_downtime_ns": 0, "downtime_breakdown": {},
-            "phases": {p: round(phases.wall.get(p, 0.0), 6) for p in PHASES},
+            "phases_wall_s": {p: round(phases.wall.get(p, 0.0), 6) for p in PHASES},
             "counters": {}, "injected": phases.injected}
 
 
-def _corrupt(workdir: Path) -> None:
-    """Damage the first stream's first record header (for fault-injection tests)."""
-    path = sorted(workdir.glob("dom*.stream"))[0]
-    data = bytearray(path.read_bytes())
+def _corrupt(prepared: Prepared, sent_ahead: bool) -> str:
+    """Damage the first stream's first record header (for fault-injection tests): of
+    the pause's streams, or of those sent ahead; returns what was damaged."""
+    pattern = "dom*.precopy" if sent_ahead else "dom*.stream"
+    paths = sorted(prepared.workdir.glob(pattern))
+    if not paths:
+        return f"corrupt-stream: no {pattern} to damage"
+    data = bytearray(paths[0].read_bytes())
     data[40:48] = b"\xff" * 8
-    path.write_bytes(bytes(data))
-
+    paths[0].write_bytes(bytes(data))
+    return f"corrupt-stream {paths[0].name}"

@@ -255,3 +255,6 @@ def blackout_posts(before: Snapshot, hv: Hypervisor) -> dict[str, Any]:
 
 class ProofFailed(Exception):
     """A live update lost or changed something: never silently ignored."""
+
+    exit_status = 1  # errors.RUN_FAILED: the update ran and its proof says no
+    headline = "PROOF FAILED"

@@ -13,6 +13,15 @@ def print_update_report(result: dict[str, Any], out: TextIO | None = None) -> No
     for u in result["updates"]:
         out.write(f"live update {u['from_build']} -> {u['to_build']} at "
                   f"{u['at_ns'] / 1e6:.3f} ms, strategy {u['strategy']}: {u['outcome']}\n")
+        if "blackout_wall_s" not in u:  # not started: nothing more to say
+            continue
+        for what in u.get("injected", []):  # --fail-at / --corrupt-stream, and what it did
+            injected = what if what.startswith("corrupt") else f"a failure in phase '{what}'"
+            if u.get("reason"):
+                fate = f"the old build resumed ({u['reason']})"
+            else:
+                fate = "past the point of no return: the phase was done again, the update went on"
+            out.write(f"  injected: {injected} -> {fate}\n")
         if u.get("translator"):
             out.write(f"  translator: {u['translator']}\n")
         out.write(f"  blackout {u['blackout_wall_s'] * 1e3:.1f} ms wall, modelled native "
@@ -25,7 +34,7 @@ def print_update_report(result: dict[str, Any], out: TextIO | None = None) -> No
                       f"{u['before_pause_work_ns'] / 1e6:.3f} ms, after the resume "
                       + ("not finished" if deferred is None else f"{deferred / 1e6:.3f} ms")
                       + " (`hvlab costs`: each cost's source)\n")
-        phases = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in u["phases"].items())
+        phases = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in u["phases_wall_s"].items())
         out.write(f"  phases (ms wall): {phases}\n")
         if u.get("before_pause"):
             ahead = ", ".join(f"{k} {v}" for k, v in u["before_pause"].items())

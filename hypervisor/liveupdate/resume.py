@@ -1,56 +1,60 @@
-"""`python -m hypervisor.liveupdate.resume DIR`: the new build's process after an exec.
+"""`python -m hypervisor.liveupdate.resume DIR temporary|kept`: the new build's process
+after an exec.
 
 It maps the same file-backed host memory, reads the hand-over in DIR,
 completes the update (restore, typerefs, vCPU state, proof) and carries the
 scenario on to its end, printing the result as the original command would.
-Everything here happens after the point of no return: any failure is reported
-in one line as hvlab's own, never as a traceback.
+Everything here happens after the point of no return: any failure is one line
+with its exit status (hypervisor/lib/errors.py), never a traceback. The
+hand-over (unless kept) is removed on every path; the memory file was unlinked
+when created (this process reaches it through an inherited descriptor).
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import sys
 from pathlib import Path
 
 from emulator.memory import HostMemory
-from hypervisor.lib.errors import HvlabError
-from hypervisor.liveupdate.driver import RESUME_FILE, UpdateRun
+from hypervisor.lib.errors import report_failure, terminate_by_exception
+from hypervisor.liveupdate.driver import RESUME_FILE, UpdateRun, hvlab_failure
 from hypervisor.liveupdate.orchestrator import Blackout, complete_update
-from hypervisor.liveupdate.proof import ProofFailed
-
-# The status the CLI gives a failed proof: hvlab's own failure, not the user's.
-INTERNAL_FAILURE = 1
 
 
 def main(argv: list[str]) -> int:
-    workdir = Path(argv[0])
+    workdir, temporary = Path(argv[0]), argv[1:] == ["temporary"]  # else never removed
+    run: UpdateRun | None = None
     try:
-        with (workdir / RESUME_FILE).open("rb") as f:
-            run, blackout = pickle.load(f)
-        assert isinstance(run, UpdateRun) and isinstance(blackout, Blackout)
-        memory = HostMemory(run.scenario.memory, run.memory_file)
-        new, report = complete_update(blackout, memory)
-        run.record(new, report)
-        result = run.carry_on(new)
-    except HvlabError as err:
-        print(f"hvlab: {err}", file=sys.stderr)
-        return err.exit_status
-    except ProofFailed as err:  # as the CLI reports it: hvlab's own fault, loud
-        print(f"hvlab: PROOF FAILED: {err}", file=sys.stderr)
-        return INTERNAL_FAILURE
-    except Exception as err:  # noqa: BLE001 - past the point of no return: report, never a traceback
-        print(f"hvlab: internal failure completing the update in the new build: "
-              f"{type(err).__name__}: {err}", file=sys.stderr)
-        return INTERNAL_FAILURE
-    if run.output == "json":
-        json.dump(result, sys.stdout, indent=2, default=str)
-        sys.stdout.write("\n")
-    elif run.output == "text":
-        from hypervisor.liveupdate.report import print_update_report
+        with terminate_by_exception():
+            try:
+                with (workdir / RESUME_FILE).open("rb") as f:
+                    run, blackout = pickle.load(f)
+                assert isinstance(run, UpdateRun) and isinstance(blackout, Blackout)
+            finally:  # unreadable: nobody else will remove it
+                if run is None and temporary:
+                    shutil.rmtree(workdir, ignore_errors=True)
+            memory = HostMemory(run.scenario.memory, run.memory_file)
+            with hvlab_failure(f"update to {blackout.plan.to_build} "
+                               f"({blackout.plan.strategy}), in the new process"):
+                new, report = complete_update(blackout, memory)
+            run.record(new, report)
+            result = run.carry_on(new)  # (a further update with --exec execs again)
+            if run.output == "json":
+                json.dump(result, sys.stdout, indent=2, default=str)
+                sys.stdout.write("\n")
+            elif run.output == "text":
+                from hypervisor.liveupdate.report import print_update_report
 
-        print_update_report(result)
+                print_update_report(result)
+    except BrokenPipeError:
+        return 0
+    except BaseException as err:  # noqa: BLE001 - one line and the status of its kind
+        if isinstance(err, SystemExit):
+            raise
+        return report_failure(err)
     return 0
 
 

@@ -334,7 +334,7 @@ def test_a_generated_image_restores_and_runs_to_the_end(images):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("hvm", SMALL, "dense", 1), "not yet"),
+    (("hvm", SMALL, "dense", 1), "kind .hvm. is not one of pv"),
     (("pv", SMALL, "fractal", 1), "layout 'fractal' is not one of"),
     (("pv", SMALL + 1, "dense", 1), "not a whole number of 4 KiB pages"),
     (("pv", MIB, "dense", 1), "outside 16M"),

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hypervisor.lib.errors import INTERNAL_FAILURE
 from hypervisor.liveupdate import resume
 from hypervisor.liveupdate.driver import RESUME_FILE, run_with_updates
 from hypervisor.liveupdate.orchestrator import UpdatePlan
@@ -68,7 +69,7 @@ def test_a_failure_in_the_new_process_is_reported_in_one_line(tmp_path, capsys, 
     """Past the point of no return nothing can be undone: the new build reports its
     own failure as hvlab's (not the user's), never as a traceback."""
     (tmp_path / RESUME_FILE).write_bytes(content)
-    assert resume.main([str(tmp_path)]) == resume.INTERNAL_FAILURE != 2
+    assert resume.main([str(tmp_path)]) == INTERNAL_FAILURE
     err = capsys.readouterr().err
     assert err.startswith("hvlab: internal failure") and err.count("\n") == 1
 
