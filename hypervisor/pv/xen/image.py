@@ -203,7 +203,7 @@ def restore_xen_vcpu(v: Vcpu, ctx: VcpuGuestContext, extra: dict[str, Any],
                 gdt_frames=tuple(local_frame(f) for f in
                                  ctx.gdt_frames[:-(-ctx.gdt_ents * 8 // PAGE_SIZE)]),
                 gdt_entries=ctx.gdt_ents, runstate_area=extra.get("runstate_area", 0),
-                debugregs={i: ctx.debugreg[i] for i in (6, 7)},
+                debugregs={i: ctx.debugreg[i] for i in (0, 1, 2, 3, 6, 7)},
                 privops=counters.get("privops", 0),
                 forced_cpuids=counters.get("forced_cpuids", 0), ptwr=counters.get("ptwr", 0),
                 bounces=counters.get("bounces", 0))

@@ -9,6 +9,7 @@ default suite covers the same code with a tiny CPL-3 guest
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -18,14 +19,11 @@ from tests import ROOT
 SCENARIO = ROOT / "scenarios" / "linux-pv.toml"
 
 
-def _comparable(value):
-    """A run's JSON without wall fields and unicorn's wall-clock-paced `tlb_fills`."""
-    if isinstance(value, dict):
-        return {k: _comparable(v) for k, v in value.items()
-                if "wall" not in k and k != "tlb_fills"}
-    if isinstance(value, list):
-        return [_comparable(v) for v in value]
-    return value
+def _without_timestamps(console: str) -> str:
+    """The restored kernel runs on other machine frames, and Linux reads MFNs (its page
+    tables, mfn_to_pfn), so its instruction counts, hence its printk times, drift by
+    microseconds after the restore; the text it prints does not."""
+    return re.sub(r"^\[ *\d+\.\d+\] ", "", console, flags=re.MULTILINE)
 
 
 def _json(capsys, args: list[str]) -> dict:
@@ -33,22 +31,46 @@ def _json(capsys, args: list[str]) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+def _saved_domain_state(image) -> dict:
+    from hypervisor.pv.save import HVLAB_DOMAIN_RECORD
+    from hypervisor.stream import OpaqueRecord, StreamReader, open_image_for_read
+
+    with open_image_for_read(image) as f:
+        for record in StreamReader(f, keep=frozenset({HVLAB_DOMAIN_RECORD})):
+            if isinstance(record, OpaqueRecord) and record.type == HVLAB_DOMAIN_RECORD:
+                return json.loads(record.body)
+    raise AssertionError("no HVLAB_DOMAIN record")
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    """The run without a save, once for every T."""
+    from hypervisor.runner import run_scenario
+    from hypervisor.scenario import load_scenario
+
+    return run_scenario(load_scenario(SCENARIO))["domains"][0]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("at", ["1s", "3s"])  # mid-boot; mid-workload (init runs at ~2.98 s)
-def test_linux_saved_at_t_restores_and_runs_to_the_same_end(linux_build, capsys, tmp_path, at):
+@pytest.mark.parametrize("at", ["1s", "3100ms"])  # mid-boot; mid-workload (init at ~3.0 s)
+def test_linux_saved_at_t_restores_and_runs_to_the_same_end(linux_build, reference, capsys,
+                                                            tmp_path, at):
     image = tmp_path / "linux.img"
     _json(capsys, ["save", str(SCENARIO), "--domain", "linux", "--at", at, "-o", str(image),
                    "--json"])
     assert main(["image", "verify", str(image)]) == 0
     capsys.readouterr()
+    before = _saved_domain_state(image)
     restored_scenario = tmp_path / "restore.toml"
     restored_scenario.write_text('[machine]\npcpus = 1\nmemory = "320M"\n\n'
                                  '[[domain]]\nname = "linux"\nimage = "linux.img"\n\n'
                                  '[limits]\nvirtual_time = "60s"\n')
     restored = _json(capsys, ["run", str(restored_scenario), "--json"])["domains"][0]
-    reference = _json(capsys, ["run", str(SCENARIO), "--json"])["domains"][0]
-    assert restored["shutdown"] == reference["shutdown"]
-    assert restored["shutdown"]["reason"] == "poweroff" and restored["shutdown"]["code"] == 0
-    assert restored["console"] == reference["console"]
+    assert restored["shutdown"]["reason"] == reference["shutdown"]["reason"]
+    assert restored["shutdown"]["code"] == reference["shutdown"]["code"] == 0
+    saved_console = before["console"]  # what the guest printed up to T, byte for byte
+    assert reference["console"].startswith(saved_console)
+    assert restored["console"].startswith(saved_console)
+    assert _without_timestamps(restored["console"]) == _without_timestamps(reference["console"])
+    assert "hvlab-linux: workload ok" in restored["console"]
     assert restored["typeref_differences"] == []  # the independent check after the restore
-    assert _comparable(restored) == _comparable(reference)
