@@ -8,6 +8,11 @@ cope (measured; docs/design.md §2):
 - `UC_TLB_VIRTUAL` + one TLB-fill hook: unicorn walks no page tables; the MMU
   object above translates every TLB miss. A refused fill ends the run with
   `UC_ERR_EXCEPTION` and no interrupt hook, so the MMU records why first.
+  The binding wraps a hook in two Python frames and a struct view per call;
+  the fill hook, the hottest one, is registered raw through ctypes with the
+  binding's exception handling done here (an exception stops the run and
+  `emu_start` raises it). A guest's own `mov cr3`/`invlpg` flush unicorn's TLB
+  without telling us; `flush_tlb` also tells the MMU (`Mmu.flush`).
 - Instruction budgets come from a native counting hook (native_counter.py):
   exact executed-instruction counts at the cost of unicorn's own `count=`.
 - `vmcall` is an invalid instruction to unicorn: the invalid-instruction hook
@@ -90,6 +95,11 @@ from emulator.exits import (
 from emulator.memory import HostMemory
 from emulator.native_counter import NativeCounter
 
+# The raw TLB-fill callback: (uc handle, vaddr, access, uc_tlb_entry*, user data).
+_TLB_FILL_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
+                                   ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p)
+_ACCESS_KIND = {UC_MEM_FETCH: "fetch", UC_MEM_WRITE: "write"}
+
 VMCALL = b"\x0f\x01\xc1"
 
 # Access kinds as the MMU sees them.
@@ -147,6 +157,9 @@ class Mmu(Protocol):
     @property
     def last_fault(self) -> object: ...
 
+    def flush(self) -> None:
+        """Forget any cached paging-structure entries: the TLB was just flushed."""
+
 
 SyncExitHandler = Callable[[Exit], bool]
 
@@ -186,7 +199,7 @@ class PhysicalCpu:
 
         self.counter = NativeCounter()
         self.counter.install(uc)
-        uc.hook_add(UC_HOOK_TLB_FILL, self._on_tlb_fill)
+        self._add_tlb_fill_hook()
         uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
         uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
@@ -205,6 +218,37 @@ class PhysicalCpu:
         self.stepping: Callable[[], bool] | None = None
         self._step_ran = False
         self._probing = self._probe_missed = False
+
+    def _add_tlb_fill_hook(self) -> None:
+        uc = self.uc
+        translate_for = self
+
+        def on_fill(_handle, vaddr, access, entry, _ud):
+            try:
+                if translate_for._probing:  # `_retranslate` asking where code is
+                    translate_for._probe_missed = True
+                    return False
+                if translate_for._entering_ring3 and vaddr >> 12 == RING3_ENTRY_VA >> 12:
+                    entry[0], entry[1] = translate_for._entry_ma, PERM_R | PERM_X
+                    return True
+                kind = _ACCESS_KIND.get(access, READ)
+                translate_for.tlb_fills += 1
+                mmu = translate_for.mmu
+                result = mmu.translate(vaddr, kind) if mmu is not None else None
+                if result is None:
+                    translate_for._pending_fill_fault = (vaddr, kind)
+                    return False
+                translate_for._pending_fill_fault = None
+                entry[0], entry[1] = result  # uc_tlb_entry: u64 paddr, u32 perms (+ padding)
+                return True
+            except BaseException as err:  # what the binding's wrapper does
+                if uc._hook_exception is None:  # type: ignore[attr-defined]
+                    uc._hook_exception = err  # type: ignore[attr-defined]
+                uc.emu_stop()
+                return False
+
+        self.uc._Uc__do_hook_add(  # type: ignore[attr-defined]
+            UC_HOOK_TLB_FILL, _TLB_FILL_CFUNC(on_fill), 1, 0)
 
     def _add_rdtsc_hooks(self) -> None:
         # Unicorn's C core hooks rdtsc/rdtscp (callback shaped like cpuid's:
@@ -312,23 +356,6 @@ class PhysicalCpu:
 
     # ------------------------------------------------------------------- hooks
     _pending_fill_fault: tuple[int, str] | None = None
-
-    def _on_tlb_fill(self, uc: Uc, vaddr: int, access: int, entry, _ud) -> bool:
-        if self._probing:  # `_retranslate` asking where code is: not the guest's fill
-            self._probe_missed = True
-            return False
-        kind = FETCH if access == UC_MEM_FETCH else WRITE if access == UC_MEM_WRITE else READ
-        if self._entering_ring3 and vaddr >> 12 == RING3_ENTRY_VA >> 12:
-            entry.paddr, entry.perms = self._entry_ma, PERM_R | PERM_X
-            return True
-        self.tlb_fills += 1
-        result = self.mmu.translate(vaddr, kind) if self.mmu is not None else None
-        if result is None:
-            self._pending_fill_fault = (vaddr, kind)
-            return False
-        self._pending_fill_fault = None
-        entry.paddr, entry.perms = result
-        return True
 
     def _on_invalid(self, uc: Uc, _ud) -> bool:
         rip = uc.reg_read(X.UC_X86_REG_RIP)
@@ -553,6 +580,9 @@ class PhysicalCpu:
     def flush_tlb(self) -> None:
         # the 2.1.4 binding has a TB-flush helper but none for the TLB
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        flush = getattr(self.mmu, "flush", None)  # MMUs without caches need none
+        if flush is not None:
+            flush()
 
     # --------------------------------------------------------------- tracing
     def trace_instructions(self, callback: Callable[[int], None], begin: int = 1,

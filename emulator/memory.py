@@ -53,6 +53,9 @@ class HostMemory:
         self.address = ctypes.addressof(self._anchor)
         self.u8 = np.frombuffer(self._mmap, dtype=np.uint8)
         self.u64 = np.frombuffer(self._mmap, dtype=np.uint64)
+        # The same 64-bit words without numpy: one word read or written is a
+        # plain Python int, a few times cheaper than a numpy scalar (TLB fills).
+        self.words = memoryview(self._mmap).cast("Q")
 
     @property
     def nr_frames(self) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 P, RW, US, PWT, PCD, A, D, PSE, G = (1 << i for i in range(9))
+PRESENT, ACCESSED, DIRTY = P, A, D
 NX = 1 << 63
 ADDR_MASK = 0x000F_FFFF_FFFF_F000
 

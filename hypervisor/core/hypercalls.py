@@ -207,6 +207,12 @@ def _mmu_batch(hv: Hypervisor, v: Vcpu, ptr: int, count: int, done_ptr: int, for
     requests = np.frombuffer(raw, dtype=np.uint64).reshape(count, size // 8)
     hv.before_page_table_hypercall(v.domain)
     rc, done = run(VcpuMmuContext(hv, v), requests, foreigndom & 0xFFFF_FFFF)
+    # Entries may have changed: no vCPU of the domain may keep walks cached
+    # from before (the guest's own flush may be a native mov cr3, unseen).
+    for u in v.domain.vcpus:
+        flush = getattr(u.mmu, "flush", None)
+        if flush is not None:
+            flush()
     if done_ptr:
         hv.copy_to_guest(v, done_ptr, struct.pack("<I", done))
     return rc

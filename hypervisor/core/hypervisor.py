@@ -249,7 +249,11 @@ class Hypervisor:
                                    kick=dom.wake_vcpu,
                                    peer=self._domain_evtchn)
         for vid in range(nr_vcpus):
-            vcpu = Vcpu(dom, vid, PvMmu(self.memory, self.gdt_mfn * PAGE_SIZE))
+            # A lab's writable-mapping rule may let a guest write its own page
+            # tables, behind any cache's back: then every fill walks afresh.
+            mmu = PvMmu(self.memory, self.gdt_mfn * PAGE_SIZE,
+                        cache_walks=self.seams.writable_mapping is None)
+            vcpu = Vcpu(dom, vid, mmu)
             dom.vcpus.append(vcpu)
             self.scheduler.place(vcpu)
         self.domains.append(dom)

@@ -30,6 +30,12 @@ hypervisor serve populate-on-demand and log-dirty violations on the guest's beha
 Translations of guest-physical frames are cached per MMU and forgotten whenever the
 EPT's `generation` changes. That is the model's EPT TLB; the engine's own TLB is flushed
 by the hypervisor when EPT took rights away (`needs_flush`).
+
+TLB fills (`translate`) take a scalar fast path: the same two-stage walk as `_walk`
+(which the hypervisor's own accesses use), written out in plain ints over the host
+memory's words with no per-level calls. Guest page-table walks are not cached: an HVM
+guest writes its tables directly and flushes with a native `mov cr3` or `invlpg` that
+the model does not see, so every fill reads all four guest levels.
 """
 
 from __future__ import annotations
@@ -40,7 +46,23 @@ from dataclasses import dataclass
 from emulator.addr import GPA
 from emulator.engine import PERM_R, PERM_W, PERM_X
 from emulator.memory import HostMemory
-from emulator.paging import ADDR_MASK, Translation, WalkFault, walk
+from emulator.paging import (
+    ACCESSED,
+    ADDR_MASK,
+    DIRTY,
+    NX,
+    PF_FETCH,
+    PF_PRESENT,
+    PF_RSVD,
+    PF_WRITE,
+    PRESENT,
+    PSE,
+    RW,
+    Translation,
+    WalkFault,
+    canonical,
+    walk,
+)
 from hypervisor.hvm.builder import LAPIC_GPA
 from hypervisor.hvm.ept import PERM_R as EPT_R
 from hypervisor.hvm.ept import PERM_W as EPT_W
@@ -100,6 +122,7 @@ class HvmMmu:
         self.last_fault: WalkFault | EptViolation | None = None
         self.fills = 0
         self._u64 = memory.u64
+        self._words = memory.words
         self._cache: dict[int, tuple[int, int, int | None]] = {}
         self._cached_ept: EptTables | None = None
         self._cached_generation = -1
@@ -108,17 +131,90 @@ class HvmMmu:
     # ------------------------------------------------------------------ TLB fills
     def translate(self, gva: int, access: str) -> tuple[int, int] | None:
         self.fills += 1
-        result = self._walk(gva, access)
+        result = self._fill(gva, access)
         if not isinstance(result, tuple):
             self.last_fault = result
             return None
-        t, ept_perms, is_lapic = result
+        return result
+
+    def _fill(self, gva: int, access: str) -> tuple[int, int] | WalkFault | EptViolation:
+        """`_walk` and the TLB's permissions, in plain ints (same result, same A/D writes)."""
+        ept = self.physmap.p2m.ept
+        assert ept is not None
+        cache = self._cache
+        if ept is not self._cached_ept or ept.generation != self._cached_generation:
+            cache.clear()
+            self._cached_ept = ept
+            self._cached_generation = ept.generation
+        words = self._words
+        write = access == "write"
+        fetch = access == "fetch"
+        cr3 = self.cr3() & ADDR_MASK
+        gfn = cr3 >> 12
+        hit = cache.get(gfn) or self._ept_miss(ept, gfn)
+        if hit[1] & _TABLE_NEEDS != _TABLE_NEEDS:
+            return _table_violation(cr3 + 8 * ((gva >> 39) & 511), gva, hit[1], hit[2])
+        if not canonical(gva):
+            return WalkFault(gva, 0, 4)
+        table_ma = hit[0] << 12
+        writable = executable = True
+        for level, shift in ((4, 39), (3, 30), (2, 21)):
+            index = (table_ma >> 3) + ((gva >> shift) & 0x1FF)
+            entry = words[index]
+            if not entry & PRESENT:
+                return WalkFault(gva, _code(False, write, fetch), level)
+            writable = writable and entry & RW != 0
+            executable = executable and not entry & NX
+            if level != 4 and entry & PSE:  # 4 KiB pages only (see paging.walk)
+                return WalkFault(gva, _code(True, write, fetch) | PF_RSVD, level)
+            if not entry & ACCESSED:
+                entry |= ACCESSED
+                words[index] = entry
+            table_gpa = entry & ADDR_MASK
+            gfn = table_gpa >> 12
+            hit = cache.get(gfn) or self._ept_miss(ept, gfn)
+            if hit[1] & _TABLE_NEEDS != _TABLE_NEEDS:
+                entry_gpa = table_gpa + 8 * ((gva >> (shift - 9)) & 0x1FF)
+                return _table_violation(entry_gpa, gva, hit[1], hit[2])
+            table_ma = hit[0] << 12
+        index = (table_ma >> 3) + ((gva >> 12) & 0x1FF)
+        pte = words[index]
+        if not pte & PRESENT:
+            return WalkFault(gva, _code(False, write, fetch), 1)
+        writable = writable and pte & RW != 0
+        executable = executable and not pte & NX
+        if not pte & ACCESSED:
+            pte |= ACCESSED
+            words[index] = pte
+        page_gpa = pte & ADDR_MASK
+        gfn = page_gpa >> 12
+        if gfn == LAPIC_GFN:
+            if fetch or not self.lapic_mapped:
+                return EptViolation(page_gpa | (gva & 0xFFF), access, gva, None, False)
+            ept_perms = EPT_R | EPT_W
+            ma = self.lapic_ma
+        else:
+            mfn, ept_perms, ptype = cache.get(gfn) or self._ept_miss(ept, gfn)
+            if not ept_perms & _NEEDED[access] or not ept_perms & EPT_R:
+                return EptViolation(page_gpa | (gva & 0xFFF), access, gva, ptype, False)
+            ma = mfn << 12
+        if (write and not writable) or (fetch and not executable):
+            return WalkFault(gva, _code(True, write, fetch), 1)
+        if write and not pte & DIRTY:
+            pte |= DIRTY
+            words[index] = pte
         perms = PERM_R
-        if t.writable and t.dirty and ept_perms & EPT_W:
+        if writable and pte & DIRTY and ept_perms & EPT_W:
             perms |= PERM_W
-        if t.executable and ept_perms & EPT_X and not is_lapic:
+        if executable and ept_perms & EPT_X and ma != self.lapic_ma:
             perms |= PERM_X
-        return t.ma, perms
+        return ma, perms
+
+    def _ept_miss(self, ept: EptTables, gfn: int) -> tuple[int, int, int | None]:
+        w = ept.walk(GPA(gfn << 12))
+        hit = _UNMAPPED if w is None else (int(w.mfn), int(w.perms), int(w.p2m_type))
+        self._cache[gfn] = hit
+        return hit
 
     # --------------------------------------------------- the hypervisor's accesses
     def lookup(self, gva: int, access: str) -> Translation | WalkFault:
@@ -225,6 +321,10 @@ class HvmMmu:
         if isinstance(result, WalkFault):
             return result
         return result, final[0], result.ma == self.lapic_ma
+
+
+def _code(present: bool, write: bool, fetch: bool) -> int:
+    return (PF_PRESENT if present else 0) | (PF_WRITE if write else 0) | (PF_FETCH if fetch else 0)
 
 
 def _table_violation(entry_gpa: int, gva: int, perms: int, ptype: int | None) -> EptViolation:

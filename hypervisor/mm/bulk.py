@@ -20,12 +20,21 @@ One case is not attributed by keys: a frame referenced as page tables of two
 different levels (its contents would be read at both). Then the first root
 involved is handed to the reference implementation, which decides it exactly;
 that only happens for trees the rules refuse anyway.
+
+Cost: the bulk of a large guest is its L1 entries, read once in chunks of
+`_L1_CHUNK` tables (a view of host memory, not a copy, when the tables are
+consecutive frames). Apart from the per-frame reference counter, no pass
+allocates a temporary the size of the frame table: the frame table is decoded
+only where its words are non-zero, the per-frame masks are built chunk by
+chunk, and the checks look at candidate frames only. `BulkResult.phases` says
+where the time went.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -55,6 +64,11 @@ _MFN_MASK2 = np.uint64(((1 << MFN_FIELD_BITS) - 1) << 1)
 # L1 tables per vectorised step: 1 M entries (8 MiB), so temporaries stay small.
 _L1_CHUNK = 2048
 _APPLY_CHUNK = 1 << 20
+# The reference counter is uint32 until a pass has counted more references than
+# that could hold; then it is widened to uint64 (exact either way, and half the
+# memory and page faults in practice).
+_WIDEN_AT = np.iinfo(np.uint32).max
+PHASES = ("setup", "gather", "classify", "count", "check", "write_back")
 
 _GUEST_L4_SLOTS = np.ones(ENTRIES_PER_TABLE, dtype=bool)
 _GUEST_L4_SLOTS[XEN_L4_FIRST_SLOT : XEN_L4_LAST_SLOT + 1] = False
@@ -71,6 +85,10 @@ class BulkResult:
     failures: list[RootFailure]
     passes: int = 0
     reference_roots: int = 0  # roots decided by the reference implementation
+    # Seconds per phase (PHASES), summed over the passes: setup (checks, decoding
+    # the frame table), gather (reading table entries), classify (present, flags,
+    # targets), count (reference counting), check (refusals), write_back.
+    phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
     @property
     def ok(self) -> bool:
@@ -88,6 +106,19 @@ class _Delta:
     pinned_mfns: np.ndarray
     refs: np.ndarray  # 2 * nr_frames: [2m] general-only, [2m+1] writable references
     linear_delta: tuple[np.ndarray, np.ndarray]  # (mfns, linear_pt_count change)
+
+
+class _Clock:
+    """Charges the time since the last lap to a phase."""
+
+    def __init__(self, phases: dict[str, float]) -> None:
+        self.phases = phases
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] += now - self.last
+        self.last = now
 
 
 @dataclass
@@ -110,23 +141,26 @@ def bulk_validate(
     roots = list(roots)
     if len(roots) >= _MAX_ROOTS:
         raise BulkPreconditionError(f"{len(roots)} roots: at most {_MAX_ROOTS - 1} fit a key")
-    _check_preconditions(frames, mem, domid)
     result = BulkResult(failures=[])
+    clock = _Clock(result.phases)
+    _check_preconditions(frames, mem, domid)
     start = 0
     while start < len(roots):
         batch = roots[start:]
-        outcome = _Pass(mem, frames, domid, batch).run()
+        outcome = _Pass(mem, frames, domid, batch, clock).run()
         result.passes += 1
         if outcome.delta is not None:
             _apply(frames, outcome.delta)
+            clock.lap("write_back")
             break
         bad = outcome.failed_root
         if bad > 0:  # everything before the failing root is clean: apply it
-            prefix = _Pass(mem, frames, domid, batch[:bad]).run()
+            prefix = _Pass(mem, frames, domid, batch[:bad], clock).run()
             result.passes += 1
             if prefix.delta is None:
                 raise MmError("bulk validation: a clean prefix failed on its own")
             _apply(frames, prefix.delta)
+            clock.lap("write_back")
         root = batch[bad]
         rc = outcome.rc
         if outcome.use_reference:
@@ -152,7 +186,10 @@ def _reference_root(mem: np.ndarray, frames: FrameTable, domid: int, root: Root)
 def _check_preconditions(frames: FrameTable, mem: np.ndarray, domid: int) -> None:
     frames.check_mem(mem)
     layout = frames.layout
-    ti = frames.type_info[frames.owner == domid]
+    # A zero word is no type, count 0, no flags (in every build): only the
+    # non-zero words need a look.
+    nz = np.flatnonzero(frames.type_info)
+    ti = frames.type_info[nz[frames.owner[nz] == domid]]
     busy = np.uint64((1 << layout.partial_bit) | (1 << layout.locked_bit))
     if ti.size and int(np.bitwise_or.reduce(ti & busy)):
         raise BulkPreconditionError(f"domain {domid} has frames mid-validation or locked")
@@ -179,20 +216,37 @@ class _Pass:
     """One depth-first-equivalent pass over `roots`, from the current frame table."""
 
     def __init__(self, mem: np.ndarray, frames: FrameTable, domid: int,
-                 roots: Sequence[Root]) -> None:
+                 roots: Sequence[Root], clock: _Clock) -> None:
         self.frames = frames
         self.mem2d = frames.check_mem(mem)
         self.domid = domid
         self.roots = roots
-        self.n = frames.nr_frames
+        self.clock = clock
+        self.n = n = frames.nr_frames
         layout = frames.layout
-        self.t0 = layout.type_of(frames.type_info)
-        self.typed0 = (frames.type_info & np.uint64(layout.count_mask)) != 0
+        # Type and "typed" of every frame, decoded where the word is non-zero.
+        self.nonzero = np.flatnonzero(frames.type_info)
+        words = frames.type_info[self.nonzero]
+        zero_type = int(layout.type_of(np.zeros(1, np.uint64))[0])
+        self.t0 = (np.zeros(n, np.uint8) if zero_type == 0
+                   else np.full(n, zero_type, np.uint8))
+        self.t0[self.nonzero] = layout.type_of(words)
+        self.typed0 = np.zeros(n, dtype=bool)
+        self.typed0[self.nonzero] = (words & np.uint64(layout.count_mask)) != 0
+        # Frames this domain may reference: its own, allocated (built in
+        # chunks: no frame-table-sized temporary).
+        self.mine = np.empty(n, dtype=bool)
+        count_mask = np.uint64(PGC_COUNT_MASK)
+        for start in range(0, n, _APPLY_CHUNK):
+            stop = min(start + _APPLY_CHUNK, n)
+            np.logical_and(frames.owner[start:stop] == domid,
+                           (frames.count_info[start:stop] & count_mask) != 0,
+                           out=self.mine[start:stop])
         self.owner = frames.owner
-        self.allocated = (frames.count_info & np.uint64(PGC_COUNT_MASK)) != 0
         # References taken in the pass: acc[2m] general-only, acc[2m+1] general
         # and writable, so one np.add.at counts an L1 entry of either kind.
-        self.acc = np.zeros(2 * self.n, dtype=np.int64)
+        self.acc: np.ndarray = np.zeros(2 * n, dtype=np.uint32)
+        self.counted = 0
         # Frame -> level it is validated at in this pass (0: none); the key of its
         # first (validating) reference is in the sorted claim_mfns/claim_keys.
         self.claim = np.zeros(self.n, dtype=np.int8)
@@ -214,11 +268,18 @@ class _Pass:
 
     def _owned(self, mfns: np.ndarray) -> np.ndarray:
         ok = (mfns >= 0) & (mfns < self.n)
-        safe = np.where(ok, mfns, 0)
-        return ok & (self.owner[safe] == self.domid) & self.allocated[safe]
+        return ok & self.mine[np.where(ok, mfns, 0)]
+
+    def _count(self, slots: np.ndarray) -> None:
+        """One reference per accumulator slot in `slots` (int64)."""
+        self.counted += slots.size
+        if self.counted > _WIDEN_AT and self.acc.dtype != np.uint64:
+            self.acc = self.acc.astype(np.uint64)
+        # (a 1 of the accumulator's own type: a Python int takes numpy's slow path)
+        np.add.at(self.acc, slots, self.acc.dtype.type(1))
 
     def _general_refs(self, mfns: np.ndarray) -> None:
-        np.add.at(self.acc, 2 * mfns, 1)
+        self._count(2 * mfns)
 
     def _claim_key(self, mfns: np.ndarray) -> np.ndarray:
         """First-reference keys of claimed frames (_NO_KEY for unclaimed ones)."""
@@ -237,6 +298,7 @@ class _Pass:
     # --- the pass ---------------------------------------------------------------
 
     def run(self) -> _Outcome:
+        self.clock.lap("setup")
         refs = self._root_refs()
         for level in (4, 3, 2, 1):
             mfns, keys = refs[level]
@@ -246,7 +308,9 @@ class _Pass:
                 refs[level - 1] = (np.concatenate([below[0], down[0]]),
                                    np.concatenate([below[1], down[1]]))
         self._check_linear()
-        return self._outcome()
+        outcome = self._outcome()
+        self.clock.lap("check")
+        return outcome
 
     def _root_refs(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         r = len(self.roots)
@@ -350,8 +414,11 @@ class _Pass:
         dis = disallow_mask(1)
         limit = 2 * self.n
         out_of_range = False
+        clock = self.clock
+        clock.lap("classify")  # the upper levels
         for start in range(0, tables.size, _L1_CHUNK):
-            e = self.mem2d[tables[start : start + _L1_CHUNK]]
+            e = _rows(self.mem2d, tables[start : start + _L1_CHUNK])
+            clock.lap("gather")
             any_bits = int(np.bitwise_or.reduce(e, axis=None))
             if not any_bits & PTE_PRESENT:
                 continue
@@ -366,22 +433,28 @@ class _Pass:
                     ok &= ~bad
                 flat = e[ok]
             # 2 * mfn + rw: the accumulator slot of this entry's references.
-            slot = ((flat >> _U11) & _MFN_MASK2) | ((flat >> _U1) & _ONE)
+            slot = (flat >> _U11) & _MFN_MASK2
+            slot |= (flat >> _U1) & _ONE
             if slot.size and int(slot.max()) >= limit:
                 out_of_range = True
                 slot = slot[slot < limit]
-            np.add.at(self.acc, slot.view(np.int64), 1)
+            clock.lap("classify")
+            self._count(slot.view(np.int64))
+            clock.lap("count")
 
         if out_of_range:
             keys, target, _ = self._l1_scan(tables, tkeys, lambda t, rw: t >= self.n)
             self._fail(keys, np.where(target == INVALID_MFN_IN_PTE, -EINVAL, -EPERM))
-        general = self.acc[0::2] + self.acc[1::2]
-        refused = (general > 0) & ((self.owner != self.domid) | ~self.allocated)
-        del general
-        if refused.any():  # free, someone else's or I/O frames
+        # Referenced frames that are not the domain's: free, someone else's, I/O.
+        others = np.flatnonzero(~self.mine)
+        hit = others[(self.acc[2 * others] != 0) | (self.acc[2 * others + 1] != 0)]
+        if hit.size:
+            refused = np.zeros(self.n, dtype=bool)
+            refused[hit] = True
             keys, target, _ = self._l1_scan(
                 tables, tkeys, lambda t, rw: (t < self.n) & refused[np.minimum(t, self.n - 1)])
-            io = (self.owner[target] == DOMID_IO) & self.allocated[target]
+            io = (self.owner[target] == DOMID_IO) & ((self.frames.count_info[target]
+                                                   & np.uint64(PGC_COUNT_MASK)) != 0)
             self._fail(keys, np.where(io, -EPERM, -EBUSY))
         self._writable_conflicts(tables, tkeys)
 
@@ -402,11 +475,16 @@ class _Pass:
 
     def _writable_conflicts(self, tables: np.ndarray, tkeys: np.ndarray) -> None:
         """Writable mappings of frames that are (or become) another type."""
-        writable = self.acc[1::2]
-        conflict = (writable > 0) & ((self.claim != 0) | (self.typed0 & (
-            self.t0 != PageType.WRITABLE)))
-        if not conflict.any():
+        # Candidates: frames typed in this pass, and frames already typed as
+        # something other than writable (all have a non-zero type word).
+        nz = self.nonzero
+        cand = np.union1d(self.claim_mfns,
+                          nz[self.typed0[nz] & (self.t0[nz] != PageType.WRITABLE)])
+        hit = cand[self.acc[2 * cand + 1] > 0]
+        if hit.size == 0:
             return
+        conflict = np.zeros(self.n, dtype=bool)
+        conflict[hit] = True
         keys, target, _ = self._l1_scan(
             tables, tkeys, lambda t, rw: rw & (t < self.n) & conflict[np.minimum(t, self.n - 1)])
         frames_w, kw = _first_per_frame(target, keys)
@@ -487,27 +565,36 @@ class _Pass:
         )
 
 
+def _rows(mem2d: np.ndarray, tables: np.ndarray) -> np.ndarray:
+    """The entries of `tables` (sorted, unique): a view when they are consecutive frames."""
+    first = int(tables[0])
+    if int(tables[-1]) - first == tables.size - 1:
+        return mem2d[first : first + tables.size]
+    return mem2d[tables]
+
+
 def _apply(frames: FrameTable, d: _Delta) -> None:
     """Write one successful pass into the frame table."""
     layout = frames.layout
-    ro, rw = d.refs[0::2].view(np.uint64), d.refs[1::2].view(np.uint64)
-    np.add(frames.count_info, ro, out=frames.count_info)
-    np.add(frames.count_info, rw, out=frames.count_info)
-
-    # Writable data frames: typed at count 0 (validated at once) or counted up.
-    # Either way the word becomes writable|validated|(count + added): a frame
-    # with writable references already is exactly that. Done in chunks so no
-    # full-size temporary is needed.
+    # Per chunk: general references (both kinds) into count_info; writable data
+    # frames typed at count 0 (validated at once) or counted up. Either way the
+    # word becomes writable|validated|(count + added): a frame with writable
+    # references already is exactly that. Chunks keep the temporaries small.
     fresh_word = np.uint64(layout.encode(PageType.WRITABLE, 0, validated=True))
     count_mask = np.uint64(layout.count_mask)
+    pairs = d.refs.reshape(-1, 2)
     for start in range(0, frames.nr_frames, _APPLY_CHUNK):
-        add = rw[start : start + _APPLY_CHUNK]
-        if not add.any():
+        chunk = pairs[start : start + _APPLY_CHUNK]
+        ro, rw = chunk[:, 0], chunk[:, 1]
+        ci = frames.count_info[start : start + _APPLY_CHUNK]
+        ci += ro
+        ci += rw
+        if not rw.any():
             continue
         ti = frames.type_info[start : start + _APPLY_CHUNK]
-        new = (ti & count_mask) + add
+        new = (ti & count_mask) + rw
         new |= fresh_word
-        np.copyto(ti, new, where=add != 0)
+        np.copyto(ti, new, where=rw != 0)
 
     m = d.typed_mfns
     if m.size:

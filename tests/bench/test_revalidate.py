@@ -21,6 +21,7 @@ from hypervisor.bench.revalidate import (
     scan_page_tables,
 )
 from hypervisor.mm.builds import PageType, get_build
+from hypervisor.mm.bulk import PHASES
 from hypervisor.mm.frametable import FrameTable
 from hypervisor.mm.layouts import anonymous_memory, build_linux_like
 from hypervisor.mm.pte import PTE_PRESENT, PTE_RW, make_pte
@@ -32,7 +33,8 @@ REQUIRED_KEYS = {
     "bulk_pte_per_s", "reference_s", "reference_ptes", "reference_pte_per_s",
     "reference_sample_pages", "reference_sample_is_guest", "equal_on_sample", "scan_s",
     "scan_runs_s", "bulk_vs_reference", "bulk_vs_scan", "peak_rss_mb", "build", "unicorn",
-    "seed",
+    "seed", "floor_s", "floor_runs_s", "bulk_vs_floor", "bulk_phases_s", "bulk_cold_vs_warm",
+    "page_table_bytes",
 }
 
 
@@ -73,6 +75,14 @@ def _check_consistent(r: dict, mem_bytes: int, build: str, seed: int) -> None:
     assert r["bulk_vs_reference"] == pytest.approx(
         r["bulk_pte_per_s"] / r["reference_pte_per_s"])
     assert r["bulk_vs_scan"] == pytest.approx(r["bulk_s"] / r["scan_s"])
+    assert len(r["floor_runs_s"]) == r["repeats"] and r["floor_s"] == min(r["floor_runs_s"]) > 0
+    assert r["bulk_vs_floor"] == pytest.approx(r["bulk_s"] / r["floor_s"])
+    assert r["bulk_cold_vs_warm"] == pytest.approx(r["bulk_cold_s"] / r["bulk_s"])
+    assert r["page_table_bytes"] == r["page_table_frames"] * 4096
+    # The phases are the best run's time split up: they cannot add up to more.
+    assert list(r["bulk_phases_s"]) == list(PHASES)
+    assert all(v >= 0 for v in r["bulk_phases_s"].values())
+    assert sum(r["bulk_phases_s"].values()) <= r["bulk_s"]
 
 
 def test_small_guest_fields_are_complete_and_consistent() -> None:
@@ -102,7 +112,8 @@ def test_readable_table() -> None:
     text = out.getvalue()
     lines = {line.split("  ")[0]: line for line in text.splitlines()}
     for name in ("guest", "present PTEs", "layout", "bulk", "reference", "equal on sample",
-                 "scan (numpy floor)", "bulk vs reference", "bulk vs scan", "peak RSS"):
+                 "scan (gather+count)", "memory floor", "bulk phases", "bulk cold vs warm",
+                 "bulk vs reference", "bulk vs floor", "bulk vs scan", "peak RSS"):
         assert name in lines, name
     assert lines["equal on sample"].endswith("yes")
     assert f"{r['ptes']:,}" in lines["present PTEs"]

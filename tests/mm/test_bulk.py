@@ -255,3 +255,34 @@ def test_bench_64gib_guest_bulk_vs_reference() -> None:
     print(f"\nbulk: {tree.nr_l1_entries / 1e6:.1f} M L1 entries in {bulk_s:.2f} s; "
           f"the reference would need ~{ref_per_entry * tree.nr_l1_entries:.0f} s "
           f"({ref_per_entry * tree.nr_l1_entries / bulk_s:.0f}x)")
+
+
+def test_a_widened_reference_counter_gives_the_same_frame_table(monkeypatch) -> None:
+    """The uint32 counter widens once a pass has counted more than it holds: exact either way."""
+    import hypervisor.mm.bulk as bulk
+
+    def make():
+        frames = FrameTable(4096, get_build("4.19"))
+        mem = anonymous_memory(4096)
+        tree = build_linux_like(frames, mem, DOM, 2048, nr_processes=2, seed=5)
+        return frames, mem, tree
+
+    narrow = _both(make)
+    monkeypatch.setattr(bulk, "_WIDEN_AT", 100)
+    wide = _both(make)
+    _assert_same(narrow[0], narrow[1])
+    _assert_same(wide[0], wide[1])
+    assert wide[1][0].snapshot() == narrow[1][0].snapshot()
+
+
+def test_phases_account_for_the_run() -> None:
+    frames = FrameTable(4096, get_build("4.19"))
+    mem = anonymous_memory(4096)
+    tree = build_linux_like(frames, mem, DOM, 2048, nr_processes=2, seed=5)
+    started = time.perf_counter()
+    result = bulk_validate(mem, frames, DOM, tree.roots)
+    elapsed = time.perf_counter() - started
+    assert result.ok and set(result.phases) == {"setup", "gather", "classify", "count",
+                                                "check", "write_back"}
+    assert result.phases["count"] > 0 and result.phases["write_back"] > 0
+    assert sum(result.phases.values()) <= elapsed
