@@ -214,17 +214,17 @@ def _finish(hv: Hypervisor, st: _Pending, domid: int, path: Path, name: str | No
     meta = st.hvlab
     meta.setdefault("virtual_ns", st.tsc_nsec or 0)
     linux = meta.get("linux")
-    keys = ["start_info_pfn"] + (["console_pfn", "xenstore_pfn"] if linux else
-                                 ["shared_info_pfn"])
-    for key in keys:
-        if not 0 <= int((linux if key.startswith(("console", "xenstore")) else meta)
-                        .get(key, -1)) < st.nr_pages:
+    pfns_named = [(meta, "start_info_pfn")] + ([(linux, "console_pfn"), (linux, "xenstore_pfn")]
+                                               if linux else [(meta, "shared_info_pfn")])
+    for where, key in pfns_named:
+        if not 0 <= int(where.get(key, -1)) < st.nr_pages:
             raise RestoreError(f"{path}: record HVLAB_DOMAIN: {key} lies outside the domain")
     # The guest's own copies of machine addresses: its P2M list and start_info.
     _rewrite_p2m_list(hv, st)
     start_info_ma = int(st.p2m[meta["start_info_pfn"]]) * PAGE_SIZE
     if linux:  # Xen's shared_info page, mapped again where the guest had it
-        shared_info_mfn = st.shared_info_frame = hv.frames.alloc_one("restored shared_info")
+        shared_info_mfn = st.shared_info_frame = int(hv.frames.alloc_one("restored "
+                                                                         "shared_info"))
         hv.frame_table.assign(np.array([shared_info_mfn], dtype=np.uint64), domid)
         for pfn, slot, flags in linux.get("shared_info_entries", []):
             if not 0 <= pfn < st.nr_pages or not 0 <= slot < 512:

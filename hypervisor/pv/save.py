@@ -153,7 +153,7 @@ def domain_state(hv: Hypervisor, dom: Domain,
     """hvlab's own state that Xen's records do not carry (the HVLAB_DOMAIN record)."""
     ev = dom.events.save()
     xen_abi = xen_image.is_xen_abi(dom)
-    state = {
+    state: dict[str, Any] = {
         "version": HVLAB_DOMAIN_VERSION,
         "name": dom.name,
         "virtual_ns": hv.now + dom.time_offset,
@@ -234,8 +234,8 @@ def save_domain(hv: Hypervisor, dom: Domain, path: str | Path) -> dict[str, Any]
             is_table = levels[keep] > 0
             if is_table.any():
                 data[is_table] = normalise_tables(data[is_table], levels[keep][is_table], hv.m2p)
-            for row, pfn in enumerate(np.flatnonzero(keep) + start if si_by_pfn else ()):
-                for slot in si_by_pfn.get(int(pfn), ()):  # shared_info: not present here
+            for row, kept_pfn in enumerate(np.flatnonzero(keep) + start if si_by_pfn else ()):
+                for slot in si_by_pfn.get(int(kept_pfn), ()):  # shared_info: not present here
                     data[row].view(np.uint64)[slot] = 0
             w.write_page_data(np.arange(start, stop, dtype=np.uint64), types, data)
             stats["data_pages"] += int(keep.sum())
