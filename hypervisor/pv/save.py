@@ -259,7 +259,12 @@ def p2m_frame_pfns(hv: Hypervisor, dom: Domain) -> np.ndarray:
     """The pfns of the pages holding the guest's P2M list: the one Linux published in
     shared_info, else start_info.mfn_list."""
     if xen_image.is_xen_abi(dom):
-        return xen_image.linear_p2m_pfns(hv, dom)
+        linear = xen_image.linear_p2m_pfns(hv, dom)
+        if linear is None:
+            raise SaveError(f"domain {dom.name} has not published its P2M list in shared_info "
+                            "yet (arch.p2m_cr3): Linux is still building it, early in boot, "
+                            "and Xen's saver refuses such a guest too; save it later")
+        return linear
     start_info = hv.memory.read(int(dom.p2m[(dom.start_info_va - dom.virt_base) // PAGE_SIZE])
                                 * PAGE_SIZE, 112)
     first = (int.from_bytes(start_info[104:112], "little") - dom.virt_base) // PAGE_SIZE

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 # shared_info's arch_shared_info (x86-64): after vcpu_info[32], the event bitmaps, wallclock
 ARCH_P2M_CR3, ARCH_P2M_VADDR = 3112, 3120
 # start_info (x86-64)
-SI_SHARED_INFO, SI_STORE_MFN, SI_CONSOLE_MFN, SI_MFN_LIST = 40, 56, 72, 104
+SI_STORE_MFN, SI_CONSOLE_MFN = 56, 72
 
 
 def is_xen_abi(dom: Domain) -> bool:
@@ -162,17 +162,16 @@ def shared_info_entries(hv: Hypervisor, dom: Domain, table_pfns: np.ndarray
             for i, slot in hits]
 
 
-def linear_p2m_pfns(hv: Hypervisor, dom: Domain) -> np.ndarray:
+def linear_p2m_pfns(hv: Hypervisor, dom: Domain) -> np.ndarray | None:
     """The pfns of the frames of the guest's P2M list, found as Xen's saver finds them:
-    the linear list Linux published in shared_info (arch.p2m_cr3, p2m_vaddr), before
-    that start_info.mfn_list through the kernel's page tables (Linux moves the list
-    and frees the first one, so the frames are not where the domain builder put them)."""
+    the linear list the guest published in shared_info (arch.p2m_cr3, p2m_vaddr).
+    None before it has: Linux is then still copying MFNs into the list it builds
+    (xen_rebuild_p2m_list), copies no restore on other frames could correct."""
     page = hv.memory.frame_u8(dom.shared_info_mfn)
     cr3 = int(page[ARCH_P2M_CR3:ARCH_P2M_CR3 + 8].view(np.uint64)[0])
     vaddr = int(page[ARCH_P2M_VADDR:ARCH_P2M_VADDR + 8].view(np.uint64)[0])
     if not cr3 or not vaddr:
-        cr3 = dom.vcpus[0].roots.kernel_ma
-        vaddr = int(hv.memory.u64[(start_info_ma(dom) + SI_MFN_LIST) // 8])
+        return None
     nr_frames = -(-dom.nr_pages * 8 // PAGE_SIZE)
     u64 = hv.memory.u64
     pfns = np.empty(nr_frames, dtype=np.uint64)

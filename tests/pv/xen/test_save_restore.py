@@ -7,14 +7,17 @@ import pytest
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
 from hypervisor.images.verify import image_verify
 from hypervisor.pv.restore import restore_domain
-from hypervisor.pv.save import save_domain
+from hypervisor.pv.save import SaveError, save_domain
+from hypervisor.pv.xen.hypercalls import l1_entry_ma
+from hypervisor.pv.xen.image import ARCH_P2M_CR3, ARCH_P2M_VADDR
 from hypervisor.pv.xen.state import VMASST_TYPE_WRITABLE_PAGETABLES
 from hypervisor.stream import StreamReader, X86PvVcpuBasicRecord, open_image_for_read
 from hypervisor.stream.vcpu_context import VGCF_IN_KERNEL
-from tests.pv.xen.guest import Asm, boot
+from tests.pv.xen.guest import ENTRY, Asm, boot
 
 KERNEL_GS, USER_GS, KERNEL_SP = 0x1234_5000, 0x5678_0000, 0xABC0_00
 LOOPS = 200_000
+SHARED_INFO_VA = ENTRY + 0x1000  # the kernel image's second page, unused
 
 
 def _console(asm: Asm, label: str, text: bytes) -> Asm:
@@ -22,8 +25,23 @@ def _console(asm: Asm, label: str, text: bytes) -> Asm:
             .emit("488d15").rip_rel(label).emit("0f05"))
 
 
-def _program() -> bytes:
-    asm = (Asm()
+def _publish_p2m(asm: Asm) -> Asm:
+    """What Linux does: map shared_info (update_va_mapping with start_info's machine
+    address) and publish its P2M list there (arch.p2m_cr3 and p2m_vaddr)."""
+    return (asm.emit("4889f3")  # mov rbx, rsi (start_info)
+            .emit("488b4328").emit("4883c867").emit("4889c6")  # rsi = shared_info | P RW US A D
+            .emit("48bf").imm64(SHARED_INFO_VA).emit("31d2")
+            .emit("b8").imm32(14).emit("0f05")  # update_va_mapping
+            .emit("0f20d8")  # mov rax, cr3 (emulated: the kernel root's machine address)
+            .emit("48bf").imm64(SHARED_INFO_VA)
+            .emit("488987").imm32(ARCH_P2M_CR3)  # mov [rdi + p2m_cr3], rax
+            .emit("488b4368")  # mov rax, [rbx + 104] (start_info.mfn_list)
+            .emit("488987").imm32(ARCH_P2M_VADDR))  # mov [rdi + p2m_vaddr], rax
+
+
+def _program(publish: bool = True) -> bytes:
+    asm = _publish_p2m(Asm()) if publish else Asm()
+    asm = (asm
            .emit("b9").imm32(0xC000_0101).emit("b8").imm32(KERNEL_GS).emit("31d2").emit("0f30")
            .emit("b9").imm32(0xC000_0102).emit("b8").imm32(USER_GS).emit("31d2").emit("0f30")
            .hypercall(3, rdi=0xE02B, rsi=KERNEL_SP)  # stack_switch
@@ -71,6 +89,8 @@ def test_a_cpl3_guest_saved_mid_run_restores_and_ends_as_the_unsaved_run(tmp_pat
     other.frames.alloc(300, "someone else")  # the restored domain gets other frames
     dom = restore_domain(other, image)
     assert dom.vcpus[0].xen is not None and other.check_typerefs(dom) == []
+    entry = int(other.memory.u64[l1_entry_ma(other, dom.vcpus[0], SHARED_INFO_VA) // 8])
+    assert entry >> 12 == dom.shared_info_mfn  # mapped again: the new hypervisor page
     assert other.run(10**9) == "shutdown"
     assert _final(other) == _final(reference)
     assert other.check_typerefs(dom) == []
@@ -84,3 +104,12 @@ def test_live_update_refuses_a_cpl3_domain_before_pausing_it(tmp_path):
         check_plan(hv, UpdatePlan(hv.build, "full-walk"))
     assert hv.run(10**9) == "shutdown"  # untouched: it runs on to its end
     assert hv.domains[0].console_text() == "before\nafter\n"
+
+
+def test_a_guest_that_has_not_published_its_p2m_is_refused_and_nothing_is_written(tmp_path):
+    hv = boot(tmp_path, _program(publish=False))
+    hv.run(100_000)
+    image = tmp_path / "early.img"
+    with pytest.raises(SaveError, match="has not published its P2M list"):
+        save_domain(hv, hv.domains[0], image)
+    assert not image.exists()
