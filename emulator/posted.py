@@ -154,8 +154,14 @@ class PostedInterruptDescriptor:
         self._u32[_NDST_WORD32] = destination
 
     def raw(self) -> bytes:
-        """A copy of the 64 bytes, for traces and tests."""
+        """A copy of the 64 bytes (what a save carries)."""
         return self._u8.tobytes()
+
+    def load(self, data: bytes) -> None:
+        """Overwrite the 64 bytes (a restore)."""
+        if len(data) != DESCRIPTOR_SIZE:
+            raise PostedInterruptError(f"a descriptor is {DESCRIPTOR_SIZE} bytes, got {len(data)}")
+        self._u8[:] = np.frombuffer(data, dtype=np.uint8)
 
 
 def _check_vector(vector: int) -> None:

@@ -28,6 +28,7 @@ from emulator.exits import Exit
 from emulator.paging import WalkFault, walk
 from hypervisor.core.domain import Domain
 from hypervisor.core.hypervisor import Hypervisor
+from hypervisor.core.seams import Seams
 from hypervisor.core.vcpu import Vcpu
 from hypervisor.lib.errors import HvlabError
 from hypervisor.mm.builds import PageType
@@ -45,7 +46,6 @@ from hypervisor.mm.pte import (
 )
 from hypervisor.runner import boot_scenario, describe
 from hypervisor.scenario import Scenario, load_scenario
-from hypervisor.seams import Seams
 
 _FLAGS = ((PTE_PRESENT, "P"), (PTE_RW, "RW"), (PTE_USER, "US"), (PTE_ACCESSED, "A"),
           (PTE_DIRTY, "D"), (PTE_PSE, "PSE"), (PTE_GLOBAL, "G"), (PTE_NX, "NX"))

@@ -35,8 +35,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
+    from hypervisor.runner import trace_scenario
     from hypervisor.scenario import parse_time
-    from hypervisor.tracing import TraceOptions, parse_registers, trace_scenario
+    from hypervisor.tracing import TraceOptions, parse_registers
 
     start = 0 if args.from_ in (None, "0") else parse_time(args.from_, "--from")
     stop = None if args.to is None else parse_time(args.to, "--to")
@@ -50,7 +51,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _cmd_save(args: argparse.Namespace) -> int:
-    from hypervisor.pv.save import save_domain
+    from hypervisor.images.domains import save_domain
     from hypervisor.runner import boot_scenario
     from hypervisor.scenario import load_scenario, parse_time
 
@@ -85,9 +86,8 @@ def _check_output(path: str) -> None:
 
 def _cmd_update(args: argparse.Namespace) -> int:
     from hypervisor.liveupdate.costs import load_costs
-    from hypervisor.liveupdate.driver import run_with_updates
     from hypervisor.liveupdate.orchestrator import UpdatePlan
-    from hypervisor.liveupdate.report import print_update_report
+    from hypervisor.runner import print_update_run, run_with_updates
     from hypervisor.scenario import UpdateSpec, load_scenario, parse_time
 
     scenario = load_scenario(args.scenario)
@@ -113,7 +113,7 @@ def _cmd_update(args: argparse.Namespace) -> int:
         json.dump(result, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
     else:
-        print_update_report(result)
+        print_update_run(result)
     return 0
 
 
@@ -151,11 +151,12 @@ def _cmd_image(args: argparse.Namespace) -> int:
         return 0 if verdict["ok"] else 2
     if args.action == "frames":
         from hypervisor.images import frames
+        from hypervisor.runner import scenario_frames
 
         if args.image.endswith(".toml") != (args.at is not None):
             raise HvlabError("image frames: a scenario (.toml) needs --at T; an image takes "
                              "no --at")
-        columns = (frames.scenario_frames(args.image, args.at, args.domain) if args.at
+        columns = (scenario_frames(args.image, args.at, args.domain) if args.at
                    else frames.image_frames(args.image))
         if args.csv:
             frames.write_csv(columns, sys.stdout)

@@ -2,32 +2,43 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
-from collections import Counter
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 import unicorn
 
 from emulator.memory import HostMemory
-from hypervisor.core.domain import Domain
+from hypervisor.core.elf import load_kernel
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
+from hypervisor.core.seams import Seams
+from hypervisor.debug.gdb import GdbKilled, GdbSession
+from hypervisor.hvm.policy import create_hvm_domain
+from hypervisor.images.frames import domain_frames
+from hypervisor.lib.errors import HvlabError
+from hypervisor.liveupdate.driver import ScheduledUpdate, UpdateRun, check_run
+from hypervisor.liveupdate.orchestrator import UpdatePlan
+from hypervisor.liveupdate.report import print_update_report
+from hypervisor.pv.domain import create_pv_domain
 from hypervisor.pv.linux.domain import create_linux_domain, uses_xen_abi
-from hypervisor.scenario import Scenario, ScenarioError
-from hypervisor.seams import Seams
-from hypervisor.teaching.gdb import GdbKilled, GdbSession
-from hypervisor.tracing import Tracer
+from hypervisor.scenario import Scenario, ScenarioError, load_scenario, parse_time
+from hypervisor.tracing import Symbols, TraceOptions, Tracer, parse_rip_range
 
 
 def boot_scenario(scenario: Scenario, build: str | None = None,
                   memory: HostMemory | None = None, seams: Seams | None = None) -> Hypervisor:
     """The scenario's machine with its domains, on `build` (default: the scenario's);
-    `seams`: a lab's code in place of hvlab's own (hypervisor/seams.py)."""
+    `seams`: a lab's code in place of hvlab's own (hypervisor/core/seams.py)."""
     hv = Hypervisor(MachineConfig(scenario.pcpus, scenario.memory, scenario.quantum_ns),
                     build or scenario.build, memory, seams=seams)
     for spec in scenario.domains:
         if spec.image is not None:
-            from hypervisor.pv.restore import restore_domain
+            from hypervisor.images.domains import restore_domain
 
             dom = restore_domain(hv, spec.image, name=spec.name)
             if spec.type not in ("image", dom.kind):
@@ -35,8 +46,8 @@ def boot_scenario(scenario: Scenario, build: str | None = None,
                                     f"{spec.type!r} but {spec.image.name} holds a {dom.kind} "
                                     "domain")
         elif spec.type == "hvm":
-            hv.create_hvm_domain(spec.name, str(spec.kernel), spec.memory, spec.vcpus,
-                                 pod=spec.pod, sources=spec.sources)
+            create_hvm_domain(hv, spec.name, str(spec.kernel), spec.memory, spec.vcpus,
+                              pod=spec.pod, sources=spec.sources)
         elif spec.kernel is not None and uses_xen_abi(spec.kernel):  # Linux: Xen's ABI
             create_linux_domain(hv, spec.name, spec.kernel, spec.memory, spec.vcpus,
                                 spec.cmdline, spec.busybox)
@@ -44,7 +55,7 @@ def boot_scenario(scenario: Scenario, build: str | None = None,
             raise ScenarioError(f"{scenario.path} domain '{spec.name}': 'cmdline' and "
                                 "'busybox' are for kernels on Xen's PV ABI (Linux)")
         else:
-            hv.create_pv_domain(spec.name, str(spec.kernel), spec.memory, spec.vcpus)
+            create_pv_domain(hv, spec.name, str(spec.kernel), spec.memory, spec.vcpus)
     return hv
 
 
@@ -90,12 +101,10 @@ def describe(hv: Hypervisor, scenario: Scenario, stop: str, wall_s: float) -> di
             "vcpus": [{"id": v.vcpu_id, "pcpu": v.pcpu, "instructions": v.instructions,
                        "upcalls": v.upcalls, "state": v.runstate} for v in d.vcpus],
         }
-        if any(v.xen is not None for v in d.vcpus):  # Xen's ABI at CPL 3 (Linux)
-            entry["xen_pv"] = describe_xen_pv(d)
-        if d.hvm is not None:  # EPT/PoD figures; per vCPU timer ticks, IPIs, sources
-            entry["hvm"] = hv.hvm.describe_domain(d)
-            for row, v in zip(entry["vcpus"], d.vcpus, strict=True):
-                row.update(hv.hvm.describe_vcpu(v))
+        # what the kind adds (HVM: EPT/PoD; Linux on Xen's ABI: its hypercalls), per vCPU
+        entry.update(d.policy.describe(d))
+        for row, v in zip(entry["vcpus"], d.vcpus, strict=True):
+            row.update(d.policy.describe_vcpu(v))
         domains.append(entry)
     instructions = sum(v.instructions for d in hv.domains for v in d.vcpus)
     return {
@@ -113,17 +122,41 @@ def describe(hv: Hypervisor, scenario: Scenario, stop: str, wall_s: float) -> di
     }
 
 
-def describe_xen_pv(d: Domain) -> dict[str, Any]:
-    """The kernel file, and what Xen's CPL-3 ABI did for the domain (summed over vCPUs)."""
-    hypercalls: Counter[str] = Counter()
-    totals: Counter[str] = Counter()
-    for v in d.vcpus:
-        assert v.xen is not None
-        hypercalls.update(v.xen.hypercalls)
-        totals.update(privops=v.xen.privops, forced_cpuids=v.xen.forced_cpuids,
-                      ptwr=v.xen.ptwr, bounces=v.xen.bounces)
-    return {"kernel": d.kernel_file, "hypercalls": dict(sorted(hypercalls.items())),
-            **{k: totals[k] for k in ("privops", "forced_cpuids", "ptwr", "bounces")}}
+def run_with_updates(scenario: Scenario, updates: Sequence[ScheduledUpdate], plan: UpdatePlan,
+                     output: str = "none", seams: Seams | None = None,
+                     keep_handover: Path | None = None) -> dict[str, Any]:
+    """Check every update, boot, run to each update's time, update, run to the end; one
+    report per update. `output` ("json", "text" or "none") matters with
+    `plan.exec_new_process`: the last process prints. `seams`: a lab's code in place of
+    hvlab's (hypervisor/core/seams.py). Hand-overs are removed when done unless
+    `keep_handover`."""
+    check_run(scenario.build, scenario.virtual_time_ns, updates, plan, keep_handover, seams)
+    if keep_handover is not None:
+        keep_handover.mkdir(exist_ok=True)
+    emit = {"json": print_json, "text": print_update_run}.get(output)
+    run = UpdateRun(sorted(updates, key=lambda u: u.at_ns), plan, scenario.memory,
+                    scenario.virtual_time_ns, partial(_boot, scenario, seams),
+                    partial(_describe, scenario), emit, keep_handover=keep_handover)
+    return run.start()
+
+
+def _boot(scenario: Scenario, seams: Seams | None, memory: HostMemory | None) -> Hypervisor:
+    return boot_scenario(scenario, memory=memory, seams=seams)
+
+
+def _describe(scenario: Scenario, hv: Hypervisor, stop: str, wall_s: float) -> dict[str, Any]:
+    return describe(hv, scenario, stop, wall_s)
+
+
+def print_json(result: dict[str, Any]) -> None:
+    json.dump(result, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def print_update_run(result: dict[str, Any], out: TextIO | None = None) -> None:
+    """A run with live updates: the updates, then the run's report."""
+    print_update_report(result, out)
+    print_report(result, out)
 
 
 def print_report(result: dict[str, Any], out: TextIO | None = None) -> None:
@@ -156,3 +189,45 @@ def print_report(result: dict[str, Any], out: TextIO | None = None) -> None:
     out.write(f"\n{result['instructions']:,} instructions in {result['virtual_ns'] / 1e6:.3f} ms "
               f"virtual, {wall:.2f} s wall ({mips:.1f} MIPS); stop: {result['stop']}\n")
     out.write(f"exits: {exits}\n")
+
+
+def trace_scenario(scenario_path: str, out: TextIO, limit: int, options: TraceOptions,
+                   rip_text: str | None) -> str:
+    """Run a scenario with a tracer: the symbols of its guests, the filters, the window."""
+    scenario = load_scenario(scenario_path)
+    names = [d.name for d in scenario.domains]
+    if options.domain is not None and options.domain not in names:
+        raise HvlabError(f"--domain {options.domain}: no such domain (domains: "
+                         f"{', '.join(names)})")
+    for spec in scenario.domains:
+        if spec.kernel is not None:
+            options.symbols[spec.name] = Symbols(load_kernel(spec.kernel).symbols)
+    wanted = [options.symbols[n] for n in ([options.domain] if options.domain else names)
+              if n in options.symbols]
+    if rip_text is not None:
+        options.rip = parse_rip_range(rip_text, wanted)
+    hv = boot_scenario(scenario)
+    hv.tracer = Tracer(hv, out, limit, options)
+    until = scenario.virtual_time_ns
+    if options.window[1] is not None:
+        until = min(until, options.window[1])
+    return hv.run(until)
+
+
+def scenario_frames(path: str | Path, at: str, domain: str | None) -> dict[str, np.ndarray]:
+    """Run the scenario at `path` to virtual time `at` and read one domain's frames."""
+    scenario = load_scenario(path)
+    at_ns = parse_time(at, "--at")
+    hv = boot_scenario(scenario)
+    try:
+        hv.run(at_ns)
+        pv = [d for d in hv.domains if domain is None or d.name == domain]
+        if not pv:
+            names = ", ".join(d.name for d in hv.domains)
+            raise HvlabError(f"{path}: no domain '{domain}' (domains: {names})")
+        if domain is None and len(pv) > 1:
+            names = ", ".join(d.name for d in hv.domains)
+            raise HvlabError(f"{path}: several domains ({names}): choose one with --domain")
+        return domain_frames(hv, pv[0])
+    finally:
+        hv.teardown()

@@ -202,30 +202,3 @@ class Tracer:
 
 def _plain(value: object) -> object:
     return value if isinstance(value, int | str | bool | float | type(None)) else str(value)
-
-
-def trace_scenario(scenario_path: str, out: TextIO, limit: int, options: TraceOptions,
-                   rip_text: str | None) -> str:
-    """Run a scenario with a tracer: the symbols of its guests, the filters, the window."""
-    from hypervisor.core.elf import load_kernel
-    from hypervisor.runner import boot_scenario
-    from hypervisor.scenario import load_scenario
-
-    scenario = load_scenario(scenario_path)
-    names = [d.name for d in scenario.domains]
-    if options.domain is not None and options.domain not in names:
-        raise HvlabError(f"--domain {options.domain}: no such domain (domains: "
-                         f"{', '.join(names)})")
-    for spec in scenario.domains:
-        if spec.kernel is not None:
-            options.symbols[spec.name] = Symbols(load_kernel(spec.kernel).symbols)
-    wanted = [options.symbols[n] for n in ([options.domain] if options.domain else names)
-              if n in options.symbols]
-    if rip_text is not None:
-        options.rip = parse_rip_range(rip_text, wanted)
-    hv = boot_scenario(scenario)
-    hv.tracer = Tracer(hv, out, limit, options)
-    until = scenario.virtual_time_ns
-    if options.window[1] is not None:
-        until = min(until, options.window[1])
-    return hv.run(until)

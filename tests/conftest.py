@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hypervisor.pv.save import save_domain
+from hypervisor.images.domains import save_domain
 from hypervisor.runner import boot_scenario
 from hypervisor.scenario import load_scenario
 from tests import SCENARIOS

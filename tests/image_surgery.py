@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
-from hypervisor.pv.restore import RestoreError, restore_domain
+from hypervisor.images.domains import restore_domain
+from hypervisor.lib.errors import RestoreError
 
 HEADERS = 24 + 16  # image header + domain header
 

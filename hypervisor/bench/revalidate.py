@@ -53,6 +53,7 @@ import unicorn
 
 from emulator.memory import HostMemory
 from hypervisor.lib.errors import HvlabError, HvlabFailure
+from hypervisor.lib.progress import progress
 from hypervisor.mm.builds import BuildError, PageType, get_build
 from hypervisor.mm.bulk import bulk_validate
 from hypervisor.mm.frametable import FrameTable
@@ -65,7 +66,6 @@ from hypervisor.mm.pte import (
     XEN_L4_LAST_SLOT,
 )
 from hypervisor.mm.typerefs import PageTyping
-from hypervisor.research.progress import progress
 
 PAGE_SIZE = 4096
 DOMID = 1

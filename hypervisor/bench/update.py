@@ -27,15 +27,16 @@ import unicorn
 
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
 from hypervisor.images import image_make
+from hypervisor.images.domains import restore_domain
 from hypervisor.lib.errors import HvlabError
+from hypervisor.lib.progress import progress
 from hypervisor.liveupdate.orchestrator import (
     UpdatePlan,
     live_update,
     prepare,
 )
-from hypervisor.liveupdate.strategies.base import STRATEGIES
-from hypervisor.pv.restore import restore_domain
-from hypervisor.research.progress import progress
+from hypervisor.liveupdate.strategies import names as strategy_names
+from hypervisor.liveupdate.strategies.lazy import lazy_update_of
 from hypervisor.scenario import parse_size
 
 RUN_BEFORE_NS = 1_000_000
@@ -59,16 +60,12 @@ def _one(image: Path, guest_bytes: int, strategy: str) -> dict[str, Any]:
     if not report["proof"]["ok"]:
         raise HvlabError(f"bench update: proof failed for {strategy}: {report['proof']}")
     background_s = 0.0
-    if strategy == "lazy":
-        lazy = hv.lazy_update
-        assert lazy is not None  # a lazy update leaves its state on the new hypervisor
+    if lazy_update_of(hv) is not None:  # work left after the resume: run until it is done
         limit = hv.now + LAZY_RUN_LIMIT_NS
-        while lazy.shadow_off_ns is None and hv.now < limit and hv.domains[0].alive:
+        while lazy_update_of(hv) is not None and hv.now < limit and hv.domains[0].alive:
             hv.run(hv.now + 1_000_000)
-        lazy.finish_now()
-        counters = lazy.counters(hv)
-        background_s = counters["lazy_background_wall_s"]
-        report["counters"].update(counters)
+        hv.finish_background_work()  # its report's counters are complete now
+        background_s = report["counters"]["lazy_background_wall_s"]
         if not report.get("proof_after_lazy", {}).get("ok"):
             raise HvlabError("bench update: lazy typeref state differs after shadow-off")
     hv.teardown()
@@ -103,7 +100,7 @@ def run_update_bench(as_json: bool, sizes: str = "1G,4G,16G,64G", repeat: int = 
     wanted = [parse_size(s.strip(), "--sizes") for s in sizes.split(",") if s.strip()]
     rows = []
     images: dict[int, float] = {}
-    steps = len(wanted) * (1 + len(STRATEGIES))
+    steps = len(wanted) * (1 + len(strategy_names()))
     with (tempfile.TemporaryDirectory(prefix="hvlab-bench-update-") as tmp,
           progress(steps, "bench update", quiet) as advance):
         for guest in wanted:
@@ -112,7 +109,7 @@ def run_update_bench(as_json: bool, sizes: str = "1G,4G,16G,64G", repeat: int = 
             image_make("pv", guest, "linux-like", 1, image, out=io.StringIO())
             images[guest] = round(time.perf_counter() - started, 3)
             advance(f"{guest >> 20} MiB image made")
-            for strategy in STRATEGIES:
+            for strategy in strategy_names():
                 rows.append(_median_run(image, guest, strategy, repeat))
                 advance(f"{guest >> 20} MiB {strategy}")
             image.unlink()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -11,8 +11,7 @@ from hypervisor.core.evtchn import EventChannels
 from hypervisor.core.vcpu import Vcpu
 
 if TYPE_CHECKING:
-    from hypervisor.hvm.domain import HvmDomain
-    from hypervisor.pv.linux.backends import Backends
+    from hypervisor.core.policy import DomainPolicy
 
 SHUTDOWN_REASONS = {0: "poweroff", 1: "reboot", 2: "suspend", 3: "crash", 4: "watchdog"}
 
@@ -28,7 +27,7 @@ class Shutdown:
 class Domain:
     domid: int
     name: str
-    kind: str  # "pv" or "hvm"
+    policy: DomainPolicy  # what this kind of domain does differently (PV or HVM)
     p2m: np.ndarray  # pfn -> mfn (uint64)
     shared_info_mfn: int
     vcpus: list[Vcpu] = field(default_factory=list)
@@ -42,9 +41,14 @@ class Domain:
     # the guest's clock minus the hypervisor's: a restored domain's time goes on
     # from where it was saved (like a TSC offset)
     time_offset: int = 0
-    hvm: HvmDomain | None = None  # P2M/EPT, layout, EPT violation counts (HVM only)
-    backends: Backends | None = None  # console ring and xenstore of a Linux PV domain
+    hvm: Any = None  # an HvmDomain (P2M/EPT, layout, EPT violations) for HVM domains
+    backends: Any = None  # console ring and xenstore of a Linux PV domain (pv/linux/backends)
     kernel_file: str = ""  # Linux PV: the kernel file that was booted (its real name)
+
+    @property
+    def kind(self) -> str:
+        """"pv" or "hvm"."""
+        return self.policy.name
 
     @property
     def nr_pages(self) -> int:

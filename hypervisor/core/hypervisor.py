@@ -1,4 +1,12 @@
-"""The hypervisor: domains and vCPUs on a machine of N physical CPUs."""
+"""The hypervisor: domains and vCPUs on a machine of N physical CPUs.
+
+This is the part every domain shares: the machine (host memory, physical CPUs, the
+frame allocator, page_info and the M2P), the run loop in slices of virtual time,
+loading vCPUs onto physical CPUs, guest memory access through a vCPU's MMU, and a
+domain's fate. What PV and HVM domains do differently is asked of `dom.policy`
+(`hypervisor/core/policy.py`); domains are built by `hypervisor/pv/` and
+`hypervisor/hvm/`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +14,7 @@ import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
@@ -17,41 +25,26 @@ from emulator.memory import HostMemory
 from emulator.paging import WalkFault
 from hypervisor.core.dispatch import ExitDispatcher
 from hypervisor.core.domain import SHUTDOWN_REASONS, Domain, Shutdown
-from hypervisor.core.elf import load_kernel
-from hypervisor.core.evtchn import VCPU_INFO_SIZE, VIRQ_TIMER, EventChannels
+from hypervisor.core.evtchn import EventChannels
 from hypervisor.core.frames import FrameAllocator
 from hypervisor.core.hypercalls import GuestAccessError
+from hypervisor.core.policy import DomainPolicy
 from hypervisor.core.scheduler import Scheduler
-from hypervisor.core.vcpu import DOWN, REGISTERS, RUNNABLE, TrapEntry, Vcpu
-from hypervisor.hvm.domain import SourceConfig
-from hypervisor.hvm.support import HvmSupport
-from hypervisor.lib.errno import EINVAL
+from hypervisor.core.seams import HVLAB_OWN, Seams
+from hypervisor.core.vcpu import REGISTERS, Vcpu
 from hypervisor.lib.errors import HvlabError
 from hypervisor.lib.extents import runs_of
 from hypervisor.mm.builds import get_build
-from hypervisor.mm.check import Difference, check_typerefs
-from hypervisor.mm.errors import ERESTART, errno_name
+from hypervisor.mm.check import Difference
+from hypervisor.mm.errors import ERESTART
 from hypervisor.mm.frametable import DOMID_INVALID, FrameTable
 from hypervisor.mm.typerefs import PageTyping
-from hypervisor.pv.builder import build_pv_memory
-from hypervisor.pv.mmu import GDT_VA, PvMmu
-from hypervisor.pv.xen.support import XenPvSupport
-from hypervisor.seams import HVLAB_OWN, Seams
-from hypervisor.stream.vcpu_context import VcpuGuestContext
-
-if TYPE_CHECKING:
-    from hypervisor.liveupdate.strategies.lazy import LazyUpdate
-    from hypervisor.tracing import Tracer
 
 DEFAULT_QUANTUM_NS = 1_000_000  # 1 ms of virtual time = 1 M instructions
+TSC_KHZ = 1_000_000  # one instruction per nanosecond: a 1 GHz TSC
 KERNEL_CS, KERNEL_DS = 0x08, 0x10
-# null, 64-bit code (DPL 0), data (DPL 0)
+# The hypervisor's own GDT (PV guests run on it): null, 64-bit code (DPL 0), data (DPL 0)
 GDT = struct.pack("<QQQ", 0, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF)
-INITIAL_RFLAGS = 0x2
-CR0_PE_PG = 0x8005_0033  # PE, MP, ET, NE, WP, AM, PG: what a 64-bit kernel runs with
-CR4_PAE = 0x20
-MXCSR_RESET = 0x1F80  # all SSE exceptions masked, as after a CPU reset
-VCPU_TIME_OFFSET = 32  # vcpu_time_info inside vcpu_info
 INVALID_PFN = 0xFFFF_FFFF_FFFF_FFFF
 
 
@@ -116,7 +109,7 @@ class Hypervisor:
         """Boot on `machine`. A live update passes the host memory it keeps and the
         frames the guests hold (`in_use`), so this build allocates around them, and
         may pass the per-frame tables it staged before the pause. `seams` plugs a
-        lab's code in place of hvlab's own (hypervisor/seams.py)."""
+        lab's code in place of hvlab's own (hypervisor/core/seams.py)."""
         self.machine = machine
         self.seams = seams if seams is not None else HVLAB_OWN
         self.build = build
@@ -140,16 +133,14 @@ class Hypervisor:
         self.domains: list[Domain] = []
         self.scheduler = Scheduler(machine.pcpus)
         self.dispatcher = ExitDispatcher(self)
-        self.hvm = HvmSupport(self)  # HVM domains: builder, entry path, exits, reports
-        self.xen_pv = XenPvSupport(self)  # CPL-3 PV domains: Xen's pages, exits, upcalls
+        self.policies: dict[str, DomainPolicy] = {}  # per domain kind, made on first use
         self.now = 0  # virtual ns at the start of the current slice
         self.exits: Counter[str] = Counter()
-        self.tracer: Tracer | None = None
+        self.tracer: ExitTracer | None = None  # `hvlab trace` (hypervisor/tracing.py)
         # called with (vCPU, exit, its name) at every exit, once counted (hypervisor/api.py)
         self.exit_hooks: list[Callable[[Vcpu, Exit, str], None]] = []
-        # called with the slice's end time after every slice (a lazy sweeper, say)
-        self.slice_hooks: list[Callable[[int], None]] = []
-        self.lazy_update: LazyUpdate | None = None  # a lazy live update, until shadow-off
+        # work that runs after every slice until it is done (a lazy update's sweeper)
+        self.slice_hooks: list[SliceHook] = []
         for cpu in self.pcpus:
             cpu.sync_exit = self._sync_exit_for(cpu)
 
@@ -164,16 +155,11 @@ class Hypervisor:
         self.pcpus = []
         self.loaded = []
         if not self.frames.free[self.gdt_mfn]:
-            self._scrub_and_release(np.array([self.gdt_mfn], dtype=np.uint64))
-        xen_pages = self.xen_pv.own_frames()  # CPL-3 PV: Xen's GDT page and read-only M2P
-        xen_pages = xen_pages[~self.frames.free[xen_pages.astype(np.int64)]]
-        if xen_pages.size:
-            self._scrub_and_release(xen_pages)
-        for dom in self.domains:  # HVM: the EPT tables are this build's, in its layout
-            if dom.hvm is not None:
-                tables = np.array(sorted(dom.hvm.physmap.ept.frames), dtype=np.uint64)
-                tables = tables[~self.frames.free[tables.astype(np.int64)]]
-                self._scrub_and_release(tables)
+            self.scrub_and_release(np.array([self.gdt_mfn], dtype=np.uint64))
+        for dom in self.domains:  # what this build holds in its own layout (HVM: EPT)
+            tables = np.array(sorted(dom.policy.release(dom)), dtype=np.uint64)
+            tables = tables[~self.frames.free[tables.astype(np.int64)]]
+            self.scrub_and_release(tables)
         self.domains = []
 
     @property
@@ -182,44 +168,13 @@ class Hypervisor:
         return int(major), int(minor)
 
     # ---------------------------------------------------------------- domains
-    def create_pv_domain(self, name: str, kernel_path: str, memory: int, vcpus: int) -> Domain:
-        kernel = load_kernel(kernel_path)
-        nr_pages = memory // PAGE_SIZE
-        if nr_pages <= 0:
-            raise HvlabError(f"domain {name}: memory must be at least 4 KiB")
-        if not 1 <= vcpus <= 32:
-            raise HvlabError(f"domain {name}: vcpus must be between 1 and 32")
-        p2m = self.frames.alloc(nr_pages, f"domain {name}")
-        try:
-            layout, l4_ma = build_pv_memory(self.memory, kernel, p2m, name)
-        except HvlabError:
-            self._scrub_and_release(p2m)
-            raise
-        domid = len(self.domains)
-        self.claim_frames(p2m, domid)
-        # As Xen's builder: the initial L4 is pinned, which validates the whole
-        # bootstrap tree, and vCPU 0's CR3 takes its own reference.
-        l4_mfn = l4_ma >> 12
-        for what, op in (("pin", lambda: self.typing.pin_table(l4_mfn, 4, domid)),
-                         ("CR3 reference", lambda: self.typing.get_root_ref(l4_mfn, domid))):
-            rc = until_done(op)
-            if rc:
-                raise HvlabError(f"domain {name}: initial page tables refused ({what}: "
-                                 f"{errno_name(rc)})")
-        dom = self.install_pv_domain(name, p2m, layout.shared_info_pfn,
-                                     layout.va(layout.start_info_pfn), layout.virt_base, vcpus)
-        self._init_shared_info(dom, vcpus)
-        boot = dom.vcpus[0]
-        self._start_vcpu(boot, {"rip": kernel.entry, "rsp": layout.stack_top,
-                                "rsi": dom.start_info_va, "rflags": INITIAL_RFLAGS}, l4_ma)
-        boot.runstate = RUNNABLE
-        return dom
-
-    def create_hvm_domain(self, name: str, kernel_path: str, memory: int, vcpus: int, *,
-                          pod: bool = False, sources: tuple[SourceConfig, ...] = ()) -> Domain:
-        """An HVM domain behind EPT, all vCPUs runnable at the kernel entry (hypervisor/hvm)."""
-        return self.hvm.create_domain(name, kernel_path, memory, vcpus, pod=pod,
-                                      sources=sources)
+    def policy_for(self, kind: str, make: Callable[[Hypervisor], DomainPolicy]
+                   ) -> DomainPolicy:
+        """This hypervisor's policy object for domain kind `kind` (`make(self)` once)."""
+        policy = self.policies.get(kind)
+        if policy is None:
+            policy = self.policies[kind] = make(self)
+        return policy
 
     def claim_frames(self, p2m: np.ndarray, domid: int) -> int:
         """Give allocated frames to domain `domid`: ownership and the M2P (returns runs)."""
@@ -236,31 +191,10 @@ class Hypervisor:
         ft.partial_flags[rows] = 0
         ft.linear_pt_count[rows] = 0
         self.m2p[rows] = INVALID_PFN
-        self._scrub_and_release(p2m)
-
-    def install_pv_domain(self, name: str, p2m: np.ndarray, shared_info_pfn: int,
-                          start_info_va: int, virt_base: int, nr_vcpus: int) -> Domain:
-        """A domain whose frames are claimed and filled: events and vCPUs (not yet started)."""
-        domid = len(self.domains)
-        shared_info = int(p2m[shared_info_pfn])
-        dom = Domain(domid, name, "pv", p2m, shared_info, start_info_va=start_info_va,
-                     virt_base=virt_base, shared_info_pfn=shared_info_pfn)
-        dom.evtchn = EventChannels(domid, nr_vcpus, self.memory.frame_u8(shared_info),
-                                   kick=dom.wake_vcpu,
-                                   peer=self._domain_evtchn)
-        for vid in range(nr_vcpus):
-            # A lab's writable-mapping rule may let a guest write its own page
-            # tables, behind any cache's back: then every fill walks afresh.
-            mmu = PvMmu(self.memory, self.gdt_mfn * PAGE_SIZE,
-                        cache_walks=self.seams.writable_mapping is None)
-            vcpu = Vcpu(dom, vid, mmu)
-            dom.vcpus.append(vcpu)
-            self.scheduler.place(vcpu)
-        self.domains.append(dom)
-        return dom
+        self.scrub_and_release(p2m)
 
     def start_vcpu_with(self, v: Vcpu, setup: Callable[[PhysicalCpu], None]) -> None:
-        """Give an HVM vCPU its first architectural state: `setup` writes it on a reset CPU."""
+        """Give a vCPU its first architectural state: `setup` writes it on a reset CPU."""
         cpu = self.pcpus[v.pcpu]
         self._unload(v.pcpu)
         cpu.reset()
@@ -269,114 +203,26 @@ class Hypervisor:
         v.context = cpu.save_context()
         self.loaded[v.pcpu] = v
 
-    def start_vcpu(self, v: Vcpu, registers: dict[str, int], base_ma: int) -> None:
-        """Give a (restored) vCPU its architectural state."""
-        self._start_vcpu(v, registers, base_ma)
-
-    def domain_events(self, domid: int) -> EventChannels | None:
-        """The event channels of live domain `domid` (an interdomain peer), or None."""
-        return self._domain_evtchn(domid)
-
-    def _domain_evtchn(self, domid: int) -> EventChannels | None:
+    def evtchn_of(self, domid: int) -> EventChannels | None:
+        """A live domain's event channels (an interdomain channel's peer), or None."""
         if 0 <= domid < len(self.domains) and self.domains[domid].alive:
             return self.domains[domid].evtchn
         return None
 
-    def _init_shared_info(self, dom: Domain, nr_vcpus: int) -> None:
-        page = self.memory.frame_u8(dom.shared_info_mfn)
-        for vid in range(nr_vcpus):
-            base = VCPU_INFO_SIZE * vid
-            page[base + 1] = 1  # evtchn_upcall_mask: events masked until the guest is ready
-            # vcpu_time_info: version 2, tsc_timestamp 0, system_time 0, mul 2^31, shift 1
-            t = base + VCPU_TIME_OFFSET
-            page[t : t + 32] = np.frombuffer(struct.pack("<IIQQIbB2x", 2, 0, 0, 0,
-                                                         0x8000_0000, 1, 0), np.uint8)
-
-    def _scrub_and_release(self, mfns: np.ndarray) -> None:
+    def scrub_and_release(self, mfns: np.ndarray) -> None:
+        """Zero frames and give them back to the allocator."""
         self.memory.u64.reshape(-1, 512)[mfns.astype(np.int64)] = 0
         self.frames.release(mfns)
 
     # ------------------------------------------------------------------ vCPUs
-    def _start_vcpu(self, v: Vcpu, regs: dict[str, int], base_ma: int) -> None:
-        """Give a vCPU its first architectural state: 64-bit mode on the hypervisor GDT."""
-        cpu = self.pcpus[v.pcpu]
-        self._unload(v.pcpu)
-        cpu.reset()
-        v.roots.kernel_ma = base_ma
-        cpu.mmu = v.mmu
-        cpu.set_reg("cr4", CR4_PAE)
-        cpu.set_reg("cr3", base_ma)  # the guest's view of its root
-        cpu.set_reg("cr0", CR0_PE_PG)
-        cpu.set_descriptor_table("gdtr", GDT_VA, len(GDT) - 1)
-        cpu.set_reg("cs", KERNEL_CS)
-        for seg in ("ss", "ds", "es"):
-            cpu.set_reg(seg, KERNEL_DS)
-        cpu.set_reg("mxcsr", MXCSR_RESET)
-        for name, value in regs.items():
-            cpu.set_reg(name, value)
-        v.context = cpu.save_context()
-        self.loaded[v.pcpu] = v
-
-    def initialise_vcpu(self, v: Vcpu, ctx: VcpuGuestContext) -> int:
-        """VCPUOP_initialise: a second vCPU from a `vcpu_guest_context`."""
-        base_ma = ctx.ctrlreg[3] & ~0xFFF
-        if base_ma == 0 or base_ma >> 12 >= self.memory.nr_frames:
-            return -EINVAL
-        # the CR3 reference changes the domain's type state: a lazy update's
-        # validation (and its proof) completes first, as before a page-table hypercall
-        self.before_page_table_hypercall(v.domain)
-        rc = until_done(lambda: self.typing.get_root_ref(base_ma >> 12, v.domain.domid))
-        if rc:
-            return rc
-        r = ctx.user_regs
-        regs = {name: getattr(r, name) for name in (
-            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
-            "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip")}
-        regs["rflags"] = (r.rflags | INITIAL_RFLAGS) & 0x3F7FD7 & ~(1 << 9)
-        calling = self.loaded[v.pcpu]
-        self._start_vcpu(v, regs, base_ma)
-        if calling is not None and calling is not v and calling.pcpu == v.pcpu:
-            self._switch(v.pcpu, calling)
-        v.event_callback = ctx.event_callback_eip
-        v.failsafe_callback = ctx.failsafe_callback_eip
-        v.syscall_callback = ctx.syscall_callback_eip
-        v.trap_table.update({t.vector: TrapEntry(t.vector, t.flags, t.cs, t.address)
-                             for t in ctx.trap_ctxt if t.address})
-        v.runstate = DOWN
-        return 0
-
     def read_vcpu_registers(self, v: Vcpu) -> dict[str, int]:
         """Every architectural register the vCPU's state is made of (REGISTERS)."""
-        cpu = self._switch(v.pcpu, v)
+        cpu = self.switch_to(v.pcpu, v)
         return {name: cpu.reg(name) for name in REGISTERS}
 
-    def before_page_table_hypercall(self, dom: Domain) -> None:
-        """A domain still being validated lazily is finished before its type state
-        changes (its tables, pins, base pointers, or a new vCPU's CR3 reference)."""
-        lazy = dom.vcpus[0].mmu.lazy if dom.vcpus else None
-        if lazy is not None:
-            lazy.finish()
-
-    def set_base_pointer(self, v: Vcpu, base_ma: int) -> None:
-        """NEW_BASEPTR: the vCPU now translates through another (referenced) L4.
-
-        Its CR3 register follows, as Xen's emulated CR3 read would: the guest sees
-        its new root, and a later save or live update, which load CR3 from the
-        root, give back the register the guest had."""
-        v.roots.kernel_ma = base_ma
-        cpu = self._switch(v.pcpu, v)
-        cpu.set_reg("cr3", base_ma)
-        cpu.flush_tlb()
-
     def check_typerefs(self, dom: Domain) -> list[Difference]:
-        """Every frame's type state recomputed from the domain's tables, pins and CR3s."""
-        if dom.hvm is not None:
-            return []  # HVM memory carries no PV page types
-        owned = self.frame_table.frames_of(dom.domid)
-        pinned = owned[self.frame_table.pinned(owned)]
-        pins = {int(m): int(self.frame_table.page_type(int(m))) for m in pinned}
-        cr3s = [mfn for v in dom.vcpus for mfn in v.roots.referenced()]
-        return check_typerefs(self.memory.u64, self.frame_table, dom.domid, pins, cr3s)
+        """The domain's page-type invariant recomputed independently ([]: clean)."""
+        return dom.policy.check_typerefs(dom)
 
     def _unload(self, pcpu: int) -> None:
         current = self.loaded[pcpu]
@@ -384,7 +230,8 @@ class Hypervisor:
             self.pcpus[pcpu].update_context(current.context)
             self.loaded[pcpu] = None
 
-    def _switch(self, pcpu: int, v: Vcpu) -> PhysicalCpu:
+    def switch_to(self, pcpu: int, v: Vcpu) -> PhysicalCpu:
+        """Load `v` onto physical CPU `pcpu` (its context saved back when it leaves)."""
         cpu = self.pcpus[pcpu]
         if self.loaded[pcpu] is not v:
             self._unload(pcpu)
@@ -421,10 +268,6 @@ class Hypervisor:
             yield t.ma + (gva & 0xFFF), n
             gva += n
             size -= n
-
-    def write_vcpu_info(self, v: Vcpu, offset: int, data: bytes) -> None:
-        ma = v.domain.shared_info_mfn * PAGE_SIZE + VCPU_INFO_SIZE * v.vcpu_id + offset
-        self.memory.write(ma, data)
 
     # ------------------------------------------------------------- lifecycle
     def shutdown_domain(self, dom: Domain, reason: int, code: int | None) -> None:
@@ -469,7 +312,7 @@ class Hypervisor:
                 busy |= ran
                 reached = max(reached, t)
             for hook in list(self.slice_hooks):
-                hook(end)
+                hook.after_slice(end)
             if not any(d.alive for d in self.domains):
                 self.now = reached  # the run ends when the last guest stopped, not at the slice end
                 return "shutdown"
@@ -487,12 +330,12 @@ class Hypervisor:
 
     def _fire_timers(self, pcpu: int, now: int) -> None:
         for v in self.scheduler.vcpus_on(pcpu):
-            if v.hvm is not None:  # LAPIC timer, interrupt sources, waking from hlt
-                self.hvm.on_time(v, now)
-                continue
-            if v.timer_deadline_ns is not None and v.timer_deadline_ns <= now and v.domain.alive:
-                v.timer_deadline_ns = None
-                v.domain.events.raise_virq(v.vcpu_id, VIRQ_TIMER)
+            v.domain.policy.on_time(v, now)
+
+    def finish_background_work(self) -> None:
+        """Complete every slice hook's work now (before a live update, or at the end)."""
+        for hook in list(self.slice_hooks):
+            hook.finish_now()
 
     def _run_slice(self, pcpu: int, start: int, end: int) -> tuple[bool, int]:
         """Run pCPU `pcpu` from virtual time `start` to `end`.
@@ -519,20 +362,16 @@ class Hypervisor:
 
     def _run_vcpu(self, pcpu: int, v: Vcpu, start: int, budget: int) -> int:
         """Run `v` for up to `budget` instructions; returns the virtual ns used."""
-        cpu = self._switch(pcpu, v)
+        cpu = self.switch_to(pcpu, v)
         used = 0
         v.yield_requested = False
+        policy = v.domain.policy
         while used < budget and v.runnable and not v.yield_requested:
-            if v.event_callback and v.domain.events.upcall_deliverable(v.vcpu_id):
-                self.dispatcher.deliver_upcall(cpu, v)
-                if not v.runnable:
-                    break
-            run_budget = budget - used
-            if v.hvm is not None:  # HVM: sync the LAPIC, inject, cut at its deadlines
-                self._clock = start + used
-                run_budget = self.hvm.enter(cpu, v, start + used, run_budget)
-                if not v.runnable:
-                    break
+            # what is due before the guest runs: an event upcall, an interrupt
+            self._clock = start + used
+            run_budget = policy.enter(cpu, v, start + used, budget - used)
+            if not v.runnable:
+                break
             base_time = start + used
             before = cpu.executed
             guest_time = base_time + v.domain.time_offset
@@ -547,6 +386,23 @@ class Hypervisor:
             if ran == 0 and not v.runnable:
                 break
         return max(used, 1)  # even a vCPU that stops at once costs a nanosecond
+
+
+class ExitTracer(Protocol):
+    """Watches every exit; the run stops when it has seen enough."""
+
+    @property
+    def exhausted(self) -> bool: ...
+
+    def exit(self, v: Vcpu, exit_: Exit) -> None: ...
+
+
+class SliceHook(Protocol):
+    """Work done a share at a time after every slice (a lazy update's sweeper, say)."""
+
+    def after_slice(self, now: int) -> None: ...
+
+    def finish_now(self) -> None: ...
 
 
 def _virtual_tsc(cpu: PhysicalCpu, base_ns: int, executed_at_base: int) -> Callable[[], int]:

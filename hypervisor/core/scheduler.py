@@ -47,11 +47,7 @@ class Scheduler:
         return list(self.runqueues[pcpu])
 
     def next_deadline(self, pcpu: int, after: int) -> int | None:
-        deadlines = [v.timer_deadline_ns for v in self.runqueues[pcpu]
-                     if v.timer_deadline_ns is not None and v.domain.alive]
-        # HVM vCPUs: LAPIC timers and interrupt sources (kept on the guest's clock)
-        deadlines += [d - v.domain.time_offset for v in self.runqueues[pcpu]
-                      if v.hvm is not None and v.domain.alive
-                      and (d := v.hvm.next_deadline_ns()) is not None]
+        deadlines = [d for v in self.runqueues[pcpu]
+                     if v.domain.alive and (d := v.domain.policy.next_deadline(v)) is not None]
         due = [d for d in deadlines if d > after]
         return min(due) if due else None

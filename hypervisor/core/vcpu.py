@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-from hypervisor.pv.base_pointers import BasePointers
-from hypervisor.pv.mmu import PvMmu
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hypervisor.core.domain import Domain
-    from hypervisor.hvm.vcpu import HvmVcpu
-    from hypervisor.pv.xen.state import XenVcpu
 
 REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
@@ -56,7 +51,7 @@ class VcpuState:
 class Vcpu:
     domain: Domain
     vcpu_id: int
-    mmu: PvMmu  # an HvmMmu (same translate/lookup protocol) for HVM vCPUs
+    mmu: Any  # the kind's TLB-fill policy: a PvMmu or an HvmMmu (translate, lookup)
     pcpu: int = 0
     runstate: str = DOWN
     context: object | None = None  # the engine's saved architectural state
@@ -68,16 +63,17 @@ class Vcpu:
     yield_requested: bool = False
     instructions: int = 0  # instructions this vCPU has executed
     upcalls: int = 0
-    hvm: HvmVcpu | None = None  # vLAPIC, posted interrupts, sources (HVM vCPUs only)
-    xen: XenVcpu | None = None  # Xen's PV ABI at CPL 3 (hypervisor/pv/xen) when set
+    hvm: Any = None  # an HvmVcpu (vLAPIC, posted interrupts, sources) for HVM vCPUs
+    xen: Any = None  # a XenVcpu: Xen's PV ABI at CPL 3 (hypervisor/pv/xen) when set
 
     @property
     def name(self) -> str:
         return f"{self.domain.name}/v{self.vcpu_id}"
 
     @property
-    def roots(self) -> BasePointers:
-        """A PV vCPU's page-table roots (an HVM vCPU's root is its CR3 register)."""
+    def roots(self) -> Any:
+        """A PV vCPU's page-table roots (hypervisor/pv/base_pointers.py); an HVM vCPU
+        has none (its root is its CR3 register)."""
         return self.mmu.roots
 
     @property
@@ -89,9 +85,9 @@ class Vcpu:
         offset = self.domain.time_offset
         deadline = None if self.timer_deadline_ns is None else self.timer_deadline_ns + offset
         # an HVM vCPU's base pointer is its CR3 register (in `registers`)
-        roots = self.roots if isinstance(self.mmu, PvMmu) else BasePointers()
-        return VcpuState(self.vcpu_id, self.runstate, registers, roots.kernel_ma,
-                         roots.user_ma, deadline,
+        roots = getattr(self.mmu, "roots", None)
+        kernel_ma, user_ma = (0, 0) if roots is None else (roots.kernel_ma, roots.user_ma)
+        return VcpuState(self.vcpu_id, self.runstate, registers, kernel_ma, user_ma, deadline,
                          tuple(entry for _, entry in sorted(self.trap_table.items())),
                          self.event_callback, self.failsafe_callback, self.syscall_callback,
                          self.instructions, self.upcalls)

@@ -8,7 +8,11 @@
 - `apic`: the xAPIC MMIO page of each physical CPU, routed to the loaded vCPU's vLAPIC.
 - `vcpu`: per-vCPU HVM state: vLAPIC, posted-interrupt descriptor, interrupt sources.
 - `interrupts`: injection through the guest IDT (RFLAGS.IF, the STI/MOV-SS shadow).
-- `support`: what the hypervisor and the exit dispatcher delegate HVM work to.
+- `policy`: the HVM answers to the core's questions (entry, exits, timers, reports) and
+  HVM domain creation.
+- `hypercalls`: the HVM hypercall table.
+- `vlapic`, `ept`, `p2m`: the vLAPIC state machine, EPT tables, the P2M.
+- `image`: HVM save and restore records.
 
 The guest's view (entry state, memory map, LAPIC, hypercalls) is in README.md, "HVM guests".
 """

@@ -15,13 +15,13 @@ Records, in order (domain type 2, x86 HVM):
 - `END`.
 
 `HVLAB_DOMAIN` for HVM (version 1): `name`, `virtual_ns`, `console`, `nr_pages`, `pod`,
-`log_dirty`, the builder `layout`, physmap statistics, EPT-violation counts, and per vCPU:
-`runstate`, `instructions`, `pcpu`, `cr3`, `lapic_mapped`, the interrupt-window state
-(`window`, `shadow_stepped`, `lapic_exit`), the HVM counters, the full vLAPIC state
-(timer anchor and counters, which LAPIC/LAPIC_REGS cannot express exactly), the 64-byte
-posted-interrupt descriptor, and each interrupt source's `InterruptSource.save()` state with
-its limit and delivery counters. The LAPIC is first rebuilt from the Xen records (so they are
-validated), then the hvlab state makes it exact.
+`log_dirty`, the builder `layout`, physmap statistics, EPT-violation counts, and per vCPU
+its `HvmVcpuState` (hypervisor/hvm/vcpu.py, written by `stream.plain`): `runstate`,
+`instructions`, `pcpu`, `cr3`, `lapic_mapped`, the interrupt-window state, the HVM
+counters, the full vLAPIC state (timer anchor and counters, which LAPIC/LAPIC_REGS cannot
+express exactly), the 64-byte posted-interrupt descriptor, and each interrupt source's
+state with its limit and delivery counters. The LAPIC is first rebuilt from the Xen
+records (so they are validated), then the hvlab state makes it exact.
 
 Restore builds the P2M and EPT in the *restoring* build's layout, writes the pages, and
 recreates the vCPUs. All or nothing: any problem is one `RestoreError` naming the record and
@@ -43,23 +43,26 @@ import numpy as np
 
 from emulator.addr import MFN, PAGE_SIZE, PFN
 from emulator.engine import GPRS, PERM_R, PERM_W, PhysicalCpu
-from emulator.irqsource import InterruptSource, InterruptSourceError, InterruptSourceState
 from emulator.memory import HostMemory
 from emulator.paging import ADDR_MASK, PSE, P
-from emulator.posted import PostedInterruptDescriptor
 from hypervisor.core.domain import Domain, Shutdown
 from hypervisor.core.frames import OutOfFrames
-from hypervisor.core.vcpu import BLOCKED, DOWN, RUNNABLE, Vcpu
+from hypervisor.core.hypervisor import TSC_KHZ
+from hypervisor.core.vcpu import Vcpu
 from hypervisor.hvm.builder import MAX_HVM_MEMORY, HvmLayout
 from hypervisor.hvm.domain import HvmDomain
 from hypervisor.hvm.ept import INVALID_MFN, P2mType
 from hypervisor.hvm.p2m import P2M
 from hypervisor.hvm.physmap import GuestPhysmap, PhysmapStats, ept_layout_for
-from hypervisor.hvm.vcpu import HvmSource
+from hypervisor.hvm.policy import hvm_policy
+from hypervisor.hvm.vcpu import (
+    HvmVcpuState,
+    check_hvm_vcpu_state,
+    restore_hvm_vcpu,
+    save_hvm_vcpu,
+)
 from hypervisor.hvm.vlapic import VLapic, VLapicError, VLapicState
-from hypervisor.lib.errors import HvlabError
-from hypervisor.pv.restore import RestoreError
-from hypervisor.pv.save import BATCH, HVLAB_DOMAIN_RECORD, TSC_KHZ, SaveError
+from hypervisor.lib.errors import HvlabError, RestoreError, SaveError
 from hypervisor.stream import (
     DomainType,
     EndRecord,
@@ -75,6 +78,8 @@ from hypervisor.stream import (
     check_pfns,
     open_image_for_write,
 )
+from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD
+from hypervisor.stream.hvlab_records import PAGE_DATA_BATCH as BATCH
 from hypervisor.stream.hvm_records import (
     HVM_SAVE_CPU,
     HVM_SAVE_LAPIC,
@@ -86,6 +91,7 @@ from hypervisor.stream.hvm_records import (
     HvmSaveHeader,
     hvm_type_name,
 )
+from hypervisor.stream.plain import from_plain, to_plain
 
 if TYPE_CHECKING:
     from hypervisor.core.hypervisor import Hypervisor
@@ -97,7 +103,6 @@ MAX_VCPUS = 32
 CR0_PE_PG = 0x8000_0001
 EFER_LMA = 1 << 10
 SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss")
-RUNSTATES = (RUNNABLE, BLOCKED, DOWN)
 
 
 # ======================================================================= saving
@@ -111,7 +116,7 @@ def save_hvm_domain(hv: Hypervisor, dom: Domain, path: str | Path) -> dict[str, 
     started = time.perf_counter()
     now = hv.now + dom.time_offset  # the guest's clock: LAPICs and sources run on it
     # LAPIC records first: they fold PIR into IRR, and the hvlab state must see the result.
-    lapics = {v.vcpu_id: hv.hvm.lapic_records(v, now) for v in dom.vcpus}
+    lapics = {v.vcpu_id: hvm_policy(hv).lapic_records(v, now) for v in dom.vcpus}
     cpus = {v.vcpu_id: cpu_record(hv, v, now) for v in dom.vcpus}
     entries: list[HvmRecord] = []
     for v in dom.vcpus:
@@ -220,37 +225,7 @@ def hvm_domain_state(hv: Hypervisor, dom: Domain) -> dict[str, Any]:
         "violations": dict(hd.violations),
         "last_violation": None if hd.last_violation is None else list(hd.last_violation),
         "repeats": hd.repeats,
-        "vcpus": [_vcpu_state(hv, v) for v in dom.vcpus],
-    }
-
-
-def _vcpu_state(hv: Hypervisor, v: Vcpu) -> dict[str, Any]:
-    hvm = v.hvm
-    assert hvm is not None
-    lapic = hvm.lapic.save()
-    return {
-        "runstate": v.runstate,
-        "instructions": v.instructions,
-        "upcalls": v.upcalls,
-        "pcpu": v.pcpu,
-        "cr3": v.mmu.cr3(),  # type: ignore[attr-defined]
-        "lapic_mapped": v.mmu.lapic_mapped,  # type: ignore[attr-defined]
-        "window": hvm.window,
-        "shadow_stepped": hvm.shadow_stepped,
-        "lapic_exit": hvm.lapic_exit,
-        "ipis_received": hvm.ipis_received,
-        "delivered": {str(k): n for k, n in sorted(hvm.delivered.items())},
-        "timer_ns": hvm.timer_ns,
-        "timer_since": hvm.timer_since,
-        "timer_period_ns": hvm.timer_period_ns,
-        "lapic_reads": hvm.lapic_reads,
-        "lapic_writes": hvm.lapic_writes,
-        "lapic": {**asdict(lapic), "regs": lapic.regs.hex(), "counters": dict(lapic.counters)},
-        "posted": hvm.posted.raw().hex(),
-        "sources": [{"state": asdict(s.source.save()), "limit": s.limit,
-                     "delivered": s.delivered, "dropped": s.dropped,
-                     "irr_coalesced": s.irr_coalesced, "advanced_to": s._advanced_to}
-                    for s in hvm.sources],
+        "vcpus": [to_plain(save_hvm_vcpu(v)) for v in dom.vcpus],
     }
 
 
@@ -521,34 +496,11 @@ def _flag(value: object, what: str) -> bool:
 
 
 @dataclass
-class _SourcePlan:
-    state: InterruptSourceState
-    limit: int | None
-    delivered: int
-    dropped: int
-    irr_coalesced: int
-    advanced_to: int
-
-
-@dataclass
 class _VcpuPlan:
     """One vCPU, checked and decoded, ready to install."""
 
     cpu: HvmHwCpu
-    lapic: VLapicState
-    posted: bytes
-    sources: list[_SourcePlan]
-    runstate: str
-    pcpu: int
-    counters: dict[str, int]  # Vcpu / HvmVcpu integer fields by name
-    flags: dict[str, bool]  # lapic_mapped, lapic_exit, shadow_stepped
-    delivered: Counter[int]
-    timer_since: int | None
-
-
-_VCPU_COUNTERS = ("instructions", "upcalls", "ipis_received", "timer_ns", "timer_period_ns",
-                  "lapic_reads", "lapic_writes", "window")
-_VCPU_FLAGS = ("lapic_mapped", "lapic_exit", "shadow_stepped")
+    state: HvmVcpuState
 
 
 @dataclass
@@ -627,53 +579,21 @@ def _plan_vcpu(st: _Pending, vid: int, extra: dict[str, Any], path: Path) -> _Vc
     _check_cpu(cpu, vid, st, path)
     where = f"vCPU {vid}"
     try:
-        if extra["runstate"] not in RUNSTATES:
-            raise ValueError(f"runstate {extra['runstate']!r}")
-        posted = bytes.fromhex(extra["posted"])
-        if len(posted) != 64:
-            raise ValueError("posted-interrupt descriptor must be 64 bytes")
-        raw = dict(extra["lapic"])
-        lapic_state = VLapicState(**{
-            **raw, "regs": bytes.fromhex(raw["regs"]),
-            "timer_running": _flag(raw["timer_running"], "lapic.timer_running"),
-            "counters": tuple((k, _count(n, f"lapic.{k}"))
-                              for k, n in dict(raw["counters"]).items())})
-        sources = []
-        for s in extra.get("sources", []):
-            limit = s.get("limit")
-            sources.append(_SourcePlan(
-                InterruptSourceState(**s["state"]),
-                None if limit is None else _count(limit, "source limit"),
-                *(_count(s.get(k, 0), f"source {k}")
-                  for k in ("delivered", "dropped", "irr_coalesced", "advanced_to"))))
-        since = extra.get("timer_since")
-        plan = _VcpuPlan(
-            cpu, lapic_state, posted, sources, extra["runstate"],
-            _count(extra.get("pcpu", 0), "pcpu"),
-            {k: _count(extra.get(k, 0), k) for k in _VCPU_COUNTERS},
-            {k: _flag(extra.get(k, False), k) for k in _VCPU_FLAGS},
-            Counter({_count(int(k), "vector"): _count(n, "delivered")
-                     for k, n in dict(extra.get("delivered", {})).items()}),
-            None if since is None else _count(since, "timer_since"))
+        state = from_plain(HvmVcpuState, extra, "vcpu")
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise _fail(path, "HVLAB_DOMAIN", st.meta_offset, f"{where}: unreadable: {err}") from None
     # The Xen records must stand on their own (another reader relies on them) ...
     try:
         VLapic.from_hvm_records(entry(HVM_SAVE_LAPIC), entry(HVM_SAVE_LAPIC_REGS),
-                                lapic_state.now_ns, lambda *_: None)
+                                state.lapic.now_ns, lambda *_: None)
     except VLapicError as err:
         raise _fail(path, "HVM_CONTEXT", st.context_offset, f"{where}: {err}") from None
     # ... and the hvlab state must be one the models accept (checked on scratch objects).
     try:
-        VLapic(vid, lambda *_: None).restore(lapic_state)
-        descriptor = PostedInterruptDescriptor(np.zeros(64, dtype=np.uint8))
-        for source in sources:
-            state = source.state
-            InterruptSource(state.name, descriptor, state.vector, state.period_ns,
-                            state.start_ns).restore(state)
-    except (VLapicError, InterruptSourceError, TypeError, ValueError) as err:
+        check_hvm_vcpu_state(state, vid)
+    except ValueError as err:
         raise _fail(path, "HVLAB_DOMAIN", st.meta_offset, f"{where}: {err}") from None
-    return plan
+    return _VcpuPlan(cpu, state)
 
 
 def _check_cpu(cpu: HvmHwCpu, vid: int, st: _Pending, path: Path) -> None:
@@ -699,11 +619,11 @@ def _install(hv: Hypervisor, st: _Pending, plan: _DomainPlan, vcpus: list[_VcpuP
     """Make the domain: everything was checked, so nothing below is expected to fail."""
     physmap, posted_mfn = st.physmap, st.posted_mfn
     assert physmap is not None and posted_mfn is not None
-    support = hv.hvm
+    support = hvm_policy(hv)
     physmap.stats = plan.stats
     if plan.log_dirty and not st.adopted:  # adopted: the P2M came with its log
         physmap.enable_logdirty()  # a fresh log: what was dirty before the save is not kept
-    dom = Domain(len(hv.domains), plan.name, "hvm", physmap.p2m.mfns, 0)
+    dom = Domain(len(hv.domains), plan.name, support, physmap.p2m.mfns, 0)
     dom.hvm = HvmDomain(physmap, plan.layout, posted_mfn, plan.violations,
                         plan.last_violation, plan.repeats)
     dom.time_offset = plan.virtual_ns - hv.now
@@ -716,7 +636,7 @@ def _install(hv: Hypervisor, st: _Pending, plan: _DomainPlan, vcpus: list[_VcpuP
         hv.domains.append(dom)
         for v, vplan in zip(dom.vcpus, vcpus, strict=True):
             hv.start_vcpu_with(v, partial(_load_registers, cpu_state=vplan.cpu, physmap=physmap))
-            v.runstate = vplan.runstate
+            v.runstate = vplan.state.runstate
     except BaseException:
         for v in dom.vcpus:
             hv.scheduler.remove(v)
@@ -730,39 +650,17 @@ def _install(hv: Hypervisor, st: _Pending, plan: _DomainPlan, vcpus: list[_VcpuP
 
 def _make_vcpu(hv: Hypervisor, dom: Domain, vid: int, plan: _VcpuPlan, posted_mfn: int,
                write_descriptor: bool = True) -> Vcpu:
-    support = hv.hvm
+    support = hvm_policy(hv)
     v = support._create_vcpu(dom, vid, posted_mfn)
-    if plan.pcpu != v.pcpu and plan.pcpu < len(hv.pcpus):  # keep the saved placement
+    state = plan.state
+    if state.pcpu != v.pcpu and state.pcpu < len(hv.pcpus):  # keep the saved placement
         hv.scheduler.remove(v)
-        v.pcpu = plan.pcpu
-        hv.scheduler.runqueues[plan.pcpu].append(v)
-    mmu = v.mmu
-    mmu.cr3 = support._cr3_reader(v, plan.cpu.cr3)  # type: ignore[attr-defined]
-    mmu.lapic_mapped = plan.flags["lapic_mapped"]  # type: ignore[attr-defined]
-    v.instructions = plan.counters["instructions"]
-    v.upcalls = plan.counters["upcalls"]
-    hvm = v.hvm
-    assert hvm is not None
-    hvm.lapic.restore(plan.lapic)
-    if write_descriptor:  # a live update adopts the descriptor: sources may have posted
-        base = posted_mfn * PAGE_SIZE + 64 * vid
-        hv.memory.u8[base:base + 64] = np.frombuffer(plan.posted, np.uint8)
-    for sp in plan.sources:
-        state = sp.state
-        source = InterruptSource(state.name, hvm.posted, state.vector, state.period_ns,
-                                 state.start_ns, notify=partial(support._notified, v))
-        source.restore(state)
-        hs = HvmSource(source, vid, sp.limit)
-        hs.delivered, hs.dropped, hs.irr_coalesced = sp.delivered, sp.dropped, sp.irr_coalesced
-        hs._advanced_to = sp.advanced_to
-        hvm.sources.append(hs)
-    for name in ("ipis_received", "timer_ns", "timer_period_ns", "lapic_reads", "lapic_writes",
-                 "window"):
-        setattr(hvm, name, plan.counters[name])
-    hvm.delivered = plan.delivered
-    hvm.timer_since = plan.timer_since
-    hvm.lapic_exit = plan.flags["lapic_exit"]
-    hvm.shadow_stepped = plan.flags["shadow_stepped"]
+        v.pcpu = state.pcpu
+        hv.scheduler.runqueues[state.pcpu].append(v)
+    v.mmu.cr3 = support._cr3_reader(v, plan.cpu.cr3)
+    # a live update adopts the descriptor: sources may have posted into it
+    restore_hvm_vcpu(v, state, write_descriptor=write_descriptor,
+                     notify=partial(support._notified, v))
     return v
 
 
@@ -779,6 +677,9 @@ class _QuietMmu:
     def __init__(self, memory: HostMemory, physmap: GuestPhysmap, cr3: int) -> None:
         self.memory, self.physmap, self.cr3 = memory, physmap, cr3
         self.last_fault: object = None
+
+    def flush(self) -> None:
+        """Nothing is cached: every translation walks afresh."""
 
     def translate(self, gva: int, _access: str) -> tuple[int, int] | None:
         u64 = self.memory.u64

@@ -1,6 +1,6 @@
 """Taking interrupts and exceptions into an HVM guest the way the CPU does: through its IDT.
 
-The hypervisor decides *when* (on entry, see hypervisor/hvm/support.py); this module does
+The hypervisor decides *when* (on entry, see hypervisor/hvm/policy.py); this module does
 the CPU's part: is an interrupt blocked right now, and deliver a vector through the
 guest's own IDT (`emulator.interrupts.read_idt_gate` + `deliver`: the 64-bit frame on the
 current stack, IF cleared for interrupt gates).

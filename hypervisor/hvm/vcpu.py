@@ -16,11 +16,21 @@ pending in PIR or IRR.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from emulator.irqsource import InterruptSource
+import numpy as np
+
+from emulator.irqsource import InterruptSource, InterruptSourceError, InterruptSourceState
 from emulator.posted import PostedInterruptDescriptor
-from hypervisor.hvm.vlapic import REG_TIMER_INITIAL, VLapic
+from hypervisor.core.vcpu import BLOCKED, DOWN, RUNNABLE
+from hypervisor.hvm.vlapic import REG_TIMER_INITIAL, VLapic, VLapicError, VLapicState
+
+if TYPE_CHECKING:
+    from hypervisor.core.vcpu import Vcpu
+
+Notify = Callable[[int, int], None]  # a source's post-notification: (ndst, nv)
 
 _NS_PER_S = 1_000_000_000
 
@@ -65,6 +75,23 @@ class HvmSource:
         if self.limit is not None and self.source.posted >= self.limit:
             return None
         return self.source.next_deadline_ns()
+
+    def save(self) -> SourceState:
+        return SourceState(self.source.save(), self.limit, self.delivered, self.dropped,
+                           self.irr_coalesced, self._advanced_to)
+
+    @classmethod
+    def restored(cls, state: SourceState, descriptor: PostedInterruptDescriptor, vcpu_id: int,
+                 notify: Notify | None = None) -> HvmSource:
+        """The source `state` describes, posting into `descriptor`."""
+        s = state.state
+        source = InterruptSource(s.name, descriptor, s.vector, s.period_ns, s.start_ns,
+                                 notify=notify)
+        source.restore(s)
+        restored = cls(source, vcpu_id, state.limit)
+        restored.delivered, restored.dropped = state.delivered, state.dropped
+        restored.irr_coalesced, restored._advanced_to = state.irr_coalesced, state.advanced_to
+        return restored
 
     def report(self) -> dict[str, int | str]:
         counters = self.source.counters()
@@ -175,3 +202,96 @@ class HvmVcpu:
         self.advance(now_ns)
         self.fold_pir()
         return self.lapic.hvm_lapic_record(), self.lapic.hvm_lapic_regs_record()
+
+
+# ------------------------------------------------------------------------ state
+@dataclass(frozen=True)
+class SourceState:
+    """An interrupt source wired to a vCPU, as plain data."""
+
+    state: InterruptSourceState
+    limit: int | None = None
+    delivered: int = 0
+    dropped: int = 0
+    irr_coalesced: int = 0
+    advanced_to: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class HvmVcpuState:
+    """Everything an HVM vCPU holds but its registers, as plain data: what a save and a
+    live update's hand-over carry (hypervisor/hvm/image.py) and the proof compares
+    (hypervisor/liveupdate/proof.py). Written as JSON by `stream.plain`."""
+
+    runstate: str
+    instructions: int = 0
+    upcalls: int = 0
+    pcpu: int = 0
+    cr3: int = 0  # the guest's CR3 as last seen (the engine's when the vCPU is loaded)
+    lapic_mapped: bool = False  # the LAPIC page is mapped into this vCPU's MMU
+    window: int = 0
+    shadow_stepped: bool = False
+    lapic_exit: bool = False
+    ipis_received: int = 0
+    delivered: dict[int, int] = field(default_factory=dict)  # injections by vector
+    timer_ns: int = 0
+    timer_since: int | None = None
+    timer_period_ns: int = 0
+    lapic_reads: int = 0
+    lapic_writes: int = 0
+    lapic: VLapicState
+    posted: bytes  # the 64-byte posted-interrupt descriptor
+    sources: tuple[SourceState, ...] = ()
+
+
+def save_hvm_vcpu(v: Vcpu) -> HvmVcpuState:
+    """`v`'s HVM state now (nothing folded or advanced)."""
+    hvm: HvmVcpu = v.hvm
+    return HvmVcpuState(
+        runstate=v.runstate, instructions=v.instructions, upcalls=v.upcalls, pcpu=v.pcpu,
+        cr3=v.mmu.cr3(), lapic_mapped=v.mmu.lapic_mapped, window=hvm.window,
+        shadow_stepped=hvm.shadow_stepped, lapic_exit=hvm.lapic_exit,
+        ipis_received=hvm.ipis_received, delivered=dict(sorted(hvm.delivered.items())),
+        timer_ns=hvm.timer_ns, timer_since=hvm.timer_since,
+        timer_period_ns=hvm.timer_period_ns, lapic_reads=hvm.lapic_reads,
+        lapic_writes=hvm.lapic_writes, lapic=hvm.lapic.save(), posted=hvm.posted.raw(),
+        sources=tuple(s.save() for s in hvm.sources))
+
+
+def check_hvm_vcpu_state(state: HvmVcpuState, vcpu_id: int) -> None:
+    """Refuse a state the models would not take (ValueError), using scratch objects."""
+    if state.runstate not in (RUNNABLE, BLOCKED, DOWN):
+        raise ValueError(f"runstate {state.runstate!r}")
+    if len(state.posted) != 64:
+        raise ValueError("posted-interrupt descriptor must be 64 bytes")
+    try:
+        VLapic(vcpu_id, lambda *_: None).restore(state.lapic)
+        scratch = PostedInterruptDescriptor(np.zeros(64, dtype=np.uint8))
+        for s in state.sources:
+            HvmSource.restored(s, scratch, vcpu_id)
+    except (VLapicError, InterruptSourceError, TypeError) as err:
+        raise ValueError(str(err)) from None
+
+
+def restore_hvm_vcpu(v: Vcpu, state: HvmVcpuState, *, write_descriptor: bool,
+                     notify: Notify | None = None) -> None:
+    """Give `v` (made fresh) the HVM state in `state`, checked by `check_hvm_vcpu_state`.
+
+    The caller places the vCPU (`pcpu`), sets its CR3 reader and, once its registers
+    are loaded, its `runstate`. A live update adopts the descriptor in place
+    (`write_descriptor` False): sources may have posted into it during the blackout.
+    """
+    hvm: HvmVcpu = v.hvm
+    v.mmu.lapic_mapped = state.lapic_mapped
+    v.instructions, v.upcalls = state.instructions, state.upcalls
+    hvm.lapic.restore(state.lapic)
+    if write_descriptor:
+        hvm.posted.load(state.posted)
+    hvm.sources = [HvmSource.restored(s, hvm.posted, v.vcpu_id, notify) for s in state.sources]
+    hvm.window, hvm.shadow_stepped, hvm.lapic_exit = (state.window, state.shadow_stepped,
+                                                      state.lapic_exit)
+    hvm.ipis_received = state.ipis_received
+    hvm.delivered = Counter(state.delivered)
+    hvm.timer_ns, hvm.timer_since = state.timer_ns, state.timer_since
+    hvm.timer_period_ns = state.timer_period_ns
+    hvm.lapic_reads, hvm.lapic_writes = state.lapic_reads, state.lapic_writes

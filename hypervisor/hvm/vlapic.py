@@ -64,6 +64,13 @@ from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from typing import Literal, TypeAlias
 
+from hypervisor.stream.hvm_records import (
+    HVM_HW_LAPIC_SIZE,
+    HVM_SAVE_LAPIC,
+    HVM_SAVE_LAPIC_REGS,
+    HvmHwLapic,
+)
+
 # --- architectural constants -------------------------------------------------------------
 
 APIC_MMIO_BASE = 0xFEE0_0000
@@ -135,12 +142,11 @@ ICR_LOGICAL_DESTINATION = 1 << 11
 DIVIDE_BY_ENCODING = (2, 4, 8, 16, 32, 64, 128, 1)
 
 # Xen HVM save records (xen/include/public/arch-x86/hvm/save.h).
-HVM_SAVE_TYPE_LAPIC = 5
-HVM_SAVE_TYPE_LAPIC_REGS = 6
+HVM_SAVE_TYPE_LAPIC = HVM_SAVE_LAPIC
+HVM_SAVE_TYPE_LAPIC_REGS = HVM_SAVE_LAPIC_REGS
 # struct hvm_hw_lapic: u64 apic_base_msr, u32 disabled, u32 timer_divisor, u64 tdt_msr,
 # u32 pending_esr, then 4 bytes of tail padding (the struct is 8-byte aligned) that must be 0.
-_HVM_LAPIC = struct.Struct("<QIIQII")
-HVM_LAPIC_RECORD_SIZE = _HVM_LAPIC.size  # 32
+HVM_LAPIC_RECORD_SIZE = HVM_HW_LAPIC_SIZE  # 32: the record's layout is stream/hvm_records.py's
 HVM_LAPIC_REGS_RECORD_SIZE = REGS_SIZE
 VLAPIC_SW_DISABLED = 0x1  # Xen's flags in hvm_hw_lapic.disabled
 VLAPIC_HW_DISABLED = 0x2
@@ -276,7 +282,7 @@ class VLapic:
         ``bus_hz`` is the timer's input clock before the divider (default one tick per ns at
         divide-by-1); ``bsp`` sets the BSP flag in the APIC base MSR; ``now_ns`` is the
         virtual time at creation. ``timer_rule`` replaces `timer_expiries` (a lab's seam,
-        hypervisor/seams.py).
+        hypervisor/core/seams.py).
         """
         if not isinstance(apic_id, int) or not 0 <= apic_id <= 0xFF:
             raise VLapicError(f"xAPIC id must be 0..255, got {apic_id!r}")
@@ -753,7 +759,7 @@ class VLapic:
         disabled = 0 if self.software_enabled else VLAPIC_SW_DISABLED
         if not self._apic_base_msr & APIC_BASE_ENABLED:
             disabled |= VLAPIC_HW_DISABLED
-        return _HVM_LAPIC.pack(self._apic_base_msr, disabled, self.divide, 0, self._pending_esr, 0)
+        return HvmHwLapic(self._apic_base_msr, disabled, self.divide, 0, self._pending_esr).pack()
 
     def hvm_lapic_regs_record(self, *, now_ns: int | None = None) -> bytes:
         """Payload of the Xen HVM save record LAPIC_REGS (typecode 6): the 1 KiB page.
@@ -797,7 +803,10 @@ class VLapic:
             )
         _check_bus_hz(bus_hz)
         _check_time(now_ns)
-        base, disabled, divisor, tdt_msr, pending_esr, padding = _HVM_LAPIC.unpack(lapic)
+        record = HvmHwLapic.unpack(lapic)
+        base, disabled, divisor = record.apic_base_msr, record.disabled, record.timer_divisor
+        tdt_msr, pending_esr = record.tdt_msr, record.pending_esr
+        padding = bytes(lapic[HVM_LAPIC_RECORD_SIZE - 4:]) != bytes(4)  # Xen's pad, zero
         page = bytearray(regs)
 
         def reg(offset: int) -> int:

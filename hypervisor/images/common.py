@@ -10,9 +10,9 @@ import numpy as np
 import numpy.typing as npt
 
 from hypervisor.lib.errors import HvlabError
-from hypervisor.pv.save import HVLAB_DOMAIN_RECORD
 from hypervisor.stream import Pfinfo, StreamError, StreamReader, open_image_for_read
 from hypervisor.stream.framing import record_type_name
+from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD
 
 HVLAB_DOMAIN_NAME = "HVLAB_DOMAIN"
 

@@ -60,8 +60,8 @@ def summary(columns: dict[str, np.ndarray]) -> dict[str, Any]:
 def image_frames(path: str | Path) -> dict[str, np.ndarray]:
     """Restore the image at `path` on its own build and read its frames."""
     from hypervisor.core.hypervisor import Hypervisor, MachineConfig
+    from hypervisor.images.domains import restore_domain
     from hypervisor.images.info import image_info
-    from hypervisor.pv.restore import restore_domain
 
     info = image_info(path, out=io.StringIO())
     if info["domain_type"] != "pv":
@@ -71,27 +71,5 @@ def image_frames(path: str | Path) -> dict[str, np.ndarray]:
     try:
         dom = restore_domain(hv, path)
         return domain_frames(hv, dom)
-    finally:
-        hv.teardown()
-
-
-def scenario_frames(path: str | Path, at: str, domain: str | None) -> dict[str, np.ndarray]:
-    """Run the scenario at `path` to virtual time `at` and read one domain's frames."""
-    from hypervisor.runner import boot_scenario
-    from hypervisor.scenario import load_scenario, parse_time
-
-    scenario = load_scenario(path)
-    at_ns = parse_time(at, "--at")
-    hv = boot_scenario(scenario)
-    try:
-        hv.run(at_ns)
-        pv = [d for d in hv.domains if domain is None or d.name == domain]
-        if not pv:
-            names = ", ".join(d.name for d in hv.domains)
-            raise HvlabError(f"{path}: no domain '{domain}' (domains: {names})")
-        if domain is None and len(pv) > 1:
-            names = ", ".join(d.name for d in hv.domains)
-            raise HvlabError(f"{path}: several domains ({names}): choose one with --domain")
-        return domain_frames(hv, pv[0])
     finally:
         hv.teardown()

@@ -14,7 +14,6 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from hypervisor.pv.save import HVLAB_DOMAIN_RECORD
 from hypervisor.stream import (
     DomainType,
     HvmContextRecord,
@@ -28,6 +27,7 @@ from hypervisor.stream import (
 )
 from hypervisor.stream.files import is_compressed
 from hypervisor.stream.framing import PAGE_SIZE, REC_HEADER_SIZE, padded_length
+from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD
 from hypervisor.stream.hvm_records import HVM_SAVE_CPU, HvmHwCpu
 from hypervisor.stream.vcpu_context import VGCF_ONLINE
 

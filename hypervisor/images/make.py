@@ -10,7 +10,7 @@ How an image is made (all in a scratch hypervisor, nothing persists but the file
    `mod_l4_entry` for the hook into the running L4);
 3. run the workload for `RUN_NS` of virtual time, so the image is saved
    mid-run, and check the typeref invariant;
-4. save with `hypervisor.pv.save.save_domain` (pages never written go out as
+4. save with `hypervisor.images.domains.save_domain` (pages never written go out as
    XALLOC, so a 64 GiB guest costs its page tables and P2M list on disk).
 
 Same arguments, same seed: the same bytes (the hypervisor's virtual time is
@@ -29,9 +29,10 @@ from typing import Any, TextIO
 from emulator.addr import PAGE_SIZE
 from hypervisor.core.elf import load_kernel
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
+from hypervisor.images.domains import save_domain
+from hypervisor.lib.progress import progress
 from hypervisor.pv.builder import plan_layout
-from hypervisor.pv.save import save_domain
-from hypervisor.research.progress import progress
+from hypervisor.pv.domain import create_pv_domain
 
 from .common import ImageError
 from .guest_layouts import BUILDERS, LAYOUTS, Builder, LayoutError
@@ -110,7 +111,7 @@ def image_make(kind: str, mem_bytes: int, layout: str, seed: int,
         name = f"{kind}-{layout}-{_size(mem_bytes)}"
         hv = Hypervisor(MachineConfig(pcpus=1, memory=mem_bytes + HOST_MARGIN))
         try:
-            dom = hv.create_pv_domain(name, str(kernel_path), mem_bytes, 1)
+            dom = create_pv_domain(hv, name, str(kernel_path), mem_bytes, 1)
             start_of_day = plan_layout(load_kernel(kernel_path), nr_pages)
             lap("boot_s")
             builder = Builder(hv, dom, start_of_day.mapped_pages, seed)

@@ -47,7 +47,7 @@ from hypervisor.mm.pte import (
 )
 from hypervisor.mm.rebuild import rebuild_from_roots
 from hypervisor.mm.typerefs import Root
-from hypervisor.pv.save import HVLAB_DOMAIN_RECORD, HVLAB_DOMAIN_VERSION
+from hypervisor.pv.save import HVLAB_DOMAIN_VERSION
 from hypervisor.stream import (
     DomainType,
     EndRecord,
@@ -66,6 +66,7 @@ from hypervisor.stream import (
     pfinfo_has_data,
 )
 from hypervisor.stream.framing import PAGE_SIZE
+from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD
 from hypervisor.stream.records import X86PvVcpuBasicRecord
 
 from .common import HVLAB_DOMAIN_NAME, ImageError, pfinfo_levels, pfinfo_name, pfinfo_pinned

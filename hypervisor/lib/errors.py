@@ -26,6 +26,14 @@ class HvlabError(Exception):
     exit_status = BAD_INPUT
 
 
+class SaveError(HvlabError):
+    """A domain cannot be saved (it has shut down, or its kind cannot be)."""
+
+
+class RestoreError(HvlabError):
+    """An image cannot be restored; the message names the record and its offset."""
+
+
 class HvlabFailure(Exception):
     """hvlab could not carry out something legal it was asked to do: its own fault."""
 

@@ -1,4 +1,8 @@
-"""Running a scenario through one or more live updates, and what it cost the guests.
+"""Running a machine through one or more live updates, and what it cost the guests.
+
+The caller (hypervisor/runner.py for a scenario) says how to boot the machine, how
+to describe the finished run and how the last process prints it; this module runs
+to each update's time, updates and carries on.
 
 With `exec_new_process`, host memory is a shared file mapping and every
 update replaces the process: the old one tears its hypervisor down, writes
@@ -14,14 +18,15 @@ import pickle
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from emulator.memory import HostMemory
 from hypervisor.core.hypervisor import Hypervisor
+from hypervisor.core.seams import Seams
 from hypervisor.lib.errors import HvlabError, HvlabFailure
 from hypervisor.liveupdate.orchestrator import (
     Blackout,
@@ -31,9 +36,6 @@ from hypervisor.liveupdate.orchestrator import (
     live_update,
     prepare,
 )
-from hypervisor.runner import boot_scenario, describe
-from hypervisor.scenario import Scenario, UpdateSpec
-from hypervisor.seams import Seams
 
 # the work before the pause (hand-over sent ahead, prevalidation) starts this long before it
 PREPARE_LEAD_NS = 1_000_000
@@ -69,7 +71,20 @@ def _rate(instructions: int, ns: int) -> float | None:
     return round(instructions / (ns / 1e6), 1) if ns > 0 else None
 
 
-def check_run(scenario: Scenario, updates: list[UpdateSpec], plan: UpdatePlan,
+class ScheduledUpdate(Protocol):
+    """A live update at a virtual time (a scenario's `[[update]]`)."""
+
+    @property
+    def at_ns(self) -> int: ...
+
+    @property
+    def to(self) -> str: ...
+
+    @property
+    def strategy(self) -> str: ...
+
+
+def check_run(build: str, end_ns: int, updates: Sequence[ScheduledUpdate], plan: UpdatePlan,
               keep_handover: Path | None = None, seams: Seams | None = None) -> None:
     """Every planned update checked before the run starts: each inside the run, each
     build and strategy known, a translator for every transfer along the chain of
@@ -77,13 +92,12 @@ def check_run(scenario: Scenario, updates: list[UpdateSpec], plan: UpdatePlan,
     if plan.exec_new_process and seams is not None and seams.plugged:
         raise UpdateError("--exec: a lab's code plugged into this build cannot cross into a "
                           "new process")
-    build = scenario.build
     for n, spec in enumerate(sorted(updates, key=lambda u: u.at_ns), 1):
         where = f"update {n} of {len(updates)} (at {_ms(spec.at_ns)}, {build} -> {spec.to}, " \
                 f"{spec.strategy})"
-        if spec.at_ns >= scenario.virtual_time_ns:
+        if spec.at_ns >= end_ns:
             raise UpdateError(f"{where}: not inside the run, which stops at "
-                              f"{_ms(scenario.virtual_time_ns)} ([limits] virtual_time)")
+                              f"{_ms(end_ns)} ([limits] virtual_time)")
         try:
             check_updates(build, [(spec.to, spec.strategy)], plan.fail_at)
         except HvlabError as err:
@@ -114,35 +128,37 @@ def hvlab_failure(what: str) -> Iterator[None]:
 
 @dataclass
 class UpdateRun:
-    """One scenario run with its updates: picklable, so it survives an exec."""
+    """One run with its updates: picklable (the callables are module-level functions or
+    partials of them), so it survives an exec."""
 
-    scenario: Scenario
-    updates: list[UpdateSpec]
+    updates: list[ScheduledUpdate]
     plan: UpdatePlan
+    memory_bytes: int  # host memory
+    end_ns: int  # virtual time the run ends at
+    boot: Callable[[HostMemory | None], Hypervisor]  # the machine with its domains
+    describe: Callable[[Hypervisor, str, float], dict[str, Any]]  # (hv, stop, wall_s)
+    emit: Callable[[dict[str, Any]], None] | None = None  # how the last process prints
     memory_file: Path | None = None
     finished: list[tuple[dict[str, Any], int, int]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
-    output: str = "none"  # how the last process prints the result: "json", "text", "none"
     pending_rate: float | None = None  # throughput before the update under way
     skipped: list[dict[str, Any]] = field(default_factory=list)  # no domain left to update
     keep_handover: Path | None = None  # keep each update's hand-over in DIR/update-N
     started_updates: int = 0
-    seams: Seams | None = None  # a lab's code in place of hvlab's (hypervisor/seams.py)
 
     def start(self) -> dict[str, Any]:
         memory = None
         if self.plan.exec_new_process:
             self.memory_file = _memory_file()
-            memory = HostMemory(self.scenario.memory, self.memory_file)
+            memory = HostMemory(self.memory_bytes, self.memory_file)
         try:
-            hv = boot_scenario(self.scenario, memory=memory, seams=self.seams)
-            return self.carry_on(hv)  # with --exec, a new process goes on from here
+            return self.carry_on(self.boot(memory))  # with --exec, a new process goes on from here
         except BaseException:  # the memory file has no name left: close its descriptor
             if self.memory_file is not None:
                 os.close(int(self.memory_file.name))
             raise
 
-    def _plan_for(self, spec: UpdateSpec) -> UpdatePlan:
+    def _plan_for(self, spec: ScheduledUpdate) -> UpdatePlan:
         self.started_updates += 1
         workdir = (None if self.keep_handover is None
                    else self.keep_handover / f"update-{self.started_updates}")
@@ -198,36 +214,21 @@ class UpdateRun:
                                   "temporary" if blackout.temporary_workdir else "kept"])
 
     def _finish(self, hv: Hypervisor) -> dict[str, Any]:
-        stop = hv.run(self.scenario.virtual_time_ns)
-        if hv.lazy_update is not None:
-            hv.lazy_update.finish_now()  # the guests stopped before the sweeper did
+        stop = hv.run(self.end_ns)
+        hv.finish_background_work()  # the guests stopped before a lazy sweeper did
         end_ns, end_instr = hv.now, _instructions(hv)
         reports = []
         for report, resumed_ns, resumed_instr in self.finished:
             report["throughput"]["after"] = _rate(end_instr - resumed_instr, end_ns - resumed_ns)
             reports.append(report)
-        result = describe(hv, self.scenario, stop, time.monotonic() - self.started)
+        result = self.describe(hv, stop, time.monotonic() - self.started)
         result["updates"] = reports + self.skipped
         if len(reports) == 1 and not self.skipped:
             result.update({k: v for k, v in reports[0].items() if k not in result})
         return result
 
 
-def _not_started(hv: Hypervisor, spec: UpdateSpec) -> dict[str, Any]:
+def _not_started(hv: Hypervisor, spec: ScheduledUpdate) -> dict[str, Any]:
     """An update whose time came after every domain had stopped: nothing to update."""
     return {"strategy": spec.strategy, "from_build": hv.build, "to_build": spec.to,
             "at_ns": spec.at_ns, "outcome": "not started: no domain was running"}
-
-
-def run_with_updates(scenario: Scenario, updates: list[UpdateSpec], plan: UpdatePlan,
-                     output: str = "none", seams: Seams | None = None,
-                     keep_handover: Path | None = None) -> dict[str, Any]:
-    """Check every update, boot, run to each update's time, update, run to the end;
-    one report per update. `output` matters with `plan.exec_new_process`: the last
-    process prints. Hand-overs are removed when done unless `keep_handover`."""
-    check_run(scenario, updates, plan, keep_handover, seams)
-    if keep_handover is not None:
-        keep_handover.mkdir(exist_ok=True)
-    run = UpdateRun(scenario, sorted(updates, key=lambda u: u.at_ns), plan, output=output,
-                    seams=seams, keep_handover=keep_handover)
-    return run.start()

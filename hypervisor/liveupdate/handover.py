@@ -43,14 +43,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hypervisor.core.hypervisor import TSC_KHZ
 from hypervisor.hvm.ept import INVALID_MFN
 from hypervisor.hvm.image import HVM_PARAM_PAE_ENABLED, hvm_handover_state
 from hypervisor.hvm.p2m import P2M, P2MError, P2MState
 from hypervisor.lib.errors import HvlabError
 from hypervisor.lib.extents import runs_of
 from hypervisor.pv.save import (
-    HVLAB_DOMAIN_RECORD,
-    TSC_KHZ,
     classify_pages,
     domain_state,
     p2m_frame_pfns,
@@ -68,16 +67,19 @@ from hypervisor.stream import (
     X86PvP2mFramesRecord,
     X86PvVcpuBasicRecord,
 )
+from hypervisor.stream.hvlab_records import (
+    HVLAB_DOMAIN_RECORD,
+    HVLAB_FRAMES_RECORD,
+    HVLAB_P2M_RECORD,
+    HVLAB_TABLES_RECORD,
+    HVLAB_TYPEINFO_RECORD,
+)
 from hypervisor.stream.vcpu_context import VcpuGuestContext
 
 if TYPE_CHECKING:
     from hypervisor.core.domain import Domain
     from hypervisor.core.hypervisor import Hypervisor
 
-HVLAB_FRAMES_RECORD = 0x8000_4802
-HVLAB_TYPEINFO_RECORD = 0x8000_4803
-HVLAB_TABLES_RECORD = 0x8000_4804
-HVLAB_P2M_RECORD = 0x8000_4805
 FRAMES_PER_RECORD = 1 << 20  # keeps each record far below the 128 MiB record limit
 _COUNT = struct.Struct("<Q")
 PFN_MASK = (1 << 52) - 1

@@ -38,13 +38,13 @@ import numpy as np
 
 from emulator.memory import HostMemory
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig, StagedTables
+from hypervisor.core.seams import HVLAB_OWN, Seams
 from hypervisor.hvm.image import adopt_hvm_domain
 from hypervisor.lib.errors import HvlabError
 from hypervisor.liveupdate.costs import (
     DEFAULT_COSTS_NS,
     TYPEREF_TERM,
     before_pause_ns,
-    deferred_ns,
     downtime_breakdown,
 )
 from hypervisor.liveupdate.handover import (
@@ -68,11 +68,16 @@ from hypervisor.liveupdate.proof import (
     type_state,
     verify,
 )
-from hypervisor.liveupdate.strategies import base as strategies
-from hypervisor.liveupdate.strategies.lazy import stage_typing, start_lazy
+from hypervisor.liveupdate.strategies import strategy as strategy_named
+from hypervisor.liveupdate.strategies.base import (
+    SWEEP_BUDGET_PTES,
+    NewBuild,
+    StagedState,
+    Strategy,
+    UpdateSettings,
+)
 from hypervisor.mm.incremental import IncrementalTyping
 from hypervisor.pv.restore import install_domain
-from hypervisor.seams import HVLAB_OWN, Seams
 
 PHASES = ("pause", "save", "teardown", "restore", "typerefs", "resume")
 
@@ -93,9 +98,13 @@ class UpdatePlan:
     corrupt_stream: bool = False  # damage a stream of the pause (dom0.stream)
     corrupt_precopy: bool = False  # damage a stream sent ahead, as it waits on disk
     exec_new_process: bool = False
-    sweep_budget_ptes: int = strategies.SWEEP_BUDGET_PTES  # lazy: per quantum
+    sweep_budget_ptes: int = SWEEP_BUDGET_PTES  # work left after the resume, per quantum
     costs: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_COSTS_NS))
     workdir: Path | None = None  # given: the caller's, kept; else a temporary one, removed
+
+    @property
+    def settings(self) -> UpdateSettings:
+        return UpdateSettings(self.to_build, self.sweep_budget_ptes, self.costs)
 
 
 def check_updates(build: str, updates: list[tuple[str, str]], fail_at: str | None = None) -> None:
@@ -106,21 +115,18 @@ def check_updates(build: str, updates: list[tuple[str, str]], fail_at: str | Non
 
     if fail_at is not None and fail_at not in PHASES:
         raise UpdateError(f"--fail-at {fail_at}: phases are {', '.join(PHASES)}")
-    for to_build, strategy in updates:
-        if strategy not in strategies.STRATEGIES:
-            raise UpdateError(f"unknown strategy '{strategy}' "
-                              f"(choose from {', '.join(strategies.STRATEGIES)})")
+    for to_build, name in updates:
+        strategy = strategy_named(name)
         try:
             get_build(to_build)
         except Exception as err:  # noqa: BLE001 - the build registry's own message
             raise UpdateError(str(err)) from None
-        if strategy == "transfer":
-            strategies.translator_for(build, to_build)
+        strategy.check(build, UpdateSettings(to_build, SWEEP_BUDGET_PTES))
         build = to_build
 
 
-def check_plan(hv: Hypervisor, plan: UpdatePlan) -> None:
-    """Refuse a plan that cannot work before anything is paused."""
+def check_plan(hv: Hypervisor, plan: UpdatePlan) -> Strategy:
+    """Refuse a plan that cannot work before anything is paused; its strategy."""
     check_updates(hv.build, [(plan.to_build, plan.strategy)], plan.fail_at)
     if plan.exec_new_process and hv.seams.plugged:
         raise UpdateError("--exec: a lab's code plugged into this build cannot cross into a "
@@ -132,6 +138,7 @@ def check_plan(hv: Hypervisor, plan: UpdatePlan) -> None:
         if any(v.xen is not None for v in dom.vcpus):  # its Xen-PV state is not handed over
             raise UpdateError(f"domain {dom.name}: live update of a domain on Xen's PV ABI at "
                               "CPL 3 (Linux) is not supported yet")
+    return strategy_named(plan.strategy)
 
 
 class _Phases:
@@ -162,7 +169,8 @@ class StagedBuild:
     tables: StagedTables
     sent: dict[str, DomainMemory]  # stream name -> what it holds
     claimed: set[int]  # domids whose frames `tables` holds
-    typing: dict[int, IncrementalTyping] = field(default_factory=dict)  # lazy, by domid
+    # type state a strategy set up before the pause, by domid
+    typing: dict[int, IncrementalTyping] = field(default_factory=dict)
 
 
 @dataclass
@@ -172,7 +180,7 @@ class Prepared:
     workdir: Path
     precopied: dict[int, str]  # domid -> its stream sent ahead
     staged: StagedBuild | None
-    prevalidation: strategies.Prevalidation | None
+    ahead: Any  # what the strategy did before the pause (`Strategy.before_pause`)
     report: dict[str, Any]  # wall times and counters, for the update's report
     temporary: bool = True  # workdir is ours to remove when the update is over
     sent: dict[str, DomainMemory] = field(default_factory=dict)  # as read back
@@ -212,10 +220,10 @@ def _check_sent_ahead(prepared: Prepared) -> None:
 
 def prepare(hv: Hypervisor, plan: UpdatePlan) -> Prepared:
     """Before the pause: send the hand-over's bulk ahead, stage the new build on it
-    (not with `--exec`: the new process does not exist yet) and, for `prevalidate`,
-    build the new build's type state."""
+    (not with `--exec`: the new process does not exist yet) and let the strategy do
+    its work ahead (prevalidate builds the new build's type state)."""
     check_plan(hv, plan)
-    _settle_lazy(hv)
+    hv.finish_background_work()  # an earlier lazy update still validating: complete it
     workdir, temporary = _workdir(plan)
     try:
         return _prepare(hv, plan, workdir, temporary)
@@ -243,23 +251,18 @@ def _prepare(hv: Hypervisor, plan: UpdatePlan, workdir: Path, temporary: bool) -
         for domid, name in precopied.items():
             tables.claim(sent[name].p2m, domid)
         staged = StagedBuild(tables, sent, set(precopied))
-        if plan.strategy == "lazy":
-            staged.typing = {
-                domid: stage_typing(hv.memory.u64, tables.frame_table, domid,
-                                    sent[name].p2m, sent[name].tables)
-                for domid, name in precopied.items()}
     wall["stage_wall_s"] = time.perf_counter() - started
 
-    prevalidation = None
-    if plan.strategy == "prevalidate":
-        started = time.perf_counter()
-        prevalidation = strategies.prevalidate(
-            hv, plan.to_build, staged.tables.frame_table if staged is not None else None)
-        wall["prevalidate_wall_s"] = time.perf_counter() - started
-        counters |= prevalidation.counters
+    started = time.perf_counter()
+    strategy = strategy_named(plan.strategy)
+    state = None if staged is None else StagedState(
+        staged.tables.frame_table,
+        {domid: sent[name] for domid, name in precopied.items()}, staged.typing)
+    ahead = strategy.before_pause(hv, plan.settings, state)
+    wall["strategy_wall_s"] = time.perf_counter() - started
+    counters |= strategy.ahead_counters(ahead)
     report = {k: round(v, 6) for k, v in wall.items()} | counters
-    return Prepared(workdir, precopied, staged, prevalidation, report, temporary, sent,
-                    digests)
+    return Prepared(workdir, precopied, staged, ahead, report, temporary, sent, digests)
 
 
 @dataclass
@@ -273,7 +276,7 @@ class Blackout:
     report: dict[str, Any]
     workdir: Path
     before: Snapshot
-    prevalidation: strategies.Prevalidation | None
+    ahead: Any  # the strategy's work before the pause
     changed: set[int]
     in_use: list[np.ndarray]  # per domid
     machine: MachineConfig
@@ -310,7 +313,7 @@ def _live_update(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared,
                                 "pcpus": hv.machine.pcpus, **state_counts(hv)}
     report: dict[str, Any] = {"strategy": plan.strategy, "from_build": hv.build,
                               "to_build": plan.to_build, "at_ns": hv.now}
-    _settle_lazy(hv)
+    hv.finish_background_work()  # an earlier lazy update still validating: complete it
     if not prepared.temporary:
         report["handover_dir"] = str(prepared.workdir)  # the caller's own, kept
     report["before_pause"] = prepared.report
@@ -320,13 +323,6 @@ def _live_update(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared,
     report["proof_capture_wall_s"] = round(time.monotonic() - proof_started, 6)
     with _collector_paused():
         return _blackout(hv, plan, prepared, phases, counters, report, before, handoff)
-
-
-def _settle_lazy(hv: Hypervisor) -> None:
-    """An update that starts while an earlier lazy one is still validating finishes that
-    first: what is sent ahead, handed over and proved is complete type state."""
-    if hv.lazy_update is not None:
-        hv.lazy_update.finish_now()
 
 
 @contextmanager
@@ -353,7 +349,8 @@ def _blackout(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared, phases: _Pha
         with phases.phase("pause"):
             pass  # domains stop at the slice boundary the hypervisor is already at
         with phases.phase("save"):
-            counters.update(write_handover(hv, prepared.workdir, plan.strategy == "transfer",
+            counters.update(write_handover(hv, prepared.workdir,
+                                           strategy_named(plan.strategy).hands_over_types,
                                            prepared.precopied))
             if plan.corrupt_stream or plan.corrupt_precopy:
                 phases.injected.append(_corrupt(prepared, plan.corrupt_precopy))
@@ -368,7 +365,7 @@ def _blackout(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared, phases: _Pha
 
     # ---- the point of no return
     blackout = Blackout(
-        plan, phases, counters, report, prepared.workdir, before, prepared.prevalidation,
+        plan, phases, counters, report, prepared.workdir, before, prepared.ahead,
         changed_domains(hv), [frames_in_use(d) for d in hv.domains],
         hv.machine, hv.now, hv.build, started, prepared.staged, hv.seams,
         temporary_workdir=prepared.temporary)
@@ -422,26 +419,11 @@ def _complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict
 
     new, handovers = _retrying(phases, "restore", restore)
 
-    def typerefs() -> dict[str, Any]:
-        if plan.strategy == "full-walk":
-            return strategies.full_walk(new, handovers)
-        if plan.strategy == "transfer":
-            return strategies.transfer(new, handovers, bo.old_build)
-        if plan.strategy == "prevalidate":
-            if bo.prevalidation is None:
-                raise UpdateError("strategy prevalidate: nothing was prepared before the pause")
-            return strategies.install_prevalidated(new, handovers, bo.prevalidation, bo.changed)
-        return {}  # lazy: roots only, below, once the domains exist
-
-    def reset_types() -> None:
-        """A typeref phase that failed half way starts over from bare ownership."""
-        for domid, ho in enumerate(handovers):
-            if ho.kind == "pv":
-                strategies.clear_types(new.frame_table, ho.p2m, domid)
-        if bo.prevalidation is not None and bo.prevalidation.frames is new.frame_table:
-            bo.changed.update(range(len(handovers)))  # prepared in place, now gone: redo all
-
-    counters.update(_retrying(phases, "typerefs", typerefs, cleanup=reset_types))
+    strategy = strategy_named(plan.strategy)
+    nb = NewBuild(new, handovers, plan.settings, bo.old_build, bo.ahead, bo.changed, typing,
+                  counters)
+    counters.update(_retrying(phases, "typerefs", lambda: strategy.rebuild(nb),
+                              cleanup=lambda: strategy.reset(nb)))
     report["translator"] = counters.pop("translator", None)
 
     def resume() -> None:
@@ -459,18 +441,13 @@ def _complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict
             bases = {vid: (ctx.ctrlreg[3] >> 12, ctx.user_table or 0)
                      for vid, ctx in ho.contexts.items()}
             dom = install_domain(new, ho.meta, ho.p2m, ho.contexts, bases)
-            if plan.strategy == "lazy":
-                # what was set up ahead holds if no page table changed since
-                start_lazy(new, dom, ho, plan.sweep_budget_ptes,
-                           None if ho.tables_changed else typing.get(dom.domid))
+            strategy.domain_installed(nb, dom, ho)
 
     _retrying(phases, "resume", resume)
-    if new.lazy_update is not None:
-        counters.update(new.lazy_update.blackout)
     blackout_wall = time.monotonic() - bo.started
 
     proof = _prove(bo.before, new, f"the new build {plan.to_build}",
-                   check_types=plan.strategy != "lazy", report=report)
+                   check_types=strategy.proves_types_at_resume, report=report)
     breakdown = downtime_breakdown(counters, plan.costs)
     downtime = sum(breakdown.values())
     new.now += downtime  # guests see the blackout as time that passed (their offsets stay)
@@ -480,8 +457,6 @@ def _complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict
         proof["ok"] = False
         raise ProofFailed("live update proof failed: "
                           + "; ".join(proof["blackout_interrupts"]["problems"][:5]))
-    if new.lazy_update is not None:
-        new.lazy_update.resumed()
     report.update({
         "outcome": "updated",
         "blackout_wall_s": round(blackout_wall, 6),
@@ -489,56 +464,29 @@ def _complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict
         "downtime_breakdown": breakdown,
         "typeref_downtime_ns": breakdown[TYPEREF_TERM],
         "before_pause_work_ns": before_pause_ns(report["before_pause"], plan.costs),
-        # lazy: priced when its validation completes (_arm_lazy_proof)
-        "deferred_work_ns": None if plan.strategy == "lazy" else 0,
+        # work left after the resume (lazy) is priced when it completes
+        "deferred_work_ns": 0 if strategy.proves_types_at_resume else None,
         "phases_wall_s": {p: round(phases.wall.get(p, 0.0), 6) for p in PHASES},
         "counters": counters,
         "proof": proof,
         "injected": phases.injected,
     })
-    if plan.strategy == "lazy":
-        _arm_lazy_proof(new, bo.before, report, plan.costs)
+
+    def prove(dom) -> list[str]:
+        """A domain's type state now against the old build's (strategies that finish
+        after the resume call this when they do)."""
+        return compare_types(dom.name, bo.before.types[dom.domid], type_state(new, dom.p2m))
+
+    strategy.resumed(nb, report, prove)
     return new, report
-
-
-def _arm_lazy_proof(new: Hypervisor, before: Snapshot, report: dict[str, Any],
-                    new_costs: dict[str, float]) -> None:
-    """Prove each domain's type state the moment its lazy validation completes
-    (before its guest can change a table), and report when all are done."""
-    lazy = new.lazy_update
-    problems: list[str] = []
-    if lazy is None:  # no PV domain: nothing is validated lazily (HVM has no page types)
-        report["proof_after_lazy"] = {"ok": True, "problems": [], "domains": 0}
-        report["deferred_work_ns"] = 0
-        return
-
-    def on_domain_done(dom) -> None:
-        problems.extend(compare_types(dom.name, before.types[dom.domid],
-                                      type_state(new, dom.p2m)))
-        if problems:
-            raise ProofFailed("lazy typeref reconstruction differs: " + "; ".join(problems[:5]))
-
-    def on_done() -> None:
-        report["proof_after_lazy"] = {"ok": not problems, "problems": problems,
-                                      "domains": len(lazy.domains)}
-        counters = lazy.counters(new)
-        report["counters"].update(counters)
-        report["deferred_work_ns"] = deferred_ns(report["counters"], new_costs)
-        ns = counters["shadow_off_virtual_ns"]
-        report.setdefault("throughput", {})["during_lazy"] = (
-            round(counters["lazy_period_instructions"] / (ns / 1e6), 1) if ns else None)
-
-    lazy.on_domain_done = on_domain_done
-    lazy.on_done = on_done
 
 
 def _devices_catch_up(hv: Hypervisor) -> None:
     """Devices are hardware: what fell due while no hypervisor ran is posted by the time
     the guests resume (as each slice's start does for its own time), sleepers woken."""
     for dom in hv.domains:
-        if dom.hvm is not None:
-            for v in dom.vcpus:
-                hv.hvm.on_time(v, hv.now)
+        for v in dom.vcpus:
+            dom.policy.on_time(v, hv.now)
 
 
 def _prove(before: Snapshot, hv: Hypervisor, subject: str, check_types: bool = True,

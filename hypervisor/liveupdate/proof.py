@@ -5,9 +5,8 @@ each frame's type state decoded from the old layout, every vCPU's registers,
 event-channel tables and timers. For HVM domains: a hash of every P2M-backed
 gfn, the whole P2M (mfn, type, access, log-dirty), what the EPT grants each gfn
 (read from its tables: a rebuilt EPT must grant what the old one did),
-registers, each vLAPIC's `State` with PIR folded into IRR (on a copy: neither
-side is changed), the posted-interrupt descriptors' bytes and the interrupt
-sources' state.
+registers and each vCPU's `HvmVcpuState` field by field (hypervisor/hvm/vcpu.py),
+its vLAPIC with PIR folded into IRR (on a copy: neither side is changed).
 After the update the same is read from the new build (type state decoded
 from *its* layout) and compared field by field. Any difference is a loud
 failure.
@@ -15,11 +14,12 @@ failure.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from emulator.irqsource import InterruptSourceState
 from emulator.memory import HostMemory
 from hypervisor.core.vcpu import Vcpu, VcpuState
 
@@ -78,6 +78,7 @@ def hvm_view(hv: Hypervisor, dom) -> dict[str, Any]:
     """An HVM domain's device and memory state in build-independent terms (read only)."""
     from hypervisor.hvm.ept import INVALID_MFN
     from hypervisor.hvm.image import folded_lapic_state
+    from hypervisor.hvm.vcpu import save_hvm_vcpu
 
     p2m = dom.hvm.physmap.p2m
     state = p2m.save()
@@ -89,17 +90,10 @@ def hvm_view(hv: Hypervisor, dom) -> dict[str, Any]:
         "pod": dom.hvm.physmap.pod,
         "shutdown": (dom.shutdown, dom.crash_report, bytes(dom.console), dom.time_offset),
     }
-    for v in dom.vcpus:
-        h = v.hvm
-        view[f"{v.name} lapic"] = folded_lapic_state(v)
-        view[f"{v.name} descriptor"] = h.posted.raw()
-        view[f"{v.name} sources"] = [
-            (asdict(s.source.save()), s.limit, s.delivered, s.dropped, s.irr_coalesced,
-             s._advanced_to) for s in h.sources]
-        view[f"{v.name} vcpu"] = (
-            v.runstate, v.instructions, v.mmu.lapic_mapped, h.ipis_received,
-            dict(h.delivered), h.timer_ns, h.timer_since, h.timer_period_ns, h.lapic_reads,
-            h.lapic_writes, h.lapic_exit, h.window, h.shadow_stepped)
+    for v in dom.vcpus:  # the vCPU's HVM state, its LAPIC as if PIR were folded in now
+        state = replace(save_hvm_vcpu(v), lapic=folded_lapic_state(v))
+        for f in fields(state):
+            view[f"{v.name} {f.name}"] = getattr(state, f.name)
     return view
 
 
@@ -213,14 +207,13 @@ def verify(before: Snapshot, hv: Hypervisor, check_types: bool = True) -> dict[s
     return {"ok": not problems, "checks": checks, "problems": problems}
 
 
-def _due_by(state: dict[str, int], limit: int | None, now_ns: int) -> int:
+def _due_by(state: InterruptSourceState, limit: int | None, now_ns: int) -> int:
     """Occurrences of a source (saved as `state`) not posted yet and due by `now_ns`."""
-    last = now_ns if limit is None else min(now_ns, state["start_ns"]
-                                            + (limit - 1) * state["period_ns"])
-    if last < state["start_ns"]:
+    last = now_ns if limit is None else min(now_ns, state.start_ns
+                                            + (limit - 1) * state.period_ns)
+    if last < state.start_ns:
         return 0
-    return max(0, (last - state["start_ns"]) // state["period_ns"] + 1
-               - state["next_occurrence"])
+    return max(0, (last - state.start_ns) // state.period_ns + 1 - state.next_occurrence)
 
 
 def blackout_posts(before: Snapshot, hv: Hypervisor) -> dict[str, Any]:
@@ -237,9 +230,9 @@ def blackout_posts(before: Snapshot, hv: Hypervisor) -> dict[str, Any]:
             h = v.hvm
             assert h is not None  # every vCPU of an HVM domain
             old = before.hvm[dom.domid][f"{v.name} sources"]
-            for (state, limit, *_), s in zip(old, h.sources, strict=True):
-                due = _due_by(state, limit, now)
-                made = s.source.posted - state["posted"]
+            for saved, s in zip(old, h.sources, strict=True):
+                due = _due_by(saved.state, saved.limit, now)
+                made = s.source.posted - saved.state.posted
                 due_total += due
                 made_total += made
                 if made != due:

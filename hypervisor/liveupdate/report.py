@@ -1,11 +1,9 @@
-"""The live-update report as a person reads it."""
+"""The live-update part of a run's report as a person reads it (the rest: runner.py)."""
 
 from __future__ import annotations
 
 import sys
 from typing import Any, TextIO
-
-from hypervisor.runner import print_report
 
 
 def print_update_report(result: dict[str, Any], out: TextIO | None = None) -> None:
@@ -56,4 +54,3 @@ def print_update_report(result: dict[str, Any], out: TextIO | None = None) -> No
             t = ", ".join(f"{k} {v}" for k, v in u["throughput"].items())
             out.write(f"  guest throughput (instructions per virtual ms): {t}\n")
     out.write("\n")
-    print_report(result, out)

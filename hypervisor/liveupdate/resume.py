@@ -3,7 +3,7 @@ after an exec.
 
 It maps the same file-backed host memory, reads the hand-over in DIR,
 completes the update (restore, typerefs, vCPU state, proof) and carries the
-scenario on to its end, printing the result as the original command would.
+run on to its end, printing the result as the original command would.
 Everything here happens after the point of no return: any failure is one line
 with its exit status (hypervisor/lib/errors.py), never a traceback. The
 hand-over (unless kept) is removed on every path; the memory file was unlinked
@@ -12,7 +12,6 @@ when created (this process reaches it through an inherited descriptor).
 
 from __future__ import annotations
 
-import json
 import pickle
 import shutil
 import sys
@@ -36,19 +35,14 @@ def main(argv: list[str]) -> int:
             finally:  # unreadable: nobody else will remove it
                 if run is None and temporary:
                     shutil.rmtree(workdir, ignore_errors=True)
-            memory = HostMemory(run.scenario.memory, run.memory_file)
+            memory = HostMemory(run.memory_bytes, run.memory_file)
             with hvlab_failure(f"update to {blackout.plan.to_build} "
                                f"({blackout.plan.strategy}), in the new process"):
                 new, report = complete_update(blackout, memory)
             run.record(new, report)
             result = run.carry_on(new)  # (a further update with --exec execs again)
-            if run.output == "json":
-                json.dump(result, sys.stdout, indent=2, default=str)
-                sys.stdout.write("\n")
-            elif run.output == "text":
-                from hypervisor.liveupdate.report import print_update_report
-
-                print_update_report(result)
+            if run.emit is not None:
+                run.emit(result)
     except BrokenPipeError:
         return 0
     except BaseException as err:  # noqa: BLE001 - one line and the status of its kind

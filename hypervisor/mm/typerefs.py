@@ -159,7 +159,7 @@ class PageTyping:
         writable_mapping: Callable[[PageTyping, int], int] | None = None,
     ) -> None:
         self.frames = frames
-        # the rule for a writable mapping: Xen's, or a lab's (hypervisor/seams.py)
+        # the rule for a writable mapping: Xen's, or a lab's (hypervisor/core/seams.py)
         self.writable_mapping = writable_mapping or take_writable_reference
         self.mem = frames.check_mem(mem).reshape(-1)
         self.layout = frames.layout

@@ -47,7 +47,10 @@ from emulator.paging import (
 from hypervisor.pv.base_pointers import BasePointers
 
 
-class LazyTyping(Protocol):
+class PendingTyping(Protocol):
+    """A domain's type state still being rebuilt (a lazy live update): a walk validates
+    the tables it goes through first, and no page table is mapped writable."""
+
     def may_map_writable(self, mfn: int) -> bool: ...
 
     def validate_walk(self, mem_u64, base_ma: int, gva: int) -> None: ...
@@ -66,9 +69,9 @@ class PvMmu:
         self.roots = BasePointers()  # the vCPU's page-table roots (Vcpu.roots)
         self.last_fault: WalkFault | None = None
         self.fills = 0
-        # During a lazy live update: validates the tables a walk goes through and
-        # forbids writable mappings of any page table, validated yet or not.
-        self.lazy: LazyTyping | None = None
+        # while the domain's type state is rebuilt after a live update (lazy): validates
+        # the tables a walk goes through, never maps a page table writable
+        self.pending_typing: PendingTyping | None = None
         self._words = memory.words
         # Paging-structure cache: gva >> 21 -> (L1 table's machine address,
         # writable, executable so far), for walks from `_cached_root`.
@@ -87,21 +90,22 @@ class PvMmu:
                 return self.gdt_ma, PERM_R
             self.last_fault = WalkFault(gva, 1 | (2 if access == "write" else 0), 4)
             return None
-        if self.lazy is None:
+        if self.pending_typing is None:
             return self._fill(gva, access)
         result = self.lookup(gva, access)
         if isinstance(result, WalkFault):
             self.last_fault = result
             return None
         perms = _perms(result)
-        if self.lazy is not None and not self.lazy.may_map_writable(result.ma >> 12):
+        pending = self.pending_typing
+        if pending is not None and not pending.may_map_writable(result.ma >> 12):
             perms &= ~PERM_W
         return result.ma, perms
 
     def lookup(self, gva: int, access: str) -> Translation | WalkFault:
         """A walk for the hypervisor's own guest accesses (copy to/from guest)."""
-        if self.lazy is not None:
-            self.lazy.validate_walk(self.memory.u64, self.roots.kernel_ma, gva)
+        if self.pending_typing is not None:
+            self.pending_typing.validate_walk(self.memory.u64, self.roots.kernel_ma, gva)
         return walk(self.memory.u64, self.roots.kernel_ma, gva, access)
 
 

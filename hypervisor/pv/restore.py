@@ -6,8 +6,8 @@ does, the pinned tables are pinned through get_page_type, which validates
 every table reachable from them, and each vCPU's CR3 takes its reference.
 Any problem raises `RestoreError` naming the record and its offset, after
 the hypervisor has been put back exactly as it was (no frame allocated, the
-frame table rows of the would-be domain free again). HVM images are handed to
-hypervisor/hvm/image.py.
+frame table rows of the would-be domain free again). HVM images are restored by
+hypervisor/hvm/image.py; `hypervisor/images/domains.py` restores either kind.
 """
 
 from __future__ import annotations
@@ -23,21 +23,16 @@ from emulator.addr import PAGE_SIZE
 from emulator.paging import ADDR_MASK, P
 from hypervisor.core.domain import Shutdown
 from hypervisor.core.evtchn import EventChannelState
-from hypervisor.core.vcpu import DOWN, RUNNABLE, TrapEntry
-from hypervisor.lib.errors import HvlabError
+from hypervisor.core.vcpu import TrapEntry
+from hypervisor.lib.errors import RestoreError
 from hypervisor.mm.errors import errno_name
 from hypervisor.mm.rebuild import rebuild_from_roots
 from hypervisor.mm.typerefs import Root
-from hypervisor.pv.save import (
-    FXSAVE_MXCSR,
-    FXSAVE_XMM0,
-    HVLAB_DOMAIN_RECORD,
-    HVLAB_DOMAIN_VERSION,
-    port_from_json,
-)
+from hypervisor.pv.domain import install_pv_domain
+from hypervisor.pv.save import FXSAVE_MXCSR, FXSAVE_XMM0, HVLAB_DOMAIN_VERSION, port_from_json
+from hypervisor.pv.vcpu import PvVcpuState, restore_pv_vcpu, start_pv_vcpu
 from hypervisor.pv.xen import image as xen_image
 from hypervisor.stream import (
-    DomainType,
     EndRecord,
     OpaqueRecord,
     PageDataRecord,
@@ -50,8 +45,9 @@ from hypervisor.stream import (
     X86PvVcpuBasicRecord,
     X86TscInfoRecord,
     check_pfns,
-    open_image_for_read,
 )
+from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD
+from hypervisor.stream.plain import from_plain
 from hypervisor.stream.vcpu_context import VGCF_ONLINE, VcpuGuestContext
 
 if TYPE_CHECKING:
@@ -60,10 +56,6 @@ if TYPE_CHECKING:
 
 MAX_VCPUS = 32
 PFN_BITS_MASK = (1 << 52) - 1
-
-
-class RestoreError(HvlabError):
-    pass
 
 
 @dataclass
@@ -83,33 +75,21 @@ class _Pending:
     shared_info_frame: int | None = None  # a CPL-3 domain's: a hypervisor page
 
 
-def restore_domain(hv: Hypervisor, path: str | Path, name: str | None = None) -> Domain:
-    """Restore the image at `path` as a new domain of `hv` (named `name` if given)."""
-    path = Path(path)
+def restore_pv_domain(hv: Hypervisor, reader: StreamReader, path: Path,
+                      name: str | None = None) -> Domain:
+    """Restore the PV image `reader` is positioned in (after its headers) as a new domain.
+
+    Raises RestoreError (or StreamError, which the caller words) with `hv` left as it was.
+    """
     state = _Pending()
     domid = len(hv.domains)
     try:
-        with open_image_for_read(path) as f:
-            reader = StreamReader(f, keep=frozenset({HVLAB_DOMAIN_RECORD}))
-            if reader.domain_header.type == DomainType.X86_HVM:
-                from hypervisor.hvm.image import restore_hvm_domain  # imports this module
-
-                return restore_hvm_domain(hv, reader, path, name)
-            if reader.domain_header.type != DomainType.X86_PV:
-                raise RestoreError(f"{path}: domain header: only x86 PV and HVM images can be "
-                                   f"restored here (type {reader.domain_header.type})")
-            for record in reader:
-                _apply(hv, state, record, domid, path)
-                if isinstance(record, EndRecord):
-                    break
+        for record in reader:
+            _apply(hv, state, record, domid, path)
+            if isinstance(record, EndRecord):
+                break
         return _finish(hv, state, domid, path, name)
-    except (StreamError, OSError) as err:
-        _undo(hv, state)
-        raise RestoreError(f"{path}: {err}") from None
-    except RestoreError:
-        _undo(hv, state)
-        raise
-    except Exception:
+    except BaseException:
         _undo(hv, state)
         raise
 
@@ -219,6 +199,10 @@ def _finish(hv: Hypervisor, st: _Pending, domid: int, path: Path, name: str | No
     for where, key in pfns_named:
         if not 0 <= int(where.get(key, -1)) < st.nr_pages:
             raise RestoreError(f"{path}: record HVLAB_DOMAIN: {key} lies outside the domain")
+    try:
+        vcpu_states(meta)
+    except (ValueError, TypeError) as err:
+        raise RestoreError(f"{path}: record HVLAB_DOMAIN: {err}") from None
     # The guest's own copies of machine addresses: its P2M list and start_info.
     _rewrite_p2m_list(hv, st)
     start_info_ma = int(st.p2m[meta["start_info_pfn"]]) * PAGE_SIZE
@@ -283,14 +267,18 @@ def install_xen_abi_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray
     from hypervisor.pv.linux.domain import install_linux_domain  # loads the Linux parts
 
     linux = meta["linux"]
-    vmeta = meta.get("vcpus", [])
+    raw_vcpus = meta.get("vcpus", [])  # each with its "xen" part (xen_image.xen_vcpu_meta)
+    vmeta = vcpu_states(meta)
     nr_vcpus = max(len(vmeta), max(contexts) + 1)
     virt_base = int(meta["virt_base"])
     dom = install_linux_domain(hv, name, p2m, shared_info,
                                virt_base + int(meta["start_info_pfn"]) * PAGE_SIZE, virt_base,
                                nr_vcpus, linux["console_pfn"], linux["xenstore_pfn"],
                                linux.get("kernel_file", ""))
-    hv.xen_pv.refresh_m2p()
+    from hypervisor.pv.xen.policy import xen_pv_policy
+
+    support = xen_pv_policy(hv).support
+    support.refresh_m2p()
     _restore_common(hv, dom, meta)
     assert dom.backends is not None and dom.backends.xenstore is not None
     dom.backends.console.restore(xen_image.console_from_json(linux["console_ring"]))
@@ -299,8 +287,7 @@ def install_xen_abi_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray
         if v.vcpu_id not in contexts:
             continue
         ctx = contexts[v.vcpu_id]
-        extra = vmeta[v.vcpu_id] if v.vcpu_id < len(vmeta) else {}
-        xen_extra = extra.get("xen", {})
+        xen_extra = raw_vcpus[v.vcpu_id].get("xen", {}) if v.vcpu_id < len(raw_vcpus) else {}
         v.xen = xen_image.restore_xen_vcpu(v, ctx, xen_extra, lambda pfn: int(p2m[pfn]))
         base, user = bases[v.vcpu_id]
         v.roots.kernel_ma, v.roots.user_ma = base * PAGE_SIZE, user * PAGE_SIZE
@@ -308,11 +295,11 @@ def install_xen_abi_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray
         regs["cs"], regs["ss"] = ctx.user_regs.cs, ctx.user_regs.ss
         regs["gs_base"] = ctx.gs_base_kernel if v.xen.kernel_mode else ctx.gs_base_user
         regs["cr2"] = xen_extra.get("cpu_cr2", ctx.ctrlreg[2])
-        hv.xen_pv.resume_vcpu(v, regs, xen_extra.get("cpu_cr4", ctx.ctrlreg[4]))
+        support.resume_vcpu(v, regs, xen_extra.get("cpu_cr4", ctx.ctrlreg[4]))
         if v.xen.vcpu_info_ma is not None:
             start = v.xen.vcpu_info_ma
             dom.events.bits._moved[v.vcpu_id] = hv.memory.u8[start:start + 64]
-        _restore_vcpu_common(dom, v, ctx, extra)
+        _restore_vcpu_common(v, ctx, vmeta)
     return dom
 
 
@@ -325,19 +312,19 @@ def install_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray,
     """
     nr_vcpus = max(len(meta.get("vcpus", [])), max(contexts) + 1)
     virt_base = int(meta["virt_base"])
-    dom = hv.install_pv_domain(name or meta["name"], p2m, int(meta["shared_info_pfn"]),
+    dom = install_pv_domain(hv, name or meta["name"], p2m, int(meta["shared_info_pfn"]),
                                virt_base + int(meta["start_info_pfn"]) * PAGE_SIZE,
                                virt_base, nr_vcpus)
     _restore_common(hv, dom, meta)
-    vmeta = meta.get("vcpus", [])
+    vmeta = vcpu_states(meta)
     for v in dom.vcpus:
         if v.vcpu_id not in contexts:
             continue
         ctx = contexts[v.vcpu_id]
         base, user = bases[v.vcpu_id]
-        hv.start_vcpu(v, _registers(ctx), base * PAGE_SIZE)
+        start_pv_vcpu(hv, v, _registers(ctx), base * PAGE_SIZE)
         v.roots.user_ma = user * PAGE_SIZE
-        _restore_vcpu_common(dom, v, ctx, vmeta[v.vcpu_id] if v.vcpu_id < len(vmeta) else {})
+        _restore_vcpu_common(v, ctx, vmeta)
     return dom
 
 
@@ -354,18 +341,21 @@ def _restore_common(hv: Hypervisor, dom: Domain, meta: dict[str, Any]) -> None:
     dom.events.restore(EventChannelState(ports, virqs, ev.get("sent", 0), ev.get("raised", 0)))
 
 
-def _restore_vcpu_common(dom: Domain, v, ctx: VcpuGuestContext, extra: dict[str, Any]) -> None:
+def _restore_vcpu_common(v, ctx: VcpuGuestContext, vmeta: list[PvVcpuState]) -> None:
     """Callbacks, trap table, runstate, timer and counters of a restored vCPU."""
     v.event_callback = ctx.event_callback_eip
     v.failsafe_callback = ctx.failsafe_callback_eip
     v.syscall_callback = ctx.syscall_callback_eip
     v.trap_table = {t.vector: TrapEntry(t.vector, t.flags, t.cs, t.address)
                     for t in ctx.trap_ctxt if t.address}
-    v.runstate = extra.get("runstate", RUNNABLE if ctx.flags & VGCF_ONLINE else DOWN)
-    deadline = extra.get("timer_deadline_ns")
-    v.timer_deadline_ns = None if deadline is None else deadline - dom.time_offset
-    v.upcalls = extra.get("upcalls", 0)
-    v.instructions = extra.get("instructions", 0)
+    state = vmeta[v.vcpu_id] if v.vcpu_id < len(vmeta) else PvVcpuState()
+    restore_pv_vcpu(v, state, bool(ctx.flags & VGCF_ONLINE))
+
+
+def vcpu_states(meta: dict[str, Any]) -> list[PvVcpuState]:
+    """HVLAB_DOMAIN's per-vCPU state (ValueError or TypeError if damaged)."""
+    return [from_plain(PvVcpuState, extra, f"vCPU {vid}")
+            for vid, extra in enumerate(meta.get("vcpus", []))]
 
 
 def _rewrite_p2m_list(hv: Hypervisor, st: _Pending) -> None:

@@ -3,7 +3,8 @@
 The domain must be paused (the hypervisor is between slices). Page-table
 pages are *normalised* (each present entry's MFN replaced by its PFN) so the
 image does not depend on the host frames it came from; pages that are all
-zero go out as XALLOC without data. HVM domains are saved by hypervisor/hvm/image.py.
+zero go out as XALLOC without data. HVM domains are saved by hypervisor/hvm/image.py;
+`hypervisor/images/domains.py` saves either kind.
 """
 
 from __future__ import annotations
@@ -19,12 +20,17 @@ import numpy as np
 from emulator.addr import PAGE_SIZE
 from emulator.paging import ADDR_MASK, P
 from hypervisor.core.evtchn import Port
+from hypervisor.core.hypervisor import TSC_KHZ
 from hypervisor.core.vcpu import DOWN
-from hypervisor.lib.errors import HvlabError
+from hypervisor.lib.errors import SaveError
 from hypervisor.lib.extents import runs_of
 from hypervisor.mm.builds import PageType
+from hypervisor.pv.vcpu import save_pv_vcpu
 from hypervisor.pv.xen import image as xen_image
 from hypervisor.stream import DomainType, Pfinfo, StreamWriter, open_image_for_write
+from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD
+from hypervisor.stream.hvlab_records import PAGE_DATA_BATCH as BATCH
+from hypervisor.stream.plain import to_plain
 from hypervisor.stream.vcpu_context import (
     VGCF_I387_VALID,
     VGCF_IN_KERNEL,
@@ -39,21 +45,14 @@ if TYPE_CHECKING:
     from hypervisor.core.hypervisor import Hypervisor
     from hypervisor.mm.frametable import FrameTable
 
-HVLAB_DOMAIN_RECORD = 0x8000_4801  # optional (bit 31): other readers skip it
 HVLAB_DOMAIN_VERSION = 1
-BATCH = 1024  # pfns per PAGE_DATA record, as libxc
 HYPERVISOR_L4_SLOTS = slice(256, 272)
-TSC_KHZ = 1_000_000  # one instruction per nanosecond: a 1 GHz TSC
 FXSAVE_MXCSR, FXSAVE_XMM0 = 24, 160
 PIN_OFFSET = Pfinfo.L1TAB_PIN - Pfinfo.L1TAB  # L1TAB_PIN .. L4TAB_PIN follow L1TAB .. L4TAB
 
 _USER_REG_NAMES = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8",
                    "rax", "rcx", "rdx", "rsi", "rdi", "rip", "rflags", "rsp",
                    "cs", "ss", "ds", "es")
-
-
-class SaveError(HvlabError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -169,14 +168,7 @@ def domain_state(hv: Hypervisor, dom: Domain,
         },
         "shutdown": None if dom.shutdown is None else vars(dom.shutdown),
         "crash_report": dom.crash_report,
-        "vcpus": [{
-            "runstate": v.runstate,
-            "timer_deadline_ns": (None if v.timer_deadline_ns is None
-                                  else v.timer_deadline_ns + dom.time_offset),
-            "upcalls": v.upcalls,
-            "instructions": v.instructions,
-            "pcpu": v.pcpu,
-        } for v in dom.vcpus],
+        "vcpus": [to_plain(save_pv_vcpu(v)) for v in dom.vcpus],
     }
     if xen_abi:
         for v, entry in zip(dom.vcpus, state["vcpus"], strict=True):
@@ -190,14 +182,8 @@ def port_from_json(entry: dict[str, Any]) -> tuple[int, Port]:
     return entry["port"], Port(**fields)
 
 
-def save_domain(hv: Hypervisor, dom: Domain, path: str | Path) -> dict[str, Any]:
-    """Write `dom` to `path` (zstd-compressed if it ends in .zst); returns statistics."""
-    if dom.kind == "hvm":
-        from hypervisor.hvm.image import save_hvm_domain  # HVM records: hypervisor/hvm/image.py
-
-        return save_hvm_domain(hv, dom, path)
-    if dom.kind != "pv":
-        raise SaveError(f"domain {dom.name}: saving {dom.kind} domains is not supported yet")
+def save_pv_domain(hv: Hypervisor, dom: Domain, path: str | Path) -> dict[str, Any]:
+    """Write PV domain `dom` to `path` (zstd if it ends in .zst); returns statistics."""
     if not dom.alive:
         raise SaveError(f"domain {dom.name} has shut down: nothing to save")
     started = time.perf_counter()

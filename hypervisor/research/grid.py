@@ -22,7 +22,7 @@ from pathlib import Path
 
 from hypervisor.images.guest_layouts import LAYOUTS
 from hypervisor.lib.errors import HvlabError
-from hypervisor.liveupdate.strategies.base import STRATEGIES
+from hypervisor.liveupdate.strategies import names as strategy_names
 from hypervisor.mm.builds import BUILDS
 from hypervisor.scenario import parse_size
 
@@ -124,9 +124,9 @@ def load_grid(path: str | Path) -> list[Run]:
     if kind == "update":
         strategies = _list(grid, "strategies", path)
         for s in strategies:
-            if s not in STRATEGIES:
+            if s not in strategy_names():
                 raise GridError(f"{path}: unknown strategy {s!r} "
-                                f"(choose from {', '.join(STRATEGIES)})")
+                                f"(choose from {', '.join(strategy_names())})")
     else:
         if "strategies" in grid:
             raise GridError(f"{path}: kind revalidate has no strategies (it rebuilds all "

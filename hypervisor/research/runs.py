@@ -71,10 +71,11 @@ def run_one(run: Run) -> dict[str, Any]:
 def _update(run: Run) -> dict[str, Any]:
     from hypervisor.core.hypervisor import Hypervisor, MachineConfig
     from hypervisor.images import image_make
+    from hypervisor.images.domains import restore_domain
     from hypervisor.liveupdate.costs import DEFAULT_COSTS_NS, deferred_ns
     from hypervisor.liveupdate.orchestrator import UpdatePlan, live_update, prepare
     from hypervisor.liveupdate.strategies.base import typed_work
-    from hypervisor.pv.restore import restore_domain
+    from hypervisor.liveupdate.strategies.lazy import lazy_update_of
 
     with tempfile.TemporaryDirectory(prefix="hvlab-sweep-") as tmp:
         image = Path(run.image) if run.image else Path(tmp) / "guest.img"
@@ -94,12 +95,12 @@ def _update(run: Run) -> dict[str, Any]:
             before_pause_s = time.perf_counter() - started
             hv, report = live_update(hv, plan, prepared)
             after_s = 0.0
-            if hv.lazy_update is not None:
-                lazy = hv.lazy_update
+            if lazy_update_of(hv) is not None:  # lazy: run until its validation is done
                 limit = hv.now + LAZY_RUN_LIMIT_NS
-                while lazy.shadow_off_ns is None and hv.now < limit and hv.domains[0].alive:
+                while (lazy_update_of(hv) is not None and hv.now < limit
+                       and hv.domains[0].alive):
                     hv.run(hv.now + 1_000_000)
-                lazy.finish_now()
+                hv.finish_background_work()
                 after_s = report["counters"].get("lazy_background_wall_s", 0.0)
                 report["deferred_work_ns"] = deferred_ns(report["counters"], DEFAULT_COSTS_NS)
         finally:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from hypervisor.lib.errors import HvlabError
+from hypervisor.lib.progress import progress
 from hypervisor.research.grid import Run, load_grid
-from hypervisor.research.progress import progress
 from hypervisor.research.runs import COLUMNS, run_one
 from hypervisor.research.table import TableWriter, table_format
 

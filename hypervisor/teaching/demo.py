@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import TextIO
 
 from hypervisor.api import Machine
-from hypervisor.liveupdate.driver import run_with_updates
 from hypervisor.liveupdate.orchestrator import UpdatePlan
 from hypervisor.liveupdate.report import print_update_report
-from hypervisor.runner import run_scenario
+from hypervisor.runner import run_scenario, run_with_updates
 from hypervisor.scenario import load_scenario
 from hypervisor.teaching.labs import LABS_ROOT, SCENARIOS
 

@@ -66,7 +66,7 @@ def open_machine(source: str, at_ns: int) -> Hypervisor:
 def _machine_for_image(path: Path) -> Hypervisor:
     from hypervisor.core.hypervisor import Hypervisor, MachineConfig
     from hypervisor.images import image_info
-    from hypervisor.pv.restore import restore_domain
+    from hypervisor.images.domains import restore_domain
 
     if not path.is_file():
         raise HvlabError(f"{path}: no such scenario or image")

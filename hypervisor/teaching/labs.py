@@ -4,7 +4,7 @@ A lab is a folder `scenarios/labs/<name>/` holding a README.md (the story,
 what to read, what to change, how it is graded), the files a student edits
 and `checks.py`, whose `grade(lab)` runs the checks through the `Lab` given
 here. A student's Python file is loaded by `Lab.load` and reaches hvlab only
-through a `Seams` (hypervisor/seams.py) passed to the runs the checks make:
+through a `Seams` (hypervisor/core/seams.py) passed to the runs the checks make:
 students never edit hvlab's sources, and a grader sees exactly what ran.
 
 Each check is worth one point; a failing check says what went wrong in the

@@ -19,6 +19,7 @@ from hypervisor.lib.errors import BAD_INPUT, INTERNAL_FAILURE, RUN_FAILED, Hvlab
 from hypervisor.liveupdate import driver, resume
 from hypervisor.liveupdate.proof import ProofFailed
 from hypervisor.liveupdate.strategies import base as strategies
+from hypervisor.liveupdate.strategies import full_walk
 from tests import SCENARIOS
 from tests.results import stable
 
@@ -121,7 +122,7 @@ def test_a_chain_of_updates_is_checked_before_the_run(tmp_path, capsys, temp_dir
     """lazy to 4.12, then transfer 4.12 -> 4.4 (no translator), then full-walk: refused
     before booting, naming the second update; no guest ran."""
     booted = []
-    monkeypatch.setattr(driver, "boot_scenario", lambda *a, **k: booted.append(a))
+    monkeypatch.setattr("hypervisor.runner.boot_scenario", lambda *a, **k: booted.append(a))
     text = SMP.read_text().replace('"guests/', f'"{SCENARIOS}/guests/')
     for at, to, strategy in (("2ms", "4.12", "lazy"), ("2010us", "4.4", "transfer"),
                              ("2020us", "4.19", "full-walk")):
@@ -142,7 +143,7 @@ def test_an_internal_failure_is_one_line_and_status_3(capsys, temp_dir, monkeypa
     def refuse(*args, **kwargs):
         raise strategies.StrategyError("planted: rc -22 on a legal table")
 
-    monkeypatch.setattr(strategies, "full_walk", refuse)
+    monkeypatch.setattr(full_walk.FullWalk, "rebuild", refuse)
     monkeypatch.delenv("HVLAB_DEBUG", raising=False)
     status, out, err = run(capsys, "update", SMP, "--at", "2ms", "--to", "4.12",
                            "--strategy", "full-walk")
@@ -186,7 +187,7 @@ def test_a_signal_in_the_blackout_leaves_nothing_behind(capsys, temp_dir, monkey
         os.kill(os.getpid(), signum)  # the real signal, handled as the CLI handles it
         raise AssertionError("the signal did not interrupt")
 
-    monkeypatch.setattr(strategies, "full_walk", interrupted)
+    monkeypatch.setattr(full_walk.FullWalk, "rebuild", interrupted)
     code, _, err = run(capsys, "update", SMP, "--at", "2ms", "--to", "4.12",
                        "--strategy", "full-walk")
     assert code == status and err.count("\n") == 1
@@ -239,7 +240,7 @@ def test_a_failed_exec_update_leaves_nothing_behind(capsys, temp_dir, monkeypatc
         raise strategies.StrategyError("planted in the new process")
 
     monkeypatch.setattr(driver.os, "execv", execv_resume)
-    monkeypatch.setattr(strategies, "full_walk", refuse)
+    monkeypatch.setattr(full_walk.FullWalk, "rebuild", refuse)
     with pytest.raises(SystemExit) as exit_:
         main(["update", str(SMP), "--at", "2ms", "--to", "4.12", "--strategy", "full-walk",
               "--exec"])

@@ -15,6 +15,7 @@ from emulator.irqsource import InterruptSource
 from emulator.posted import PostedInterruptDescriptor
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
 from hypervisor.hvm.interrupts import in_interrupt_shadow, window_budget
+from hypervisor.hvm.policy import create_hvm_domain, hvm_policy
 from hypervisor.hvm.vcpu import HvmSource, HvmVcpu
 from hypervisor.hvm.vlapic import REG_IRR, REG_SVR, VLapic
 from tests import GUESTS
@@ -120,7 +121,7 @@ def boot(code: bytes, gates: dict[int, int] | None = None, handler: bytes = b"",
          vcpus: int = 1):
     """An HVM domain whose entry runs `code`; `gates` maps vectors to handler offsets."""
     hv = Hypervisor(MachineConfig(1, 64 * MB))
-    dom = hv.create_hvm_domain("t", str(GUESTS / "hvm_memtouch.elf"), 4 * MB, vcpus)
+    dom = create_hvm_domain(hv, "t", str(GUESTS / "hvm_memtouch.elf"), 4 * MB, vcpus)
     pm, layout = dom.hvm.physmap, dom.hvm.layout
     entry = 0x101000  # hvm_memtouch's _start, right after its hypercall page
 
@@ -171,7 +172,7 @@ def test_a_fault_without_an_idt_gate_crashes_the_domain_with_a_report():
 
 def test_spare_vcpus_go_down_and_the_domain_keeps_running():
     hv = Hypervisor(MachineConfig(1, 64 * MB, quantum_ns=10_000))  # both get a turn
-    dom = hv.create_hvm_domain("t", str(GUESTS / "hvm_memtouch.elf"), 8 * MB, 2)
+    dom = create_hvm_domain(hv, "t", str(GUESTS / "hvm_memtouch.elf"), 8 * MB, 2)
     hv.run(10**9)
     assert dom.shutdown.reason == "poweroff" and dom.shutdown.code == 0, dom.console_text()
     assert [v.runstate for v in dom.vcpus] == ["runnable", "down"]
@@ -179,15 +180,15 @@ def test_spare_vcpus_go_down_and_the_domain_keeps_running():
 
 def test_log_dirty_tracks_every_page_the_guest_writes():
     hv = Hypervisor(MachineConfig(1, 64 * MB))
-    dom = hv.create_hvm_domain("t", str(GUESTS / "hvm_memtouch.elf"), 4 * MB, 1)
-    hv.hvm.enable_logdirty(dom)
+    dom = create_hvm_domain(hv, "t", str(GUESTS / "hvm_memtouch.elf"), 4 * MB, 1)
+    hvm_policy(hv).enable_logdirty(dom)
     hv.run(10**9)
     assert dom.shutdown.code == 0, dom.console_text()
-    dirty = set(hv.hvm.take_dirty(dom).tolist())
+    dirty = set(hvm_policy(hv).take_dirty(dom).tolist())
     layout = dom.hvm.layout
     touched = set(range(layout.region_end >> 12, layout.ram_end >> 12))
     assert touched <= dirty  # every page the guest wrote
     tables = layout.page_tables >> 12
     assert tables in dirty  # the L4: its Accessed bits were written by the walker
     assert dom.hvm.violations["log_dirty"] == len(dirty)
-    assert hv.hvm.take_dirty(dom).size == 0
+    assert hvm_policy(hv).take_dirty(dom).size == 0

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from hypervisor.cli import main
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
 from hypervisor.hvm.image import HVM_PARAM_PAE_ENABLED, hvm_domain_digest
-from hypervisor.pv.restore import RestoreError, restore_domain
-from hypervisor.pv.save import HVLAB_DOMAIN_RECORD, save_domain
+from hypervisor.images.domains import restore_domain, save_domain
+from hypervisor.lib.errors import RestoreError
 from hypervisor.runner import boot_scenario
 from hypervisor.scenario import load_scenario
 from hypervisor.stream import (
@@ -29,6 +29,7 @@ from hypervisor.stream import (
     X86TscInfoRecord,
     open_image_for_read,
 )
+from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD
 from hypervisor.stream.hvm_records import HvmContext, HvmHwCpu
 from tests import SCENARIOS
 from tests.image_surgery import assert_refused_cleanly as refused_on
@@ -44,8 +45,8 @@ def outcome(hv: Hypervisor, until: int) -> list:
     """Everything the guest and its devices did: console, fate, counters, every page."""
     hv.run(until)
     return [(d.console, d.shutdown, d.crash_report,
-             [(v.runstate, v.instructions, v.pcpu, hv.hvm.describe_vcpu(v)) for v in d.vcpus],
-             hv.hvm.describe_domain(d), hvm_domain_digest(hv, d)) for d in hv.domains]
+             [(v.runstate, v.instructions, v.pcpu, d.policy.describe_vcpu(v)) for v in d.vcpus],
+             d.policy.describe(d), hvm_domain_digest(hv, d)) for d in hv.domains]
 
 
 def save_and_restore(scenario, at: int, path: Path) -> tuple[Hypervisor, Hypervisor]:

@@ -677,3 +677,30 @@ def test_coalesced_periodic_ticks_are_delivered_later_one_per_eoi():
     restored, _ = make_lapic()
     restored.restore(state)
     assert restored.save() == state
+
+
+def test_recipe_a_new_lapic_register_is_two_entries_in_vlapic_py(monkeypatch):
+    """README "How do I add a LAPIC feature": a plainly stored register is legal in
+    `_LEGAL_REGISTERS` and writable in `_WRITE_MASK` (hypervisor/hvm/vlapic.py); it then
+    reads back, lives in the register page and so travels in State and LAPIC_REGS."""
+    from hypervisor.hvm import vlapic
+
+    scratch = 0x3F0  # reserved on a real xAPIC: illegal until registered
+    before = VLapic(0, lambda *_: None)
+    before.mmio_write(scratch, 4, 0x1234)
+    assert before.mmio_read(REG_ESR, 4) == 0  # not yet latched...
+    before.mmio_write(REG_ESR, 4, 0)
+    assert before.mmio_read(REG_ESR, 4) & 0x80  # ...illegal register address
+
+    monkeypatch.setattr(vlapic, "_LEGAL_REGISTERS", vlapic._LEGAL_REGISTERS | {scratch})
+    monkeypatch.setitem(vlapic._WRITE_MASK, scratch, 0xFF)
+    lapic = VLapic(0, lambda *_: None)
+    lapic.mmio_write(scratch, 4, 0x1234)
+    assert lapic.mmio_read(scratch, 4) == 0x34  # only the writable bits
+    copy = VLapic(0, lambda *_: None)
+    copy.restore(lapic.save())
+    assert copy.mmio_read(scratch, 4) == 0x34
+    regs = lapic.hvm_lapic_regs_record()
+    assert struct.unpack_from("<I", regs, scratch)[0] == 0x34
+    lapic.mmio_write(REG_ESR, 4, 0)
+    assert lapic.mmio_read(REG_ESR, 4) == 0  # no error this time

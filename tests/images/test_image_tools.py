@@ -13,11 +13,10 @@ import pytest
 from hypervisor.core.elf import load_kernel
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
 from hypervisor.images import ImageError, image_info, image_make, image_verify
+from hypervisor.images.domains import restore_domain
 from hypervisor.images.make import workload_kernel
 from hypervisor.lib.errors import HvlabError
 from hypervisor.pv.builder import plan_layout
-from hypervisor.pv.restore import restore_domain
-from hypervisor.pv.save import HVLAB_DOMAIN_RECORD
 from hypervisor.stream import (
     OpaqueRecord,
     PageDataRecord,
@@ -27,6 +26,7 @@ from hypervisor.stream import (
     open_image_for_read,
     open_image_for_write,
 )
+from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD
 
 MIB = 1 << 20
 SMALL = 16 * MIB

@@ -75,7 +75,7 @@ def test_an_update_reports_its_breakdown_and_the_work_outside_the_blackout(strat
         assert report["before_pause"]["prevalidate_ptes_examined"] > 0
     if strategy == "lazy":
         assert report["deferred_work_ns"] is None  # not priced before lazy has finished
-        new.lazy_update.finish_now()
+        new.finish_background_work()
         assert report["deferred_work_ns"] == model.deferred_ns(report["counters"], plan.costs)
     else:
         assert report["deferred_work_ns"] == 0

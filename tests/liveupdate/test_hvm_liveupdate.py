@@ -13,9 +13,8 @@ import pytest
 from hypervisor.hvm.ept import P2mType
 from hypervisor.hvm.physmap import ept_layout_for
 from hypervisor.liveupdate.costs import DEFAULT_COSTS_NS
-from hypervisor.liveupdate.driver import run_with_updates
 from hypervisor.liveupdate.orchestrator import PHASES, UpdatePlan, live_update
-from hypervisor.runner import boot_scenario, run_scenario
+from hypervisor.runner import boot_scenario, run_scenario, run_with_updates
 from hypervisor.scenario import UpdateSpec, load_scenario
 from tests import SCENARIOS
 from tests.results import SHORT_BLACKOUT_COSTS as SHORT
@@ -134,7 +133,7 @@ def test_an_update_that_takes_no_time_changes_nothing_the_guest_can_see():
 def test_populate_on_demand_and_log_dirty_cross_the_update():
     hv = boot_scenario(load_scenario(SCENARIOS / "hvm-memtouch.toml"))
     old = hv.domains[0]
-    hv.hvm.enable_logdirty(old)
+    old.hvm.physmap.enable_logdirty()
     hv.run(5_000)  # touching its memory: part of it populated, some gfns dirty
     p2m = old.hvm.physmap.p2m
     pod = p2m.types == P2mType.POPULATE_ON_DEMAND

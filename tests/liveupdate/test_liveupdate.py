@@ -7,8 +7,8 @@ import json
 import pytest
 
 from hypervisor.cli import main
-from hypervisor.liveupdate.driver import run_with_updates
 from hypervisor.liveupdate.orchestrator import PHASES, UpdatePlan
+from hypervisor.runner import run_with_updates
 from hypervisor.scenario import UpdateSpec, load_scenario
 from tests import SCENARIOS
 from tests.results import SHORT_BLACKOUT_COSTS as SHORT

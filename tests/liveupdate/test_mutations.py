@@ -19,17 +19,16 @@ import pytest
 
 from emulator.engine import PERM_W
 from emulator.paging import ADDR_MASK, RW, A, D, P
-from hypervisor.core.hypercalls import VcpuMmuContext
 from hypervisor.liveupdate import orchestrator
-from hypervisor.liveupdate.driver import run_with_updates
 from hypervisor.liveupdate.handover import HandoverError
 from hypervisor.liveupdate.orchestrator import UpdatePlan, live_update, prepare
 from hypervisor.liveupdate.proof import ProofFailed
-from hypervisor.liveupdate.strategies import base as strategies
-from hypervisor.liveupdate.strategies.lazy import LazyDomain
+from hypervisor.liveupdate.strategies import base, names, transfer
+from hypervisor.liveupdate.strategies.lazy import LazyDomain, lazy_update_of
 from hypervisor.mm.builds import get_build
+from hypervisor.pv.hypercalls import VcpuMmuContext
 from hypervisor.pv.mmu_ops import DOMID_SELF, MMUEXT_NEW_USER_BASEPTR, do_mmuext_op
-from hypervisor.runner import boot_scenario
+from hypervisor.runner import boot_scenario, run_with_updates
 from hypervisor.scenario import UpdateSpec, load_scenario
 from tests import SCENARIOS
 
@@ -49,9 +48,8 @@ def _updated(hv, plan: UpdatePlan) -> dict:
     new, report = live_update(hv, plan, prepare(hv, plan))
     assert new is not hv and report["outcome"] == "updated" and report["proof"]["ok"]
     if plan.strategy == "lazy":
-        lazy = new.lazy_update
-        assert lazy is not None
-        lazy.finish_now()  # the lazy proof runs when validation completes
+        assert lazy_update_of(new) is not None
+        new.finish_background_work()  # the lazy proof runs when validation completes
         assert report["proof_after_lazy"]["ok"]
     return report
 
@@ -65,7 +63,7 @@ def lazy_never_maps_a_page_table_writable() -> None:
     can tell the two apart."""
     hv = booted(PTCHURN, 2_000_000)
     new, report = live_update(hv, UpdatePlan("4.12", "lazy", sweep_budget_ptes=1))
-    lazy = new.lazy_update
+    lazy = lazy_update_of(new)
     assert report["proof"]["ok"] and lazy is not None and lazy.shadow_off_ns is None
     dom = new.domains[0]
     v = dom.vcpus[0]
@@ -102,7 +100,7 @@ def every_strategy_keeps_user_cr3_references() -> None:
     """A PV domain whose vCPU issued MMUEXT_NEW_USER_BASEPTR (as a 64-bit PV kernel does
     for its user page tables) is updated while that user L4 is set: its extra
     reference must be rebuilt by every strategy (the proof compares type counts)."""
-    for strategy in strategies.STRATEGIES:
+    for strategy in names():
         hv = booted(PV_SMP, 2_000_000)
         v = hv.domains[0].vcpus[0]
         user_l4 = v.roots.kernel_ma >> 12  # a second root reference to the kernel's L4
@@ -169,7 +167,7 @@ def _no_user_cr3(monkeypatch) -> None:
     def kernel_only(contexts):  # every vCPU's CR3, none of its user L4
         return [ctx.ctrlreg[3] >> 12 for _vid, ctx in sorted(contexts.items())]
 
-    monkeypatch.setattr(strategies, "cr3s_of", kernel_only)
+    monkeypatch.setattr(base, "cr3s_of", kernel_only)
 
 
 def _ept_loses_write(monkeypatch) -> None:
@@ -218,7 +216,7 @@ def _abort_damages_a_guest(monkeypatch) -> None:
 
 def _translator_flips_a_pin(monkeypatch) -> None:
     pair = ("4.19", "4.12")
-    translate = strategies.TRANSLATORS[pair]
+    translate = transfer.TRANSLATORS[pair]
     pinned_bit = np.uint64(get_build("4.12").type_info.pinned_bit)
 
     def flip_first_pin(type_info: np.ndarray) -> np.ndarray:
@@ -227,7 +225,7 @@ def _translator_flips_a_pin(monkeypatch) -> None:
         out[pinned[0]] ^= np.uint64(1) << pinned_bit
         return out
 
-    monkeypatch.setitem(strategies.TRANSLATORS, pair, flip_first_pin)
+    monkeypatch.setitem(transfer.TRANSLATORS, pair, flip_first_pin)
 
 
 def _prevalidate_trusts_stale_tables(monkeypatch) -> None:

@@ -14,10 +14,10 @@ import pytest
 
 from hypervisor.lib.errors import INTERNAL_FAILURE
 from hypervisor.liveupdate import resume
-from hypervisor.liveupdate.driver import RESUME_FILE, run_with_updates
+from hypervisor.liveupdate.driver import RESUME_FILE
 from hypervisor.liveupdate.orchestrator import UpdatePlan
 from hypervisor.mm.builds import PageType
-from hypervisor.runner import boot_scenario
+from hypervisor.runner import boot_scenario, run_with_updates
 from hypervisor.scenario import UpdateSpec, load_scenario
 from tests import SCENARIOS
 
@@ -100,7 +100,7 @@ def test_lazy_to_another_build_while_the_guest_initialises_its_second_vcpu():
 # ------------------------------------------------------------- the user page table in images
 def _saved_with_a_user_table(tmp_path) -> tuple[Path, int]:
     """pv-ptchurn saved while NEW_USER_BASEPTR holds its second L4: (image, that L4's pfn)."""
-    from hypervisor.pv.save import save_domain
+    from hypervisor.images.domains import save_domain
 
     hv = boot_scenario(load_scenario(SCENARIOS / "pv-ptchurn.toml"))
     hv.run(ON_SECOND_ROOT_NS)
@@ -131,8 +131,8 @@ def test_a_saved_user_page_table_is_in_xens_encoding(tmp_path):
 @pytest.mark.parametrize("xen_encoding", [True, False])
 def test_either_user_page_table_encoding_verifies_and_restores(tmp_path, xen_encoding):
     from hypervisor.core.hypervisor import Hypervisor, MachineConfig
+    from hypervisor.images.domains import restore_domain
     from hypervisor.images.verify import image_verify
-    from hypervisor.pv.restore import restore_domain
 
     path, user_pfn = _saved_with_a_user_table(tmp_path)
     image = bytearray(path.read_bytes())
@@ -154,7 +154,7 @@ LINKED_L4S_NS = 70_000  # pv-hostile holds a read-only L4 entry onto its second,
 
 
 def _linked_l4_image(tmp_path) -> Path:
-    from hypervisor.pv.save import save_domain
+    from hypervisor.images.domains import save_domain
 
     hv = boot_scenario(load_scenario(SCENARIOS / "pv-hostile.toml"))
     hv.run(LINKED_L4S_NS)
@@ -165,8 +165,8 @@ def _linked_l4_image(tmp_path) -> Path:
 
 def test_an_image_holding_a_linear_l4_entry_verifies_restores_and_finishes(tmp_path):
     from hypervisor.core.hypervisor import Hypervisor, MachineConfig
+    from hypervisor.images.domains import restore_domain
     from hypervisor.images.verify import image_verify
-    from hypervisor.pv.restore import restore_domain
 
     path = _linked_l4_image(tmp_path)
     verdict = image_verify(path, out=io.StringIO())
@@ -193,10 +193,11 @@ def test_an_update_while_an_l4_links_to_a_later_pinned_l4(strategy):
 # ----------------------------------- an L4 that only a linear entry holds (its pin dropped)
 def _as_guest(hv, dom, cmd: int, mfn: int) -> int:
     """One mmuext_op from the domain's vCPU 0, through the hypervisor's own path."""
-    from hypervisor.core.hypercalls import VcpuMmuContext
+    from hypervisor.pv.hypercalls import VcpuMmuContext
     from hypervisor.pv.mmu_ops import do_mmuext_op
+    from hypervisor.pv.vcpu import finish_pending_typing
 
-    hv.before_page_table_hypercall(dom)
+    finish_pending_typing(dom)
     rc, _ = do_mmuext_op(VcpuMmuContext(hv, dom.vcpus[0]), [[cmd, mfn, 0]])
     return rc
 
@@ -246,9 +247,8 @@ def _repin_and_finish(hv, dom) -> None:
 
 def test_an_image_where_only_a_linear_entry_holds_an_l4_verifies_and_restores(tmp_path):
     from hypervisor.core.hypervisor import Hypervisor, MachineConfig
+    from hypervisor.images.domains import restore_domain, save_domain
     from hypervisor.images.verify import image_verify
-    from hypervisor.pv.restore import restore_domain
-    from hypervisor.pv.save import save_domain
 
     old = _linked_then_unpinned()
     path = tmp_path / "hostile.img"
@@ -273,8 +273,8 @@ def test_an_update_while_only_a_linear_entry_holds_an_l4(strategy):
     assert report["outcome"] == "updated", report
     assert report["proof"]["ok"], report["proof"]["problems"]
     dom = hv.domains[0]
-    if hv.lazy_update is not None:
-        hv.lazy_update.finish_now()
+    hv.finish_background_work()
+    if strategy == "lazy":
         assert report["proof_after_lazy"]["ok"], report["proof_after_lazy"]["problems"]
     assert hv.check_typerefs(dom) == []
     assert _type_rows(hv, dom) == before

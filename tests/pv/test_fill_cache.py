@@ -82,9 +82,10 @@ def test_without_the_cache_every_fill_walks_afresh() -> None:
 
 
 def test_a_plugged_writable_mapping_rule_turns_the_cache_off() -> None:
+    from hypervisor.seams import Seams
+
     from hypervisor.runner import boot_scenario
     from hypervisor.scenario import load_scenario
-    from hypervisor.seams import Seams
     from tests import SCENARIOS
 
     scenario = load_scenario(SCENARIOS / "pv-hello.toml")
@@ -140,6 +141,7 @@ def test_a_page_table_hypercall_empties_every_vcpus_cache() -> None:
     hypervisor never sees: no vCPU of the domain may keep walks from before."""
     from hypervisor.core.hypercalls import HYPERVISOR_MMUEXT_OP, call
     from hypervisor.mm.frametable import DOMID_SELF
+    from hypervisor.pv.hypercalls import PV_HYPERCALLS
     from hypervisor.runner import boot_scenario
     from hypervisor.scenario import load_scenario
     from tests import SCENARIOS
@@ -150,5 +152,5 @@ def test_a_page_table_hypercall_empties_every_vcpus_cache() -> None:
     vcpus = hv.domains[0].vcpus
     assert len(vcpus) >= 2
     assert any(v.mmu._upper for v in vcpus)  # the guest's own fills left walks cached
-    assert call(hv, vcpus[0], HYPERVISOR_MMUEXT_OP, (0, 0, 0, DOMID_SELF)) == 0
+    assert call(PV_HYPERCALLS, hv, vcpus[0], HYPERVISOR_MMUEXT_OP, (0, 0, 0, DOMID_SELF)) == 0
     assert not any(v.mmu._upper for v in vcpus)

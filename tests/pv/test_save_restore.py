@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 
 from hypervisor.cli import main
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
-from hypervisor.pv.restore import RestoreError, restore_domain
-from hypervisor.pv.save import HVLAB_DOMAIN_RECORD, domain_digest, save_domain
+from hypervisor.images.domains import restore_domain, save_domain
+from hypervisor.lib.errors import RestoreError
+from hypervisor.pv.save import domain_digest
 from hypervisor.runner import boot_scenario
 from hypervisor.scenario import load_scenario
+from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD
 from tests import SCENARIOS
 from tests.image_surgery import assert_refused_cleanly, rebuild, records, records_at
 
@@ -156,3 +158,23 @@ def test_fuzzed_images_never_crash_and_never_touch_other_frames(tmp_path, hello_
     else:
         assert hv.check_typerefs(dom) == []
     assert np.array_equal(frames[in_use], before)  # nothing outside the domain's frames
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("runstate", "flying", "runstate 'flying'"),
+    ("upcalls", -1, "vCPU 0.upcalls must be a non-negative integer"),
+    ("timer_deadline_ns", "soon", "vCPU 0.timer_deadline_ns must be a non-negative integer"),
+])
+def test_a_damaged_vcpu_state_is_refused_cleanly(tmp_path, hello_image, field, value, message):
+    """HVLAB_DOMAIN's `vcpus` are PvVcpuState (pv/vcpu.py), checked field by field."""
+    import json
+
+    from tests.image_surgery import edit_first
+
+    def damage(body):
+        meta = json.loads(bytes(body))
+        meta["vcpus"][0][field] = value
+        return json.dumps(meta).encode()
+
+    bad = edit_first(hello_image, HVLAB_DOMAIN_RECORD, damage)
+    assert_refused_cleanly(tmp_path, bad, "HVLAB_DOMAIN", message)

@@ -17,9 +17,9 @@ import pytest
 from emulator.engine import PhysicalCpu
 from emulator.gdbstub import REGISTERS, GdbStub, Resume, Stop, target_xml
 from hypervisor.cli import main
+from hypervisor.debug.gdb import GdbSession
 from hypervisor.runner import boot_scenario, describe, run_scenario
 from hypervisor.scenario import load_scenario
-from hypervisor.teaching.gdb import GdbSession
 from tests import ROOT
 
 GUESTS = ROOT / "scenarios" / "guests"

@@ -1,4 +1,4 @@
-"""hypervisor/seams.py: a lab's code replaces hvlab's exactly where named, survives a live
+"""hypervisor/core/seams.py: a lab's code replaces hvlab's exactly where named, survives a live
 update into the new build, and is refused where it cannot go (--exec)."""
 
 from __future__ import annotations
@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from hypervisor.liveupdate.driver import run_with_updates
+from hypervisor.core.seams import HVLAB_OWN, Seams
 from hypervisor.liveupdate.orchestrator import UpdateError, UpdatePlan
 from hypervisor.mm.typerefs import take_writable_reference
-from hypervisor.runner import run_scenario
+from hypervisor.runner import run_scenario, run_with_updates
 from hypervisor.scenario import UpdateSpec, load_scenario
-from hypervisor.seams import HVLAB_OWN, Seams
 from tests import SCENARIOS
 
 

@@ -1,35 +1,46 @@
-"""How the new build rebuilds typerefs: full-walk, transfer, lazy, prevalidate.
+"""The interface every typeref strategy implements, and what they share.
 
-Each strategy runs in the new build after ownership is restored and before
-the vCPUs' state is (docs/design.md §4). Each returns counters; those named
-`blackout_*` happened inside the blackout and are priced by costs.py.
+A strategy decides how the new build rebuilds page-type references (typerefs) during
+a live update (docs/design.md §4, §6). The orchestrator calls it at fixed points and
+never asks which strategy it is:
+
+- `check`: before anything is paused (refuse a plan that cannot work);
+- `before_pause`: while the guests still run (work done ahead; its result comes back
+  as `NewBuild.ahead`);
+- `rebuild`: the blackout's typeref phase, after ownership is restored;
+- `reset`: a failed `rebuild` is about to be done again from bare ownership;
+- `domain_installed`: a PV domain of the new build exists (vCPUs not yet run);
+- `resumed`: the guests run again (work left for after the blackout starts here).
+
+Counters a strategy returns whose names start with `blackout_` happened inside the
+blackout and are priced by costs.py. Adding a strategy is one module in this package
+defining `STRATEGY`, an instance of a `Strategy` subclass (see `registry`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hypervisor.lib.errors import HvlabError
-from hypervisor.lib.extents import runs_of
-from hypervisor.liveupdate.handover import PFN_MASK, DomainHandover, start_type_log
-from hypervisor.mm.builds import PageType, get_build
+from hypervisor.liveupdate.handover import PFN_MASK, DomainHandover
+from hypervisor.mm.builds import PageType
 from hypervisor.mm.frametable import DOMID_INVALID, FrameTable
 from hypervisor.mm.rebuild import rebuild_from_roots
 from hypervisor.mm.typerefs import Root
 from hypervisor.stream.vcpu_context import VcpuGuestContext
 
 if TYPE_CHECKING:
+    from hypervisor.core.domain import Domain
     from hypervisor.core.hypervisor import Hypervisor
+    from hypervisor.mm.incremental import IncrementalTyping
 
-STRATEGIES = ("full-walk", "transfer", "lazy", "prevalidate")
 PIN_FLAG = 0x8
 LEVEL_MASK = 0x7
-# The lazy sweeper's share of each scheduling quantum, in page-table entries:
-# 128 Ki entries at ~2 ns each is ~0.25 ms of a 1 ms quantum natively.
+# Work left for after the resume gets this share of each scheduling quantum, in
+# page-table entries: 128 Ki entries at ~2 ns each is ~0.25 ms of a 1 ms quantum natively.
 SWEEP_BUDGET_PTES = 128 * 1024
 
 
@@ -37,6 +48,78 @@ class StrategyError(HvlabError):
     pass
 
 
+@dataclass
+class UpdateSettings:
+    """What a strategy may read of the update's plan."""
+
+    to_build: str
+    sweep_budget_ptes: int  # page-table entries per quantum for work left after resume
+    costs: dict[str, float] = field(default_factory=dict)  # to price work done after resume
+
+
+@dataclass
+class StagedState:
+    """The new build's tables made before the pause (None with `--exec`: the new
+    process does not exist yet), for `before_pause` to add to."""
+
+    frame_table: FrameTable
+    sent: dict[int, Any]  # domid -> the domain's memory as sent ahead (handover.DomainMemory)
+    typing: dict[int, IncrementalTyping] = field(default_factory=dict)  # set up ahead, by domid
+
+
+@dataclass
+class NewBuild:
+    """What a strategy works on in the blackout."""
+
+    hv: Hypervisor  # the new build
+    handovers: list[DomainHandover]  # by domid
+    settings: UpdateSettings
+    old_build: str
+    ahead: Any  # what `before_pause` returned (None if it did not run)
+    changed: set[int]  # domids whose page tables changed since the hand-over was sent ahead
+    typing: dict[int, IncrementalTyping]  # typing staged before the pause, by domid
+    counters: dict[str, Any] = field(default_factory=dict)  # the update's counters
+
+
+class Strategy:
+    """One way of rebuilding typerefs (see the module docstring). The defaults do nothing."""
+
+    name = ""
+    hands_over_types = False  # the hand-over carries each frame's type state (old layout)
+    proves_types_at_resume = True  # else the proof of type state runs when it is rebuilt
+
+    def check(self, old_build: str, settings: UpdateSettings) -> None:
+        """Refuse, before the pause, an update this strategy cannot do."""
+
+    def before_pause(self, hv: Hypervisor, settings: UpdateSettings,
+                     staged: StagedState | None) -> Any:
+        """Work done while the guests still run; returned as `NewBuild.ahead`."""
+        return None
+
+    def ahead_counters(self, ahead: Any) -> dict[str, Any]:
+        """What `before_pause` did, counted (priced by costs.before_pause_ns)."""
+        return {}
+
+    def rebuild(self, nb: NewBuild) -> dict[str, Any]:
+        """The blackout's typeref phase; returns counters."""
+        return {}
+
+    def reset(self, nb: NewBuild) -> None:
+        """`rebuild` failed half way and starts over: every PV domain back to bare ownership."""
+        for domid, ho in enumerate(nb.handovers):
+            if ho.kind == "pv":
+                clear_types(nb.hv.frame_table, ho.p2m, domid)
+
+    def domain_installed(self, nb: NewBuild, dom: Domain, ho: DomainHandover) -> None:
+        """A handed-over PV domain exists in the new build; its vCPUs have not run."""
+
+    def resumed(self, nb: NewBuild, report: dict[str, Any],
+                prove: Any) -> None:
+        """The guests run again. `prove(dom)` checks a domain's type state against the
+        old build's (raising ProofFailed) for strategies that finish after resuming."""
+
+
+# ------------------------------------------------------------------ helpers
 def _table_levels(tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(pfns, PFINFO types) of the page tables a hand-over lists (levels 1..4)."""
     pfns = (tables & np.uint64(PFN_MASK)).astype(np.int64)
@@ -96,8 +179,9 @@ def typed_work(frames: FrameTable, mfns: np.ndarray) -> dict[str, int]:
             "refs_taken": int(counts.sum())}
 
 
-def _full_walk_domain(hv: Hypervisor, domid: int, ho: DomainHandover) -> dict[str, int]:
-    if hv.seams.full_walk_domain is not None:  # a lab's full walk (hypervisor/seams.py)
+def full_walk_domain(hv: Hypervisor, domid: int, ho: DomainHandover) -> dict[str, int]:
+    """Validate a handed-over domain from its roots (pins, then CR3s); what it took."""
+    if hv.seams.full_walk_domain is not None:  # a lab's full walk (hypervisor/core/seams.py)
         hv.seams.full_walk_domain(hv.typing, domid, roots_of(ho))
         return typed_work(hv.frame_table, ho.p2m.astype(np.int64))
     result = rebuild_from_roots(hv.memory.u64, hv.frame_table, domid, roots_of(ho),
@@ -107,124 +191,6 @@ def _full_walk_domain(hv: Hypervisor, domid: int, ho: DomainHandover) -> dict[st
         raise StrategyError(f"domain {ho.meta['name']}: the old build's page tables failed "
                             f"revalidation: {first}")
     return typed_work(hv.frame_table, ho.p2m.astype(np.int64))
-
-
-def full_walk(hv: Hypervisor, handovers: list[DomainHandover]) -> dict[str, int]:
-    """Re-pin every pinned root and take every CR3 reference before resuming."""
-    total: dict[str, int] = {}
-    for domid, ho in enumerate(handovers):
-        if ho.kind != "pv":
-            continue  # HVM memory has no PV page types: EPT is rebuilt from the P2M
-        for key, value in _full_walk_domain(hv, domid, ho).items():
-            total[f"blackout_{key}"] = total.get(f"blackout_{key}", 0) + value
-    return total
-
-
-# ------------------------------------------------------------------- transfer
-Translator = Callable[[np.ndarray], np.ndarray]
-
-
-def _layout_translator(old: str, new: str) -> Translator:
-    old_layout, new_layout = get_build(old).type_info, get_build(new).type_info
-
-    def translate(type_info: np.ndarray) -> np.ndarray:
-        counts = old_layout.count_of(type_info)
-        if (counts > new_layout.count_mask).any():
-            raise StrategyError(f"transfer {old}->{new}: a type count does not fit the new "
-                                f"layout's {new_layout.count_width}-bit count")
-        return new_layout.encode(old_layout.type_of(type_info), counts,
-                                 pinned=old_layout.pinned_of(type_info),
-                                 validated=old_layout.validated_of(type_info),
-                                 partial=old_layout.partial_of(type_info),
-                                 locked=old_layout.locked_of(type_info))
-
-    translate.__name__ = f"type_info_{old.replace('.', '_')}_to_{new.replace('.', '_')}"
-    return translate
-
-
-# One explicit translator per ordered pair of builds (the thread's objection:
-# every pair needs one). A pair missing here is refused before the pause.
-TRANSLATORS: dict[tuple[str, str], Translator] = {
-    pair: _layout_translator(*pair)
-    for pair in (("4.12", "4.19"), ("4.19", "4.12"), ("4.12", "4.12"), ("4.19", "4.19"))
-}
-
-
-def translator_for(old: str, new: str) -> Translator:
-    try:
-        return TRANSLATORS[(old, new)]
-    except KeyError:
-        pairs = ", ".join(f"{a}->{b}" for a, b in TRANSLATORS)
-        raise StrategyError(f"strategy transfer: no translator from build {old} to {new} "
-                            f"(translators exist for {pairs})") from None
-
-
-def transfer(hv: Hypervisor, handovers: list[DomainHandover], old_build: str) -> dict[str, int]:
-    """Install the old build's per-frame type state, translated into this build's layout
-    (each run of equal state is translated once, then written to its frames)."""
-    translate = translator_for(old_build, hv.build)
-    ft = hv.frame_table
-    translated = 0
-    for ho in handovers:
-        if ho.kind != "pv":
-            continue
-        if ho.type_runs is None:
-            raise StrategyError(f"domain {ho.meta['name']}: the hand-over carries no type state")
-        runs = ho.type_runs
-        counts = runs[:, 1]
-        columns = {"type_info": np.repeat(translate(runs[:, 2].view(np.uint64)), counts),
-                   "count_info": np.repeat(runs[:, 3].view(np.uint64), counts),
-                   "linear_pt_count": np.repeat(runs[:, 4], counts)}
-        owned = runs_of(ho.p2m)
-        selections = ([(slice(pfn, pfn + n), slice(first, first + n))
-                       for pfn, first, n in owned.tolist()] if owned is not None
-                      else [(slice(None), ho.p2m.astype(np.int64))])
-        for pfns, rows in selections:
-            for name, values in columns.items():
-                column = getattr(ft, name)
-                column[rows] = values[pfns].astype(column.dtype)
-        translated += ho.p2m.size
-    return {"frames_translated": translated, "translator": translate.__name__}  # type: ignore
-
-
-# ---------------------------------------------------------------- prevalidate
-@dataclass
-class Prevalidation:
-    """The new build's type state, prepared while the guests still run: in the new
-    build's own staged tables, or in a table of its own to be copied over."""
-
-    build: str
-    frames: FrameTable
-    domains: list[int] = field(default_factory=list)
-    counters: dict[str, int] = field(default_factory=dict)
-
-
-def prevalidate(old: Hypervisor, new_build: str, staged: FrameTable | None = None,
-                ) -> Prevalidation:
-    """Before the pause: validate every PV domain in the new layout (into `staged`, the
-    new build's tables with the guests' frames claimed, if given) and start logging
-    type changes: a domain with any is redone in the blackout."""
-    frames = staged if staged is not None else FrameTable(old.memory.nr_frames,
-                                                          get_build(new_build))
-    prep = Prevalidation(new_build, frames)
-    for dom in old.domains:
-        if dom.hvm is not None:
-            continue  # no PV page types to prepare
-        if staged is None:
-            frames.assign(dom.p2m, dom.domid)
-        pins = old.frame_table.pinned(dom.p2m.astype(np.int64))
-        roots = [Root(int(m), int(old.frame_table.page_type(int(m))), True)
-                 for m in dom.p2m[pins]]
-        roots += [Root(mfn, 4, False) for v in dom.vcpus for mfn in v.roots.referenced()]
-        result = rebuild_from_roots(old.memory.u64, frames, dom.domid, roots,
-                                    _validated_tables(old.frame_table, dom.p2m))
-        if not result.ok:
-            raise StrategyError(f"prevalidation of {dom.name} failed: {result.failures[0]}")
-        for key, value in typed_work(frames, dom.p2m.astype(np.int64)).items():
-            prep.counters[f"prevalidate_{key}"] = prep.counters.get(f"prevalidate_{key}", 0) + value
-        prep.domains.append(dom.domid)
-    start_type_log(old)
-    return prep
 
 
 def clear_types(frames: FrameTable, p2m: np.ndarray, domid: int) -> None:
@@ -237,30 +203,3 @@ def clear_types(frames: FrameTable, p2m: np.ndarray, domid: int) -> None:
     frames.assign(p2m, domid)
 
 
-def install_prevalidated(hv: Hypervisor, handovers: list[DomainHandover], prep: Prevalidation,
-                         changed: set[int]) -> dict[str, int]:
-    """In the blackout: keep (or copy) the prepared rows; redo only changed domains."""
-    ft, prepared = hv.frame_table, prep.frames
-    in_place = prepared is ft  # prevalidated into this build's staged tables
-    counters = {"frames_copied": 0, "domains_redone": 0}
-    for domid, ho in enumerate(handovers):
-        if ho.kind != "pv":
-            continue
-        if domid in changed or domid not in prep.domains:
-            counters["domains_redone"] += 1
-            if in_place:
-                clear_types(ft, ho.p2m, domid)
-            for key, value in _full_walk_domain(hv, domid, ho).items():
-                counters[f"blackout_{key}"] = counters.get(f"blackout_{key}", 0) + value
-            continue
-        if in_place:
-            continue
-        runs = runs_of(ho.p2m)
-        selections = ([slice(first, first + count) for _, first, count in runs.tolist()]
-                      if runs is not None else [ho.p2m.astype(np.int64)])
-        for rows in selections:  # contiguous runs copy at memory speed
-            for name in ("type_info", "count_info", "owner", "nr_validated_ptes",
-                         "partial_flags", "linear_pt_count"):
-                getattr(ft, name)[rows] = getattr(prepared, name)[rows]
-        counters["frames_copied"] += ho.p2m.size
-    return counters

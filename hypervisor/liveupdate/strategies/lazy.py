@@ -1,4 +1,4 @@
-"""The `lazy` strategy at run time: hybrid shadow mode until every table is validated.
+"""lazy: resume at once, validate what the vCPUs stand on, sweep the rest while they run.
 
 After the blackout (in which only the roots' own references are taken and
 the tables on the path of each vCPU's RIP and RSP are validated) the
@@ -19,8 +19,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from emulator.paging import ADDR_MASK, P
+from hypervisor.liveupdate.costs import deferred_ns
 from hypervisor.liveupdate.handover import DomainHandover
-from hypervisor.liveupdate.strategies.base import cr3s_of, pins_of, table_frames
+from hypervisor.liveupdate.proof import ProofFailed
+from hypervisor.liveupdate.strategies.base import (
+    NewBuild,
+    StagedState,
+    Strategy,
+    UpdateSettings,
+    cr3s_of,
+    pins_of,
+    table_frames,
+)
 
 if TYPE_CHECKING:
     from hypervisor.core.domain import Domain
@@ -60,8 +70,60 @@ class LazyDomain:
         self.update.domain_done(self)
 
 
+class Lazy(Strategy):
+    name = "lazy"
+    proves_types_at_resume = False  # proved per domain when its validation completes
+
+    def before_pause(self, hv: Hypervisor, settings: UpdateSettings,
+                     staged: StagedState | None) -> None:
+        """Set each domain's incremental typing up in the staged tables, from the
+        hand-over sent ahead (with `--exec` it is set up in the blackout instead)."""
+        if staged is None:
+            return
+        for domid, sent in staged.sent.items():
+            staged.typing[domid] = stage_typing(hv.memory.u64, staged.frame_table, domid,
+                                                sent.p2m, sent.tables)
+
+    def domain_installed(self, nb: NewBuild, dom: Domain, ho: DomainHandover) -> None:
+        # what was set up ahead holds if no page table changed since
+        lazy = start_lazy(nb.hv, dom, ho, nb.settings.sweep_budget_ptes,
+                          None if ho.tables_changed else nb.typing.get(dom.domid))
+        nb.counters.update(lazy.update.blackout)  # the roots and RIP/RSP paths: in the blackout
+
+    def resumed(self, nb: NewBuild, report: dict[str, Any], prove: Any) -> None:
+        """Count the blackout's share, start the lazy period and prove each domain's type
+        state the moment its validation completes (before its guest can change a table)."""
+        lazy = lazy_update_of(nb.hv)
+        if lazy is None:  # no PV domain: nothing is validated lazily (HVM has no page types)
+            report["proof_after_lazy"] = {"ok": True, "problems": [], "domains": 0}
+            report["deferred_work_ns"] = 0
+            return
+        lazy.resumed()
+        problems: list[str] = []
+
+        def on_domain_done(dom: Domain) -> None:
+            problems.extend(prove(dom))
+            if problems:
+                raise ProofFailed("lazy typeref reconstruction differs: "
+                                  + "; ".join(problems[:5]))
+
+        def on_done() -> None:
+            report["proof_after_lazy"] = {"ok": not problems, "problems": problems,
+                                          "domains": len(lazy.domains)}
+            counters = lazy.counters(nb.hv)
+            report["counters"].update(counters)
+            report["deferred_work_ns"] = deferred_ns(report["counters"], nb.settings.costs)
+            ns = counters["shadow_off_virtual_ns"]
+            report.setdefault("throughput", {})["during_lazy"] = (
+                round(counters["lazy_period_instructions"] / (ns / 1e6), 1) if ns else None)
+
+        lazy.on_domain_done = on_domain_done
+        lazy.on_done = on_done
+
+
 class LazyUpdate:
-    """Every lazily validated domain of a hypervisor, the sweeper and shadow-off."""
+    """Every lazily validated domain of a hypervisor, the sweeper and shadow-off: a slice
+    hook of the new build (`Hypervisor.slice_hooks`) until shadow mode is off."""
 
     def __init__(self, hv: Hypervisor, budget_ptes: int) -> None:
         self.hv = hv
@@ -89,9 +151,9 @@ class LazyUpdate:
     def add(self, dom: Domain, lazy: LazyDomain) -> None:
         self.domains.append((dom, lazy))
         for v in dom.vcpus:
-            v.mmu.lazy = lazy
+            v.mmu.pending_typing = lazy
 
-    def sweep(self, now: int) -> None:
+    def after_slice(self, now: int) -> None:
         """One quantum's worth of background validation (a slice hook)."""
         started = time.perf_counter()
         try:
@@ -116,17 +178,17 @@ class LazyUpdate:
         if lazy.typing.done and lazy.dom.domid not in self._proved:
             self._proved.add(lazy.dom.domid)
             for v in lazy.dom.vcpus:  # this domain's shadow mode ends here
-                v.mmu.lazy = None
+                v.mmu.pending_typing = None
             if self.on_domain_done is not None:
                 self.on_domain_done(lazy.dom)
 
     def _shadow_off(self, now: int) -> None:
         for dom, _ in self.domains:
             for v in dom.vcpus:
-                v.mmu.lazy = None
+                v.mmu.pending_typing = None
         for cpu in self.hv.pcpus:
             cpu.flush_tlb()  # read-only shadow mappings may now be writable ones
-        self.hv.slice_hooks.remove(self.sweep)
+        self.hv.slice_hooks.remove(self)
         self.shadow_off_ns = now
         self.instructions_at_end = _instructions(self.hv)
         if self.on_done is not None:
@@ -176,11 +238,10 @@ def start_lazy(hv: Hypervisor, dom: Domain, ho: DomainHandover, budget_ptes: int
     if typing is None:
         typing = stage_typing(hv.memory.u64, hv.frame_table, dom.domid, ho.p2m, ho.tables)
     typing.take_root_refs(cr3s_of(ho.contexts))
-    update = hv.lazy_update
+    update = lazy_update_of(hv)
     if update is None:
         update = LazyUpdate(hv, budget_ptes)
-        hv.lazy_update = update
-        hv.slice_hooks.append(update.sweep)
+        hv.slice_hooks.append(update)
     lazy = LazyDomain(typing, dom, update)
     update.add(dom, lazy)
     for v in dom.vcpus:
@@ -194,3 +255,11 @@ def start_lazy(hv: Hypervisor, dom: Domain, ho: DomainHandover, budget_ptes: int
                                               + getattr(typing, key))
     typing.fill_validations = 0
     return lazy
+
+
+def lazy_update_of(hv: Hypervisor) -> LazyUpdate | None:
+    """The lazy update still validating on `hv`, if any."""
+    return next((h for h in hv.slice_hooks if isinstance(h, LazyUpdate)), None)
+
+
+STRATEGY = Lazy()

@@ -21,3 +21,18 @@ class Backends:
         self.console.drain()
         if self.xenstore is not None:
             self.xenstore.service()
+
+
+class BackendPoll:
+    """The backends' turn after every slice (a slice hook of the hypervisor) while the
+    domain lives: what a console daemon's poll does."""
+
+    def __init__(self, dom) -> None:
+        self.dom = dom
+
+    def after_slice(self, now: int) -> None:
+        if self.dom.alive and self.dom.backends is not None:
+            self.dom.backends.kick()
+
+    def finish_now(self) -> None:
+        self.after_slice(0)

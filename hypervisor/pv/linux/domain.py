@@ -23,7 +23,7 @@ from hypervisor.core.hypervisor import Hypervisor, until_done
 from hypervisor.core.vcpu import RUNNABLE, Vcpu
 from hypervisor.lib.errors import HvlabError
 from hypervisor.mm.errors import errno_name
-from hypervisor.pv.linux.backends import Backends
+from hypervisor.pv.linux.backends import BackendPoll, Backends
 from hypervisor.pv.linux.console_ring import ConsoleRing
 from hypervisor.pv.linux.initramfs import build_initramfs_file
 from hypervisor.pv.linux.kernel_image import KernelImageError, read_kernel_elf
@@ -31,6 +31,7 @@ from hypervisor.pv.linux.layout import build_start_of_day, init_shared_info
 from hypervisor.pv.linux.xen_notes import KernelLoadPlan, XenNotesError, plan_kernel_load
 from hypervisor.pv.linux.xenstore import Xenstore
 from hypervisor.pv.xen.mmu import XenAbiMmu
+from hypervisor.pv.xen.policy import xen_pv_policy
 from hypervisor.pv.xen.state import XenVcpu
 
 CONSOLE_EVTCHN = 1  # the ports the backends use, allocated before the guest runs
@@ -87,7 +88,8 @@ def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memo
         raise HvlabError(f"domain {name}: busybox {busybox}: {err.strerror}") from None
     nr_pages = memory // PAGE_SIZE
     domid = len(hv.domains)
-    xen_gdt_ma, m2p_mas = hv.xen_pv.xen_pages()
+    policy = xen_pv_policy(hv)
+    xen_gdt_ma, m2p_mas = policy.support.xen_pages()
     shared_info = hv.frames.alloc_one(f"domain {name}'s shared_info")
     hv.frame_table.assign(np.array([shared_info], dtype=np.uint64), domid)
     built = build_start_of_day(hv.memory, hv.frames, hv.frame_table, hv.typing, domid, plan,
@@ -95,13 +97,13 @@ def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memo
                                STORE_EVTCHN, CONSOLE_EVTCHN)
     p2m = built.p2m
     hv.m2p[p2m.astype(np.int64)] = np.arange(p2m.size, dtype=np.uint64)
-    hv.xen_pv.refresh_m2p()
+    policy.support.refresh_m2p()
     rc = until_done(lambda: hv.typing.get_root_ref(built.l4_mfn, domid))
     if rc:
         raise HvlabError(f"domain {name}: CR3 reference on the initial L4 refused "
                          f"({errno_name(rc)})")
     layout = built.layout
-    dom = Domain(domid, name, "pv", p2m, shared_info,
+    dom = Domain(domid, name, policy, p2m, shared_info,
                  start_info_va=layout.va(layout.start_info_pfn), virt_base=layout.virt_base,
                  kernel_file=Path(kernel_path).resolve().name)
     page = hv.memory.frame_u8(shared_info)
@@ -111,7 +113,7 @@ def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memo
         page[at:at + 32] = np.frombuffer(struct.pack("<IIQQIbB2x", 2, 0, 0, 0, 0x8000_0000, 1,
                                                      0), np.uint8)
     dom.evtchn = EventChannels(domid, vcpus, page, kick=dom.wake_vcpu,
-                               peer=hv.domain_events)
+                               peer=hv.evtchn_of)
     ports = [dom.evtchn.alloc_unbound(0) for _ in range(2)]
     assert ports == [CONSOLE_EVTCHN, STORE_EVTCHN]
     console_page = hv.memory.frame_u8(int(p2m[layout.console_pfn]))
@@ -121,8 +123,7 @@ def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memo
         store.write(path, value)
     dom.backends = Backends(ConsoleRing(console_page, dom.console.extend,
                                         lambda: dom.events.set_pending(CONSOLE_EVTCHN)), store)
-    hv.slice_hooks.append(lambda _end: dom.backends.kick() if dom.alive and dom.backends
-                          else None)
+    hv.slice_hooks.append(BackendPoll(dom))
     for vid in range(vcpus):
         v = Vcpu(dom, vid, XenAbiMmu(hv.memory, xen_gdt_ma, m2p_mas), xen=XenVcpu())
         dom.vcpus.append(v)
@@ -130,7 +131,7 @@ def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memo
     hv.domains.append(dom)
     regs = built.registers
     boot = dom.vcpus[0]
-    hv.xen_pv.start_vcpu(boot, regs.rip, regs.rsp, regs.rsi, built.l4_mfn * PAGE_SIZE)
+    policy.support.start_vcpu(boot, regs.rip, regs.rsp, regs.rsi, built.l4_mfn * PAGE_SIZE)
     boot.runstate = RUNNABLE
     return dom
 
@@ -141,18 +142,18 @@ def install_linux_domain(hv: Hypervisor, name: str, p2m: np.ndarray, shared_info
     """A restored Linux PV domain of claimed, typed frames: its event channels over the
     hypervisor's shared_info page, its backends on the rings, CPL-3 vCPUs (not started)."""
     domid = len(hv.domains)
-    dom = Domain(domid, name, "pv", p2m, shared_info, start_info_va=start_info_va,
+    policy = xen_pv_policy(hv)
+    dom = Domain(domid, name, policy, p2m, shared_info, start_info_va=start_info_va,
                  virt_base=virt_base, kernel_file=kernel_file)
     dom.evtchn = EventChannels(domid, nr_vcpus, hv.memory.frame_u8(shared_info),
-                               kick=dom.wake_vcpu, peer=hv.domain_events)
+                               kick=dom.wake_vcpu, peer=hv.evtchn_of)
     console_page = hv.memory.frame_u8(int(p2m[console_pfn]))
     store = Xenstore(hv.memory.frame_u8(int(p2m[xenstore_pfn])), domid,
                      lambda: dom.events.set_pending(STORE_EVTCHN))
     dom.backends = Backends(ConsoleRing(console_page, dom.console.extend,
                                         lambda: dom.events.set_pending(CONSOLE_EVTCHN)), store)
-    hv.slice_hooks.append(lambda _end: dom.backends.kick() if dom.alive and dom.backends
-                          else None)
-    xen_gdt_ma, m2p_mas = hv.xen_pv.xen_pages()
+    hv.slice_hooks.append(BackendPoll(dom))
+    xen_gdt_ma, m2p_mas = policy.support.xen_pages()
     for vid in range(nr_vcpus):
         v = Vcpu(dom, vid, XenAbiMmu(hv.memory, xen_gdt_ma, m2p_mas), xen=XenVcpu())
         dom.vcpus.append(v)

@@ -16,8 +16,10 @@ import numpy as np
 
 from emulator.paging import ADDR_MASK, P
 from hypervisor.core import hypercalls as core
-from hypervisor.core.hypercalls import GuestAccessError, VcpuMmuContext
+from hypervisor.core.hypercalls import GuestAccessError
 from hypervisor.lib.errno import EFAULT, EINVAL, ENOENT, ENOSYS, EPERM
+from hypervisor.pv import hypercalls as pvcalls
+from hypervisor.pv.hypercalls import VcpuMmuContext
 from hypervisor.pv.mmu_ops import (
     MMU_NORMAL_PT_UPDATE,
     MMUEXT_NEW_BASEPTR,
@@ -25,6 +27,7 @@ from hypervisor.pv.mmu_ops import (
     do_mmu_update,
     do_mmuext_op,
 )
+from hypervisor.pv.vcpu import finish_pending_typing
 from hypervisor.pv.xen.bounce import hypervisor_iret, xen_state
 from hypervisor.pv.xen.mmu import RO_MPT_VIRT_START, XEN_GDT_PAGE
 from hypervisor.pv.xen.state import FLAT_KERNEL_SS, VALID_VM_ASSISTS
@@ -100,11 +103,11 @@ def new_baseptr(hv: Hypervisor, v: Vcpu, mfn: int) -> int:
 def mmuext_op(hv: Hypervisor, v: Vcpu, ops: int, count: int, done_ptr: int, foreigndom: int,
               *_: int) -> int:
     """As hvlab's core, plus SET_LDT with no entries (Linux clears its LDT at boot)."""
-    if count > core.MAX_MMU_REQUESTS:
+    if count > pvcalls.MAX_MMU_REQUESTS:
         return -EINVAL
-    raw = np.frombuffer(hv.copy_from_guest(v, ops, count * core.MMUEXT_OP_SIZE), dtype=np.uint64)
+    raw = np.frombuffer(hv.copy_from_guest(v, ops, count * pvcalls.MMUEXT_OP_SIZE), dtype=np.uint64)
     requests = raw.reshape(count, 3)
-    hv.before_page_table_hypercall(v.domain)
+    finish_pending_typing(v.domain)
     rc, done = 0, 0
     ctx = VcpuMmuContext(hv, v)
     for i, (word0, arg1, arg2) in enumerate(requests.tolist()):
@@ -126,7 +129,7 @@ def update_va_mapping(hv: Hypervisor, v: Vcpu, va: int, val: int, flags: int,
     entry_ma = l1_entry_ma(hv, v, va)
     if entry_ma is None:
         return -EINVAL
-    hv.before_page_table_hypercall(v.domain)
+    finish_pending_typing(v.domain)
     rc, _done = do_mmu_update(VcpuMmuContext(hv, v), [[entry_ma | MMU_NORMAL_PT_UPDATE, val]])
     if rc == 0 and flags & UVMF_FLUSHTYPE_MASK:
         _cpu(hv, v).flush_tlb()
@@ -316,7 +319,7 @@ def vcpu_op(hv: Hypervisor, v: Vcpu, cmd: int, vcpu_id: int, arg: int, *_: int) 
         return 0
     if cmd == VCPUOP_REGISTER_VCPU_TIME_MEMORY_AREA:
         return -ENOSYS
-    return core.vcpu_op(hv, v, cmd, vcpu_id, arg)
+    return pvcalls.vcpu_op(hv, v, cmd, vcpu_id, arg)
 
 
 def event_channel_op(hv: Hypervisor, v: Vcpu, cmd: int, arg: int, *rest: int) -> int:
@@ -374,8 +377,8 @@ def grant_table_op(hv: Hypervisor, v: Vcpu, *_: int) -> int:
 
 
 TABLE: dict[int, tuple[str, Handler]] = {
-    core.HYPERVISOR_SET_TRAP_TABLE: ("set_trap_table", core.set_trap_table),
-    core.HYPERVISOR_MMU_UPDATE: ("mmu_update", core.mmu_update),
+    core.HYPERVISOR_SET_TRAP_TABLE: ("set_trap_table", pvcalls.set_trap_table),
+    core.HYPERVISOR_MMU_UPDATE: ("mmu_update", pvcalls.mmu_update),
     HYPERVISOR_SET_GDT: ("set_gdt", set_gdt),
     HYPERVISOR_STACK_SWITCH: ("stack_switch", stack_switch),
     HYPERVISOR_FPU_TASKSWITCH: ("fpu_taskswitch", fpu_taskswitch),

@@ -42,7 +42,7 @@ class XenAbiMmu(PvMmu):
                                             | (16 if access == "fetch" else 0), 4)
                 return None
             return ma, PERM_R
-        if self.lazy is not None:
+        if self.pending_typing is not None:  # a lazy live update: PvMmu's guarded walk
             return super().translate(gva, access)
         self.fills += 1
         result = fill_direct(self._u64, self.active_root, gva, access)

@@ -19,8 +19,8 @@ from capstone import x86_const as cx
 from emulator.disasm import _decoder
 from emulator.engine import GuestMemoryFault, PhysicalCpu
 from emulator.paging import PF_FETCH, PF_PRESENT, PF_RSVD, PF_WRITE, WalkFault, walk
-from hypervisor.core.hypercalls import VcpuMmuContext
 from hypervisor.mm.builds import PageType
+from hypervisor.pv.hypercalls import VcpuMmuContext
 from hypervisor.pv.mmu_ops import MMU_NORMAL_PT_UPDATE, do_mmu_update
 from hypervisor.pv.xen.priv_ops import SUBREGISTERS, read_operand_reg, write_operand_reg
 from hypervisor.pv.xen.state import VMASST_TYPE_WRITABLE_PAGETABLES

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from hypervisor.core.seams import Seams
 from hypervisor.runner import run_scenario
 from hypervisor.scenario import load_scenario
-from hypervisor.seams import Seams
 from hypervisor.teaching.labs import SCENARIOS, Lab, StudentCodeError
 
 PERIOD = 1000

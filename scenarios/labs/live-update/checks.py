@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from hypervisor.liveupdate.driver import run_with_updates
+from hypervisor.core.seams import Seams
 from hypervisor.liveupdate.orchestrator import UpdatePlan
 from hypervisor.liveupdate.proof import ProofFailed
 from hypervisor.mm.builds import PageType, get_build
 from hypervisor.mm.frametable import FrameTable
 from hypervisor.mm.typerefs import PageTyping, Root
+from hypervisor.runner import run_with_updates
 from hypervisor.scenario import load_scenario
-from hypervisor.seams import Seams
 from hypervisor.teaching.labs import Lab, StudentCodeError
 
 UPDATE_CHECKS = ["the update completes with your walk", "the proof: every typeref rebuilt",

@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 
+from hypervisor.core.seams import Seams
 from hypervisor.lib.errors import HvlabError
 from hypervisor.mm.builds import PageType, get_build
 from hypervisor.mm.errors import EBUSY, errno_name
@@ -13,7 +14,6 @@ from hypervisor.mm.frametable import FrameTable
 from hypervisor.mm.typerefs import PageTyping, TypingInvariantError
 from hypervisor.runner import run_scenario
 from hypervisor.scenario import load_scenario
-from hypervisor.seams import Seams
 from hypervisor.teaching.labs import SCENARIOS, Lab, StudentCodeError
 
 UNIT_CHECKS = ["a data page may be mapped writable", "a data page may be mapped writable twice",

@@ -32,7 +32,7 @@ def _json(capsys, args: list[str]) -> dict:
 
 
 def _saved_domain_state(image) -> dict:
-    from hypervisor.pv.save import HVLAB_DOMAIN_RECORD
+    from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD
     from hypervisor.stream import OpaqueRecord, StreamReader, open_image_for_read
 
     with open_image_for_read(image) as f:

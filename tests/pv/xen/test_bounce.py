@@ -8,6 +8,7 @@ import pytest
 
 from hypervisor.core.vcpu import TrapEntry
 from hypervisor.pv.xen.bounce import IRET_FRAME, BounceError, bounce, hypervisor_iret
+from hypervisor.pv.xen.policy import xen_pv_policy
 from tests.pv.xen.guest import ENTRY, boot
 
 
@@ -26,7 +27,7 @@ def test_a_page_fault_from_kernel_mode_bounces_with_xens_frame(tmp_path):
     cpu.set_reg("rcx", 0x1111)
     cpu.set_reg("r11", 0x2222)
     rsp = cpu.reg("rsp")
-    hv.xen_pv.inject(cpu, v, 14, 0x2, ENTRY + 7, ENTRY + 7, cr2=0xDEAD_B000)
+    xen_pv_policy(hv).support.inject(cpu, v, 14, 0x2, ENTRY + 7, ENTRY + 7, cr2=0xDEAD_B000)
     new_rsp = cpu.reg("rsp")
     assert new_rsp == (rsp & ~0xF) - 8 * 8
     frame = struct.unpack("<8Q", hv.copy_from_guest(v, new_rsp, 64))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
+from hypervisor.images.domains import restore_domain, save_domain
 from hypervisor.images.verify import image_verify
-from hypervisor.pv.restore import restore_domain
-from hypervisor.pv.save import SaveError, save_domain
+from hypervisor.lib.errors import SaveError
 from hypervisor.pv.xen.hypercalls import l1_entry_ma
 from hypervisor.pv.xen.image import ARCH_P2M_CR3, ARCH_P2M_VADDR
 from hypervisor.pv.xen.state import VMASST_TYPE_WRITABLE_PAGETABLES

@@ -1,9 +1,9 @@
-"""The HVM side of the hypervisor: what `Hypervisor` and `ExitDispatcher` delegate to.
+"""The HVM answers to the core's questions (`hypervisor/core/policy.py`), and HVM domains.
 
-One `HvmSupport` per hypervisor. It builds HVM domains, runs the entry path of HVM
+One `HvmPolicy` per hypervisor. It builds HVM domains, runs the entry path of HVM
 vCPUs (time, posted interrupts, injection), answers the dispatcher where an HVM vCPU's
 exit means something else (EPT violations, `hlt`, exceptions through the guest IDT, the
-few hypercalls HVM guests make) and reports.
+few hypercalls HVM guests make, `hypervisor/hvm/hypercalls.py`) and reports.
 
 vCPU bring-up: real INIT/SIPI start an AP in real mode, which hvlab does not model.
 Every HVM vCPU starts runnable at the kernel's ELF entry in 64-bit mode, with its APIC
@@ -41,7 +41,6 @@ from emulator.exits import BudgetExhausted, Exit, MmuFault
 from emulator.interrupts import DeliveryError
 from emulator.irqsource import InterruptSource, InterruptSourceError
 from emulator.posted import PostedInterruptDescriptor
-from hypervisor.core import hypercalls
 from hypervisor.core.dispatch import EXIT_NAMES, VECTOR_NAMES
 from hypervisor.core.domain import Domain
 from hypervisor.core.elf import load_kernel
@@ -59,6 +58,7 @@ from hypervisor.hvm.builder import (
 )
 from hypervisor.hvm.domain import HvmDomain, SourceConfig
 from hypervisor.hvm.ept import P2mType
+from hypervisor.hvm.hypercalls import HVM_HYPERCALLS
 from hypervisor.hvm.interrupts import (
     deliver_vector,
     in_interrupt_shadow,
@@ -82,16 +82,13 @@ INITIAL_RFLAGS = 0x2
 MAX_REPEATS = 3  # the same EPT violation at the same RIP: not resolved
 BROADCAST_APIC_ID = 0xFF
 
-# Hypercalls an HVM guest may make in hvlab (Xen's HVM table has more; HVM domains here
-# have no event channels, grant tables or PV MMU).
-_HVM_HYPERCALLS = {hypercalls.HYPERVISOR_XEN_VERSION, hypercalls.HYPERVISOR_CONSOLE_IO,
-                   hypercalls.HYPERVISOR_SCHED_OP}
-_HVM_SCHEDOPS = {hypercalls.SCHEDOP_YIELD, hypercalls.SCHEDOP_SHUTDOWN,
-                 hypercalls.SCHEDOP_SHUTDOWN_CODE}
 
 
-class HvmSupport:
+class HvmPolicy:
     """HVM domains on one hypervisor (see the module docstring)."""
+
+    name = "hvm"
+    hypercalls = HVM_HYPERCALLS
 
     def __init__(self, hv: Hypervisor) -> None:
         self.hv = hv
@@ -118,7 +115,7 @@ class HvmSupport:
         hv.memory.zero_frame(posted_mfn)
         build_hvm_memory(hv.memory, kernel, layout, physmap.gpa_to_ma)
 
-        dom = Domain(len(hv.domains), name, "hvm", physmap.p2m.mfns, 0)
+        dom = Domain(len(hv.domains), name, self, physmap.p2m.mfns, 0)
         dom.hvm = HvmDomain(physmap, layout, int(posted_mfn))
         for cpu in hv.pcpus:
             self.lapic_window.install(cpu, self._current_on(cpu.index))
@@ -214,6 +211,11 @@ class HvmSupport:
         if _hvm(v).lapic.pending_vector() is not None:
             v.wake()
 
+    def next_deadline(self, v: Vcpu) -> int | None:
+        """The LAPIC timer's or a source's next deadline, in hypervisor time."""
+        deadline = _hvm(v).next_deadline_ns()
+        return None if deadline is None else deadline - v.domain.time_offset
+
     def on_time(self, v: Vcpu, now: int) -> None:
         """Virtual time on `v`'s pCPU reached `now`: timers fire, sources post, sleepers wake."""
         if v.domain.alive:
@@ -276,10 +278,17 @@ class HvmSupport:
             return "lapic_write"
         return EXIT_NAMES[type(exit_)]
 
-    @staticmethod
-    def allows_hypercall(number: int, args: tuple[int, ...]) -> bool:
-        return number in _HVM_HYPERCALLS and (
-            number != hypercalls.HYPERVISOR_SCHED_OP or args[0] in _HVM_SCHEDOPS)
+    def handle_exit(self, cpu: PhysicalCpu, v: Vcpu, exit_: Exit) -> bool:
+        return False
+
+    def answer_cpuid(self, cpu: PhysicalCpu, v: Vcpu, leaf: int) -> bool:
+        return False
+
+    def memory_fault(self, cpu: PhysicalCpu, v: Vcpu, exit_: MmuFault) -> bool:
+        if isinstance(exit_.reason, EptViolation):
+            self.ept_violation(cpu, v, exit_, exit_.reason)
+            return True
+        return False  # a guest page-table walk refused: the guest's #PF
 
     def halt(self, cpu: PhysicalCpu, v: Vcpu) -> None:
         if not interrupts_enabled(cpu):
@@ -382,16 +391,23 @@ class HvmSupport:
         return _hvm(v).lapic_records(now)
 
     # =============================================================== reports
-    def describe_domain(self, dom: Domain) -> dict[str, Any]:
+    def check_typerefs(self, dom: Domain) -> list:
+        return []  # HVM memory carries no PV page types
+
+    def release(self, dom: Domain) -> list[int]:
+        """The EPT tables: this build's, in its own layout (the new build makes its own)."""
+        return list(_hd(dom).physmap.ept.frames)
+
+    def describe(self, dom: Domain) -> dict[str, Any]:
         hd = _hd(dom)
         stats = hd.physmap.stats
-        return {"populate_on_demand": hd.physmap.pod,
+        return {"hvm": {"populate_on_demand": hd.physmap.pod,
                 "pod_pages_populated": stats.pod_pages,
                 "pod_faults": stats.pod_faults,
                 "pod_superpage_faults": stats.pod_superpages,
                 "ept_violations": dict(sorted(hd.violations.items())),
                 "ept_leaves": hd.physmap.superpage_counts(),
-                "log_dirty": hd.physmap.logdirty}
+                "log_dirty": hd.physmap.logdirty}}
 
     def describe_vcpu(self, v: Vcpu) -> dict[str, Any]:
         hvm = _hvm(v)
@@ -460,4 +476,18 @@ def _release_physmap(hv: Hypervisor, physmap: GuestPhysmap) -> None:
     hv.frames.release(frames)
 
 
-__all__ = ["HvmSupport", "PhysmapError", "SourceConfig"]
+def hvm_policy(hv: Hypervisor) -> HvmPolicy:
+    """The hypervisor's HVM policy (made on first use)."""
+    policy = hv.policy_for(HvmPolicy.name, HvmPolicy)
+    assert isinstance(policy, HvmPolicy)
+    return policy
+
+
+def create_hvm_domain(hv: Hypervisor, name: str, kernel_path: str, memory: int, vcpus: int, *,
+                      pod: bool = False, sources: Sequence[SourceConfig] = ()) -> Domain:
+    """An HVM domain behind EPT, all vCPUs runnable at the kernel entry."""
+    return hvm_policy(hv).create_domain(name, kernel_path, memory, vcpus, pod=pod,
+                                        sources=sources)
+
+
+__all__ = ["HvmPolicy", "PhysmapError", "SourceConfig", "create_hvm_domain", "hvm_policy"]
