@@ -32,8 +32,8 @@ def _json(capsys, args: list[str]) -> dict:
 
 
 def _saved_domain_state(image) -> dict:
-    from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD
     from hypervisor.stream import OpaqueRecord, StreamReader, open_image_for_read
+    from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD
 
     with open_image_for_read(image) as f:
         for record in StreamReader(f, keep=frozenset({HVLAB_DOMAIN_RECORD})):
