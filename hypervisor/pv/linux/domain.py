@@ -30,7 +30,6 @@ from hypervisor.pv.linux.kernel_image import KernelImageError, read_kernel_elf
 from hypervisor.pv.linux.layout import build_start_of_day, init_shared_info
 from hypervisor.pv.linux.xen_notes import KernelLoadPlan, XenNotesError, plan_kernel_load
 from hypervisor.pv.linux.xenstore import Xenstore
-from hypervisor.pv.xen.grant_table import create_grant_table
 from hypervisor.pv.xen.mmu import XenAbiMmu
 from hypervisor.pv.xen.policy import xen_pv_policy
 from hypervisor.pv.xen.state import XenVcpu
@@ -107,7 +106,6 @@ def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memo
     dom = Domain(domid, name, policy, p2m, shared_info,
                  start_info_va=layout.va(layout.start_info_pfn), virt_base=layout.virt_base,
                  kernel_file=Path(kernel_path).resolve().name)
-    dom.grant_table = create_grant_table(hv, domid, name)
     page = hv.memory.frame_u8(shared_info)
     init_shared_info(page)
     for vid in range(vcpus):  # pvclock: a 1 GHz TSC that counts virtual ns (mul 2^31, shift 1)
