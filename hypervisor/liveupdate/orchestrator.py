@@ -135,6 +135,9 @@ def check_plan(hv: Hypervisor, plan: UpdatePlan) -> Strategy:
         if dom.kind not in ("pv", "hvm"):
             raise UpdateError(f"domain {dom.name}: live update of {dom.kind} domains is not "
                               "supported")
+        if any(v.xen is not None for v in dom.vcpus):  # its Xen-PV state is not handed over
+            raise UpdateError(f"domain {dom.name}: live update of a domain on Xen's PV ABI at "
+                              "CPL 3 (Linux) is not supported yet")
     return strategy_named(plan.strategy)
 
 

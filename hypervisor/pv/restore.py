@@ -31,6 +31,7 @@ from hypervisor.mm.typerefs import Root
 from hypervisor.pv.domain import install_pv_domain
 from hypervisor.pv.save import FXSAVE_MXCSR, FXSAVE_XMM0, HVLAB_DOMAIN_VERSION, port_from_json
 from hypervisor.pv.vcpu import PvVcpuState, restore_pv_vcpu, start_pv_vcpu
+from hypervisor.pv.xen import image as xen_image
 from hypervisor.stream import (
     EndRecord,
     OpaqueRecord,
@@ -71,6 +72,7 @@ class _Pending:
     vcpus: dict[int, tuple[VcpuGuestContext, int]] = field(default_factory=dict)
     tsc_nsec: int | None = None
     hvlab: dict[str, Any] | None = None
+    shared_info_frame: int | None = None  # a CPL-3 domain's: a hypervisor page
 
 
 def restore_pv_domain(hv: Hypervisor, reader: StreamReader, path: Path,
@@ -191,8 +193,11 @@ def _finish(hv: Hypervisor, st: _Pending, domid: int, path: Path, name: str | No
         raise RestoreError(f"{path}: no X86_PV_VCPU_BASIC record for vCPU 0")
     meta = st.hvlab
     meta.setdefault("virtual_ns", st.tsc_nsec or 0)
-    for key in ("start_info_pfn", "shared_info_pfn"):
-        if not 0 <= int(meta.get(key, -1)) < st.nr_pages:
+    linux = meta.get("linux")
+    pfns_named = [(meta, "start_info_pfn")] + ([(linux, "console_pfn"), (linux, "xenstore_pfn")]
+                                               if linux else [(meta, "shared_info_pfn")])
+    for where, key in pfns_named:
+        if not 0 <= int(where.get(key, -1)) < st.nr_pages:
             raise RestoreError(f"{path}: record HVLAB_DOMAIN: {key} lies outside the domain")
     try:
         vcpu_states(meta)
@@ -200,10 +205,23 @@ def _finish(hv: Hypervisor, st: _Pending, domid: int, path: Path, name: str | No
         raise RestoreError(f"{path}: record HVLAB_DOMAIN: {err}") from None
     # The guest's own copies of machine addresses: its P2M list and start_info.
     _rewrite_p2m_list(hv, st)
-    shared_info_mfn = int(st.p2m[meta["shared_info_pfn"]])
+    start_info_ma = int(st.p2m[meta["start_info_pfn"]]) * PAGE_SIZE
+    if linux:  # Xen's shared_info page, mapped again where the guest had it
+        shared_info_mfn = st.shared_info_frame = int(hv.frames.alloc_one("restored "
+                                                                         "shared_info"))
+        hv.frame_table.assign(np.array([shared_info_mfn], dtype=np.uint64), domid)
+        for pfn, slot, flags in linux.get("shared_info_entries", []):
+            if not 0 <= pfn < st.nr_pages or not 0 <= slot < 512:
+                raise RestoreError(f"{path}: record HVLAB_DOMAIN: a shared_info mapping "
+                                   f"outside the domain's tables")
+            hv.memory.u64[int(st.p2m[pfn]) * 512 + slot] = np.uint64(
+                flags & ~ADDR_MASK | shared_info_mfn << 12)
+        for offset, key in ((56, "xenstore_pfn"), (72, "console_pfn")):
+            hv.memory.write_u64(start_info_ma + offset, int(st.p2m[linux[key]]))
+    else:
+        shared_info_mfn = int(st.p2m[meta["shared_info_pfn"]])
     if st.shared_info is not None:
         hv.memory.write(shared_info_mfn * PAGE_SIZE, st.shared_info)
-    start_info_ma = int(st.p2m[meta["start_info_pfn"]]) * PAGE_SIZE
     hv.memory.write_u64(start_info_ma + 40, shared_info_mfn * PAGE_SIZE)
     # Restoring validates, as Xen's restore does: pin what was pinned, then take each
     # vCPU's CR3 references. The bulk validator gives exactly the reference's frame
@@ -235,7 +253,54 @@ def _finish(hv: Hypervisor, st: _Pending, domid: int, path: Path, name: str | No
         record, offset, what = blame[failure.index]
         raise _fail(path, record, offset, f"{what} failed validation ({errno_name(failure.rc)})")
     contexts = {vid: ctx for vid, (ctx, _) in st.vcpus.items()}
+    if linux:
+        assert st.shared_info_frame is not None
+        return install_xen_abi_domain(hv, meta, st.p2m, st.shared_info_frame, contexts, bases,
+                                      name or meta.get("name") or path.stem)
     return install_domain(hv, meta, st.p2m, contexts, bases, name or meta.get("name") or path.stem)
+
+
+def install_xen_abi_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray,
+                           shared_info: int, contexts: dict[int, VcpuGuestContext],
+                           bases: dict[int, tuple[int, int]], name: str) -> Domain:
+    """A restored CPL-3 (Linux) domain: Xen's vCPU state, its backends, its events."""
+    from hypervisor.pv.linux.domain import install_linux_domain  # loads the Linux parts
+
+    linux = meta["linux"]
+    raw_vcpus = meta.get("vcpus", [])  # each with its "xen" part (xen_image.xen_vcpu_meta)
+    vmeta = vcpu_states(meta)
+    nr_vcpus = max(len(vmeta), max(contexts) + 1)
+    virt_base = int(meta["virt_base"])
+    dom = install_linux_domain(hv, name, p2m, shared_info,
+                               virt_base + int(meta["start_info_pfn"]) * PAGE_SIZE, virt_base,
+                               nr_vcpus, linux["console_pfn"], linux["xenstore_pfn"],
+                               linux.get("kernel_file", ""))
+    from hypervisor.pv.xen.policy import xen_pv_policy
+
+    support = xen_pv_policy(hv).support
+    support.refresh_m2p()
+    _restore_common(hv, dom, meta)
+    assert dom.backends is not None and dom.backends.xenstore is not None
+    dom.backends.console.restore(xen_image.console_from_json(linux["console_ring"]))
+    dom.backends.xenstore.restore(xen_image.xenstore_from_json(linux["xenstore"]))
+    for v in dom.vcpus:
+        if v.vcpu_id not in contexts:
+            continue
+        ctx = contexts[v.vcpu_id]
+        xen_extra = raw_vcpus[v.vcpu_id].get("xen", {}) if v.vcpu_id < len(raw_vcpus) else {}
+        v.xen = xen_image.restore_xen_vcpu(v, ctx, xen_extra, lambda pfn: int(p2m[pfn]))
+        base, user = bases[v.vcpu_id]
+        v.roots.kernel_ma, v.roots.user_ma = base * PAGE_SIZE, user * PAGE_SIZE
+        regs = _registers(ctx)
+        regs["cs"], regs["ss"] = ctx.user_regs.cs, ctx.user_regs.ss
+        regs["gs_base"] = ctx.gs_base_kernel if v.xen.kernel_mode else ctx.gs_base_user
+        regs["cr2"] = xen_extra.get("cpu_cr2", ctx.ctrlreg[2])
+        support.resume_vcpu(v, regs, xen_extra.get("cpu_cr4", ctx.ctrlreg[4]))
+        if v.xen.vcpu_info_ma is not None:
+            start = v.xen.vcpu_info_ma
+            dom.events.bits._moved[v.vcpu_id] = hv.memory.u8[start:start + 64]
+        _restore_vcpu_common(v, ctx, vmeta)
+    return dom
 
 
 def install_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray,
@@ -250,6 +315,21 @@ def install_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray,
     dom = install_pv_domain(hv, name or meta["name"], p2m, int(meta["shared_info_pfn"]),
                                virt_base + int(meta["start_info_pfn"]) * PAGE_SIZE,
                                virt_base, nr_vcpus)
+    _restore_common(hv, dom, meta)
+    vmeta = vcpu_states(meta)
+    for v in dom.vcpus:
+        if v.vcpu_id not in contexts:
+            continue
+        ctx = contexts[v.vcpu_id]
+        base, user = bases[v.vcpu_id]
+        start_pv_vcpu(hv, v, _registers(ctx), base * PAGE_SIZE)
+        v.roots.user_ma = user * PAGE_SIZE
+        _restore_vcpu_common(v, ctx, vmeta)
+    return dom
+
+
+def _restore_common(hv: Hypervisor, dom: Domain, meta: dict[str, Any]) -> None:
+    """Clock, console, shutdown and event channels: the same for every PV domain."""
     dom.time_offset = int(meta["virtual_ns"]) - hv.now
     dom.console += meta.get("console", "").encode("latin-1")
     if meta.get("shutdown") is not None:
@@ -259,22 +339,17 @@ def install_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray,
     ports = dict(port_from_json(p) for p in ev.get("ports", []))
     virqs = {(p.notify_vcpu, p.virq): port for port, p in ports.items() if p.state == "virq"}
     dom.events.restore(EventChannelState(ports, virqs, ev.get("sent", 0), ev.get("raised", 0)))
-    vmeta = vcpu_states(meta)
-    for v in dom.vcpus:
-        if v.vcpu_id not in contexts:
-            continue
-        ctx = contexts[v.vcpu_id]
-        base, user = bases[v.vcpu_id]
-        start_pv_vcpu(hv, v, _registers(ctx), base * PAGE_SIZE)
-        v.roots.user_ma = user * PAGE_SIZE
-        v.event_callback = ctx.event_callback_eip
-        v.failsafe_callback = ctx.failsafe_callback_eip
-        v.syscall_callback = ctx.syscall_callback_eip
-        v.trap_table = {t.vector: TrapEntry(t.vector, t.flags, t.cs, t.address)
-                        for t in ctx.trap_ctxt if t.address}
-        state = vmeta[v.vcpu_id] if v.vcpu_id < len(vmeta) else PvVcpuState()
-        restore_pv_vcpu(v, state, bool(ctx.flags & VGCF_ONLINE))
-    return dom
+
+
+def _restore_vcpu_common(v, ctx: VcpuGuestContext, vmeta: list[PvVcpuState]) -> None:
+    """Callbacks, trap table, runstate, timer and counters of a restored vCPU."""
+    v.event_callback = ctx.event_callback_eip
+    v.failsafe_callback = ctx.failsafe_callback_eip
+    v.syscall_callback = ctx.syscall_callback_eip
+    v.trap_table = {t.vector: TrapEntry(t.vector, t.flags, t.cs, t.address)
+                    for t in ctx.trap_ctxt if t.address}
+    state = vmeta[v.vcpu_id] if v.vcpu_id < len(vmeta) else PvVcpuState()
+    restore_pv_vcpu(v, state, bool(ctx.flags & VGCF_ONLINE))
 
 
 def vcpu_states(meta: dict[str, Any]) -> list[PvVcpuState]:
@@ -312,3 +387,6 @@ def _undo(hv: Hypervisor, st: _Pending) -> None:
     if st.p2m is not None:
         hv.unclaim_frames(st.p2m)
         st.p2m = None
+    if st.shared_info_frame is not None:
+        hv.unclaim_frames(np.array([st.shared_info_frame], dtype=np.uint64))
+        st.shared_info_frame = None

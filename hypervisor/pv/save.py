@@ -26,6 +26,7 @@ from hypervisor.lib.errors import SaveError
 from hypervisor.lib.extents import runs_of
 from hypervisor.mm.builds import PageType
 from hypervisor.pv.vcpu import save_pv_vcpu
+from hypervisor.pv.xen import image as xen_image
 from hypervisor.stream import DomainType, Pfinfo, StreamWriter, open_image_for_write
 from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD
 from hypervisor.stream.hvlab_records import PAGE_DATA_BATCH as BATCH
@@ -141,19 +142,24 @@ def vcpu_context(hv: Hypervisor, v, normalise: bool = True) -> VcpuGuestContext:
     ctx.fs_base = regs["fs_base"]
     ctx.gs_base_kernel = regs["gs_base"]
     ctx.kernel_ss = regs["ss"]
+    if v.xen is not None:  # Xen's PV ABI at CPL 3: mode, stacks, GS bases, GDT, assists
+        xen_image.fill_vcpu_context(ctx, v, regs, frame)
     return ctx
 
 
-def domain_state(hv: Hypervisor, dom: Domain) -> dict[str, Any]:
+def domain_state(hv: Hypervisor, dom: Domain,
+                 shared_info_entries: list[list[int]] | None = None) -> dict[str, Any]:
     """hvlab's own state that Xen's records do not carry (the HVLAB_DOMAIN record)."""
     ev = dom.events.save()
-    return {
+    xen_abi = xen_image.is_xen_abi(dom)
+    state: dict[str, Any] = {
         "version": HVLAB_DOMAIN_VERSION,
         "name": dom.name,
         "virtual_ns": hv.now + dom.time_offset,
         "console": dom.console.decode("latin-1"),  # byte-exact round trip
         "start_info_pfn": (dom.start_info_va - dom.virt_base) // PAGE_SIZE,
-        "shared_info_pfn": dom.shared_info_pfn,
+        # a CPL-3 domain's shared_info is a hypervisor page, no pfn of the guest
+        "shared_info_pfn": None if xen_abi else dom.shared_info_pfn,
         "virt_base": dom.virt_base,
         "evtchn": {
             "ports": [{"port": port, **vars(p)} for port, p in sorted(ev.ports.items())],
@@ -164,6 +170,11 @@ def domain_state(hv: Hypervisor, dom: Domain) -> dict[str, Any]:
         "crash_report": dom.crash_report,
         "vcpus": [to_plain(save_pv_vcpu(v)) for v in dom.vcpus],
     }
+    if xen_abi:
+        for v, entry in zip(dom.vcpus, state["vcpus"], strict=True):
+            entry["xen"] = xen_image.xen_vcpu_meta(hv, v, hv.read_vcpu_registers(v))
+        state["linux"] = xen_image.linux_meta(hv, dom, shared_info_entries or [])
+    return state
 
 
 def port_from_json(entry: dict[str, Any]) -> tuple[int, Port]:
@@ -184,6 +195,11 @@ def save_pv_domain(hv: Hypervisor, dom: Domain, path: str | Path) -> dict[str, A
     stats: dict[str, int | float] = {"pages": nr_pages, "data_pages": 0, "xalloc_pages": 0,
                                      "page_tables": 0, "pins": 0}
     p2m_frames = p2m_frame_pfns(hv, dom)
+    si_entries = (xen_image.shared_info_entries(hv, dom, np.flatnonzero(classes.levels))
+                  if xen_image.is_xen_abi(dom) else [])
+    si_by_pfn: dict[int, list[int]] = {}
+    for pfn, slot, _flags in si_entries:
+        si_by_pfn.setdefault(pfn, []).append(slot)
     major, minor = hv.build_version
     with open_image_for_write(path) as f:
         w = StreamWriter(f, DomainType.X86_PV, xen_major=major, xen_minor=minor)
@@ -204,6 +220,9 @@ def save_pv_domain(hv: Hypervisor, dom: Domain, path: str | Path) -> dict[str, A
             is_table = levels[keep] > 0
             if is_table.any():
                 data[is_table] = normalise_tables(data[is_table], levels[keep][is_table], hv.m2p)
+            for row, kept_pfn in enumerate(np.flatnonzero(keep) + start if si_by_pfn else ()):
+                for slot in si_by_pfn.get(int(kept_pfn), ()):  # shared_info: not present here
+                    data[row].view(np.uint64)[slot] = 0
             w.write_page_data(np.arange(start, stop, dtype=np.uint64), types, data)
             stats["data_pages"] += int(keep.sum())
             stats["xalloc_pages"] += int((~keep).sum())
@@ -214,7 +233,8 @@ def save_pv_domain(hv: Hypervisor, dom: Domain, path: str | Path) -> dict[str, A
             if v.context is not None:
                 w.write_x86_pv_vcpu_basic(v.vcpu_id, vcpu_context(hv, v))
         w.write_x86_tsc_info(0, TSC_KHZ, hv.now + dom.time_offset, 0)
-        w.write_record(HVLAB_DOMAIN_RECORD, json.dumps(domain_state(hv, dom)).encode())
+        w.write_record(HVLAB_DOMAIN_RECORD,
+                       json.dumps(domain_state(hv, dom, si_entries)).encode())
         w.write_end()
         stats["bytes"] = w.offset
     stats["wall_s"] = round(time.perf_counter() - started, 6)
@@ -222,7 +242,15 @@ def save_pv_domain(hv: Hypervisor, dom: Domain, path: str | Path) -> dict[str, A
 
 
 def p2m_frame_pfns(hv: Hypervisor, dom: Domain) -> np.ndarray:
-    """The pfns of the pages holding the guest's P2M list (start_info.mfn_list)."""
+    """The pfns of the pages holding the guest's P2M list: the one Linux published in
+    shared_info, else start_info.mfn_list."""
+    if xen_image.is_xen_abi(dom):
+        linear = xen_image.linear_p2m_pfns(hv, dom)
+        if linear is None:
+            raise SaveError(f"domain {dom.name} has not published its P2M list in shared_info "
+                            "yet (arch.p2m_cr3): Linux is still building it, early in boot, "
+                            "and Xen's saver refuses such a guest too; save it later")
+        return linear
     start_info = hv.memory.read(int(dom.p2m[(dom.start_info_va - dom.virt_base) // PAGE_SIZE])
                                 * PAGE_SIZE, 112)
     first = (int.from_bytes(start_info[104:112], "little") - dom.virt_base) // PAGE_SIZE

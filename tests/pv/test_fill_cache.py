@@ -83,7 +83,6 @@ def test_without_the_cache_every_fill_walks_afresh() -> None:
 
 def test_a_plugged_writable_mapping_rule_turns_the_cache_off() -> None:
     from hypervisor.core.seams import Seams
-
     from hypervisor.runner import boot_scenario
     from hypervisor.scenario import load_scenario
     from tests import SCENARIOS

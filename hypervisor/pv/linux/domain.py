@@ -134,3 +134,29 @@ def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memo
     policy.support.start_vcpu(boot, regs.rip, regs.rsp, regs.rsi, built.l4_mfn * PAGE_SIZE)
     boot.runstate = RUNNABLE
     return dom
+
+
+def install_linux_domain(hv: Hypervisor, name: str, p2m: np.ndarray, shared_info: int,
+                         start_info_va: int, virt_base: int, nr_vcpus: int,
+                         console_pfn: int, xenstore_pfn: int, kernel_file: str) -> Domain:
+    """A restored Linux PV domain of claimed, typed frames: its event channels over the
+    hypervisor's shared_info page, its backends on the rings, CPL-3 vCPUs (not started)."""
+    domid = len(hv.domains)
+    policy = xen_pv_policy(hv)
+    dom = Domain(domid, name, policy, p2m, shared_info, start_info_va=start_info_va,
+                 virt_base=virt_base, kernel_file=kernel_file)
+    dom.evtchn = EventChannels(domid, nr_vcpus, hv.memory.frame_u8(shared_info),
+                               kick=dom.wake_vcpu, peer=hv.evtchn_of)
+    console_page = hv.memory.frame_u8(int(p2m[console_pfn]))
+    store = Xenstore(hv.memory.frame_u8(int(p2m[xenstore_pfn])), domid,
+                     lambda: dom.events.set_pending(STORE_EVTCHN))
+    dom.backends = Backends(ConsoleRing(console_page, dom.console.extend,
+                                        lambda: dom.events.set_pending(CONSOLE_EVTCHN)), store)
+    hv.slice_hooks.append(BackendPoll(dom))
+    xen_gdt_ma, m2p_mas = policy.support.xen_pages()
+    for vid in range(nr_vcpus):
+        v = Vcpu(dom, vid, XenAbiMmu(hv.memory, xen_gdt_ma, m2p_mas), xen=XenVcpu())
+        dom.vcpus.append(v)
+        hv.scheduler.place(v)
+    hv.domains.append(dom)
+    return dom

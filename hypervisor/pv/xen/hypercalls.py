@@ -314,6 +314,7 @@ def vcpu_op(hv: Hypervisor, v: Vcpu, cmd: int, vcpu_id: int, arg: int, *_: int) 
                 or hv.frame_table.owner_of(mfn) != dom.domid):
             return -EINVAL
         start = mfn * 4096 + offset
+        xen_state(target).vcpu_info_ma = start
         dom.events.bits.relocate_vcpu_info(vcpu_id, hv.memory.u8[start:start + 64])
         return 0
     if cmd == VCPUOP_REGISTER_VCPU_TIME_MEMORY_AREA:

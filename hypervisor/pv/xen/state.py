@@ -45,6 +45,7 @@ class XenVcpu:
     gdt_frames: tuple[int, ...] = ()  # set_gdt's machine frames (up to 14)
     gdt_entries: int = 0
     runstate_area: int = 0  # VCPUOP_register_runstate_memory_area
+    vcpu_info_ma: int | None = None  # VCPUOP_register_vcpu_info (None: shared_info's slot)
     debugregs: dict[int, int] = field(default_factory=lambda: {6: 0xFFFF_0FF0, 7: 0x400})
     privops: int = 0  # privileged instructions emulated
     forced_cpuids: int = 0

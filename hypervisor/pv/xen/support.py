@@ -116,6 +116,26 @@ class XenPvSupport:
 
         self.hv.start_vcpu_with(v, setup)
 
+    def resume_vcpu(self, v: Vcpu, regs: dict[str, int], cpu_cr4: int) -> None:
+        """A restored vCPU at CPL 3 with its saved registers (its XenVcpu, roots and
+        mode already set): as start_vcpu, but every register is the saved one."""
+        x = v.xen
+        assert x is not None
+        v.mmu.user_mode = not x.kernel_mode  # type: ignore[attr-defined]
+        v.mmu.guest_gdt = x.gdt_frames  # type: ignore[attr-defined]
+
+        def setup(cpu: PhysicalCpu) -> None:
+            cpu.set_reg("cr4", cpu_cr4)
+            cpu.set_reg("cr3", v.roots.kernel_ma)
+            cpu.set_reg("cr0", 0x8005_0033)
+            cpu.set_descriptor_table("gdtr", GDT_VA, 16 * 4096 - 1)
+            cpu.enter_ring3(regs["rip"], regs["rsp"], regs["rflags"], regs["cs"], regs["ss"])
+            for name, value in regs.items():
+                if name not in ("cs", "ss"):
+                    cpu.set_reg(name, value)
+
+        self.hv.start_vcpu_with(v, setup)
+
     # --------------------------------------------------------------- exits
     def handle(self, cpu: PhysicalCpu, v: Vcpu, exit_: Exit) -> None:
         x = v.xen
