@@ -415,6 +415,9 @@ class _Pass:
         limit = 2 * self.n
         out_of_range = False
         clock = self.clock
+        # Reused per chunk: no fresh 8 MiB temporaries (and their page faults).
+        slot_buf = np.empty(_L1_CHUNK * ENTRIES_PER_TABLE, np.uint64)
+        bit_buf = np.empty_like(slot_buf)
         clock.lap("classify")  # the upper levels
         for start in range(0, tables.size, _L1_CHUNK):
             e = _rows(self.mem2d, tables[start : start + _L1_CHUNK])
@@ -433,9 +436,15 @@ class _Pass:
                     ok &= ~bad
                 flat = e[ok]
             # 2 * mfn + rw: the accumulator slot of this entry's references.
-            slot = (flat >> _U11) & _MFN_MASK2
-            slot |= (flat >> _U1) & _ONE
-            if slot.size and int(slot.max()) >= limit:
+            slot, bit = slot_buf[: flat.size], bit_buf[: flat.size]
+            np.right_shift(flat, _U11, out=slot)
+            np.bitwise_and(slot, _MFN_MASK2, out=slot)
+            np.right_shift(flat, _U1, out=bit)
+            np.bitwise_and(bit, _ONE, out=bit)
+            np.bitwise_or(slot, bit, out=slot)
+            # No MFN exceeds the OR of all of them: only look closer when that could.
+            if slot.size and (any_bits >> 12) & int(_MFN_MASK) >= self.n and \
+                    int(slot.max()) >= limit:
                 out_of_range = True
                 slot = slot[slot < limit]
             clock.lap("classify")
@@ -583,18 +592,25 @@ def _apply(frames: FrameTable, d: _Delta) -> None:
     fresh_word = np.uint64(layout.encode(PageType.WRITABLE, 0, validated=True))
     count_mask = np.uint64(layout.count_mask)
     pairs = d.refs.reshape(-1, 2)
+    # Reused per chunk, so the loop allocates (and page-faults) nothing.
+    both = np.empty(_APPLY_CHUNK, np.uint64)
+    new = np.empty(_APPLY_CHUNK, np.uint64)
+    has_rw = np.empty(_APPLY_CHUNK, bool)
     for start in range(0, frames.nr_frames, _APPLY_CHUNK):
         chunk = pairs[start : start + _APPLY_CHUNK]
         ro, rw = chunk[:, 0], chunk[:, 1]
-        ci = frames.count_info[start : start + _APPLY_CHUNK]
-        ci += ro
-        ci += rw
-        if not rw.any():
+        size = ro.size
+        ci = frames.count_info[start : start + size]
+        np.add(ro, rw, out=both[:size], dtype=np.uint64)
+        ci += both[:size]
+        np.not_equal(rw, 0, out=has_rw[:size])
+        if not has_rw[:size].any():
             continue
-        ti = frames.type_info[start : start + _APPLY_CHUNK]
-        new = (ti & count_mask) + rw
-        new |= fresh_word
-        np.copyto(ti, new, where=rw != 0)
+        ti = frames.type_info[start : start + size]
+        np.bitwise_and(ti, count_mask, out=new[:size])
+        new[:size] += rw
+        new[:size] |= fresh_word
+        np.copyto(ti, new[:size], where=has_rw[:size])
 
     m = d.typed_mfns
     if m.size:
