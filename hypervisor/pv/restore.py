@@ -182,7 +182,7 @@ def _place(hv: Hypervisor, st: _Pending, body: bytes, offset: int, domid: int,
         _allocate(hv, st, domid, path)
     else:
         raise _fail(path, name, offset,
-                    "saved before the guest published its P2M list in shared_info, it restores "
+                    "saved before the guest published its P2M list in shared_info, so it restores "
                     f"only onto the machine frames it was saved from, and {int(busy.sum())} of "
                     f"them are in use or beyond this machine's {hv.frames.nr_frames} frames")
 
@@ -317,14 +317,19 @@ def _hypervisor_pages(hv: Hypervisor, st: _Pending, linux: dict[str, Any], domid
     for mfn, content in zip(st.hypervisor_pages[1:], grants["frames"], strict=True):
         hv.memory.frame_u8(mfn)[:] = np.frombuffer(bytes.fromhex(content), np.uint8) \
             if content is not None else 0
-    mappings = [(e[0], e[1], e[2], 0) for e in linux.get("shared_info_entries", [])]
-    mappings += [(e[0], e[1], e[2], 1 + e[3]) for e in linux.get("grant_entries", [])]
-    for pfn, slot, flags, page in mappings:
+    for pfn, slot, flags, page in hypervisor_page_mappings(linux):
         if not (0 <= pfn < st.nr_pages and 0 <= slot < 512 and 0 <= page < wanted):
             raise RestoreError(f"{path}: record HVLAB_DOMAIN: a mapping of a hypervisor page "
                                "outside the domain's tables")
         hv.memory.u64[int(st.p2m[pfn]) * 512 + slot] = np.uint64(
             flags & ~ADDR_MASK | st.hypervisor_pages[page] << 12)
+
+
+def hypervisor_page_mappings(linux: dict[str, Any]) -> list[tuple[int, int, int, int]]:
+    """(table pfn, slot, entry flags, page: 0 shared_info, 1 + n grant frame n) of every
+    entry that mapped a hypervisor page when the domain was saved."""
+    mappings = [(e[0], e[1], e[2], 0) for e in linux.get("shared_info_entries", [])]
+    return mappings + [(e[0], e[1], e[2], 1 + e[3]) for e in linux.get("grant_entries", [])]
 
 
 def install_xen_abi_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray,

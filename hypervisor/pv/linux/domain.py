@@ -4,9 +4,10 @@ The kernel file (a bzImage or its ELF) is placed by its Xen notes; the
 start of day is Xen's (layout.py), pinned through hvlab's typerefs; the
 shared_info page is a hypervisor frame the domain owns (Xen's
 share_xen_page_with_guest), mapped by the guest itself through the machine
-address start_info gives it; so are its grant frames (grant_table.py). The console ring's event channel is port 1,
-xenstore's port 2 (an in-memory store on the ring, xenstore.py); both
-backends run when the guest sends on an event channel and after every slice.
+address start_info gives it; so are its grant frames (grant_table.py).
+The console ring's event channel is port 1, xenstore's port 2 (an in-memory
+store on the ring, xenstore.py); both backends run when the guest sends on an
+event channel and after every slice.
 """
 
 from __future__ import annotations
