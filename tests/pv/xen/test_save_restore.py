@@ -11,7 +11,7 @@ import pytest
 
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
 from hypervisor.images.domains import restore_domain, save_domain
-from hypervisor.images.verify import image_verify
+from hypervisor.images.verify import image_typerefs, image_verify
 from hypervisor.lib.errors import RestoreError
 from hypervisor.pv import restore as pv_restore
 from hypervisor.pv.xen import grant_table as gt
@@ -144,7 +144,30 @@ def _saved_mid_loop(tmp_path, program: bytes, name: str):
     image = tmp_path / name
     save_domain(hv, hv.domains[0], image)
     assert image_verify(image, out=open("/dev/null", "w"))["ok"]
+    assert typeref_mismatches(hv, hv.domains[0], image) == 0
     return reference, hv, image
+
+
+def typeref_mismatches(hv: Hypervisor, dom, image) -> int:
+    """pfns whose page type, type count or pin differ between the live frame table and
+    the image's tables validated alone (hvlab image verify's recomputation)."""
+    types, counts, pinned = image_typerefs(image)
+    mfns = dom.p2m.astype(np.int64)
+    live_counts = hv.frame_table.type_counts(mfns).astype(np.int64)
+    live_types = np.where(live_counts > 0, hv.frame_table.types(mfns), 0)
+    return int(((live_types != types) | (live_counts != counts)
+                | (hv.frame_table.pinned(mfns) != pinned)).sum())
+
+
+def test_an_image_that_loses_its_pins_fails_the_typeref_recomputation(tmp_path, monkeypatch):
+    """A planted bug: the saver writes pinned tables as unpinned."""
+    from hypervisor.pv import save as pv_save
+
+    monkeypatch.setattr(pv_save, "PIN_OFFSET", 0)
+    hv = boot(tmp_path, _program())
+    hv.run(100_000)
+    save_domain(hv, hv.domains[0], tmp_path / "unpinned.img")
+    assert typeref_mismatches(hv, hv.domains[0], tmp_path / "unpinned.img") > 0
 
 
 def test_a_cpl3_guest_restores_in_place_on_the_frames_it_was_saved_from(tmp_path):
