@@ -201,7 +201,7 @@ def machine_frames(dom: Domain, relocatable: bool) -> dict[str, Any]:
     """The HVLAB_MACHINE_FRAMES record: where every pfn (runs of [pfn, mfn, count]) and
     every hypervisor page lived, and whether the guest may be relocated at all."""
     p2m = dom.p2m.astype(np.int64)
-    starts = np.concatenate(([0], np.flatnonzero(np.diff(p2m) != 1) + 1)) if p2m.size else []
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(p2m) != 1) + 1)) if p2m.size else p2m
     counts = np.diff(np.concatenate((starts, [p2m.size])))
     return {"relocatable": relocatable,
             "pfn_runs": [[int(s), int(p2m[s]), int(c)] for s, c in zip(starts, counts,
