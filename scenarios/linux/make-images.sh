@@ -21,9 +21,9 @@ die() { echo "make-images.sh: $*" >&2; exit 2; }
 declare -A AT=(
     [linux-boot-end-256M]=3016ms      # just after "Run /init as init process"
     [linux-mid-workload-256M]=3100ms  # between the workload's first and second round
-    [linux-19-procs-256M]=3140ms      # 19 processes alive (39 pinned L4s), the workload's peak
+    [linux-18-procs-256M]=3140ms      # 18 processes alive (39 pinned L4s), the workload's peak
 )
-ORDER=(linux-boot-end-256M linux-mid-workload-256M linux-19-procs-256M)
+ORDER=(linux-boot-end-256M linux-mid-workload-256M linux-18-procs-256M)
 
 if [ "${1:-}" = "-o" ]; then
     [ $# -ge 2 ] || die "-o needs a folder"
