@@ -124,7 +124,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if args.mem is not None:
             raise HvlabError("bench revalidate: --image takes the guest's size from the image; "
                              "leave out --mem")
-        run_revalidate_image_bench(args.image, args.build, args.json, quiet=args.quiet)
+        run_revalidate_image_bench(args.image, args.build, args.json, repeats=args.repeat,
+                                   quiet=args.quiet)
         return 0
     if args.which == "revalidate":
         from hypervisor.bench.revalidate import run_revalidate_bench
@@ -304,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="update: guest sizes, comma-separated (default 1G,4G,16G,64G)")
     bench.add_argument("--repeat", type=_positive, default=3,
                        help="update: updates measured per strategy and size; a row is the "
-                            "run with the median blackout (default 3)")
+                            "run with the median blackout; revalidate --image: bulk and scan "
+                            "runs, the best is kept (default 3)")
     bench.set_defaults(func=_cmd_bench)
 
     image = sub.add_parser("image", help="stored guest images (migration stream v2)")

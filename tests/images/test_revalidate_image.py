@@ -97,8 +97,10 @@ def test_bad_requests_are_one_line_and_status_2(capsys, args, message):
 
 
 def test_cli_json_has_the_generated_bench_fields(capsys):
-    assert main(["bench", "revalidate", "--quiet", "--json", "--image", str(LINUX_LIKE)]) == 0
+    assert main(["bench", "revalidate", "--quiet", "--json", "--repeat", "2", "--image",
+                 str(LINUX_LIKE)]) == 0
     r = json.loads(capsys.readouterr().out)
+    assert r["repeats"] == 2 and len(r["bulk_runs_s"]) == len(r["scan_runs_s"]) == 2
     for key in ("mem_bytes", "guest_pages", "page_table_frames", "ptes", "ptes_by_level",
                 "bulk_s", "bulk_cold_s", "bulk_phases_s", "floor_s", "scan_s", "reference_s",
                 "reference_pte_per_s", "equal_on_sample", "bulk_vs_reference", "bulk_vs_floor",
