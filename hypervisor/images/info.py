@@ -94,6 +94,7 @@ def _take(tally: _Tally, record: object, path: str | os.PathLike[str]) -> None:
             tally.page_tables.add_page_data(pfns, types, pages)
         case X86PvP2mFramesRecord(end_pfn=end):
             tally.p2m_end = end
+            tally.page_tables.nr_pages = end + 1
         case X86PvVcpuBasicRecord(vcpu_id=vid):
             ctx = record.guest_context()
             tally.vcpus.append({
@@ -243,4 +244,6 @@ def _print_page_table_stats(s: dict[str, Any], w: Any) -> None:
     w(f"L1 entries  {s['l1_present']:,} present, {s['writable_mappings']:,} writable, "
       f"{s['table_mappings']:,} map page tables; {s['mapped_frames']:,} frames mapped\n")
     w(f"linear      {s['linear_entries']:,} entries onto tables of their own level, "
-      f"{s['self_maps']:,} self-maps\n")
+      f"{s['self_maps']:,} self-maps"
+      + (f"; {s['beyond_domain']:,} entries map pfns beyond the domain" if s["beyond_domain"]
+         else "") + "\n")

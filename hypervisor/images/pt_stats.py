@@ -23,6 +23,8 @@ Definitions:
   image; Linux maps all its tables through the direct map).
 * **linear entries**: present entries of an L2-L4 whose target is a table of
   the same level; **self-maps** are those onto the table itself.
+* **beyond domain**: present entries whose target is no pfn of the domain (0
+  in a valid image; left out of the other target counts).
 
 Memory stays bounded whatever the image's size: the L1 targets are folded into a
 per-pfn counter every `_FOLD_AT` entries; upper-level entries (one per lower
@@ -61,6 +63,9 @@ _GUEST_L4_SLOTS[XEN_L4_FIRST_SLOT : XEN_L4_LAST_SLOT + 1] = False
 _KERNEL_L4_SLOTS = np.zeros(ENTRIES_PER_TABLE, dtype=bool)
 _KERNEL_L4_SLOTS[FIRST_KERNEL_SLOT:VSYSCALL_SLOT] = True
 _FOLD_AT = 1 << 23  # L1 targets kept before they are counted per pfn (64 MiB)
+# Domain size assumed when no X86_PV_P2M_FRAMES came first (a malformed image): bounds the
+# per-pfn counter (image verify's largest domain, 256 GiB).
+_MAX_PAGES = 1 << 26
 _EMPTY = np.empty(0, np.int64)
 
 
@@ -77,6 +82,8 @@ class PageTableStats:
     upper: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     kernel_l4: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     cr3s: list[int] = field(default_factory=list)
+    nr_pages: int | None = None  # from X86_PV_P2M_FRAMES: targets at or above are counted apart
+    beyond: int = 0
 
     def add_page_data(self, pfns: npt.NDArray[np.uint64], types: npt.NDArray[np.uint8],
                       pages: npt.NDArray[np.uint8]) -> None:
@@ -103,15 +110,18 @@ class PageTableStats:
         self.present_per_table.append((np.full(pfns.size, level, np.uint8),
                                        present.sum(axis=1).astype(np.int64)))
         targets = ((entries[present] >> _U12) & _MFN_MASK).astype(np.int64)
+        inside = targets < (_MAX_PAGES if self.nr_pages is None else self.nr_pages)
+        self.beyond += int(targets.size - inside.sum())
         if level == 1:
             self.writable += int(((entries[present] & _RW) != 0).sum())
+            targets = targets[inside]
             self.l1_pending.append(targets)
             self.l1_pending_size += targets.size
             if self.l1_pending_size >= _FOLD_AT:
                 self._fold_l1()
             return
-        sources = np.repeat(pfns, present.sum(axis=1))
-        self.upper.append((sources, np.full(sources.size, level, np.uint8), targets))
+        sources = np.repeat(pfns, present.sum(axis=1))[inside]
+        self.upper.append((sources, np.full(sources.size, level, np.uint8), targets[inside]))
 
     def add_cr3(self, pfn: int | None) -> None:
         """A vCPU's CR3 or user CR3, as a pfn (None: the vCPU has none)."""
@@ -181,6 +191,7 @@ class PageTableStats:
             "mapped_frames": int(np.count_nonzero(l1_maps)),
             "linear_entries": int(linear.sum()),
             "self_maps": int((linear & (dst == src)).sum()),
+            "beyond_domain": self.beyond,
         }
 
     def _roots(self, pfns: np.ndarray, levels: np.ndarray, pinned: np.ndarray

@@ -13,6 +13,7 @@ from hypervisor.stream import (
     Pfinfo,
     StreamReader,
     StreamWriter,
+    X86PvP2mFramesRecord,
     X86PvVcpuBasicRecord,
     open_image_for_read,
     open_image_for_write,
@@ -62,15 +63,18 @@ EXPECTED = {
     "mapped_frames": 12,
     "linear_entries": 3,
     "self_maps": 2,
+    "beyond_domain": 0,
 }
 
 
-def write_synthetic_image(path: Path) -> None:
+def write_synthetic_image(path: Path, extra: dict[int, dict[int, int]] | None = None) -> None:
+    """The tree above; `extra` adds entries (table pfn -> {slot: entry})."""
     types = np.full(NR_PAGES, Pfinfo.XALLOC, dtype=np.uint8)
     pages = []
     for pfn in range(NR_PAGES):
         if pfn in TREE:
             kind, entries = TREE[pfn]
+            entries = {**entries, **(extra or {}).get(pfn, {})}
             types[pfn] = kind
             page = np.zeros(512, np.uint64)
             for slot, entry in entries.items():
@@ -96,6 +100,7 @@ def recount(path: Path) -> dict:
     """The statistics of `pt_stats`, entry by entry in plain Python."""
     tables: dict[int, tuple[int, bool, list[int]]] = {}  # pfn -> level, pinned, entries
     cr3s: set[int] = set()
+    nr_pages = None
     with open_image_for_read(path) as f:
         for record in StreamReader(f):
             if isinstance(record, PageDataRecord):
@@ -109,6 +114,8 @@ def recount(path: Path) -> dict:
                         tables[pfn] = (level, bool(pfinfo_pinned(np.array([kind]))[0]),
                                        entries)
                     row += has_data
+            elif isinstance(record, X86PvP2mFramesRecord):
+                nr_pages = record.end_pfn + 1
             elif isinstance(record, X86PvVcpuBasicRecord):
                 ctx = record.guest_context()
                 if ctx.ctrlreg[3]:
@@ -118,7 +125,8 @@ def recount(path: Path) -> dict:
     names = ("L1", "L2", "L3", "L4")
     stats = {key: dict.fromkeys(names, 0) for key in ("tables", "pinned", "present_entries",
                                                       "empty_tables")}
-    writable = table_maps = linear = self_maps = 0
+    writable = table_maps = linear = self_maps = beyond = 0
+    limit = nr_pages if nr_pages is not None else 1 << 26
     mapped: set[int] = set()
     kernel_l4: dict[int, bool] = {}
     for pfn, (level, pinned, entries) in tables.items():
@@ -133,6 +141,10 @@ def recount(path: Path) -> dict:
             target = (entry >> 12) & ((1 << 40) - 1)
             if level == 4 and 272 <= slot <= 510:
                 kernel_l4[pfn] = True
+            if target >= limit:
+                beyond += 1
+                writable += level == 1 and bool(entry & 2)
+                continue
             if level == 1:
                 writable += bool(entry & 2)
                 table_maps += target in tables
@@ -160,4 +172,5 @@ def recount(path: Path) -> dict:
         "mapped_frames": len(mapped),
         "linear_entries": linear,
         "self_maps": self_maps,
+        "beyond_domain": beyond,
     }

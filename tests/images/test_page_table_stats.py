@@ -12,7 +12,13 @@ from hypervisor.cli import main
 from hypervisor.images import image_info, pt_stats
 from hypervisor.mm.pte import ENTRIES_PER_TABLE, PTE_USER
 from tests import ROOT
-from tests.images.synthetic_tree import EXPECTED, recount, write_synthetic_image
+from tests.images.synthetic_tree import (
+    EXPECTED,
+    NR_PAGES,
+    RW,
+    recount,
+    write_synthetic_image,
+)
 
 IMAGES = ROOT / "scenarios" / "images"
 
@@ -74,6 +80,19 @@ def test_the_generated_linux_like_layout_in_numbers():
     assert stats["mapped_frames"] == 65536  # the direct map covers every pfn
     assert stats["linear_entries"] == stats["self_maps"] == 0
     assert stats["empty_tables"]["total"] == 0
+
+
+def test_entries_beyond_the_domain_are_counted_apart(tmp_path):
+    path = tmp_path / "beyond.img"
+    # an L1 entry onto the pfn just past the domain, an L2 entry onto the largest MFN field
+    write_synthetic_image(path, {5: {100: NR_PAGES << 12 | RW},
+                                 3: {100: ((1 << 40) - 1) << 12 | RW}})
+    stats = _stats(path)
+    assert stats["beyond_domain"] == 2
+    assert stats["writable_mappings"] == EXPECTED["writable_mappings"] + 1
+    assert stats["mapped_frames"] == EXPECTED["mapped_frames"]
+    assert stats["linear_entries"] == EXPECTED["linear_entries"]
+    assert stats == recount(path)
 
 
 def test_hvm_images_have_no_page_table_statistics():
