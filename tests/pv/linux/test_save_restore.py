@@ -88,8 +88,8 @@ def test_linux_saved_at_t_restores_in_place_and_runs_to_the_same_end(linux_build
     an MFN in a pending multicall batch; 1 s and 3 s straddle its grant-table set-up;
     3.1 s is mid-workload. Restored on the frames it was saved from, it is the saved
     run continued, instruction for instruction: the console is identical, timestamps
-    included. (Against the run never paused, the text is: pausing at 1 ns moves the
-    slice boundaries, and the last line's timestamp with them, save or no save.)"""
+    included. (Against the run never paused, the text is: paused at 1 ns, the last
+    line's timestamp moves, the restored run's and the continued run's alike.)"""
     saved, image = _save(tmp_path, at)
     capsys.readouterr()
     saved_console = _saved_domain_state(image)["console"]
