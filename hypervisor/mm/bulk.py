@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hypervisor.mm.builds import UNDEFINED_TYPE, PageType
+from hypervisor.mm.bulk_kernels import apply_refs, count_l1
 from hypervisor.mm.errors import EBUSY, EINVAL, EPERM, ERESTART, MmError
 from hypervisor.mm.frametable import DOMID_IO, PGC_COUNT_MASK, FrameTable
 from hypervisor.mm.pte import (
@@ -57,11 +58,10 @@ _ROOT_SHIFT = 40
 _LEVEL_BITS = 10
 _MAX_ROOTS = 1 << (63 - _ROOT_SHIFT)
 _NO_KEY = np.iinfo(np.int64).max
-_U1, _U11, _U12 = np.uint64(1), np.uint64(11), np.uint64(12)
-_ONE = np.uint64(1)
+_U12 = np.uint64(12)
 _MFN_MASK = np.uint64((1 << MFN_FIELD_BITS) - 1)
-_MFN_MASK2 = np.uint64(((1 << MFN_FIELD_BITS) - 1) << 1)
-# L1 tables per vectorised step: 1 M entries (8 MiB), so temporaries stay small.
+# L1 tables per vectorised step of the (rare) refusal scans: 1 M entries (8 MiB),
+# so temporaries stay small.
 _L1_CHUNK = 2048
 _APPLY_CHUNK = 1 << 20
 # The reference counter is uint32 until a pass has counted more references than
@@ -270,11 +270,15 @@ class _Pass:
         ok = (mfns >= 0) & (mfns < self.n)
         return ok & self.mine[np.where(ok, mfns, 0)]
 
-    def _count(self, slots: np.ndarray) -> None:
-        """One reference per accumulator slot in `slots` (int64)."""
-        self.counted += slots.size
+    def _reserve(self, references: int) -> None:
+        """Make room for up to `references` more counts (widening the counter if needed)."""
+        self.counted += references
         if self.counted > _WIDEN_AT and self.acc.dtype != np.uint64:
             self.acc = self.acc.astype(np.uint64)
+
+    def _count(self, slots: np.ndarray) -> None:
+        """One reference per accumulator slot in `slots` (int64)."""
+        self._reserve(slots.size)
         # (a 1 of the accumulator's own type: a Python int takes numpy's slow path)
         np.add.at(self.acc, slots, self.acc.dtype.type(1))
 
@@ -412,45 +416,14 @@ class _Pass:
 
     def _l1_entries(self, tables: np.ndarray, tkeys: np.ndarray) -> None:
         dis = disallow_mask(1)
-        limit = 2 * self.n
-        out_of_range = False
-        clock = self.clock
-        # Reused per chunk: no fresh 8 MiB temporaries (and their page faults).
-        slot_buf = np.empty(_L1_CHUNK * ENTRIES_PER_TABLE, np.uint64)
-        bit_buf = np.empty_like(slot_buf)
-        clock.lap("classify")  # the upper levels
-        for start in range(0, tables.size, _L1_CHUNK):
-            e = _rows(self.mem2d, tables[start : start + _L1_CHUNK])
-            clock.lap("gather")
-            any_bits = int(np.bitwise_or.reduce(e, axis=None))
-            if not any_bits & PTE_PRESENT:
-                continue
-            if int(np.bitwise_and.reduce(e, axis=None)) & PTE_PRESENT and not any_bits & dis:
-                flat = e.reshape(-1)  # all present, no bad flags: the common case
-            else:
-                ok = (e & np.uint64(PTE_PRESENT)) != 0
-                if any_bits & dis:
-                    bad = ok & ((e & np.uint64(dis)) != 0)
-                    rows, cols = np.nonzero(bad)
-                    self._fail(tkeys[start + rows] | (cols.astype(np.int64) + 1), -EINVAL)
-                    ok &= ~bad
-                flat = e[ok]
-            # 2 * mfn + rw: the accumulator slot of this entry's references.
-            slot, bit = slot_buf[: flat.size], bit_buf[: flat.size]
-            np.right_shift(flat, _U11, out=slot)
-            np.bitwise_and(slot, _MFN_MASK2, out=slot)
-            np.right_shift(flat, _U1, out=bit)
-            np.bitwise_and(bit, _ONE, out=bit)
-            np.bitwise_or(slot, bit, out=slot)
-            # No MFN exceeds the OR of all of them: only look closer when that could.
-            if slot.size and (any_bits >> 12) & int(_MFN_MASK) >= self.n and \
-                    int(slot.max()) >= limit:
-                out_of_range = True
-                slot = slot[slot < limit]
-            clock.lap("classify")
-            self._count(slot.view(np.int64))
-            clock.lap("count")
-
+        self.clock.lap("classify")  # the upper levels
+        # Read, classified and counted in one compiled pass (bulk_kernels).
+        self._reserve(tables.size * ENTRIES_PER_TABLE)
+        bad_flags, out_of_range = count_l1(self.mem2d, np.ascontiguousarray(tables, np.int64),
+                                           self.acc, self.n, np.uint64(dis))
+        self.clock.lap("count")
+        if bad_flags:
+            self._fail(self._l1_bad_flag_keys(tables, tkeys), -EINVAL)
         if out_of_range:
             keys, target, _ = self._l1_scan(tables, tkeys, lambda t, rw: t >= self.n)
             self._fail(keys, np.where(target == INVALID_MFN_IN_PTE, -EINVAL, -EPERM))
@@ -466,6 +439,16 @@ class _Pass:
                                                    & np.uint64(PGC_COUNT_MASK)) != 0)
             self._fail(keys, np.where(io, -EPERM, -EBUSY))
         self._writable_conflicts(tables, tkeys)
+
+    def _l1_bad_flag_keys(self, tables: np.ndarray, tkeys: np.ndarray) -> np.ndarray:
+        """Keys of the present L1 entries with a flag Xen disallows."""
+        out = []
+        dis = np.uint64(disallow_mask(1))
+        for start in range(0, tables.size, _L1_CHUNK):
+            e = self.mem2d[tables[start : start + _L1_CHUNK]]
+            rows, cols = np.nonzero(((e & np.uint64(PTE_PRESENT)) != 0) & ((e & dis) != 0))
+            out.append(tkeys[start + rows] | (cols.astype(np.int64) + 1))
+        return np.concatenate(out)
 
     def _l1_scan(self, tables: np.ndarray, tkeys: np.ndarray, want
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -574,44 +557,15 @@ class _Pass:
         )
 
 
-def _rows(mem2d: np.ndarray, tables: np.ndarray) -> np.ndarray:
-    """The entries of `tables` (sorted, unique): a view when they are consecutive frames."""
-    first = int(tables[0])
-    if int(tables[-1]) - first == tables.size - 1:
-        return mem2d[first : first + tables.size]
-    return mem2d[tables]
-
-
 def _apply(frames: FrameTable, d: _Delta) -> None:
     """Write one successful pass into the frame table."""
     layout = frames.layout
-    # Per chunk: general references (both kinds) into count_info; writable data
-    # frames typed at count 0 (validated at once) or counted up. Either way the
-    # word becomes writable|validated|(count + added): a frame with writable
-    # references already is exactly that. Chunks keep the temporaries small.
-    fresh_word = np.uint64(layout.encode(PageType.WRITABLE, 0, validated=True))
-    count_mask = np.uint64(layout.count_mask)
-    pairs = d.refs.reshape(-1, 2)
-    # Reused per chunk, so the loop allocates (and page-faults) nothing.
-    both = np.empty(_APPLY_CHUNK, np.uint64)
-    new = np.empty(_APPLY_CHUNK, np.uint64)
-    has_rw = np.empty(_APPLY_CHUNK, bool)
-    for start in range(0, frames.nr_frames, _APPLY_CHUNK):
-        chunk = pairs[start : start + _APPLY_CHUNK]
-        ro, rw = chunk[:, 0], chunk[:, 1]
-        size = ro.size
-        ci = frames.count_info[start : start + size]
-        np.add(ro, rw, out=both[:size], dtype=np.uint64)
-        ci += both[:size]
-        np.not_equal(rw, 0, out=has_rw[:size])
-        if not has_rw[:size].any():
-            continue
-        ti = frames.type_info[start : start + size]
-        np.bitwise_and(ti, count_mask, out=new[:size])
-        new[:size] += rw
-        new[:size] |= fresh_word
-        np.copyto(ti, new[:size], where=has_rw[:size])
-
+    # General references (both kinds) into count_info; writable data frames
+    # typed at count 0 (validated at once) or counted up. Either way the word
+    # becomes writable|validated|(count + added): a frame with writable
+    # references already is exactly that. One compiled pass over the frames.
+    apply_refs(d.refs, frames.count_info, frames.type_info, np.uint64(layout.count_mask),
+               np.uint64(layout.encode(PageType.WRITABLE, 0, validated=True)))
     m = d.typed_mfns
     if m.size:
         ti = frames.type_info[m]
