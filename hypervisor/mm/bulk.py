@@ -32,6 +32,7 @@ where the time went.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,7 +40,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hypervisor.mm.builds import UNDEFINED_TYPE, PageType
-from hypervisor.mm.bulk_kernels import apply_refs, count_l1
+from hypervisor.mm.bulk_kernels import (
+    apply_refs,
+    count_l1,
+    mark_owned,
+    referenced_unowned,
+    spill_capacity,
+)
 from hypervisor.mm.errors import EBUSY, EINVAL, EPERM, ERESTART, MmError
 from hypervisor.mm.frametable import DOMID_IO, PGC_COUNT_MASK, FrameTable
 from hypervisor.mm.pte import (
@@ -63,7 +70,6 @@ _MFN_MASK = np.uint64((1 << MFN_FIELD_BITS) - 1)
 # L1 tables per vectorised step of the (rare) refusal scans: 1 M entries (8 MiB),
 # so temporaries stay small.
 _L1_CHUNK = 2048
-_APPLY_CHUNK = 1 << 20
 # The reference counter is uint32 until a pass has counted more references than
 # that could hold; then it is widened to uint64 (exact either way, and half the
 # memory and page faults in practice).
@@ -89,6 +95,9 @@ class BulkResult:
     # the frame table), gather (reading table entries), classify (present, flags,
     # targets), count (reference counting), check (refusals), write_back.
     phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    # The same in CPU seconds of the calling thread (on a shared machine the
+    # wall times include other processes' turns).
+    cpu_phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
     @property
     def ok(self) -> bool:
@@ -111,14 +120,15 @@ class _Delta:
 class _Clock:
     """Charges the time since the last lap to a phase."""
 
-    def __init__(self, phases: dict[str, float]) -> None:
-        self.phases = phases
-        self.last = time.perf_counter()
+    def __init__(self, phases: dict[str, float], cpu_phases: dict[str, float]) -> None:
+        self.phases, self.cpu_phases = phases, cpu_phases
+        self.last, self.last_cpu = time.perf_counter(), time.thread_time()
 
     def lap(self, phase: str) -> None:
-        now = time.perf_counter()
+        now, now_cpu = time.perf_counter(), time.thread_time()
         self.phases[phase] += now - self.last
-        self.last = now
+        self.cpu_phases[phase] += now_cpu - self.last_cpu
+        self.last, self.last_cpu = now, now_cpu
 
 
 @dataclass
@@ -142,12 +152,12 @@ def bulk_validate(
     if len(roots) >= _MAX_ROOTS:
         raise BulkPreconditionError(f"{len(roots)} roots: at most {_MAX_ROOTS - 1} fit a key")
     result = BulkResult(failures=[])
-    clock = _Clock(result.phases)
-    _check_preconditions(frames, mem, domid)
+    clock = _Clock(result.phases, result.cpu_phases)
+    nonzero: np.ndarray | None = _check_preconditions(frames, mem, domid)
     start = 0
     while start < len(roots):
         batch = roots[start:]
-        outcome = _Pass(mem, frames, domid, batch, clock).run()
+        outcome = _Pass(mem, frames, domid, batch, clock, nonzero).run()
         result.passes += 1
         if outcome.delta is not None:
             _apply(frames, outcome.delta)
@@ -155,12 +165,14 @@ def bulk_validate(
             break
         bad = outcome.failed_root
         if bad > 0:  # everything before the failing root is clean: apply it
-            prefix = _Pass(mem, frames, domid, batch[:bad], clock).run()
+            # (a failed pass changed nothing: its non-zero words still hold)
+            prefix = _Pass(mem, frames, domid, batch[:bad], clock, nonzero).run()
             result.passes += 1
             if prefix.delta is None:
                 raise MmError("bulk validation: a clean prefix failed on its own")
             _apply(frames, prefix.delta)
             clock.lap("write_back")
+        nonzero = None  # the frame table has changed (or may, by the reference)
         root = batch[bad]
         rc = outcome.rc
         if outcome.use_reference:
@@ -183,12 +195,15 @@ def _reference_root(mem: np.ndarray, frames: FrameTable, domid: int, root: Root)
     return rc
 
 
-def _check_preconditions(frames: FrameTable, mem: np.ndarray, domid: int) -> None:
+def _check_preconditions(frames: FrameTable, mem: np.ndarray, domid: int) -> np.ndarray:
+    """Raise BulkPreconditionError if bulk cannot start; else the frames with a
+    non-zero type_info word."""
     frames.check_mem(mem)
     layout = frames.layout
     # A zero word is no type, count 0, no flags (in every build): only the
     # non-zero words need a look.
-    nz = np.flatnonzero(frames.type_info)
+    nonzero = np.flatnonzero(frames.type_info)
+    nz = nonzero
     ti = frames.type_info[nz[frames.owner[nz] == domid]]
     busy = np.uint64((1 << layout.partial_bit) | (1 << layout.locked_bit))
     if ti.size and int(np.bitwise_or.reduce(ti & busy)):
@@ -201,6 +216,7 @@ def _check_preconditions(frames: FrameTable, mem: np.ndarray, domid: int) -> Non
     stale = (types >= PageType.L1) & (types <= PageType.L4) & (layout.count_of(ti) == 0)
     if stale.any() and layout.validated_of(ti[stale]).any():
         raise BulkPreconditionError(f"domain {domid} has page tables validated at type count 0")
+    return nonzero
 
 
 def _first_per_frame(mfns: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -212,11 +228,74 @@ def _first_per_frame(mfns: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np
     return m[first], k[first]
 
 
+class _Scratch:
+    """The big buffers of a pass, kept for the next pass and the next call.
+
+    At 64 GiB a pass counts into 134 MB, buckets through 42 MB and marks 17 MB
+    of frames: allocated afresh, their first touch (page faults, zeroing) cost
+    more than the work. `take(name, ...)` hands out the kept buffer of that
+    name (or a fresh one) and `give_back` keeps it again. "counter" buffers
+    must come back all zero (`apply_refs` leaves them so); a pass that fails
+    simply does not give its counter back. Thread-safe: a second concurrent
+    pass gets fresh buffers.
+    """
+
+    ZEROED = ("counter",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: dict[str, np.ndarray] = {}
+
+    def take(self, name: str, size: int, dtype: type) -> np.ndarray:
+        with self._lock:
+            buf = self._kept.pop(name, None)
+        if buf is None or buf.size < size or buf.dtype != dtype:
+            return np.zeros(size, dtype) if name in self.ZEROED else np.empty(size, dtype)
+        return buf[:size]
+
+    def give_back(self, name: str, buf: np.ndarray) -> None:
+        base = buf if buf.base is None else buf.base
+        if not isinstance(base, np.ndarray) or base.ndim != 1 or base.dtype != buf.dtype:
+            return
+        with self._lock:
+            kept = self._kept.get(name)
+            if kept is None or kept.size < base.size:
+                self._kept[name] = base
+
+    def prepare(self, nr_frames: int, l1_entries: int) -> None:
+        """Allocate and touch the buffers a pass over `nr_frames` frames needs."""
+        for name, size, dtype in (("counter", 2 * nr_frames, np.uint32),
+                                  ("spill", spill_capacity(l1_entries, 2 * nr_frames), np.uint16),
+                                  ("mine", nr_frames, np.bool_)):
+            buf = self.take(name, size, dtype)
+            buf.fill(0)  # the first touch happens here, not in a pass
+            self.give_back(name, buf)
+
+    def release(self) -> None:
+        with self._lock:
+            self._kept.clear()
+
+
+_SCRATCH = _Scratch()
+
+
+def prepare(nr_frames: int, l1_entries: int) -> None:
+    """Pre-fault the buffers bulk validation of `l1_entries` L1 entries over
+    `nr_frames` frames will use (e.g. while a live update still copies memory),
+    so that the validation itself does not pay their first touch."""
+    _SCRATCH.prepare(nr_frames, l1_entries)
+
+
+def release_buffers() -> None:
+    """Drop the buffers kept between calls (the memory goes back to the system)."""
+    _SCRATCH.release()
+
+
 class _Pass:
     """One depth-first-equivalent pass over `roots`, from the current frame table."""
 
     def __init__(self, mem: np.ndarray, frames: FrameTable, domid: int,
-                 roots: Sequence[Root], clock: _Clock) -> None:
+                 roots: Sequence[Root], clock: _Clock, nonzero: np.ndarray | None) -> None:
         self.frames = frames
         self.mem2d = frames.check_mem(mem)
         self.domid = domid
@@ -225,7 +304,7 @@ class _Pass:
         self.n = n = frames.nr_frames
         layout = frames.layout
         # Type and "typed" of every frame, decoded where the word is non-zero.
-        self.nonzero = np.flatnonzero(frames.type_info)
+        self.nonzero = np.flatnonzero(frames.type_info) if nonzero is None else nonzero
         words = frames.type_info[self.nonzero]
         zero_type = int(layout.type_of(np.zeros(1, np.uint64))[0])
         self.t0 = (np.zeros(n, np.uint8) if zero_type == 0
@@ -233,19 +312,15 @@ class _Pass:
         self.t0[self.nonzero] = layout.type_of(words)
         self.typed0 = np.zeros(n, dtype=bool)
         self.typed0[self.nonzero] = (words & np.uint64(layout.count_mask)) != 0
-        # Frames this domain may reference: its own, allocated (built in
-        # chunks: no frame-table-sized temporary).
-        self.mine = np.empty(n, dtype=bool)
-        count_mask = np.uint64(PGC_COUNT_MASK)
-        for start in range(0, n, _APPLY_CHUNK):
-            stop = min(start + _APPLY_CHUNK, n)
-            np.logical_and(frames.owner[start:stop] == domid,
-                           (frames.count_info[start:stop] & count_mask) != 0,
-                           out=self.mine[start:stop])
+        # Frames this domain may reference: its own, allocated.
+        # (Kept for the next pass; given back when this pass is done with it.)
+        self.mine = _SCRATCH.take("mine", n, np.bool_)
+        self.not_mine = mark_owned(frames.owner, frames.count_info, domid,
+                                   np.uint64(PGC_COUNT_MASK), self.mine)
         self.owner = frames.owner
         # References taken in the pass: acc[2m] general-only, acc[2m+1] general
         # and writable, so one np.add.at counts an L1 entry of either kind.
-        self.acc: np.ndarray = np.zeros(2 * n, dtype=np.uint32)
+        self.acc: np.ndarray = _SCRATCH.take("counter", 2 * n, np.uint32)
         self.counted = 0
         # Frame -> level it is validated at in this pass (0: none); the key of its
         # first (validating) reference is in the sorted claim_mfns/claim_keys.
@@ -312,6 +387,7 @@ class _Pass:
                 refs[level - 1] = (np.concatenate([below[0], down[0]]),
                                    np.concatenate([below[1], down[1]]))
         self._check_linear()
+        _SCRATCH.give_back("mine", self.mine)
         outcome = self._outcome()
         self.clock.lap("check")
         return outcome
@@ -418,9 +494,12 @@ class _Pass:
         dis = disallow_mask(1)
         self.clock.lap("classify")  # the upper levels
         # Read, classified and counted in one compiled pass (bulk_kernels).
-        self._reserve(tables.size * ENTRIES_PER_TABLE)
+        entries = tables.size * ENTRIES_PER_TABLE
+        self._reserve(entries)
+        spill = _SCRATCH.take("spill", spill_capacity(entries, self.acc.size), np.uint16)
         bad_flags, out_of_range = count_l1(self.mem2d, np.ascontiguousarray(tables, np.int64),
-                                           self.acc, self.n, np.uint64(dis))
+                                           self.acc, self.n, np.uint64(dis), spill)
+        _SCRATCH.give_back("spill", spill)
         self.clock.lap("count")
         if bad_flags:
             self._fail(self._l1_bad_flag_keys(tables, tkeys), -EINVAL)
@@ -428,8 +507,7 @@ class _Pass:
             keys, target, _ = self._l1_scan(tables, tkeys, lambda t, rw: t >= self.n)
             self._fail(keys, np.where(target == INVALID_MFN_IN_PTE, -EINVAL, -EPERM))
         # Referenced frames that are not the domain's: free, someone else's, I/O.
-        others = np.flatnonzero(~self.mine)
-        hit = others[(self.acc[2 * others] != 0) | (self.acc[2 * others + 1] != 0)]
+        hit = referenced_unowned(self.acc, self.not_mine)
         if hit.size:
             refused = np.zeros(self.n, dtype=bool)
             refused[hit] = True
@@ -566,6 +644,7 @@ def _apply(frames: FrameTable, d: _Delta) -> None:
     # references already is exactly that. One compiled pass over the frames.
     apply_refs(d.refs, frames.count_info, frames.type_info, np.uint64(layout.count_mask),
                np.uint64(layout.encode(PageType.WRITABLE, 0, validated=True)))
+    _SCRATCH.give_back("counter", d.refs)  # apply_refs left it zero
     m = d.typed_mfns
     if m.size:
         ti = frames.type_info[m]
