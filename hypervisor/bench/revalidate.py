@@ -26,13 +26,20 @@ come out of the same run:
   for a validator that gathers and counts like bulk does (`bulk_vs_scan`).
   Read-only, so simply run `repeats` times; `scan_s` is the best.
 - `bulk_phases_s`: where the best bulk run spent its time (`mm.bulk.PHASES`:
-  setup, gather, classify, count, check, write back).
+  setup, classify, count, check, write back); `bulk_phases_cpu_s` the same in
+  CPU seconds for the run with the least CPU time.
 
-Cold run: bulk allocates no frame-table-sized temporary besides its reference
-counter (uint32 per frame and kind), and works through the L1 tables in
-8 MiB chunks whose temporaries numpy and the allocator recycle, so the first
-run pays first-touch page faults for the counter and a few per-frame masks
-only; `bulk_cold_vs_warm` is that first run over the best.
+Cold run: bulk's kernels are compiled when `mm.bulk_kernels` is imported,
+or loaded from numba's on-disk cache (`compile_s`, `compiled_from_cache`), and
+`mm.bulk.prepare` faults in the big buffers every pass reuses (the reference
+counter, the bucket buffer, the frame mask: `prepare_s`), both before the
+first timed run, as a live update would do while it still copies memory. So
+the first run pays neither; `bulk_cold_vs_warm` is that first run over the
+best.
+
+CPU times: the machine is shared, and a wall time counts other processes'
+turns. `bulk_cpu_s`, `floor_cpu_s` and `bulk_vs_floor_cpu` are the same
+measurements in CPU seconds of the measuring thread.
 
 PTE counts are the present entries of every page table the guest has, all four
 levels (L4: guest slots only), which is exactly what a full validation reads.

@@ -75,7 +75,7 @@ def count_l1(mem2d, tables, acc, nr_frames, disallow, spill):
     beyond = 0
     buckets = max((acc.size + _WINDOW - 1) >> WINDOW_BITS, 1)
     share = spill.size // buckets
-    fill = np.arange(0, buckets * share, share)  # next free place of each bucket
+    fill = np.arange(buckets) * share  # next free place of each bucket
     for i in range(tables.size):
         row = mem2d[tables[i]]
         for j in range(row.size):
