@@ -38,17 +38,11 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import numpy as np
 
 from hypervisor.mm.builds import UNDEFINED_TYPE, PageType
-from hypervisor.mm.bulk_kernels import (
-    apply_refs,
-    count_l1,
-    mark_owned,
-    referenced_unowned,
-    spill_capacity,
-)
 from hypervisor.mm.errors import EBUSY, EINVAL, EPERM, ERESTART, MmError
 from hypervisor.mm.frametable import DOMID_IO, PGC_COUNT_MASK, FrameTable
 from hypervisor.mm.pte import (
@@ -231,6 +225,14 @@ def _first_per_frame(mfns: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np
     return m[first], k[first]
 
 
+def kernels() -> ModuleType:
+    """`mm.bulk_kernels`, imported on first use: importing numba and loading the
+    compiled kernels takes ~0.4 s, which only a bulk validation should pay."""
+    from hypervisor.mm import bulk_kernels
+
+    return bulk_kernels
+
+
 class _Scratch:
     """The big buffers of a pass, kept for the next pass and the next call.
 
@@ -267,8 +269,9 @@ class _Scratch:
 
     def prepare(self, nr_frames: int, l1_entries: int) -> None:
         """Allocate and touch the buffers a pass over `nr_frames` frames needs."""
+        spill = kernels().spill_capacity(l1_entries, 2 * nr_frames)
         for name, size, dtype in (("counter", 2 * nr_frames, np.uint32),
-                                  ("spill", spill_capacity(l1_entries, 2 * nr_frames), np.uint16),
+                                  ("spill", spill, np.uint16),
                                   ("mine", nr_frames, np.bool_)):
             buf = self.take(name, size, dtype)
             buf.fill(0)  # the first touch happens here, not in a pass
@@ -318,7 +321,7 @@ class _Pass:
         # Frames this domain may reference: its own, allocated.
         # (Kept for the next pass; given back when this pass is done with it.)
         self.mine = _SCRATCH.take("mine", n, np.bool_)
-        self.not_mine = mark_owned(frames.owner, frames.count_info, domid,
+        self.not_mine = kernels().mark_owned(frames.owner, frames.count_info, domid,
                                    np.uint64(PGC_COUNT_MASK), self.mine)
         self.owner = frames.owner
         # References taken in the pass: acc[2m] general-only, acc[2m+1] general
@@ -499,9 +502,10 @@ class _Pass:
         # Read, classified and counted in one compiled pass (bulk_kernels).
         entries = tables.size * ENTRIES_PER_TABLE
         self._reserve(entries)
-        spill = _SCRATCH.take("spill", spill_capacity(entries, self.acc.size), np.uint16)
-        bad_flags, out_of_range = count_l1(self.mem2d, np.ascontiguousarray(tables, np.int64),
-                                           self.acc, self.n, np.uint64(dis), spill)
+        k = kernels()
+        spill = _SCRATCH.take("spill", k.spill_capacity(entries, self.acc.size), np.uint16)
+        bad_flags, out_of_range = k.count_l1(self.mem2d, np.ascontiguousarray(tables, np.int64),
+                                             self.acc, self.n, np.uint64(dis), spill)
         _SCRATCH.give_back("spill", spill)
         self.clock.lap("count")
         if bad_flags:
@@ -510,7 +514,7 @@ class _Pass:
             keys, target, _ = self._l1_scan(tables, tkeys, lambda t, rw: t >= self.n)
             self._fail(keys, np.where(target == INVALID_MFN_IN_PTE, -EINVAL, -EPERM))
         # Referenced frames that are not the domain's: free, someone else's, I/O.
-        hit = referenced_unowned(self.acc, self.not_mine)
+        hit = kernels().referenced_unowned(self.acc, self.not_mine)
         if hit.size:
             refused = np.zeros(self.n, dtype=bool)
             refused[hit] = True
@@ -645,8 +649,9 @@ def _apply(frames: FrameTable, d: _Delta) -> None:
     # typed at count 0 (validated at once) or counted up. Either way the word
     # becomes writable|validated|(count + added): a frame with writable
     # references already is exactly that. One compiled pass over the frames.
-    apply_refs(d.refs, frames.count_info, frames.type_info, np.uint64(layout.count_mask),
-               np.uint64(layout.encode(PageType.WRITABLE, 0, validated=True)))
+    kernels().apply_refs(d.refs, frames.count_info, frames.type_info,
+                         np.uint64(layout.count_mask),
+                         np.uint64(layout.encode(PageType.WRITABLE, 0, validated=True)))
     _SCRATCH.give_back("counter", d.refs)  # apply_refs left it zero
     m = d.typed_mfns
     if m.size:
