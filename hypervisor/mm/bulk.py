@@ -268,7 +268,9 @@ class _Scratch:
                 self._kept[name] = base
 
     def prepare(self, nr_frames: int, l1_entries: int) -> None:
-        """Allocate and touch the buffers a pass over `nr_frames` frames needs."""
+        """Allocate and touch the buffers a pass over `nr_frames` frames needs;
+        load and warm up the kernels."""
+        kernels().warm_up()
         spill = kernels().spill_capacity(l1_entries, 2 * nr_frames)
         for name, size, dtype in (("counter", 2 * nr_frames, np.uint32),
                                   ("spill", spill, np.uint16),
@@ -286,9 +288,9 @@ _SCRATCH = _Scratch()
 
 
 def prepare(nr_frames: int, l1_entries: int) -> None:
-    """Pre-fault the buffers bulk validation of `l1_entries` L1 entries over
-    `nr_frames` frames will use (e.g. while a live update still copies memory),
-    so that the validation itself does not pay their first touch."""
+    """Load the compiled kernels and pre-fault the buffers bulk validation of
+    `l1_entries` L1 entries over `nr_frames` frames will use (e.g. while a live
+    update still copies memory), so that the validation itself pays neither."""
     _SCRATCH.prepare(nr_frames, l1_entries)
 
 

@@ -153,6 +153,18 @@ def mark_owned(owner, count_info, domid, count_mask, out):
     return not_mine
 
 
+def warm_up() -> None:
+    """Call every kernel once on tiny arrays, for every signature: a kernel's
+    first call in a process also initialises numba's runtime (~30 ms here)."""
+    for dtype in (np.uint32, np.uint64):
+        acc = np.zeros(4, dtype)
+        count_l1(np.zeros((1, 512), np.uint64), np.zeros(1, np.int64), acc, 2, _ONE,
+                 np.zeros(64, np.uint16))
+        referenced_unowned(acc, np.zeros(1, np.int64))
+        apply_refs(acc, np.zeros(2, np.uint64), np.zeros(2, np.uint64), _ONE, _ONE)
+    mark_owned(np.zeros(2, np.int32), np.zeros(2, np.uint64), 1, _ONE, np.zeros(2, np.bool_))
+
+
 COMPILE_S = time.perf_counter() - _started
 
 
