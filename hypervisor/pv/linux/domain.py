@@ -18,7 +18,7 @@ import numpy as np
 
 from emulator.addr import PAGE_SIZE
 from hypervisor.core.domain import Domain
-from hypervisor.core.evtchn import EventChannels
+from hypervisor.core.evtchn import MAX_LEGACY_VCPUS, EventChannels
 from hypervisor.core.hypervisor import Hypervisor, until_done
 from hypervisor.core.vcpu import RUNNABLE, Vcpu
 from hypervisor.lib.errors import HvlabError
@@ -79,8 +79,8 @@ def toolstack_nodes(name: str, domid: int, memory: int, vcpus: int) -> dict[str,
 
 def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memory: int,
                         vcpus: int, cmdline: str, busybox: str | Path | None) -> Domain:
-    if vcpus != 1:
-        raise HvlabError(f"domain {name}: a Linux PV domain runs on 1 vCPU in hvlab so far")
+    if not 1 <= vcpus <= MAX_LEGACY_VCPUS:  # each has a vcpu_info slot in shared_info
+        raise HvlabError(f"domain {name}: vcpus must be 1..{MAX_LEGACY_VCPUS}, got {vcpus}")
     plan = load_plan(kernel_path)
     try:
         initrd = build_initramfs_file(busybox) if busybox is not None else b""

@@ -32,6 +32,8 @@ from hypervisor.pv.xen.bounce import hypervisor_iret, xen_state
 from hypervisor.pv.xen.grant_table import grant_table_op
 from hypervisor.pv.xen.mmu import RO_MPT_VIRT_START, XEN_GDT_PAGE
 from hypervisor.pv.xen.state import FLAT_KERNEL_SS, VALID_VM_ASSISTS
+from hypervisor.pv.xen.vcpu_init import initialise_xen_vcpu
+from hypervisor.stream.vcpu_context import VcpuGuestContext
 
 if TYPE_CHECKING:
     from hypervisor.core.hypervisor import Hypervisor
@@ -294,6 +296,9 @@ def vcpu_op(hv: Hypervisor, v: Vcpu, cmd: int, vcpu_id: int, arg: int, *_: int) 
     if not 0 <= vcpu_id < len(dom.vcpus):
         return -ENOENT
     target = dom.vcpus[vcpu_id]
+    if cmd == core.VCPUOP_INITIALISE:
+        ctx = VcpuGuestContext.unpack(hv.copy_from_guest(v, arg, VcpuGuestContext.SIZE))
+        return initialise_xen_vcpu(hv, target, ctx)
     if cmd == VCPUOP_REGISTER_RUNSTATE_MEMORY_AREA:
         xen_state(target).runstate_area = struct.unpack("<Q", hv.copy_from_guest(v, arg, 8))[0]
         return 0
