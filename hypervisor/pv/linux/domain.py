@@ -32,6 +32,7 @@ from hypervisor.pv.linux.xen_notes import KernelLoadPlan, XenNotesError, plan_ke
 from hypervisor.pv.linux.xenstore import Xenstore
 from hypervisor.pv.xen.mmu import XenAbiMmu
 from hypervisor.pv.xen.policy import xen_pv_policy
+from hypervisor.pv.xen.poll import wake_pollers
 from hypervisor.pv.xen.state import XenVcpu
 
 CONSOLE_EVTCHN = 1  # the ports the backends use, allocated before the guest runs
@@ -113,7 +114,7 @@ def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memo
         page[at:at + 32] = np.frombuffer(struct.pack("<IIQQIbB2x", 2, 0, 0, 0, 0x8000_0000, 1,
                                                      0), np.uint8)
     dom.evtchn = EventChannels(domid, vcpus, page, kick=dom.wake_vcpu,
-                               peer=hv.evtchn_of)
+                               peer=hv.evtchn_of, pollers=lambda port: wake_pollers(dom, port))
     ports = [dom.evtchn.alloc_unbound(0) for _ in range(2)]
     assert ports == [CONSOLE_EVTCHN, STORE_EVTCHN]
     console_page = hv.memory.frame_u8(int(p2m[layout.console_pfn]))
@@ -146,7 +147,8 @@ def install_linux_domain(hv: Hypervisor, name: str, p2m: np.ndarray, shared_info
     dom = Domain(domid, name, policy, p2m, shared_info, start_info_va=start_info_va,
                  virt_base=virt_base, kernel_file=kernel_file)
     dom.evtchn = EventChannels(domid, nr_vcpus, hv.memory.frame_u8(shared_info),
-                               kick=dom.wake_vcpu, peer=hv.evtchn_of)
+                               kick=dom.wake_vcpu, peer=hv.evtchn_of,
+                               pollers=lambda port: wake_pollers(dom, port))
     console_page = hv.memory.frame_u8(int(p2m[console_pfn]))
     store = Xenstore(hv.memory.frame_u8(int(p2m[xenstore_pfn])), domid,
                      lambda: dom.events.set_pending(STORE_EVTCHN))
