@@ -31,6 +31,7 @@ from hypervisor.pv.mmu_ops import (
 )
 from hypervisor.pv.vcpu import finish_pending_typing
 from hypervisor.pv.xen.bounce import hypervisor_iret, xen_state
+from hypervisor.pv.xen.descriptors import fix_descriptor, fix_gdt_frames
 from hypervisor.pv.xen.grant_table import grant_table_op
 from hypervisor.pv.xen.mmu import RO_MPT_VIRT_START, XEN_GDT_PAGE
 from hypervisor.pv.xen.poll import do_poll
@@ -192,6 +193,7 @@ def set_gdt(hv: Hypervisor, v: Vcpu, frame_list: int, entries: int, *_: int) -> 
     owner = hv.frame_table.owner_of
     if any(f >= hv.memory.nr_frames or owner(f) != v.domain.domid for f in frames):
         return -EINVAL
+    fix_gdt_frames(hv.memory.u64, frames, entries)
     x = xen_state(v)
     x.gdt_frames, x.gdt_entries = tuple(frames), entries
     v.mmu.guest_gdt = x.gdt_frames  # type: ignore[attr-defined]
@@ -224,11 +226,12 @@ def get_debugreg(hv: Hypervisor, v: Vcpu, reg: int, *_: int) -> int:
 
 
 def update_descriptor(hv: Hypervisor, v: Vcpu, ma: int, desc: int, *_: int) -> int:
-    """Write one descriptor into a frame of the domain (its GDT or LDT pages)."""
+    """Write one descriptor into a frame of the domain (its GDT or LDT pages), with
+    Xen's DPL fix-up (pv/xen/descriptors.py)."""
     mfn = ma >> 12
     if ma & 7 or mfn >= hv.memory.nr_frames or hv.frame_table.owner_of(mfn) != v.domain.domid:
         return -EINVAL
-    hv.memory.u64[ma >> 3] = np.uint64(desc)
+    hv.memory.u64[ma >> 3] = np.uint64(fix_descriptor(desc))
     return 0
 
 

@@ -11,7 +11,8 @@ context says VGCF_online. What is checked and how, as arch/x86/domain.c does:
 - selectors get RPL 3 (`fixup_guest_{code,stack}_selector`: a 64-bit PV kernel
   runs in ring 3), so Linux's __KERNEL_CS 0x10 becomes 0x13;
 - the virtual IOPL comes from user_regs.rflags (then cleared), IF is forced on;
-- set_gdt's rules for gdt_frames/gdt_ents; ctrlreg[3] (the kernel L4, an MFN
+- set_gdt's rules for gdt_frames/gdt_ents (descriptors get DPL 3, as
+  pv/xen/descriptors.py says); ctrlreg[3] (the kernel L4, an MFN
   << 12) takes a root type reference, ctrlreg[1] (the user L4) one too; a
   context in user mode without a user L4 is -EINVAL;
 - CR0: only TS is the guest's; CR4 keeps only the guest-controllable bits;
@@ -30,6 +31,7 @@ from hypervisor.core.hypervisor import until_done
 from hypervisor.core.vcpu import DOWN, RUNNABLE, TrapEntry
 from hypervisor.lib.errno import EEXIST, EINVAL, ENOSYS
 from hypervisor.pv.vcpu import finish_pending_typing
+from hypervisor.pv.xen.descriptors import fix_gdt_frames
 from hypervisor.pv.xen.state import (
     CR0_TS,
     CR4_GUEST_BITS,
@@ -111,6 +113,7 @@ def initialise_xen_vcpu(hv: Hypervisor, target: Vcpu, ctx: VcpuGuestContext) -> 
             return rc
     for cpu in hv.pcpus:  # a frame may have become a page table: no stale writable entry
         cpu.flush_tlb()
+    fix_gdt_frames(hv.memory.u64, gdt_frames, ctx.gdt_ents)
 
     x = _xen_state(hv, target, ctx, in_kernel, gdt_frames)
     target.xen = x

@@ -240,3 +240,60 @@ def test_update_va_mapping_reads_a_vcpu_bitmap(tmp_path):
     mask = _scratch_at(hv, 0x301000, struct.pack("<Q", 0b10))
     assert call(hv, v, UPDATE_VA_MAPPING, (va, pte, mask | 1, 0, 0)) == 0
     assert call(hv, v, UPDATE_VA_MAPPING, (va, pte, 0x1000 | 1, 0, 0)) == -EFAULT
+
+
+KERNEL_CS_DPL0, KERNEL_DS_DPL0 = 0x00AF_9B00_0000_FFFF, 0x00CF_9300_0000_FFFF
+
+
+def test_a_vcpu_on_its_kernels_own_selectors_can_iret_to_itself(tmp_path):
+    """Linux's iret_to_self on a vCPU started on 0x13: the CPU loads the guest's GDT
+    descriptor, whose DPL Xen raised to 3."""
+    def build(at: dict[str, int]) -> Asm:
+        asm = (Asm()
+               .label("wait")
+               .emit("8b05").rip_rel("flag").emit("85c0").emit("750d")
+               .emit("b8").imm32(SCHED_OP).emit("31ff").emit("31f6").emit("0f05")
+               .emit("ebe9")
+               .shutdown(0)
+               .label("ap")
+               .emit("8cd0").emit("50").emit("54").emit("4883042408").emit("9c")
+               .emit("8cc8").emit("50").emit("68").imm32(at.get("back", 0))
+               .emit("48cf")  # iretq to the same CS:RIP
+               .label("back")
+               .emit("b8").imm32(1).emit("8905").rip_rel("flag")
+               .label("block")
+               .emit("b8").imm32(SCHED_OP).emit("bf").imm32(1).emit("31f6").emit("0f05")
+               .emit("ebf0")
+               .label("flag").imm32(0)
+               .data(bytes(0x200)).label("stack_top"))
+        asm.data(bytes(-len(asm.code) % 4096)).label("gdt")
+        return asm.data(struct.pack("<4Q", 0, 0, KERNEL_CS_DPL0, KERNEL_DS_DPL0))
+
+    code, at = two_pass(build)
+    hv = boot(tmp_path, code, vcpus=2, pcpus=2)
+    dom = hv.domains[0]
+    gdt_mfn = int(dom.p2m[(at["gdt"] - dom.virt_base) >> 12])
+    ctx = VcpuGuestContext(flags=VGCF_IN_KERNEL | VGCF_ONLINE, kernel_ss=0x18,
+                           kernel_sp=at["stack_top"], gdt_ents=32,
+                           user_regs=CpuUserRegs(rip=at["ap"], rsp=at["stack_top"], cs=0x10,
+                                                 ss=0x18, rflags=0x1000))
+    ctx.gdt_frames[0] = gdt_mfn
+    ctx.ctrlreg[3] = dom.vcpus[0].roots.kernel_ma
+    assert initialise_xen_vcpu(hv, dom.vcpus[1], ctx) == 0
+    gdt = hv.memory.u64[gdt_mfn * 512:gdt_mfn * 512 + 4]
+    assert [int(d) >> 45 & 3 for d in gdt] == [0, 0, 3, 3]  # present code/data: DPL 3
+    assert hv.run(50_000_000) == "shutdown"
+    assert dom.shutdown.reason == "poweroff", dom.crash_report
+    cpu = hv.switch_to(1, dom.vcpus[1])
+    assert cpu.reg("cs") == 0x13 and cpu.reg("ss") == 0x1B and cpu.in_ring3
+
+
+def test_update_descriptor_raises_the_dpl_of_code_and_data_only(tmp_path):
+    hv = boot(tmp_path, Asm().shutdown(0).bytes())
+    dom = hv.domains[0]
+    v = dom.vcpus[0]
+    ma = int(dom.p2m[0x300]) << 12
+    tss = 0x0000_8900_0000_0067  # a present system descriptor: left alone
+    for desc, stored in ((KERNEL_CS_DPL0, KERNEL_CS_DPL0 | 3 << 45), (tss, tss), (0, 0)):
+        assert call(hv, v, 10, (ma, desc, 0, 0, 0)) == 0
+        assert int(hv.memory.u64[ma >> 3]) == stored
