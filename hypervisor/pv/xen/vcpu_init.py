@@ -24,7 +24,7 @@ as VGCF_in_kernel says, with the kernel GS base active in kernel mode.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from emulator.paging import canonical
 from hypervisor.core.hypervisor import until_done
@@ -49,6 +49,7 @@ from hypervisor.stream.vcpu_context import (
 if TYPE_CHECKING:
     from hypervisor.core.hypervisor import Hypervisor
     from hypervisor.core.vcpu import Vcpu
+    from hypervisor.pv.xen.policy import XenPvPolicy
 
 GUEST_KERNEL_RPL = 3  # a 64-bit PV kernel's ring
 RFLAGS_IF = 1 << 9
@@ -170,6 +171,7 @@ def _start(hv: Hypervisor, target: Vcpu, ctx: VcpuGuestContext, in_kernel: bool)
         regs["mxcsr"] = FPU_MXCSR_DEFAULT
     assert target.xen is not None
     calling = hv.loaded[target.pcpu]
-    target.domain.policy.support.resume_vcpu(target, regs, target.xen.cr4)
+    policy = cast("XenPvPolicy", target.domain.policy)  # a CPL-3 domain's
+    policy.support.resume_vcpu(target, regs, target.xen.cr4)
     if calling is not None and calling is not target:
         hv.switch_to(target.pcpu, calling)  # the caller shares the pCPU: give it back
