@@ -148,6 +148,14 @@ def _xen_state(hv: Hypervisor, target: Vcpu, ctx: VcpuGuestContext, in_kernel: b
     # the inactive GS base: the user's in kernel mode ("non-nul selector kills" it)
     user_gs = 0 if ctx.user_regs.gs & ~3 else ctx.gs_base_user
     x.gs_base_inactive = user_gs if in_kernel else ctx.gs_base_kernel
+    # what the vCPU's context does not hold stays: where its vcpu_info and runstate area
+    # were registered (Linux does both before initialising it), and the counters
+    old = target.xen
+    if old is not None:
+        x.vcpu_info_ma, x.runstate_area = old.vcpu_info_ma, old.runstate_area
+        x.privops, x.forced_cpuids, x.ptwr, x.bounces = (old.privops, old.forced_cpuids,
+                                                         old.ptwr, old.bounces)
+        x.hypercalls = old.hypercalls
     return x
 
 
