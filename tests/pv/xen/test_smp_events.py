@@ -335,3 +335,16 @@ def test_bind_vcpu_keeps_the_port_table_consistent(ops):
         assert info.virq == virq
         assert vcpu == (info.notify_vcpu if virq in (VIRQ_TIMER, VIRQ_DEBUG) else 0)
     assert all(0 <= info.notify_vcpu < 2 for info in ev.state.ports.values())
+
+
+def test_which_descriptors_an_iret_to_cpl3_loads():
+    from hypervisor.pv.xen.descriptors import fix_descriptor, loadable_at_cpl3
+    user_cs, user_ds = 0x00AF_FB00_0000_FFFF, 0x00CF_F300_0000_FFFF
+    user32_cs = 0x00CF_FB00_0000_FFFF
+    assert loadable_at_cpl3(user_cs, code=True) and loadable_at_cpl3(user32_cs, code=True)
+    assert loadable_at_cpl3(user_ds, code=False) and not loadable_at_cpl3(user_ds, code=True)
+    assert not loadable_at_cpl3(user_cs, code=False)  # code is no stack
+    assert not loadable_at_cpl3(KERNEL_CS_DPL0, code=True)  # DPL 0: until Xen fixes it up
+    assert loadable_at_cpl3(fix_descriptor(KERNEL_CS_DPL0), code=True)
+    assert not loadable_at_cpl3(user_cs & ~(1 << 47), code=True)  # not present
+    assert not loadable_at_cpl3(0x0000_E900_0000_0067, code=True)  # a TSS
