@@ -251,3 +251,14 @@ def test_a_table_write_during_lazy_validates_the_table_first(how, tmp_path, monk
     assert dom.vcpus[0].xen.ptwr == (1 if how == "ptwr" else 0)
     assert out["report"]["proof_after_lazy"]["ok"]
     assert out["typerefs"] == []
+
+
+def test_the_xenstore_state_crosses_json_exactly():
+    """What the hand-over (and an image) carries of xenstore comes back equal, tuples as
+    tuples: the proof compares the State field by field."""
+    from hypervisor.pv.linux.xenstore import XenstoreState
+    from hypervisor.pv.xen.image import xenstore_from_json, xenstore_to_json
+
+    state = XenstoreState(3, {"/": b"", "/local": b"x\0y"}, [("device", "tok"), ("/a", "b")],
+                          {7: (2, {"/": b""})}, 8, 5, b"part", b"\xff", 11, 1)
+    assert xenstore_from_json(json.loads(json.dumps(xenstore_to_json(state)))) == state
