@@ -278,10 +278,10 @@ def verify(before: Snapshot, hv: Hypervisor, check_types: bool = True) -> dict[s
         ev = dom.events.save()
         if (ev.ports, ev.virq_ports) != before.evtchn[dom.domid]:
             problems.append(f"{dom.name}: event-channel table differs")
-        view = xen_view(dom)
-        if view is not None or before.xen.get(dom.domid) is not None:
+        xen_now = xen_view(dom)
+        if xen_now is not None or before.xen.get(dom.domid) is not None:
             checks["xen_domains"] = checks.get("xen_domains", 0) + 1
-            problems += _compare_xen(dom.name, before.xen.get(dom.domid), view)
+            problems += _compare_xen(dom.name, before.xen.get(dom.domid), xen_now)
     return {"ok": not problems, "checks": checks, "problems": problems}
 
 

@@ -127,8 +127,9 @@ def install_prevalidated(hv: Hypervisor, handovers: list[DomainHandover], prep: 
         if in_place:
             continue
         runs = runs_of(ho.p2m)
-        selections = ([slice(first, first + count) for _, first, count in runs.tolist()]
-                      if runs is not None else [ho.p2m.astype(np.int64)])
+        selections: list[slice | np.ndarray] = (
+            [slice(first, first + count) for _, first, count in runs.tolist()]
+            if runs is not None else [ho.p2m.astype(np.int64)])
         selections.append(handed_over_pages(ho.meta).astype(np.int64))  # shared_info, grants
         for rows in selections:  # contiguous runs copy at memory speed
             for name in ("type_info", "count_info", "owner", "nr_validated_ptes",
