@@ -43,7 +43,7 @@ def baseline(request) -> dict:
 
 def _updated(capsys, strategy: str, at: str | None = None) -> dict:
     args = ["update", str(SCENARIO), "--strategy", strategy, "--json"]
-    assert main(args + (["--at", at] if at else [])) == 0
+    assert main(args + (["--at", at, "--to", "4.12"] if at else [])) == 0
     return json.loads(capsys.readouterr().out)
 
 
