@@ -282,8 +282,11 @@ def _p2m_list_pfns(hv: Hypervisor, dom: Domain) -> np.ndarray:
     try:
         return p2m_frame_pfns(hv, dom)
     except SaveError:
-        start_info = hv.memory.read(xen_image.start_info_ma(dom), 112)
-        first = (int.from_bytes(start_info[104:112], "little") - dom.virt_base) // PAGE_SIZE
+        start_info = hv.memory.read(xen_image.start_info_ma(dom), 1168)
+        # placed at INIT_P2M (outside the initial mapping), start_info names its first pfn
+        first = int.from_bytes(start_info[1152:1160], "little")
+        if not first:
+            first = (int.from_bytes(start_info[104:112], "little") - dom.virt_base) // PAGE_SIZE
         return np.arange(first, first + -(-dom.nr_pages * 8 // PAGE_SIZE), dtype=np.uint64)
 
 
