@@ -295,8 +295,9 @@ def _finish(hv: Hypervisor, st: _Pending, domid: int, path: Path, name: str | No
         raise _fail(path, record, offset, f"{what} failed validation ({errno_name(failure.rc)})")
     contexts = {vid: ctx for vid, (ctx, _) in st.vcpus.items()}
     if linux:
-        return install_xen_abi_domain(hv, meta, st.p2m, st.hypervisor_pages, contexts, bases,
-                                      name or meta.get("name") or path.stem)
+        return install_xen_abi_domain(hv, meta, st.p2m, st.hypervisor_pages[0], contexts, bases,
+                                      name or meta.get("name") or path.stem,
+                                      grant_frames=st.hypervisor_pages[1:])
     return install_domain(hv, meta, st.p2m, contexts, bases, name or meta.get("name") or path.stem)
 
 
@@ -333,15 +334,15 @@ def hypervisor_page_mappings(linux: dict[str, Any]) -> list[tuple[int, int, int,
 
 
 def install_xen_abi_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray,
-                           hypervisor_pages: list[int], contexts: dict[int, VcpuGuestContext],
-                           bases: dict[int, tuple[int, int]], name: str) -> Domain:
-    """A restored CPL-3 (Linux) domain: Xen's vCPU state, its backends, its events, its
-    grant table (`hypervisor_pages`: shared_info, then the grant frames)."""
+                           shared_info: int, contexts: dict[int, VcpuGuestContext],
+                           bases: dict[int, tuple[int, int]], name: str,
+                           grant_frames: list[int] | None = None) -> Domain:
+    """A restored CPL-3 (Linux) domain: Xen's vCPU state, its backends, its events, and
+    its grant table when `grant_frames` (claimed, filled) are given."""
     from hypervisor.pv.linux.domain import install_linux_domain  # loads the Linux parts
     from hypervisor.pv.xen.grant_table import GrantTable
 
     linux = meta["linux"]
-    shared_info = hypervisor_pages[0]
     raw_vcpus = meta.get("vcpus", [])  # each with its "xen" part (xen_image.xen_vcpu_meta)
     vmeta = vcpu_states(meta)
     nr_vcpus = max(len(vmeta), max(contexts) + 1)
@@ -355,8 +356,8 @@ def install_xen_abi_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray
     support = xen_pv_policy(hv).support
     support.refresh_m2p()
     grants = linux.get("grant_table")
-    if grants is not None:
-        dom.grant_table = GrantTable(grants["max_frames"], list(hypervisor_pages[1:]),
+    if grants is not None and grant_frames is not None:
+        dom.grant_table = GrantTable(grants["max_frames"], list(grant_frames),
                                      grants["version"])
     _restore_common(hv, dom, meta)
     assert dom.backends is not None and dom.backends.xenstore is not None
