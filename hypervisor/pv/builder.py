@@ -139,6 +139,32 @@ def _write_hypercall_page(memory: HostMemory, page_ma: int) -> None:
     memory.write(page_ma, bytes(stubs))
 
 
+HYPERVISOR_IRET = 23
+
+
+def xen_hypercall_page() -> bytes:
+    """The page Xen writes for a 64-bit PV kernel at ring 3 (pv_ring3_init_hypercall_page):
+    int3 everywhere, at 32*N `push rcx; push r11; mov eax, N; syscall; pop r11; pop rcx;
+    ret`, and at 32*23 (iret, jumped to, never returns) `push rcx; push r11; push rax;
+    mov eax, 23; syscall`: the frame HYPERVISOR_iret reads."""
+    page = bytearray(b"\xcc" * PAGE_SIZE)
+    for n in range(NR_HYPERCALL_STUBS):
+        if n == HYPERVISOR_IRET:
+            stub = b"\x51\x41\x53\x50\xb8" + struct.pack("<I", n) + b"\x0f\x05"
+        else:
+            stub = (b"\x51\x41\x53\xb8" + struct.pack("<I", n) + b"\x0f\x05"
+                    + b"\x41\x5b\x59\xc3")
+        page[n * HYPERCALL_STUB_SIZE : n * HYPERCALL_STUB_SIZE + len(stub)] = stub
+    return bytes(page)
+
+
+def init_hypercall_page(memory: HostMemory, p2m: np.ndarray, virt_base: int,
+                        hypercall_page_va: int) -> None:
+    """Xen's hypercall_init for a kernel with a HYPERCALL_PAGE note: the stubs into that page."""
+    pfn = (hypercall_page_va - virt_base) // PAGE_SIZE
+    memory.write(int(p2m[pfn]) * PAGE_SIZE, xen_hypercall_page())
+
+
 def _build_tables(memory: HostMemory, layout: PvLayout, p2m: np.ndarray) -> int:
     pt_mfns = [int(p2m[layout.pt_pfn + i]) for i in range(layout.nr_pt_frames)]
     next_table = iter(pt_mfns)

@@ -274,7 +274,7 @@ def install_xen_abi_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray
     dom = install_linux_domain(hv, name, p2m, shared_info,
                                virt_base + int(meta["start_info_pfn"]) * PAGE_SIZE, virt_base,
                                nr_vcpus, linux["console_pfn"], linux["xenstore_pfn"],
-                               linux.get("kernel_file", ""))
+                               linux.get("kernel_file", ""), linux.get("guest_os", ""))
     from hypervisor.pv.xen.policy import xen_pv_policy
 
     support = xen_pv_policy(hv).support

@@ -21,6 +21,10 @@ HVM_VARIANTS=("hvm_lapic_slow:hvm_lapic:--defsym SLOW_DEVICES=1")
 # left the other kernels byte-identical.
 MM_GUESTS=(pv_ptchurn pv_hostile)
 MM_LIBS=(expect mm)
+# Every PV guest on Xen's PV ABI: its Xen ELF notes and the shared_info mapping.
+# The guests of CPL0_GUESTS still run on hvlab's CPL-0 flavour (no notes).
+PV_LIBS=(xen_notes shared_info)
+CPL0_GUESTS=(pv_smp pv_hello pv_spin pv_touch pv_hostile pv_ptchurn)
 
 AS=${AS:-as}
 LD=${LD:-ld}
@@ -59,6 +63,12 @@ for lib in "${LIBS[@]}"; do
     lib_objects+=("build/lib_$lib.o")
 done
 
+pv_objects=()
+for lib in "${PV_LIBS[@]}"; do
+    assemble "lib/$lib.s" "build/lib_$lib.o"
+    pv_objects+=("build/lib_$lib.o")
+done
+
 mm_objects=()
 for lib in "${MM_LIBS[@]}"; do
     assemble "lib/$lib.s" "build/lib_$lib.o"
@@ -69,6 +79,9 @@ for guest in "${GUESTS[@]}"; do
     [[ -f "$guest.s" ]] || die "missing source $guest.s"
     assemble "$guest.s" "build/$guest.o"
     objects=("build/$guest.o" "${lib_objects[@]}")
+    if [[ " ${CPL0_GUESTS[*]} " != *" $guest "* ]]; then
+        objects+=("${pv_objects[@]}")
+    fi
     if [[ " ${MM_GUESTS[*]} " == *" $guest "* ]]; then
         objects+=("${mm_objects[@]}")
     fi

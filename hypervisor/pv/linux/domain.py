@@ -23,6 +23,7 @@ from hypervisor.core.hypervisor import Hypervisor, until_done
 from hypervisor.core.vcpu import RUNNABLE, Vcpu
 from hypervisor.lib.errors import HvlabError
 from hypervisor.mm.errors import errno_name
+from hypervisor.pv.builder import init_hypercall_page
 from hypervisor.pv.linux.backends import BackendPoll, Backends
 from hypervisor.pv.linux.console_ring import ConsoleRing
 from hypervisor.pv.linux.initramfs import build_initramfs_file
@@ -41,8 +42,8 @@ BZIMAGE_MAGIC_OFFSET, BZIMAGE_MAGIC = 0x202, b"HdrS"
 
 
 def uses_xen_abi(kernel_path: str | Path) -> bool:
-    """A kernel built for Xen's PV ABI at CPL 3: a bzImage, or an ELF with Xen notes and no
-    HYPERCALL_PAGE (hvlab's own guests have neither and keep the CPL-0 ABI)."""
+    """A kernel built for Xen's PV ABI at CPL 3: a bzImage, or an ELF with Xen notes (hvlab's
+    own guests without them keep the CPL-0 ABI)."""
     try:
         with open(kernel_path, "rb") as f:
             head = f.read(BZIMAGE_MAGIC_OFFSET + 4)
@@ -53,10 +54,10 @@ def uses_xen_abi(kernel_path: str | Path) -> bool:
     if head[:4] != b"\x7fELF":
         return False
     try:
-        plan = plan_kernel_load(Path(kernel_path).read_bytes(), str(kernel_path))
+        plan_kernel_load(Path(kernel_path).read_bytes(), str(kernel_path))
     except XenNotesError:
         return False
-    return plan.notes.hypercall_page is None
+    return True
 
 
 def load_plan(kernel_path: str | Path) -> KernelLoadPlan:
@@ -96,6 +97,8 @@ def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memo
                                nr_pages, initrd, cmdline, shared_info * PAGE_SIZE,
                                STORE_EVTCHN, CONSOLE_EVTCHN)
     p2m = built.p2m
+    if plan.notes.hypercall_page is not None:
+        init_hypercall_page(hv.memory, p2m, plan.virt_base, plan.notes.hypercall_page)
     hv.m2p[p2m.astype(np.int64)] = np.arange(p2m.size, dtype=np.uint64)
     policy.support.refresh_m2p()
     rc = until_done(lambda: hv.typing.get_root_ref(built.l4_mfn, domid))
@@ -105,7 +108,8 @@ def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memo
     layout = built.layout
     dom = Domain(domid, name, policy, p2m, shared_info,
                  start_info_va=layout.va(layout.start_info_pfn), virt_base=layout.virt_base,
-                 kernel_file=Path(kernel_path).resolve().name)
+                 kernel_file=Path(kernel_path).resolve().name,
+                 guest_os=plan.notes.guest_os or "")
     page = hv.memory.frame_u8(shared_info)
     init_shared_info(page)
     for vid in range(vcpus):  # pvclock: a 1 GHz TSC that counts virtual ns (mul 2^31, shift 1)
@@ -138,13 +142,14 @@ def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memo
 
 def install_linux_domain(hv: Hypervisor, name: str, p2m: np.ndarray, shared_info: int,
                          start_info_va: int, virt_base: int, nr_vcpus: int,
-                         console_pfn: int, xenstore_pfn: int, kernel_file: str) -> Domain:
+                         console_pfn: int, xenstore_pfn: int, kernel_file: str,
+                         guest_os: str = "") -> Domain:
     """A restored Linux PV domain of claimed, typed frames: its event channels over the
     hypervisor's shared_info page, its backends on the rings, CPL-3 vCPUs (not started)."""
     domid = len(hv.domains)
     policy = xen_pv_policy(hv)
     dom = Domain(domid, name, policy, p2m, shared_info, start_info_va=start_info_va,
-                 virt_base=virt_base, kernel_file=kernel_file)
+                 virt_base=virt_base, kernel_file=kernel_file, guest_os=guest_os)
     dom.evtchn = EventChannels(domid, nr_vcpus, hv.memory.frame_u8(shared_info),
                                kick=dom.wake_vcpu, peer=hv.evtchn_of)
     console_page = hv.memory.frame_u8(int(p2m[console_pfn]))

@@ -363,12 +363,18 @@ def console_io(hv: Hypervisor, v: Vcpu, cmd: int, count: int, buf: int, *_: int)
     return core.console_io(hv, v, cmd, count, buf)
 
 
+HVLAB_GUEST_OS = "hvlab"  # the GUEST_OS note of hvlab's own kernels
+
+
 def sched_op(hv: Hypervisor, v: Vcpu, cmd: int, arg: int, *rest: int) -> int:
-    """As hvlab's core, except that SCHEDOP_shutdown's argument is Xen's: the reason only
-    (hvlab's own guests append a verdict code; a Linux guest's next word is not one)."""
+    """As hvlab's core, except that SCHEDOP_shutdown's argument is Xen's: the reason only.
+    A kernel whose GUEST_OS note is "hvlab" appends its verdict code (hvlab's departure;
+    a Linux guest's next word is not one)."""
     if cmd == core.SCHEDOP_SHUTDOWN:
-        reason = struct.unpack("<I", hv.copy_from_guest(v, arg, 4))[0]
-        hv.shutdown_domain(v.domain, reason, 0)
+        verdict = v.domain.guest_os == HVLAB_GUEST_OS
+        reason, *code = struct.unpack("<II" if verdict else "<I",
+                                      hv.copy_from_guest(v, arg, 8 if verdict else 4))
+        hv.shutdown_domain(v.domain, reason, code[0] if code else 0)
         return 0
     return core.sched_op(hv, v, cmd, arg, *rest)
 

@@ -101,6 +101,7 @@ def linux_meta(hv: Hypervisor, dom: Domain, shared_info_entries: list[list[int]]
         "xenstore": xenstore_to_json(store),
         "shared_info_entries": shared_info_entries,  # [table pfn, slot, entry flags]
         "kernel_file": dom.kernel_file,
+        "guest_os": dom.guest_os,
     }
 
 
