@@ -21,10 +21,8 @@ HVM_VARIANTS=("hvm_lapic_slow:hvm_lapic:--defsym SLOW_DEVICES=1")
 # left the other kernels byte-identical.
 MM_GUESTS=(pv_ptchurn pv_hostile)
 MM_LIBS=(expect mm)
-# Every PV guest on Xen's PV ABI: its Xen ELF notes and the shared_info mapping.
-# The guests of CPL0_GUESTS still run on hvlab's CPL-0 flavour (no notes).
-PV_LIBS=(xen_notes shared_info)
-CPL0_GUESTS=(pv_smp pv_hello pv_spin pv_touch pv_hostile pv_ptchurn)
+# Every PV guest: its Xen ELF notes and its entry (lib/xen_entry.s), Xen's PV ABI.
+PV_LIBS=(xen_notes xen_entry)
 
 AS=${AS:-as}
 LD=${LD:-ld}
@@ -78,10 +76,7 @@ done
 for guest in "${GUESTS[@]}"; do
     [[ -f "$guest.s" ]] || die "missing source $guest.s"
     assemble "$guest.s" "build/$guest.o"
-    objects=("build/$guest.o" "${lib_objects[@]}")
-    if [[ " ${CPL0_GUESTS[*]} " != *" $guest "* ]]; then
-        objects+=("${pv_objects[@]}")
-    fi
+    objects=("build/$guest.o" "${lib_objects[@]}" "${pv_objects[@]}")
     if [[ " ${MM_GUESTS[*]} " == *" $guest "* ]]; then
         objects+=("${mm_objects[@]}")
     fi

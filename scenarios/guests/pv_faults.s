@@ -42,7 +42,6 @@
  *  13  #PF (write, read-only page table): error code 0x3  14  CR2
  *  15  the L4 entry we tried to overwrite is unchanged
  *  16  the #PF handler ran 3 times
- *  17  mapping shared_info (update_va_mapping) returned 0 (said only if not)
  */
     .intel_syntax noprefix
     .include "xen.inc"
@@ -96,15 +95,7 @@ pf_rip:         .skip 8
     .globl  _start
 _start:
     mov     [rip + start_info], rsi
-    mov     rdi, rsi                    /* shared_info: mapped at shared_info_page */
-    call    map_shared_info
-    test    rax, rax                    /* said only when it fails */
-    jz      1f
-    mov     rdi, rax
-    xor     esi, esi
-    CHECK_DEC 17, "update_va_mapping of shared_info returned"
-1:
-    lea     rax, [rip + shared_info_page]
+    lea     rax, [rip + shared_info_page]   /* mapped there by xen_entry */
     mov     [rip + vcpu_info], rax      /* vcpu_info[0] is at its start */
 
 /* 1: install the trap table. */

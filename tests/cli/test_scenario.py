@@ -108,8 +108,8 @@ def test_linux_keys_parse_and_are_refused_where_they_mean_nothing(tmp_path, caps
     hvm = linux.replace('vcpus = 1\n', 'vcpus = 1\ntype = "hvm"\n')
     with pytest.raises(ScenarioError, match="'cmdline' and 'busybox' are for PV kernels"):
         load_scenario(write(tmp_path, hvm))
-    # an hvlab guest (no Xen notes) with a command line: one line, status 2
-    own = linux.replace('kernel = "k.elf"', f'kernel = "{SCENARIOS / "guests/pv_hello.elf"}"')
+    # a kernel without Xen notes (an HVM one) as PV with a command line: one line, status 2
+    own = linux.replace('kernel = "k.elf"', f'kernel = "{SCENARIOS / "guests/hvm_crash.elf"}"')
     assert main(["run", str(write(tmp_path, own))]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "are for kernels on Xen's PV ABI" in err

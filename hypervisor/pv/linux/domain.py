@@ -28,7 +28,7 @@ from hypervisor.pv.linux.backends import BackendPoll, Backends
 from hypervisor.pv.linux.console_ring import ConsoleRing
 from hypervisor.pv.linux.initramfs import build_initramfs_file
 from hypervisor.pv.linux.kernel_image import KernelImageError, read_kernel_elf
-from hypervisor.pv.linux.layout import build_start_of_day, init_shared_info
+from hypervisor.pv.linux.layout import build_start_of_day, init_shared_info, plan_start_of_day
 from hypervisor.pv.linux.xen_notes import KernelLoadPlan, XenNotesError, plan_kernel_load
 from hypervisor.pv.linux.xenstore import Xenstore
 from hypervisor.pv.xen.mmu import XenAbiMmu
@@ -90,12 +90,16 @@ def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memo
     nr_pages = memory // PAGE_SIZE
     domid = len(hv.domains)
     policy = xen_pv_policy(hv)
-    xen_gdt_ma, m2p_mas = policy.support.xen_pages()
+    # Frames in the order a restore takes them (the domain's, shared_info, Xen's pages):
+    # a domain saved and restored on a fresh machine gets the same machine frames.
+    plan_start_of_day(plan, nr_pages, len(initrd))  # a domain too small: refused before
+    frames = hv.frames.alloc(nr_pages, f"domain {name}'s memory")
     shared_info = hv.frames.alloc_one(f"domain {name}'s shared_info")
+    xen_gdt_ma, m2p_mas = policy.support.xen_pages()
     hv.frame_table.assign(np.array([shared_info], dtype=np.uint64), domid)
     built = build_start_of_day(hv.memory, hv.frames, hv.frame_table, hv.typing, domid, plan,
                                nr_pages, initrd, cmdline, shared_info * PAGE_SIZE,
-                               STORE_EVTCHN, CONSOLE_EVTCHN)
+                               STORE_EVTCHN, CONSOLE_EVTCHN, p2m=frames)
     p2m = built.p2m
     if plan.notes.hypercall_page is not None:
         init_hypercall_page(hv.memory, p2m, plan.virt_base, plan.notes.hypercall_page)
