@@ -128,7 +128,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.which == "linux":
         from hypervisor.bench.linux import run_linux_bench
 
-        run_linux_bench(args.json)
+        if args.scenario is None:
+            run_linux_bench(args.json)
+        else:
+            run_linux_bench(args.json, Path(args.scenario))
         return 0
     if args.which == "update":
         from hypervisor.bench.update import run_update_bench
@@ -289,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quiet", action="store_true", help="no progress on stderr")
     bench.add_argument("--mem", default="1G", help="revalidate: guest memory (default 1G)")
     bench.add_argument("--build", default="4.19", help="revalidate: the build's layout")
+    bench.add_argument("--scenario", default=None,
+                       help="linux: the scenario to boot (default scenarios/linux-pv.toml; "
+                            "scenarios/linux-pv-smp.toml for 2 vCPUs)")
     bench.add_argument("--sizes", default="1G,4G,16G,64G",
                        help="update: guest sizes, comma-separated (default 1G,4G,16G,64G)")
     bench.add_argument("--repeat", type=_positive, default=3,

@@ -117,8 +117,8 @@ class XenPvSupport:
         self.hv.start_vcpu_with(v, setup)
 
     def resume_vcpu(self, v: Vcpu, regs: dict[str, int], cpu_cr4: int) -> None:
-        """A restored vCPU at CPL 3 with its saved registers (its XenVcpu, roots and
-        mode already set): as start_vcpu, but every register is the saved one."""
+        """A restored or VCPUOP_initialise'd vCPU at CPL 3 with the given registers (its
+        XenVcpu, roots and mode already set): as start_vcpu, but every register given."""
         x = v.xen
         assert x is not None
         v.mmu.user_mode = not x.kernel_mode  # type: ignore[attr-defined]
@@ -129,10 +129,12 @@ class XenPvSupport:
             cpu.set_reg("cr3", v.roots.kernel_ma)
             cpu.set_reg("cr0", 0x8005_0033)
             cpu.set_descriptor_table("gdtr", GDT_VA, 16 * 4096 - 1)
-            cpu.enter_ring3(regs["rip"], regs["rsp"], regs["rflags"], regs["cs"], regs["ss"])
+            # on Xen's flat descriptors, then the selectors given (a guest GDT entry such
+            # as Linux's 0x13 is flat ring-3 code once Xen has checked it)
+            cpu.enter_ring3(regs["rip"], regs["rsp"], regs["rflags"], FLAT_KERNEL_CS,
+                            FLAT_KERNEL_SS)
             for name, value in regs.items():
-                if name not in ("cs", "ss"):
-                    cpu.set_reg(name, value)
+                cpu.set_reg(name, value)
 
         self.hv.start_vcpu_with(v, setup)
 
