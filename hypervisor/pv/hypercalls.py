@@ -132,6 +132,15 @@ class VcpuMmuContext:
         return 0 <= domid < len(self.hv.domains)
 
 
+def forget_cached_walks(dom) -> None:
+    """After a page-table hypercall: entries may have changed, so no vCPU of the domain
+    may keep walks cached from before (the guest's own flush may never be seen)."""
+    for u in dom.vcpus:
+        flush = getattr(u.mmu, "flush", None)
+        if flush is not None:
+            flush()
+
+
 def _mmu_batch(hv: Hypervisor, v: Vcpu, ptr: int, count: int, done_ptr: int, foreigndom: int,
                size: int, run) -> int:
     if count > MAX_MMU_REQUESTS:
@@ -140,12 +149,7 @@ def _mmu_batch(hv: Hypervisor, v: Vcpu, ptr: int, count: int, done_ptr: int, for
     requests = np.frombuffer(raw, dtype=np.uint64).reshape(count, size // 8)
     finish_pending_typing(v.domain)
     rc, done = run(VcpuMmuContext(hv, v), requests, foreigndom & 0xFFFF_FFFF)
-    # Entries may have changed: no vCPU of the domain may keep walks cached
-    # from before (the guest's own flush may be a native mov cr3, unseen).
-    for u in v.domain.vcpus:
-        flush = getattr(u.mmu, "flush", None)
-        if flush is not None:
-            flush()
+    forget_cached_walks(v.domain)
     if done_ptr:
         hv.copy_to_guest(v, done_ptr, struct.pack("<I", done))
     return rc

@@ -109,9 +109,14 @@ class PvMmu:
         return walk(self.memory.u64, self.roots.kernel_ma, gva, access)
 
 
+    @property
+    def active_root(self) -> int:
+        """The root fills walk from (a CPL-3 vCPU's user mode has another)."""
+        return self.roots.kernel_ma
+
     def _fill(self, gva: int, access: str) -> tuple[int, int] | None:
         """`walk` for a TLB fill, same result and A/D updates, in plain ints."""
-        root = self.roots.kernel_ma
+        root = self.active_root
         if root != self._cached_root or not self.cache_walks:
             self._upper.clear()
             self._cached_root = root

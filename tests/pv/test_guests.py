@@ -21,7 +21,7 @@ def test_pv_hello_json_has_the_promised_shape(capsys):
     assert "all checks passed" in hello["console"]
     assert hello["shutdown"]["reason"] == "poweroff" and hello["shutdown"]["code"] == 0
     assert result["instructions"] > 0 and result["virtual_ns"] > 0
-    assert result["exits"]["hypercall"] > 0
+    assert result["exits"]["syscall"] > 0  # a ring-3 kernel's hypercalls are syscalls
     assert result["stop"] == "shutdown"
     assert {"build", "unicorn", "seed", "wall_s", "tlb_fills"} <= set(result)
     assert hello["typeref_differences"] == []
@@ -73,7 +73,7 @@ def test_trace_prints_disassembly_and_exits(capsys):
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 201  # 200 lines and the note that the limit was reached
     assert any(re.search(r"hello/v0 p0 0xffffffff8\w+  \w+", line) for line in out)
-    assert any("-- exit Hypercall" in line for line in out)
+    assert any("-- exit Syscall" in line for line in out)
 
 
 @pytest.mark.parametrize("scenario", ["pv-spin.toml", "pv-touch.toml"])

@@ -134,7 +134,8 @@ def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memo
                                         lambda: dom.events.set_pending(CONSOLE_EVTCHN)), store)
     hv.slice_hooks.append(BackendPoll(dom))
     for vid in range(vcpus):
-        v = Vcpu(dom, vid, XenAbiMmu(hv.memory, xen_gdt_ma, m2p_mas), xen=XenVcpu())
+        v = Vcpu(dom, vid, XenAbiMmu(hv.memory, xen_gdt_ma, m2p_mas,
+                              cache_walks=hv.seams.writable_mapping is None), xen=XenVcpu())
         dom.vcpus.append(v)
         hv.scheduler.place(v)
     hv.domains.append(dom)
@@ -166,7 +167,8 @@ def install_linux_domain(hv: Hypervisor, name: str, p2m: np.ndarray, shared_info
     hv.slice_hooks.append(BackendPoll(dom))
     xen_gdt_ma, m2p_mas = policy.support.xen_pages()
     for vid in range(nr_vcpus):
-        v = Vcpu(dom, vid, XenAbiMmu(hv.memory, xen_gdt_ma, m2p_mas), xen=XenVcpu())
+        v = Vcpu(dom, vid, XenAbiMmu(hv.memory, xen_gdt_ma, m2p_mas,
+                              cache_walks=hv.seams.writable_mapping is None), xen=XenVcpu())
         dom.vcpus.append(v)
         hv.scheduler.place(v)
     hv.domains.append(dom)

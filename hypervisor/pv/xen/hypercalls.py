@@ -127,6 +127,7 @@ def mmuext_op(hv: Hypervisor, v: Vcpu, ops: int, count: int, done_ptr: int, fore
         if rc:
             break
         done = i + 1
+    pvcalls.forget_cached_walks(v.domain)
     if done_ptr:
         hv.copy_to_guest(v, done_ptr, struct.pack("<I", done))
     return rc

@@ -140,11 +140,36 @@ def test_cpuid_policy_hides_what_pv_linux_must_not_use():
     assert struct.pack("<III", *cpuid(0x4000_0000, 0)[1:]) == b"XenVMMXenVMM"
 
 
-def test_only_kernels_without_a_hypercall_page_take_xen_abi(tmp_path):
+def test_every_kernel_with_xen_notes_takes_xen_abi(tmp_path):
     path = tmp_path / "k.elf"
     path.write_bytes(kernel_elf(b"\xf4"))
     assert uses_xen_abi(path)
-    assert not uses_xen_abi("scenarios/guests/pv_hello.elf")
+    assert uses_xen_abi("scenarios/guests/pv_hello.elf")  # hvlab's own, HYPERCALL_PAGE too
+    assert not uses_xen_abi("scenarios/guests/hvm_crash.elf")  # no Xen notes
+
+
+def test_own_guest_hypercall_page_holds_xens_ring3_stubs():
+    """The builder wrote Xen's stubs (pv_ring3_init_hypercall_page) where the kernel's
+    HYPERCALL_PAGE note says: a `syscall` stub per number, iret's pushing rax too."""
+    from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+
+    from hypervisor.runner import boot_scenario
+    from hypervisor.scenario import load_scenario
+    from tests import SCENARIOS
+
+    hv = boot_scenario(load_scenario(SCENARIOS / "pv-hello.toml"))
+    cpu = hv.switch_to(0, hv.domains[0].vcpus[0])
+    page = cpu.read_virtual(0xFFFF_FFFF_8000_0000, 4096)  # hypercall_page: kernel.ld's first
+    md = Cs(CS_ARCH_X86, CS_MODE_64)
+
+    def stub(n: int) -> list[str]:
+        code = page[32 * n:32 * n + 32]
+        return [f"{i.mnemonic} {i.op_str}".strip() for i in md.disasm(code, 0)][:7]
+
+    assert stub(18) == ["push rcx", "push r11", "mov eax, 0x12", "syscall", "pop r11",
+                        "pop rcx", "ret"]
+    assert stub(23)[:5] == ["push rcx", "push r11", "push rax", "mov eax, 0x17", "syscall"]
+    assert stub(23)[5] == "int3" and page[-1] == 0xCC
 
 
 def test_the_direct_walk_agrees_with_the_reference_walk(tmp_path):
