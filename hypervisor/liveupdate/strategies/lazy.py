@@ -247,8 +247,9 @@ def start_lazy(hv: Hypervisor, dom: Domain, ho: DomainHandover, budget_ptes: int
     for v in dom.vcpus:
         if v.context is not None:
             regs = hv.read_vcpu_registers(v)
+            root = getattr(v.mmu, "active_root", v.roots.kernel_ma)  # CPL 3: user or kernel
             for gva in (regs["rip"], regs["rsp"]):
-                lazy.validate_walk(hv.memory.u64, v.roots.kernel_ma, gva)
+                lazy.validate_walk(hv.memory.u64, root, gva)
     # the blackout's own work (roots and the RIP/RSP paths) is priced; fills come later
     for key in ("ptes_examined", "pages_validated", "refs_taken"):
         update.blackout[f"blackout_{key}"] = (update.blackout.get(f"blackout_{key}", 0)
