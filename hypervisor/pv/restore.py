@@ -203,8 +203,16 @@ def _finish(hv: Hypervisor, st: _Pending, domid: int, path: Path, name: str | No
         vcpu_states(meta)
     except (ValueError, TypeError) as err:
         raise RestoreError(f"{path}: record HVLAB_DOMAIN: {err}") from None
-    # The guest's own copies of machine addresses: its P2M list and start_info.
+    # The guest's own copies of machine addresses: its P2M list, start_info and the
+    # P2M root it published in shared_info (Linux republishes it on resume; a
+    # restore here is transparent, so the restore localises it).
+    old_p2m = _p2m_list_as_saved(hv, st)
     _rewrite_p2m_list(hv, st)
+    if linux and st.shared_info is not None:
+        try:
+            st.shared_info = xen_image.localise_p2m_root(st.shared_info, old_p2m, st.p2m)
+        except ValueError as err:
+            raise RestoreError(f"{path}: record SHARED_INFO: {err}") from None
     start_info_ma = int(st.p2m[meta["start_info_pfn"]]) * PAGE_SIZE
     if linux:  # Xen's shared_info page, mapped again where the guest had it
         shared_info_mfn = st.shared_info_frame = int(hv.frames.alloc_one("restored "
@@ -356,6 +364,15 @@ def vcpu_states(meta: dict[str, Any]) -> list[PvVcpuState]:
     """HVLAB_DOMAIN's per-vCPU state (ValueError or TypeError if damaged)."""
     return [from_plain(PvVcpuState, extra, f"vCPU {vid}")
             for vid, extra in enumerate(meta.get("vcpus", []))]
+
+
+def _p2m_list_as_saved(hv: Hypervisor, st: _Pending) -> np.ndarray:
+    """The guest's P2M list as the image holds it: the old machine's frame numbers."""
+    assert st.p2m is not None and st.p2m_list_pfns is not None
+    pages = [hv.memory.frame_u8(int(st.p2m[pfn])) for pfn in st.p2m_list_pfns.tolist()]
+    if not pages:
+        return np.zeros(0, dtype=np.uint64)
+    return np.concatenate(pages).view(np.uint64)[: st.nr_pages].copy()
 
 
 def _rewrite_p2m_list(hv: Hypervisor, st: _Pending) -> None:

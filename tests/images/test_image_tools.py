@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hypervisor.core.elf import load_kernel
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
 from hypervisor.images import ImageError, image_info, image_make, image_verify
 from hypervisor.images.domains import restore_domain
 from hypervisor.images.make import workload_kernel
 from hypervisor.lib.errors import HvlabError
-from hypervisor.pv.builder import plan_layout
+from hypervisor.pv.linux.domain import load_plan
+from hypervisor.pv.linux.layout import plan_start_of_day
 from hypervisor.stream import (
     OpaqueRecord,
     PageDataRecord,
@@ -50,8 +50,10 @@ def images(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
 
 def bootstrap_tables() -> tuple[int, int]:
     """(pfn of the builder's L4, number of its tables) for the small guest."""
-    layout = plan_layout(load_kernel(workload_kernel()), SMALL_PAGES)
-    return layout.pt_pfn, 4  # one L4, L3, L2 and L1 cover a 16 MiB guest's region
+    layout = plan_start_of_day(load_plan(workload_kernel()), SMALL_PAGES)
+    # Xen's start of day maps 4 MiB: one L4, L3 and L2 and two L1s
+    assert layout.nr_pt_frames == 5
+    return layout.pt_pfn, layout.nr_pt_frames
 
 
 def rewrite(src: Path, dst: Path, edit: Callable[[PageDataRecord], list[PageDataRecord]],

@@ -195,6 +195,20 @@ def linear_p2m_pfns(hv: Hypervisor, dom: Domain) -> np.ndarray | None:
 
 
 # ----------------------------------------------------------------- restoring
+def localise_p2m_root(shared_info: bytes, old_p2m: np.ndarray, new_p2m: np.ndarray) -> bytes:
+    """shared_info with arch.p2m_cr3 (the machine address of the L4 the guest published
+    for its P2M list) moved to the new machine's frame of the same pfn."""
+    page = bytearray(shared_info)
+    cr3 = int.from_bytes(page[ARCH_P2M_CR3:ARCH_P2M_CR3 + 8], "little")
+    if cr3:
+        hits = np.flatnonzero(old_p2m == np.uint64(cr3 >> 12))
+        if hits.size == 0:
+            raise ValueError(f"arch.p2m_cr3 {cr3:#x} is not a frame of the domain")
+        new = int(new_p2m[int(hits[0])]) << 12 | cr3 & 0xFFF
+        page[ARCH_P2M_CR3:ARCH_P2M_CR3 + 8] = new.to_bytes(8, "little")
+    return bytes(page)
+
+
 def restore_xen_vcpu(v: Vcpu, ctx: VcpuGuestContext, extra: dict[str, Any],
                      local_frame) -> XenVcpu:
     """The XenVcpu a restored vCPU continues with (`local_frame`: image pfn -> MFN)."""
