@@ -28,9 +28,8 @@ from hypervisor.lib.errors import RestoreError
 from hypervisor.mm.errors import errno_name
 from hypervisor.mm.rebuild import rebuild_from_roots
 from hypervisor.mm.typerefs import Root
-from hypervisor.pv.domain import install_pv_domain
 from hypervisor.pv.save import FXSAVE_MXCSR, FXSAVE_XMM0, HVLAB_DOMAIN_VERSION, port_from_json
-from hypervisor.pv.vcpu import PvVcpuState, restore_pv_vcpu, start_pv_vcpu
+from hypervisor.pv.vcpu import PvVcpuState, restore_pv_vcpu
 from hypervisor.pv.xen import image as xen_image
 from hypervisor.stream import (
     EndRecord,
@@ -194,8 +193,11 @@ def _finish(hv: Hypervisor, st: _Pending, domid: int, path: Path, name: str | No
     meta = st.hvlab
     meta.setdefault("virtual_ns", st.tsc_nsec or 0)
     linux = meta.get("linux")
-    pfns_named = [(meta, "start_info_pfn")] + ([(linux, "console_pfn"), (linux, "xenstore_pfn")]
-                                               if linux else [(meta, "shared_info_pfn")])
+    if not isinstance(linux, dict):  # what makes a domain one of Xen's PV ABI (docs/pv-abi.md)
+        raise RestoreError(f"{path}: record HVLAB_DOMAIN has no Xen PV ABI part ('linux'): an "
+                           "image of hvlab's former CPL-0 guests, which no longer run; re-make "
+                           "it (scenarios/images/README.md)")
+    pfns_named = [(meta, "start_info_pfn"), (linux, "console_pfn"), (linux, "xenstore_pfn")]
     for where, key in pfns_named:
         if not 0 <= int(where.get(key, -1)) < st.nr_pages:
             raise RestoreError(f"{path}: record HVLAB_DOMAIN: {key} lies outside the domain")
@@ -208,26 +210,24 @@ def _finish(hv: Hypervisor, st: _Pending, domid: int, path: Path, name: str | No
     # restore here is transparent, so the restore localises it).
     old_p2m = _p2m_list_as_saved(hv, st)
     _rewrite_p2m_list(hv, st)
-    if linux and st.shared_info is not None:
+    if st.shared_info is not None:
         try:
             st.shared_info = xen_image.localise_p2m_root(st.shared_info, old_p2m, st.p2m)
         except ValueError as err:
             raise RestoreError(f"{path}: record SHARED_INFO: {err}") from None
     start_info_ma = int(st.p2m[meta["start_info_pfn"]]) * PAGE_SIZE
-    if linux:  # Xen's shared_info page, mapped again where the guest had it
-        shared_info_mfn = st.shared_info_frame = int(hv.frames.alloc_one("restored "
-                                                                         "shared_info"))
-        hv.frame_table.assign(np.array([shared_info_mfn], dtype=np.uint64), domid)
-        for pfn, slot, flags in linux.get("shared_info_entries", []):
-            if not 0 <= pfn < st.nr_pages or not 0 <= slot < 512:
-                raise RestoreError(f"{path}: record HVLAB_DOMAIN: a shared_info mapping "
-                                   f"outside the domain's tables")
-            hv.memory.u64[int(st.p2m[pfn]) * 512 + slot] = np.uint64(
-                flags & ~ADDR_MASK | shared_info_mfn << 12)
-        for offset, key in ((56, "xenstore_pfn"), (72, "console_pfn")):
-            hv.memory.write_u64(start_info_ma + offset, int(st.p2m[linux[key]]))
-    else:
-        shared_info_mfn = int(st.p2m[meta["shared_info_pfn"]])
+    # Xen's shared_info page, mapped again where the guest had it
+    shared_info_mfn = st.shared_info_frame = int(hv.frames.alloc_one("restored "
+                                                                     "shared_info"))
+    hv.frame_table.assign(np.array([shared_info_mfn], dtype=np.uint64), domid)
+    for pfn, slot, flags in linux.get("shared_info_entries", []):
+        if not 0 <= pfn < st.nr_pages or not 0 <= slot < 512:
+            raise RestoreError(f"{path}: record HVLAB_DOMAIN: a shared_info mapping "
+                               f"outside the domain's tables")
+        hv.memory.u64[int(st.p2m[pfn]) * 512 + slot] = np.uint64(
+            flags & ~ADDR_MASK | shared_info_mfn << 12)
+    for offset, key in ((56, "xenstore_pfn"), (72, "console_pfn")):
+        hv.memory.write_u64(start_info_ma + offset, int(st.p2m[linux[key]]))
     if st.shared_info is not None:
         hv.memory.write(shared_info_mfn * PAGE_SIZE, st.shared_info)
     hv.memory.write_u64(start_info_ma + 40, shared_info_mfn * PAGE_SIZE)
@@ -261,11 +261,9 @@ def _finish(hv: Hypervisor, st: _Pending, domid: int, path: Path, name: str | No
         record, offset, what = blame[failure.index]
         raise _fail(path, record, offset, f"{what} failed validation ({errno_name(failure.rc)})")
     contexts = {vid: ctx for vid, (ctx, _) in st.vcpus.items()}
-    if linux:
-        assert st.shared_info_frame is not None
-        return install_xen_abi_domain(hv, meta, st.p2m, st.shared_info_frame, contexts, bases,
-                                      name or meta.get("name") or path.stem)
-    return install_domain(hv, meta, st.p2m, contexts, bases, name or meta.get("name") or path.stem)
+    assert st.shared_info_frame is not None
+    return install_xen_abi_domain(hv, meta, st.p2m, st.shared_info_frame, contexts, bases,
+                                  name or meta.get("name") or path.stem)
 
 
 def install_xen_abi_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray,
@@ -307,31 +305,6 @@ def install_xen_abi_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray
         if v.xen.vcpu_info_ma is not None:
             start = v.xen.vcpu_info_ma
             dom.events.bits._moved[v.vcpu_id] = hv.memory.u8[start:start + 64]
-        _restore_vcpu_common(v, ctx, vmeta)
-    return dom
-
-
-def install_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray,
-                   contexts: dict[int, VcpuGuestContext], bases: dict[int, tuple[int, int]],
-                   name: str | None = None) -> Domain:
-    """Make a domain of claimed, typed frames: events, vCPUs, clock (restore and live update).
-
-    `bases` gives each vCPU's CR3 and user CR3 as MFNs (references already taken).
-    """
-    nr_vcpus = max(len(meta.get("vcpus", [])), max(contexts) + 1)
-    virt_base = int(meta["virt_base"])
-    dom = install_pv_domain(hv, name or meta["name"], p2m, int(meta["shared_info_pfn"]),
-                               virt_base + int(meta["start_info_pfn"]) * PAGE_SIZE,
-                               virt_base, nr_vcpus)
-    _restore_common(hv, dom, meta)
-    vmeta = vcpu_states(meta)
-    for v in dom.vcpus:
-        if v.vcpu_id not in contexts:
-            continue
-        ctx = contexts[v.vcpu_id]
-        base, user = bases[v.vcpu_id]
-        start_pv_vcpu(hv, v, _registers(ctx), base * PAGE_SIZE)
-        v.roots.user_ma = user * PAGE_SIZE
         _restore_vcpu_common(v, ctx, vmeta)
     return dom
 

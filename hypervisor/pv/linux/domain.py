@@ -39,26 +39,6 @@ from hypervisor.pv.xen.state import XenVcpu
 CONSOLE_EVTCHN = 1  # the ports the backends use, allocated before the guest runs
 STORE_EVTCHN = 2
 VCPU_TIME_OFFSET = 32
-BZIMAGE_MAGIC_OFFSET, BZIMAGE_MAGIC = 0x202, b"HdrS"
-
-
-def uses_xen_abi(kernel_path: str | Path) -> bool:
-    """A kernel built for Xen's PV ABI at CPL 3: a bzImage, or an ELF with Xen notes (hvlab's
-    own guests without them keep the CPL-0 ABI)."""
-    try:
-        with open(kernel_path, "rb") as f:
-            head = f.read(BZIMAGE_MAGIC_OFFSET + 4)
-    except OSError:
-        return False  # the loader that runs next names the problem
-    if head[BZIMAGE_MAGIC_OFFSET:] == BZIMAGE_MAGIC:
-        return True
-    if head[:4] != b"\x7fELF":
-        return False
-    try:
-        plan_kernel_load(Path(kernel_path).read_bytes(), str(kernel_path))
-    except XenNotesError:
-        return False
-    return True
 
 
 def load_plan(kernel_path: str | Path) -> KernelLoadPlan:

@@ -6,11 +6,11 @@ import struct
 
 import numpy as np
 
-from hypervisor.pv.linux.domain import uses_xen_abi
 from hypervisor.pv.xen.cpuid_policy import cpuid
 from hypervisor.pv.xen.mmu import GDT_VA
 from hypervisor.pv.xen.policy import xen_pv_policy
-from tests.pv.xen.guest import ENTRY, Asm, boot, kernel_elf
+from tests import ROOT
+from tests.pv.xen.guest import ENTRY, Asm, boot
 
 MSG = b"hello from ring 3\n"
 
@@ -140,12 +140,17 @@ def test_cpuid_policy_hides_what_pv_linux_must_not_use():
     assert struct.pack("<III", *cpuid(0x4000_0000, 0)[1:]) == b"XenVMMXenVMM"
 
 
-def test_every_kernel_with_xen_notes_takes_xen_abi(tmp_path):
-    path = tmp_path / "k.elf"
-    path.write_bytes(kernel_elf(b"\xf4"))
-    assert uses_xen_abi(path)
-    assert uses_xen_abi("scenarios/guests/pv_hello.elf")  # hvlab's own, HYPERCALL_PAGE too
-    assert not uses_xen_abi("scenarios/guests/hvm_crash.elf")  # no Xen notes
+def test_a_kernel_without_xen_notes_is_no_pv_kernel(tmp_path, capsys):
+    """One PV ABI: a PV domain's kernel needs Xen's ELF notes (an HVM kernel has none)."""
+    from hypervisor.cli import main
+
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(f'[machine]\npcpus = 1\nmemory = "16M"\n[[domain]]\nname = "a"\n'
+                        f'kernel = "{ROOT / "scenarios/guests/hvm_crash.elf"}"\n'
+                        f'memory = "4M"\n[limits]\nvirtual_time = "1ms"\n')
+    assert main(["run", str(scenario)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no Xen ELF notes: not a PV kernel" in err
 
 
 def test_own_guest_hypercall_page_holds_xens_ring3_stubs():
