@@ -281,9 +281,9 @@ def install_xen_abi_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray
                                virt_base + int(meta["start_info_pfn"]) * PAGE_SIZE, virt_base,
                                nr_vcpus, linux["console_pfn"], linux["xenstore_pfn"],
                                linux.get("kernel_file", ""), linux.get("guest_os", ""))
-    from hypervisor.pv.xen.policy import xen_pv_policy
+    from hypervisor.pv.policy import pv_policy
 
-    support = xen_pv_policy(hv).support
+    support = pv_policy(hv).support
     support.refresh_m2p()
     _restore_common(hv, dom, meta)
     assert dom.backends is not None and dom.backends.xenstore is not None

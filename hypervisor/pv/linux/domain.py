@@ -31,8 +31,8 @@ from hypervisor.pv.linux.kernel_image import KernelImageError, read_kernel_elf
 from hypervisor.pv.linux.layout import build_start_of_day, init_shared_info, plan_start_of_day
 from hypervisor.pv.linux.xen_notes import KernelLoadPlan, XenNotesError, plan_kernel_load
 from hypervisor.pv.linux.xenstore import Xenstore
+from hypervisor.pv.policy import pv_policy
 from hypervisor.pv.xen.mmu import XenAbiMmu
-from hypervisor.pv.xen.policy import xen_pv_policy
 from hypervisor.pv.xen.poll import wake_pollers
 from hypervisor.pv.xen.state import XenVcpu
 
@@ -70,7 +70,7 @@ def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memo
         raise HvlabError(f"domain {name}: busybox {busybox}: {err.strerror}") from None
     nr_pages = memory // PAGE_SIZE
     domid = len(hv.domains)
-    policy = xen_pv_policy(hv)
+    policy = pv_policy(hv)
     # Frames in the order a restore takes them (the domain's, shared_info, Xen's pages):
     # a domain saved and restored on a fresh machine gets the same machine frames.
     plan_start_of_day(plan, nr_pages, len(initrd))  # a domain too small: refused before
@@ -133,7 +133,7 @@ def install_linux_domain(hv: Hypervisor, name: str, p2m: np.ndarray, shared_info
     """A restored Linux PV domain of claimed, typed frames: its event channels over the
     hypervisor's shared_info page, its backends on the rings, CPL-3 vCPUs (not started)."""
     domid = len(hv.domains)
-    policy = xen_pv_policy(hv)
+    policy = pv_policy(hv)
     dom = Domain(domid, name, policy, p2m, shared_info, start_info_va=start_info_va,
                  virt_base=virt_base, kernel_file=kernel_file, guest_os=guest_os)
     dom.evtchn = EventChannels(domid, nr_vcpus, hv.memory.frame_u8(shared_info),

@@ -1,9 +1,10 @@
-"""The hypercalls of a CPL-3 PV guest: Xen's numbers, arguments and errno values.
+"""The PV hypercall table (`PV_HYPERCALLS`): Xen's numbers, arguments and errno values.
 
-A kernel-mode `syscall` is the hypercall (rax the number; rdi, rsi, rdx, r10,
-r8 the arguments). Hypercalls hvlab's CPL-0 guests use too come from
-hypervisor/core/hypercalls.py; this table adds and replaces what the full
-ABI needs (public/xen.h, vcpu.h, memory.h, callback.h, physdev.h).
+A kernel-mode `syscall` (its hypercall page's stub) is the hypercall (rax the
+number; rdi, rsi, rdx, r10, r8 the arguments). Handlers shared with HVM guests
+come from hypervisor/core/hypercalls.py, the PV MMU's from
+hypervisor/pv/hypercalls.py; this table adds and replaces what Xen's PV ABI
+needs (public/xen.h, vcpu.h, memory.h, callback.h, physdev.h).
 """
 
 from __future__ import annotations
@@ -418,7 +419,7 @@ def sched_op(hv: Hypervisor, v: Vcpu, cmd: int, arg: int, *rest: int) -> int:
     return core.sched_op(hv, v, cmd, arg, *rest)
 
 
-TABLE: dict[int, Hypercall] = {
+PV_HYPERCALLS: dict[int, Hypercall] = {
     core.HYPERVISOR_SET_TRAP_TABLE: Hypercall("set_trap_table", pvcalls.set_trap_table),
     core.HYPERVISOR_MMU_UPDATE: Hypercall("mmu_update", pvcalls.mmu_update),
     HYPERVISOR_SET_GDT: Hypercall("set_gdt", set_gdt),
@@ -448,7 +449,7 @@ TABLE: dict[int, Hypercall] = {
 
 
 def call(hv: Hypervisor, v: Vcpu, number: int, args: tuple[int, ...]) -> int:
-    entry = TABLE.get(number)
+    entry = PV_HYPERCALLS.get(number)
     if entry is None:
         return -ENOSYS
     xen_state(v).hypercalls[entry.name] += 1

@@ -6,9 +6,9 @@ import struct
 
 import numpy as np
 
+from hypervisor.pv.policy import pv_policy
 from hypervisor.pv.xen.cpuid_policy import cpuid
 from hypervisor.pv.xen.mmu import GDT_VA
-from hypervisor.pv.xen.policy import xen_pv_policy
 from tests import ROOT
 from tests.pv.xen.guest import ENTRY, Asm, boot
 
@@ -226,7 +226,7 @@ def test_the_xenstore_ring_answers_a_kick_on_its_event_channel(tmp_path):
 
 def test_teardown_releases_xens_pages(tmp_path):
     hv = boot(tmp_path, bytes.fromhex("f4"))
-    own = xen_pv_policy(hv).support.own_frames()
+    own = pv_policy(hv).support.own_frames()
     assert own.size > 1 and not hv.frames.free[own.astype(np.int64)].any()
     hv.teardown()
     assert hv.frames.free[own.astype(np.int64)].all()
