@@ -36,3 +36,12 @@ def fix_gdt_frames(u64: np.ndarray, frames: tuple[int, ...], entries: int) -> No
         fix = (table & np.uint64(SEGMENT_P)) != 0
         fix &= (table & np.uint64(SEGMENT_S)) != 0
         table[fix] |= np.uint64(SEGMENT_DPL)
+
+
+def loadable_at_cpl3(desc: int, code: bool) -> bool:
+    """A present DPL-3 code descriptor (`code`) or writable data descriptor: what an
+    `iretq` to CPL 3 loads into CS or SS without a fault."""
+    if not desc & SEGMENT_P or not desc & SEGMENT_S or desc & SEGMENT_DPL != SEGMENT_DPL:
+        return False
+    executable, writable = bool(desc >> 43 & 1), bool(desc >> 41 & 1)
+    return executable if code else not executable and writable

@@ -24,7 +24,7 @@ as VGCF_in_kernel says, with the kernel GS base active in kernel mode.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from emulator.paging import canonical
 from hypervisor.core.hypervisor import until_done
@@ -49,6 +49,7 @@ from hypervisor.stream.vcpu_context import (
 if TYPE_CHECKING:
     from hypervisor.core.hypervisor import Hypervisor
     from hypervisor.core.vcpu import Vcpu
+    from hypervisor.pv.xen.policy import XenPvPolicy
 
 GUEST_KERNEL_RPL = 3  # a 64-bit PV kernel's ring
 RFLAGS_IF = 1 << 9
@@ -147,6 +148,14 @@ def _xen_state(hv: Hypervisor, target: Vcpu, ctx: VcpuGuestContext, in_kernel: b
     # the inactive GS base: the user's in kernel mode ("non-nul selector kills" it)
     user_gs = 0 if ctx.user_regs.gs & ~3 else ctx.gs_base_user
     x.gs_base_inactive = user_gs if in_kernel else ctx.gs_base_kernel
+    # what the vCPU's context does not hold stays: where its vcpu_info and runstate area
+    # were registered (Linux does both before initialising it), and the counters
+    old = target.xen
+    if old is not None:
+        x.vcpu_info_ma, x.runstate_area = old.vcpu_info_ma, old.runstate_area
+        x.privops, x.forced_cpuids, x.ptwr, x.bounces = (old.privops, old.forced_cpuids,
+                                                         old.ptwr, old.bounces)
+        x.hypercalls = old.hypercalls
     return x
 
 
@@ -170,6 +179,7 @@ def _start(hv: Hypervisor, target: Vcpu, ctx: VcpuGuestContext, in_kernel: bool)
         regs["mxcsr"] = FPU_MXCSR_DEFAULT
     assert target.xen is not None
     calling = hv.loaded[target.pcpu]
-    target.domain.policy.support.resume_vcpu(target, regs, target.xen.cr4)
+    policy = cast("XenPvPolicy", target.domain.policy)  # a CPL-3 domain's
+    policy.support.resume_vcpu(target, regs, target.xen.cr4)
     if calling is not None and calling is not target:
         hv.switch_to(target.pcpu, calling)  # the caller shares the pCPU: give it back

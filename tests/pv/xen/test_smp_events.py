@@ -7,6 +7,8 @@ import struct
 
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from hypervisor.core.evtchn import (
     VIRQ_DEBUG,
@@ -297,3 +299,52 @@ def test_update_descriptor_raises_the_dpl_of_code_and_data_only(tmp_path):
     for desc, stored in ((KERNEL_CS_DPL0, KERNEL_CS_DPL0 | 3 << 45), (tss, tss), (0, 0)):
         assert call(hv, v, 10, (ma, desc, 0, 0, 0)) == 0
         assert int(hv.memory.u64[ma >> 3]) == stored
+
+
+OPS = st.lists(st.tuples(st.sampled_from(["unbound", "ipi", "virq", "bind_vcpu", "close",
+                                          "send"]),
+                         st.integers(0, 8), st.integers(0, 2)), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(OPS)
+@example([("virq", 2, 0), ("bind_vcpu", 0, 1), ("close", 0, 0)])  # a moved global VIRQ
+def test_bind_vcpu_keeps_the_port_table_consistent(ops):
+    """Whatever the sequence: every VIRQ port is found where raise_virq looks (global
+    ones as vCPU 0's), notify vCPUs stay in range, and closing never fails on a bound port."""
+    ev, _ = channels()
+    for op, a, b in ops:
+        ports = sorted(ev.state.ports)
+        port = ports[a % len(ports)] if ports else 1
+        if op == "unbound":
+            ev.alloc_unbound(0)
+        elif op == "ipi":
+            ev.bind_ipi(b)
+        elif op == "virq":
+            ev.bind_virq(a % 4, b)  # TIMER, DEBUG (per vCPU), CONSOLE, DOM_EXC (global)
+        elif op == "bind_vcpu":
+            ev.bind_vcpu(port, b)
+        elif op == "close" and ports:
+            assert ev.close(port) == 0
+        elif op == "send" and ports:
+            ev.send(port)
+    virqs = {p: info for p, info in ev.state.ports.items() if info.state == "virq"}
+    assert sorted(ev.state.virq_ports.values()) == sorted(virqs)
+    for (vcpu, virq), port in ev.state.virq_ports.items():
+        info = virqs[port]
+        assert info.virq == virq
+        assert vcpu == (info.notify_vcpu if virq in (VIRQ_TIMER, VIRQ_DEBUG) else 0)
+    assert all(0 <= info.notify_vcpu < 2 for info in ev.state.ports.values())
+
+
+def test_which_descriptors_an_iret_to_cpl3_loads():
+    from hypervisor.pv.xen.descriptors import fix_descriptor, loadable_at_cpl3
+    user_cs, user_ds = 0x00AF_FB00_0000_FFFF, 0x00CF_F300_0000_FFFF
+    user32_cs = 0x00CF_FB00_0000_FFFF
+    assert loadable_at_cpl3(user_cs, code=True) and loadable_at_cpl3(user32_cs, code=True)
+    assert loadable_at_cpl3(user_ds, code=False) and not loadable_at_cpl3(user_ds, code=True)
+    assert not loadable_at_cpl3(user_cs, code=False)  # code is no stack
+    assert not loadable_at_cpl3(KERNEL_CS_DPL0, code=True)  # DPL 0: until Xen fixes it up
+    assert loadable_at_cpl3(fix_descriptor(KERNEL_CS_DPL0), code=True)
+    assert not loadable_at_cpl3(user_cs & ~(1 << 47), code=True)  # not present
+    assert not loadable_at_cpl3(0x0000_E900_0000_0067, code=True)  # a TSS

@@ -8,6 +8,8 @@ writes a flag and blocks.
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from hypervisor.lib.errno import EEXIST, EFAULT, EINVAL
@@ -181,3 +183,17 @@ def test_the_context_is_read_through_the_callers_mapping(tmp_path):
     v = hv.domains[0].vcpus[0]
     assert call(hv, v, 24, (0, 1, 0x1000, 0, 0)) == -EFAULT  # unmapped
     assert hv.domains[0].vcpus[1].context is None
+
+
+def test_registrations_made_before_initialise_are_kept(tmp_path):
+    """Linux registers vCPU 1's vcpu_info and runstate area from vCPU 0 first."""
+    hv, dom, ctx = _booted(tmp_path)
+    boot_v, ap = dom.vcpus
+    scratch = dom.virt_base + 0x300000
+    info_mfn = int(dom.p2m[0x301])
+    hv.copy_to_guest(boot_v, scratch, struct.pack("<QI4xQ", info_mfn, 64, scratch + 64))
+    assert call(hv, boot_v, 24, (10, 1, scratch, 0, 0)) == 0  # register_vcpu_info(1)
+    assert call(hv, boot_v, 24, (5, 1, scratch + 16, 0, 0)) == 0  # runstate area of 1
+    assert initialise_xen_vcpu(hv, ap, _with_l4(dom, ctx)) == 0
+    assert ap.xen.vcpu_info_ma == info_mfn * 4096 + 64
+    assert ap.xen.runstate_area == scratch + 64
