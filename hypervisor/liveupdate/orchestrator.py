@@ -419,13 +419,14 @@ def _complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict
             if ho.kind == "pv" and domid not in claimed:
                 key = "late_staging_runs" if "precopy" in ho.meta else "ownership_runs"
                 counters[key] += new.claim_frames(ho.p2m, domid)
-            if ho.kind == "pv":  # hypervisor pages it owns (shared_info, grant frames):
-                # owned again, and priced, whether or not this process's frame table
-                # still says so (in process it may; after --exec it does not)
+            if ho.kind == "pv":  # hypervisor pages it owns (shared_info, grant frames),
+                # counted as its RAM is: a precopied domain's are staging that could not
+                # happen before the pause (after --exec the staged tables are gone)
                 pages = handed_over_pages(ho.meta)
-                unowned = pages[new.frame_table.owner[pages.astype(np.int64)] != domid]
-                new.frame_table.assign(unowned, domid)
-                counters["ownership_runs"] += int(pages.size)
+                pages = pages[new.frame_table.owner[pages.astype(np.int64)] != domid]
+                new.frame_table.assign(pages, domid)
+                key = "late_staging_runs" if "precopy" in ho.meta else "ownership_runs"
+                counters[key] += int(pages.size)
         counters["frames_claimed"] = int(sum(ho.p2m.size for ho in handovers))  # (unpriced)
         # the new build's frame table, unless it was set up before the pause
         counters["frame_table_rows"] = 0 if report["before_pause"] else memory.nr_frames
