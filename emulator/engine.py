@@ -208,7 +208,9 @@ class PhysicalCpu:
         self._add_rdtsc_hooks()
         self._pristine = uc.context_save()
         self._pristine_ring3 = None  # the CPL-3 context, once `enter_ring3` made it
-        self._entry_ma = -(-memory.size // 0x1000) * 0x1000
+        # the CPL-3 entry page: past host memory and past the page right above it, which
+        # is the hypervisor's (an HVM LAPIC window), so a pCPU may run both kinds
+        self._entry_ma = -(-memory.size // 0x1000) * 0x1000 + 0x1000
         self._entering_ring3 = False
         self.tsc: Callable[[], int] = lambda: 0
         # a debugger's stop handler: called outside emu_start, returns to resume

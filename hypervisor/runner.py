@@ -24,8 +24,7 @@ from hypervisor.lib.errors import HvlabError
 from hypervisor.liveupdate.driver import ScheduledUpdate, UpdateRun, check_run
 from hypervisor.liveupdate.orchestrator import UpdatePlan
 from hypervisor.liveupdate.report import print_update_report
-from hypervisor.pv.domain import create_pv_domain
-from hypervisor.pv.linux.domain import create_linux_domain, uses_xen_abi
+from hypervisor.pv.linux.domain import create_linux_domain
 from hypervisor.scenario import Scenario, ScenarioError, load_scenario, parse_time
 from hypervisor.tracing import TraceOptions, Tracer, parse_rip_range
 
@@ -48,15 +47,10 @@ def boot_scenario(scenario: Scenario, build: str | None = None,
         elif spec.type == "hvm":
             create_hvm_domain(hv, spec.name, str(spec.kernel), spec.memory, spec.vcpus,
                               pod=spec.pod, sources=spec.sources)
-        elif spec.kernel is not None and uses_xen_abi(spec.kernel):  # Linux: Xen's ABI
+        else:  # every PV kernel, Linux or hvlab's own: Xen's PV ABI (docs/pv-abi.md)
+            assert spec.kernel is not None
             dom = create_linux_domain(hv, spec.name, spec.kernel, spec.memory, spec.vcpus,
                                       spec.cmdline, spec.busybox)
-            dom.describe_address = lazy_describer(spec.kernel)
-        elif spec.cmdline or spec.busybox:
-            raise ScenarioError(f"{scenario.path} domain '{spec.name}': 'cmdline' and "
-                                "'busybox' are for kernels on Xen's PV ABI (Linux)")
-        else:
-            dom = create_pv_domain(hv, spec.name, str(spec.kernel), spec.memory, spec.vcpus)
             dom.describe_address = lazy_describer(spec.kernel)
     return hv
 

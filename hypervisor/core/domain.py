@@ -47,6 +47,7 @@ class Domain:
     describe_address: Any = None
     grant_table: Any = None  # a PV domU's GrantTable (pv/xen/grant_table)
     kernel_file: str = ""  # Linux PV: the kernel file that was booted (its real name)
+    guest_os: str = ""  # a PV kernel's GUEST_OS note ("hvlab": sched_shutdown has a verdict)
 
     @property
     def kind(self) -> str:

@@ -2,9 +2,9 @@
 
 How an image is made (all in a scratch hypervisor, nothing persists but the file):
 
-1. boot the workload kernel with the real PV builder in a one-pCPU machine
-   whose host memory is the guest's size plus a margin (anonymous
-   MAP_NORESERVE memory: only the pages written cost RAM);
+1. boot the workload kernel with the real PV builder (Xen's start of day) in a
+   one-pCPU machine whose host memory is the guest's size, the M2P and a
+   margin (anonymous MAP_NORESERVE memory: only the pages written cost RAM);
 2. lay the chosen page-table layout (`guest_layouts`) into the domain's free
    frames and make it live through the typing rules (bulk validation, and
    `mod_l4_entry` for the hook into the running L4);
@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from emulator.addr import PAGE_SIZE
-from hypervisor.core.elf import load_kernel
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
 from hypervisor.images.domains import save_domain
 from hypervisor.lib.progress import progress
-from hypervisor.pv.builder import plan_layout
-from hypervisor.pv.domain import create_pv_domain
+from hypervisor.pv.linux.domain import create_linux_domain, load_plan
+from hypervisor.pv.linux.layout import plan_start_of_day
 
 from .common import ImageError
 from .guest_layouts import BUILDERS, LAYOUTS, Builder, LayoutError
@@ -45,7 +44,14 @@ PROGRESS_FROM = 1 << 30  # guests from 1 GiB get a progress bar
 RUN_NS = 1_000_000  # 1 ms of virtual time (a million instructions) before the save
 MIN_MEMORY = 16 << 20
 MAX_MEMORY = 256 << 30
-HOST_MARGIN = 1 << 20  # mfn 0, the hypervisor's GDT page, and room to spare
+HOST_MARGIN = 1 << 20  # mfn 0, the hypervisor's and Xen's GDT pages, shared_info, room to spare
+M2P_BYTES_PER_PAGE = 8  # the read-only M2P Xen's ABI shows the guest: 8 bytes per host frame
+
+
+def host_memory(mem_bytes: int) -> int:
+    """The scratch machine's memory: the guest's, the M2P covering all of it, the margin."""
+    frames = -(-(mem_bytes + HOST_MARGIN) // (PAGE_SIZE - M2P_BYTES_PER_PAGE))
+    return frames * PAGE_SIZE
 
 
 def workload_kernel(kernel: str | os.PathLike[str] | None = None) -> Path:
@@ -109,10 +115,10 @@ def image_make(kind: str, mem_bytes: int, layout: str, seed: int,
 
         nr_pages = mem_bytes // PAGE_SIZE
         name = f"{kind}-{layout}-{_size(mem_bytes)}"
-        hv = Hypervisor(MachineConfig(pcpus=1, memory=mem_bytes + HOST_MARGIN))
+        hv = Hypervisor(MachineConfig(pcpus=1, memory=host_memory(mem_bytes)))
         try:
-            dom = create_pv_domain(hv, name, str(kernel_path), mem_bytes, 1)
-            start_of_day = plan_layout(load_kernel(kernel_path), nr_pages)
+            dom = create_linux_domain(hv, name, kernel_path, mem_bytes, 1, "", None)
+            start_of_day = plan_start_of_day(load_plan(kernel_path), nr_pages)
             lap("boot_s")
             builder = Builder(hv, dom, start_of_day.mapped_pages, seed)
             BUILDERS[layout](builder)

@@ -80,7 +80,7 @@ from hypervisor.liveupdate.strategies.base import (
     UpdateSettings,
 )
 from hypervisor.mm.incremental import IncrementalTyping
-from hypervisor.pv.restore import install_domain, install_xen_abi_domain
+from hypervisor.pv.restore import install_xen_abi_domain
 from hypervisor.pv.xen.grant_table import GrantTable
 
 PHASES = ("pause", "save", "teardown", "restore", "typerefs", "resume")
@@ -419,11 +419,14 @@ def _complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict
             if ho.kind == "pv" and domid not in claimed:
                 key = "late_staging_runs" if "precopy" in ho.meta else "ownership_runs"
                 counters[key] += new.claim_frames(ho.p2m, domid)
-            if ho.kind == "pv":  # hypervisor pages it owns (shared_info, grant frames)
+            if ho.kind == "pv":  # hypervisor pages it owns (shared_info, grant frames),
+                # counted as its RAM is: a precopied domain's are staging that could not
+                # happen before the pause (after --exec the staged tables are gone)
                 pages = handed_over_pages(ho.meta)
                 pages = pages[new.frame_table.owner[pages.astype(np.int64)] != domid]
                 new.frame_table.assign(pages, domid)
-                counters["ownership_runs"] += int(pages.size)
+                key = "late_staging_runs" if "precopy" in ho.meta else "ownership_runs"
+                counters[key] += int(pages.size)
         counters["frames_claimed"] = int(sum(ho.p2m.size for ho in handovers))  # (unpriced)
         # the new build's frame table, unless it was set up before the pause
         counters["frame_table_rows"] = 0 if report["before_pause"] else memory.nr_frames
@@ -498,14 +501,11 @@ def _complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict
 def install_handed_over(hv: Hypervisor, ho: DomainHandover,
                         bases: dict[int, tuple[int, int]]):
     """A handed-over PV domain in the new build, its memory and hypervisor pages in
-    place: a CPL-3 domain (Linux) with its Xen vCPU state and backends, and any
-    domain's grant table."""
+    place: its Xen vCPU state (every PV domain is on Xen's ABI at CPL 3), backends and
+    grant table."""
     kept = ho.meta.get("kept_pages") or {}
-    if "linux" in ho.meta:
-        dom = install_xen_abi_domain(hv, ho.meta, ho.p2m, int(kept["shared_info_mfn"]),
-                                     ho.contexts, bases, ho.meta["name"])
-    else:
-        dom = install_domain(hv, ho.meta, ho.p2m, ho.contexts, bases)
+    dom = install_xen_abi_domain(hv, ho.meta, ho.p2m, int(kept["shared_info_mfn"]),
+                                 ho.contexts, bases, ho.meta["name"])
     table = kept.get("grant_table")
     if table is not None:
         dom.grant_table = GrantTable(table["max_frames"], list(table["frames"]),

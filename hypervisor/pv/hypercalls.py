@@ -1,9 +1,8 @@
-"""The PV hypercall table: the common hypercalls plus the PV-only ones.
-
-PV-only: set_trap_table, set_callbacks, vcpu_op (a second vCPU from a
-`vcpu_guest_context`) and the PV MMU's mmu_update and mmuext_op, whose
-semantics are in `hypervisor/pv/mmu_ops.py`; here they are decoded from the
-guest's request arrays and given the calling vCPU's MMU context.
+"""PV hypercalls the PV table (hypervisor/pv/xen/hypercalls.py) takes from here:
+set_trap_table, vcpu_op's up/down/is_up, and the PV MMU's mmu_update and
+mmuext_op, whose semantics are in `hypervisor/pv/mmu_ops.py`; here they are
+decoded from the guest's request arrays and given the calling vCPU's MMU
+context.
 """
 
 from __future__ import annotations
@@ -13,24 +12,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hypervisor.core.hypercalls import (
-    COMMON,
-    HYPERVISOR_MMU_UPDATE,
-    HYPERVISOR_MMUEXT_OP,
-    HYPERVISOR_SET_CALLBACKS,
-    HYPERVISOR_SET_TRAP_TABLE,
-    HYPERVISOR_VCPU_OP,
-    VCPUOP_DOWN,
-    VCPUOP_INITIALISE,
-    VCPUOP_IS_UP,
-    VCPUOP_UP,
-    Hypercall,
-)
+from hypervisor.core.hypercalls import VCPUOP_DOWN, VCPUOP_IS_UP, VCPUOP_UP
 from hypervisor.core.vcpu import DOWN, RUNNABLE, TrapEntry, Vcpu
-from hypervisor.lib.errno import EEXIST, EINVAL, ENOENT, ENOSYS
+from hypervisor.lib.errno import EINVAL, ENOENT, ENOSYS
 from hypervisor.pv.mmu_ops import FlushKind, TlbFlush, do_mmu_update, do_mmuext_op
-from hypervisor.pv.vcpu import finish_pending_typing, initialise_vcpu, set_base_pointer
-from hypervisor.stream.vcpu_context import VcpuGuestContext
+from hypervisor.pv.vcpu import finish_pending_typing, set_base_pointer
 
 if TYPE_CHECKING:
     from hypervisor.core.hypervisor import Hypervisor
@@ -59,22 +45,12 @@ def set_trap_table(hv: Hypervisor, v: Vcpu, table: int, *_: int) -> int:
     return 0
 
 
-def set_callbacks(hv: Hypervisor, v: Vcpu, event: int, failsafe: int, syscall: int,
-                  *_: int) -> int:
-    v.event_callback, v.failsafe_callback, v.syscall_callback = event, failsafe, syscall
-    return 0
-
-
 def vcpu_op(hv: Hypervisor, v: Vcpu, cmd: int, vcpu_id: int, arg: int, *_: int) -> int:
+    """up, down, is_up (initialise and the rest: hypervisor/pv/xen/hypercalls.py)."""
     dom = v.domain
     if not 0 <= vcpu_id < len(dom.vcpus):
         return -ENOENT
     target = dom.vcpus[vcpu_id]
-    if cmd == VCPUOP_INITIALISE:
-        if target.context is not None:
-            return -EEXIST  # Xen refuses to initialise a vCPU twice
-        ctx = VcpuGuestContext.unpack(hv.copy_from_guest(v, arg, VcpuGuestContext.SIZE))
-        return initialise_vcpu(hv, target, ctx)
     if cmd == VCPUOP_UP:
         if target.context is None:
             return -EINVAL
@@ -132,6 +108,15 @@ class VcpuMmuContext:
         return 0 <= domid < len(self.hv.domains)
 
 
+def forget_cached_walks(dom) -> None:
+    """After a page-table hypercall: entries may have changed, so no vCPU of the domain
+    may keep walks cached from before (the guest's own flush may never be seen)."""
+    for u in dom.vcpus:
+        flush = getattr(u.mmu, "flush", None)
+        if flush is not None:
+            flush()
+
+
 def _mmu_batch(hv: Hypervisor, v: Vcpu, ptr: int, count: int, done_ptr: int, foreigndom: int,
                size: int, run) -> int:
     if count > MAX_MMU_REQUESTS:
@@ -140,12 +125,7 @@ def _mmu_batch(hv: Hypervisor, v: Vcpu, ptr: int, count: int, done_ptr: int, for
     requests = np.frombuffer(raw, dtype=np.uint64).reshape(count, size // 8)
     finish_pending_typing(v.domain)
     rc, done = run(VcpuMmuContext(hv, v), requests, foreigndom & 0xFFFF_FFFF)
-    # Entries may have changed: no vCPU of the domain may keep walks cached
-    # from before (the guest's own flush may be a native mov cr3, unseen).
-    for u in v.domain.vcpus:
-        flush = getattr(u.mmu, "flush", None)
-        if flush is not None:
-            flush()
+    forget_cached_walks(v.domain)
     if done_ptr:
         hv.copy_to_guest(v, done_ptr, struct.pack("<I", done))
     return rc
@@ -159,13 +139,3 @@ def mmu_update(hv: Hypervisor, v: Vcpu, reqs: int, count: int, done: int, foreig
 def mmuext_op(hv: Hypervisor, v: Vcpu, ops: int, count: int, done: int, foreigndom: int,
               *_: int) -> int:
     return _mmu_batch(hv, v, ops, count, done, foreigndom, MMUEXT_OP_SIZE, do_mmuext_op)
-
-
-PV_HYPERCALLS: dict[int, Hypercall] = {
-    **COMMON,
-    HYPERVISOR_SET_TRAP_TABLE: Hypercall("set_trap_table", set_trap_table),
-    HYPERVISOR_MMU_UPDATE: Hypercall("mmu_update", mmu_update),
-    HYPERVISOR_MMUEXT_OP: Hypercall("mmuext_op", mmuext_op),
-    HYPERVISOR_SET_CALLBACKS: Hypercall("set_callbacks", set_callbacks),
-    HYPERVISOR_VCPU_OP: Hypercall("vcpu_op", vcpu_op),
-}

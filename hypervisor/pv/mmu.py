@@ -2,11 +2,11 @@
 
 `PvMmu` is the one-stage PV walk: the guest's page tables hold machine frame
 numbers and the walk starts at the base pointer the *hypervisor* holds for
-the vCPU (`BasePointers.kernel_ma`: set by NEW_BASEPTR, the builder or a
-restore), never the CPU's CR3 register, which a CPL-0 guest could load with
-anything. The hypervisor's own range (L4
-slots 256-271) is never walked through guest tables: it maps only the
-hypervisor's read-only GDT page.
+the vCPU (`BasePointers`: set by NEW_BASEPTR / NEW_USER_BASEPTR, the builder
+or a restore; `active_root` picks the kernel's or the user's), never the CPU's
+CR3 register. The hypervisor's own range (L4 slots 256-271) is never walked
+through guest tables: `pv/xen/mmu.py` shows Xen's pages there (its GDT page,
+the read-only M2P), and nothing else maps.
 
 TLB fills take a scalar fast path (`_fill`): plain-int word reads, and the
 upper three levels of a walk cached per 2 MiB of address space for the
@@ -59,13 +59,12 @@ class PendingTyping(Protocol):
 
 HYPERVISOR_START = 0xFFFF_8000_0000_0000  # L4 slot 256
 HYPERVISOR_END = 0xFFFF_8800_0000_0000  # end of slot 271
-GDT_VA = HYPERVISOR_START
 
 
 class PvMmu:
     def __init__(self, memory: HostMemory, gdt_ma: int, cache_walks: bool = True) -> None:
         self.memory = memory
-        self.gdt_ma = gdt_ma
+        self.gdt_ma = gdt_ma  # Xen's GDT page (pv/xen/mmu.py maps it)
         self.roots = BasePointers()  # the vCPU's page-table roots (Vcpu.roots)
         self.last_fault: WalkFault | None = None
         self.fills = 0
@@ -85,9 +84,7 @@ class PvMmu:
 
     def translate(self, gva: int, access: str) -> tuple[int, int] | None:
         self.fills += 1
-        if HYPERVISOR_START <= gva < HYPERVISOR_END:
-            if gva >> 12 == GDT_VA >> 12 and access == "read":
-                return self.gdt_ma, PERM_R
+        if HYPERVISOR_START <= gva < HYPERVISOR_END:  # Xen's pages: pv/xen/mmu.py
             self.last_fault = WalkFault(gva, 1 | (2 if access == "write" else 0), 4)
             return None
         if self.pending_typing is None:
@@ -109,9 +106,14 @@ class PvMmu:
         return walk(self.memory.u64, self.roots.kernel_ma, gva, access)
 
 
+    @property
+    def active_root(self) -> int:
+        """The root fills walk from (a CPL-3 vCPU's user mode has another)."""
+        return self.roots.kernel_ma
+
     def _fill(self, gva: int, access: str) -> tuple[int, int] | None:
         """`walk` for a TLB fill, same result and A/D updates, in plain ints."""
-        root = self.roots.kernel_ma
+        root = self.active_root
         if root != self._cached_root or not self.cache_walks:
             self._upper.clear()
             self._cached_root = root

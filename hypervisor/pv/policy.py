@@ -1,33 +1,34 @@
-"""The PV answers to the core's questions (`hypervisor/core/policy.py`).
+"""The PV answers to the core's questions (`hypervisor/core/policy.py`): Xen's PV ABI,
+the kernel in ring 3 (docs/pv-abi.md).
 
-A PV guest takes faults through the trap table it registered
-(set_trap_table), events through its event callback (the upcall, entered on
-the next run with events masked), sleeps in `hlt` until an event is pending
-and arms one one-shot timer (set_timer_op, VIRQ_TIMER). Its page tables carry
-PV page types, so the type invariant is checked for it.
+Every exit of a PV vCPU means what it means to a ring-3 kernel on Xen and goes to
+`xen/support.XenPvSupport`: a kernel-mode `syscall` is a hypercall (the table in
+`xen/hypercalls.py`), privileged instructions are emulated, faults bounce through
+the trap table, events through the event callback (entered on the next run, events
+masked), a vCPU sleeps in SCHEDOP_block or SCHEDOP_poll and arms one one-shot timer
+(VIRQ_TIMER). Xen's GDT page and read-only M2P are this build's pages. Its page
+tables carry PV page types, so the type invariant is checked for it.
 """
 
 from __future__ import annotations
 
-import struct
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from emulator.addr import PAGE_SIZE
-from emulator.interrupts import GATE_TRAP, DeliveryError, Gate, deliver
-from hypervisor.core.dispatch import EXIT_NAMES, fault_report
-from hypervisor.core.evtchn import VCPU_INFO_SIZE, VIRQ_TIMER
-from hypervisor.core.hypervisor import KERNEL_CS
-from hypervisor.core.vcpu import BLOCKED, Vcpu
-from hypervisor.pv.hypercalls import PV_HYPERCALLS
+from hypervisor.core.dispatch import EXIT_NAMES
+from hypervisor.core.evtchn import VIRQ_TIMER
+from hypervisor.pv.xen.hypercalls import PV_HYPERCALLS
+from hypervisor.pv.xen.poll import stop_polling
+from hypervisor.pv.xen.priv_ops import answer_cpuid
+from hypervisor.pv.xen.support import XenPvSupport
 
 if TYPE_CHECKING:
     from emulator.engine import PhysicalCpu
     from emulator.exits import Exit, MmuFault
     from hypervisor.core.domain import Domain
     from hypervisor.core.hypervisor import Hypervisor
+    from hypervisor.core.vcpu import Vcpu
     from hypervisor.mm.check import Difference
-
-VCPU_INFO_CR2 = 16  # offset of arch.cr2 in vcpu_info
 
 
 class PvPolicy:
@@ -38,69 +39,55 @@ class PvPolicy:
 
     def __init__(self, hv: Hypervisor) -> None:
         self.hv = hv
+        self.support = XenPvSupport(hv)
 
     # ------------------------------------------------------------ running
     def enter(self, cpu: PhysicalCpu, v: Vcpu, now: int, budget: int) -> int:
+        if v.xen.polling:  # woken by an event, not by the poll: the poll is over
+            stop_polling(v)
         if v.event_callback and v.domain.events.upcall_deliverable(v.vcpu_id):
             self.deliver_upcall(cpu, v)
         return budget
 
     def deliver_upcall(self, cpu: PhysicalCpu, v: Vcpu) -> None:
-        """Enter the guest's event callback, events masked, as Xen's upcall does."""
-        v.domain.events.bits.set_upcall_mask(v.vcpu_id, True)
-        try:
-            deliver(cpu, Gate(KERNEL_CS, v.event_callback, GATE_TRAP, True), cpu.reg("rip"),
-                    None)
-        except DeliveryError as err:
-            self.hv.crash_domain(v.domain, f"{v.name}: event upcall failed: {err}")
-            return
-        v.upcalls += 1
+        self.support.deliver_upcall(cpu, v)
 
     def on_time(self, v: Vcpu, now: int) -> None:
         if v.timer_deadline_ns is not None and v.timer_deadline_ns <= now and v.domain.alive:
             v.timer_deadline_ns = None
             v.domain.events.raise_virq(v.vcpu_id, VIRQ_TIMER)
+        deadline = v.xen.poll_deadline_ns
+        if deadline is not None and deadline <= now:
+            stop_polling(v)  # SCHEDOP_poll's timeout
+            v.wake()
 
     def next_deadline(self, v: Vcpu) -> int | None:
-        return v.timer_deadline_ns
+        deadlines = [d for d in (v.timer_deadline_ns, v.xen.poll_deadline_ns) if d is not None]
+        return min(deadlines) if deadlines else None
 
     # -------------------------------------------------------------- exits
     def exit_name(self, v: Vcpu, exit_: Exit) -> str:
         return EXIT_NAMES[type(exit_)]
 
+    def handle_exit(self, cpu: PhysicalCpu, v: Vcpu, exit_: Exit) -> bool:
+        self.support.handle(cpu, v, exit_)
+        return True  # every one: the core's generic handling below never runs for PV
+
     def halt(self, cpu: PhysicalCpu, v: Vcpu) -> None:
-        if not v.domain.events.bits.upcall_pending(v.vcpu_id):
-            v.runstate = BLOCKED
+        """`hlt` completing at CPL 3 cannot happen on Xen (it is a #GP): a crash report."""
+        self.support.crash(cpu, v, cpu.reg("rip"), "hlt completed at CPL 3")
 
     def exception(self, cpu: PhysicalCpu, v: Vcpu, vector: int, error_code: int | None,
                   cr2: int | None, return_rip: int, fault_rip: int) -> None:
-        """Bounce the fault to the handler the guest registered (Xen's trap bounce)."""
-        entry = v.trap_table.get(vector)
-        if entry is None:
-            self.hv.crash_domain(v.domain, fault_report(cpu, v, vector, error_code, cr2,
-                                                        fault_rip, "no handler"))
-            return
-        if vector == 14 and cr2 is not None:
-            cpu.set_reg("cr2", cr2)
-            ma = v.domain.shared_info_mfn * PAGE_SIZE + VCPU_INFO_SIZE * v.vcpu_id + VCPU_INFO_CR2
-            self.hv.memory.write(ma, struct.pack("<Q", cr2))
-        try:
-            deliver(cpu, Gate(KERNEL_CS, entry.address, GATE_TRAP, True), return_rip, error_code)
-        except DeliveryError as err:
-            self.hv.crash_domain(v.domain, fault_report(cpu, v, vector, error_code, cr2,
-                                                        fault_rip, str(err)))
-            return
-        if entry.masks_events:
-            v.domain.events.bits.set_upcall_mask(v.vcpu_id, True)
+        """Bounce the fault through the guest's trap table (Xen's pv_inject_event)."""
+        self.support.inject(cpu, v, vector, error_code, return_rip, fault_rip, cr2=cr2)
 
     def memory_fault(self, cpu: PhysicalCpu, v: Vcpu, exit_: MmuFault) -> bool:
-        return False  # a refused PV walk is the guest's page fault
-
-    def handle_exit(self, cpu: PhysicalCpu, v: Vcpu, exit_: Exit) -> bool:
-        return False
+        return False  # a refused PV walk is the guest's page fault (or a ptwr write)
 
     def answer_cpuid(self, cpu: PhysicalCpu, v: Vcpu, leaf: int) -> bool:
-        return False
+        answer_cpuid(cpu)
+        return True
 
     # --------------------------------------------------- state and reports
     def check_typerefs(self, dom: Domain) -> list[Difference]:
@@ -115,10 +102,20 @@ class PvPolicy:
         return check_typerefs(self.hv.memory.u64, ft, dom.domid, pins, cr3s)
 
     def release(self, dom: Domain) -> list[int]:
-        return []  # PV page tables are guest frames: they stay
+        return [int(m) for m in self.support.own_frames()]  # Xen's GDT page, the M2P
 
     def describe(self, dom: Domain) -> dict[str, Any]:
-        return {}
+        """The kernel file and what Xen's ABI did for the domain (summed over vCPUs)."""
+        hypercalls: Counter[str] = Counter()
+        totals: Counter[str] = Counter()
+        for v in dom.vcpus:
+            hypercalls.update(v.xen.hypercalls)
+            totals.update(privops=v.xen.privops, forced_cpuids=v.xen.forced_cpuids,
+                          ptwr=v.xen.ptwr, bounces=v.xen.bounces)
+        return {"xen_pv": {"kernel": dom.kernel_file,
+                           "hypercalls": dict(sorted(hypercalls.items())),
+                           **{k: totals[k] for k in ("privops", "forced_cpuids", "ptwr",
+                                                     "bounces")}}}
 
     def describe_vcpu(self, v: Vcpu) -> dict[str, Any]:
         return {}

@@ -29,9 +29,8 @@ from hypervisor.lib.errors import RestoreError
 from hypervisor.mm.errors import errno_name
 from hypervisor.mm.rebuild import rebuild_from_roots
 from hypervisor.mm.typerefs import Root
-from hypervisor.pv.domain import install_pv_domain
 from hypervisor.pv.save import FXSAVE_MXCSR, FXSAVE_XMM0, HVLAB_DOMAIN_VERSION, port_from_json
-from hypervisor.pv.vcpu import PvVcpuState, restore_pv_vcpu, start_pv_vcpu
+from hypervisor.pv.vcpu import PvVcpuState, restore_pv_vcpu
 from hypervisor.pv.xen import image as xen_image
 from hypervisor.stream import (
     EndRecord,
@@ -242,8 +241,11 @@ def _finish(hv: Hypervisor, st: _Pending, domid: int, path: Path, name: str | No
     meta = st.hvlab
     meta.setdefault("virtual_ns", st.tsc_nsec or 0)
     linux = meta.get("linux")
-    pfns_named = [(meta, "start_info_pfn")] + ([(linux, "console_pfn"), (linux, "xenstore_pfn")]
-                                               if linux else [(meta, "shared_info_pfn")])
+    if not isinstance(linux, dict):  # what makes a domain one of Xen's PV ABI (docs/pv-abi.md)
+        raise RestoreError(f"{path}: record HVLAB_DOMAIN has no Xen PV ABI part ('linux'): an "
+                           "image of hvlab's former CPL-0 guests, which no longer run; re-make "
+                           "it (scenarios/images/README.md)")
+    pfns_named = [(meta, "start_info_pfn"), (linux, "console_pfn"), (linux, "xenstore_pfn")]
     for where, key in pfns_named:
         if not 0 <= int(where.get(key, -1)) < st.nr_pages:
             raise RestoreError(f"{path}: record HVLAB_DOMAIN: {key} lies outside the domain")
@@ -251,16 +253,22 @@ def _finish(hv: Hypervisor, st: _Pending, domid: int, path: Path, name: str | No
         vcpu_states(meta)
     except (ValueError, TypeError) as err:
         raise RestoreError(f"{path}: record HVLAB_DOMAIN: {err}") from None
-    # The guest's own copies of machine addresses: its P2M list and start_info.
+    # The guest's own copies of machine addresses: its P2M list, start_info and the
+    # P2M root it published in shared_info (Linux republishes it on resume; a
+    # restore here is transparent, so the restore localises it).
+    old_p2m = _p2m_list_as_saved(hv, st)
     _rewrite_p2m_list(hv, st)
+    if st.shared_info is not None:
+        try:
+            st.shared_info = xen_image.localise_p2m_root(st.shared_info, old_p2m, st.p2m)
+        except ValueError as err:
+            raise RestoreError(f"{path}: record SHARED_INFO: {err}") from None
     start_info_ma = int(st.p2m[meta["start_info_pfn"]]) * PAGE_SIZE
-    if linux:  # Xen's shared_info and grant frames, mapped again where the guest had them
-        _hypervisor_pages(hv, st, linux, domid, path)
-        shared_info_mfn = st.hypervisor_pages[0]
-        for offset, key in ((56, "xenstore_pfn"), (72, "console_pfn")):
-            hv.memory.write_u64(start_info_ma + offset, int(st.p2m[linux[key]]))
-    else:
-        shared_info_mfn = int(st.p2m[meta["shared_info_pfn"]])
+    # Xen's shared_info and grant frames, mapped again where the guest had them
+    _hypervisor_pages(hv, st, linux, domid, path)
+    shared_info_mfn = st.hypervisor_pages[0]
+    for offset, key in ((56, "xenstore_pfn"), (72, "console_pfn")):
+        hv.memory.write_u64(start_info_ma + offset, int(st.p2m[linux[key]]))
     if st.shared_info is not None:
         hv.memory.write(shared_info_mfn * PAGE_SIZE, st.shared_info)
     hv.memory.write_u64(start_info_ma + 40, shared_info_mfn * PAGE_SIZE)
@@ -294,11 +302,9 @@ def _finish(hv: Hypervisor, st: _Pending, domid: int, path: Path, name: str | No
         record, offset, what = blame[failure.index]
         raise _fail(path, record, offset, f"{what} failed validation ({errno_name(failure.rc)})")
     contexts = {vid: ctx for vid, (ctx, _) in st.vcpus.items()}
-    if linux:
-        return install_xen_abi_domain(hv, meta, st.p2m, st.hypervisor_pages[0], contexts, bases,
-                                      name or meta.get("name") or path.stem,
-                                      grant_frames=st.hypervisor_pages[1:])
-    return install_domain(hv, meta, st.p2m, contexts, bases, name or meta.get("name") or path.stem)
+    return install_xen_abi_domain(hv, meta, st.p2m, st.hypervisor_pages[0], contexts, bases,
+                                  name or meta.get("name") or path.stem,
+                                  grant_frames=st.hypervisor_pages[1:])
 
 
 def _hypervisor_pages(hv: Hypervisor, st: _Pending, linux: dict[str, Any], domid: int,
@@ -350,10 +356,10 @@ def install_xen_abi_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray
     dom = install_linux_domain(hv, name, p2m, shared_info,
                                virt_base + int(meta["start_info_pfn"]) * PAGE_SIZE, virt_base,
                                nr_vcpus, linux["console_pfn"], linux["xenstore_pfn"],
-                               linux.get("kernel_file", ""))
-    from hypervisor.pv.xen.policy import xen_pv_policy
+                               linux.get("kernel_file", ""), linux.get("guest_os", ""))
+    from hypervisor.pv.policy import pv_policy
 
-    support = xen_pv_policy(hv).support
+    support = pv_policy(hv).support
     support.refresh_m2p()
     grants = linux.get("grant_table")
     if grants is not None and grant_frames is not None:
@@ -379,31 +385,6 @@ def install_xen_abi_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray
         if v.xen.vcpu_info_ma is not None:
             start = v.xen.vcpu_info_ma
             dom.events.bits._moved[v.vcpu_id] = hv.memory.u8[start:start + 64]
-        _restore_vcpu_common(v, ctx, vmeta)
-    return dom
-
-
-def install_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray,
-                   contexts: dict[int, VcpuGuestContext], bases: dict[int, tuple[int, int]],
-                   name: str | None = None) -> Domain:
-    """Make a domain of claimed, typed frames: events, vCPUs, clock (restore and live update).
-
-    `bases` gives each vCPU's CR3 and user CR3 as MFNs (references already taken).
-    """
-    nr_vcpus = max(len(meta.get("vcpus", [])), max(contexts) + 1)
-    virt_base = int(meta["virt_base"])
-    dom = install_pv_domain(hv, name or meta["name"], p2m, int(meta["shared_info_pfn"]),
-                               virt_base + int(meta["start_info_pfn"]) * PAGE_SIZE,
-                               virt_base, nr_vcpus)
-    _restore_common(hv, dom, meta)
-    vmeta = vcpu_states(meta)
-    for v in dom.vcpus:
-        if v.vcpu_id not in contexts:
-            continue
-        ctx = contexts[v.vcpu_id]
-        base, user = bases[v.vcpu_id]
-        start_pv_vcpu(hv, v, _registers(ctx), base * PAGE_SIZE)
-        v.roots.user_ma = user * PAGE_SIZE
         _restore_vcpu_common(v, ctx, vmeta)
     return dom
 
@@ -436,6 +417,15 @@ def vcpu_states(meta: dict[str, Any]) -> list[PvVcpuState]:
     """HVLAB_DOMAIN's per-vCPU state (ValueError or TypeError if damaged)."""
     return [from_plain(PvVcpuState, extra, f"vCPU {vid}")
             for vid, extra in enumerate(meta.get("vcpus", []))]
+
+
+def _p2m_list_as_saved(hv: Hypervisor, st: _Pending) -> np.ndarray:
+    """The guest's P2M list as the image holds it: the old machine's frame numbers."""
+    assert st.p2m is not None and st.p2m_list_pfns is not None
+    pages = [hv.memory.frame_u8(int(st.p2m[pfn])) for pfn in st.p2m_list_pfns.tolist()]
+    if not pages:
+        return np.zeros(0, dtype=np.uint64)
+    return np.concatenate(pages).view(np.uint64)[: st.nr_pages].copy()
 
 
 def _rewrite_p2m_list(hv: Hypervisor, st: _Pending) -> None:

@@ -172,7 +172,8 @@ def domain_state(hv: Hypervisor, dom: Domain,
     }
     if xen_abi:
         for v, entry in zip(dom.vcpus, state["vcpus"], strict=True):
-            entry["xen"] = xen_image.xen_vcpu_meta(hv, v, hv.read_vcpu_registers(v))
+            if v.context is not None:  # a vCPU not initialised yet has no Xen state
+                entry["xen"] = xen_image.xen_vcpu_meta(hv, v, hv.read_vcpu_registers(v))
         state["linux"] = xen_image.linux_meta(hv, dom, page_entries or [])
     return state
 

@@ -1,8 +1,9 @@
-"""PV vCPUs: their first architectural state, VCPUOP_initialise and NEW_BASEPTR.
+"""PV vCPUs: NEW_BASEPTR, finishing a lazy update's validation first, and what Xen's
+context does not carry of a vCPU (saved, handed over, restored).
 
-A PV vCPU starts in 64-bit mode on the hypervisor's GDT (the core's, mapped at
-`GDT_VA` by the PV MMU) with CR3 at the base pointer the hypervisor holds; the
-MMU walks from that base pointer, never from the CPU's CR3.
+A PV vCPU runs in ring 3 on Xen's ABI: its first state and VCPUOP_initialise are
+Xen's (`hypervisor/pv/xen/support.py`, `vcpu_init.py`); its MMU walks from the base
+pointer the hypervisor holds, never from the CPU's CR3.
 """
 
 from __future__ import annotations
@@ -10,69 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from hypervisor.core.hypervisor import GDT, KERNEL_CS, KERNEL_DS, until_done
-from hypervisor.core.vcpu import BLOCKED, DOWN, RUNNABLE, TrapEntry, Vcpu
-from hypervisor.lib.errno import EINVAL
-from hypervisor.pv.mmu import GDT_VA
-from hypervisor.stream.vcpu_context import VcpuGuestContext
+from hypervisor.core.vcpu import BLOCKED, DOWN, RUNNABLE, Vcpu
 
 if TYPE_CHECKING:
-    from emulator.engine import PhysicalCpu
     from hypervisor.core.domain import Domain
     from hypervisor.core.hypervisor import Hypervisor
-
-INITIAL_RFLAGS = 0x2
-CR0_PE_PG = 0x8005_0033  # PE, MP, ET, NE, WP, AM, PG: what a 64-bit kernel runs with
-CR4_PAE = 0x20
-MXCSR_RESET = 0x1F80  # all SSE exceptions masked, as after a CPU reset
-
-
-def start_pv_vcpu(hv: Hypervisor, v: Vcpu, regs: dict[str, int], base_ma: int) -> None:
-    """Give a (built or restored) vCPU its first architectural state: 64-bit mode on the
-    hypervisor GDT, translating through the L4 at `base_ma`."""
-    def setup(cpu: PhysicalCpu) -> None:
-        v.roots.kernel_ma = base_ma
-        cpu.set_reg("cr4", CR4_PAE)
-        cpu.set_reg("cr3", base_ma)  # the guest's view of its root
-        cpu.set_reg("cr0", CR0_PE_PG)
-        cpu.set_descriptor_table("gdtr", GDT_VA, len(GDT) - 1)
-        cpu.set_reg("cs", KERNEL_CS)
-        for seg in ("ss", "ds", "es"):
-            cpu.set_reg(seg, KERNEL_DS)
-        cpu.set_reg("mxcsr", MXCSR_RESET)
-        for name, value in regs.items():
-            cpu.set_reg(name, value)
-
-    hv.start_vcpu_with(v, setup)
-
-
-def initialise_vcpu(hv: Hypervisor, v: Vcpu, ctx: VcpuGuestContext) -> int:
-    """VCPUOP_initialise: a second vCPU from a `vcpu_guest_context`."""
-    base_ma = ctx.ctrlreg[3] & ~0xFFF
-    if base_ma == 0 or base_ma >> 12 >= hv.memory.nr_frames:
-        return -EINVAL
-    # the CR3 reference changes the domain's type state: a lazy update's
-    # validation (and its proof) completes first, as before a page-table hypercall
-    finish_pending_typing(v.domain)
-    rc = until_done(lambda: hv.typing.get_root_ref(base_ma >> 12, v.domain.domid))
-    if rc:
-        return rc
-    r = ctx.user_regs
-    regs = {name: getattr(r, name) for name in (
-        "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
-        "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip")}
-    regs["rflags"] = (r.rflags | INITIAL_RFLAGS) & 0x3F7FD7 & ~(1 << 9)
-    calling = hv.loaded[v.pcpu]
-    start_pv_vcpu(hv, v, regs, base_ma)
-    if calling is not None and calling is not v and calling.pcpu == v.pcpu:
-        hv.switch_to(v.pcpu, calling)
-    v.event_callback = ctx.event_callback_eip
-    v.failsafe_callback = ctx.failsafe_callback_eip
-    v.syscall_callback = ctx.syscall_callback_eip
-    v.trap_table.update({t.vector: TrapEntry(t.vector, t.flags, t.cs, t.address)
-                         for t in ctx.trap_ctxt if t.address})
-    v.runstate = DOWN
-    return 0
 
 
 def set_base_pointer(hv: Hypervisor, v: Vcpu, base_ma: int) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build one PV guest kernel from any assembly source, with hvlab's guest
-# library (hypercall page, console, checks, mm) and debug info (-g, for gdb):
+# library (hypercall page, console, checks, mm, Xen notes and entry) and debug info (-g, for gdb):
 #
 #     scenarios/guests/build-guest.sh SOURCE.s [OUTPUT.elf]
 #
@@ -35,7 +35,7 @@ LDFLAGS=(-m elf_x86_64 -T "$here/kernel.ld" -static -nostdlib --build-id=none
 objects=()
 "$AS" "${ASFLAGS[@]}" -o "$work/guest.o" "$source" || exit 1
 objects+=("$work/guest.o")
-for lib in hypercall_page console check expect mm; do
+for lib in hypercall_page console check expect mm xen_notes xen_entry; do
     "$AS" "${ASFLAGS[@]}" -o "$work/lib_$lib.o" "$here/lib/$lib.s" || exit 1
     objects+=("$work/lib_$lib.o")
 done

@@ -21,6 +21,8 @@ HVM_VARIANTS=("hvm_lapic_slow:hvm_lapic:--defsym SLOW_DEVICES=1")
 # left the other kernels byte-identical.
 MM_GUESTS=(pv_ptchurn pv_hostile)
 MM_LIBS=(expect mm)
+# Every PV guest: its Xen ELF notes and its entry (lib/xen_entry.s), Xen's PV ABI.
+PV_LIBS=(xen_notes xen_entry)
 
 AS=${AS:-as}
 LD=${LD:-ld}
@@ -59,6 +61,12 @@ for lib in "${LIBS[@]}"; do
     lib_objects+=("build/lib_$lib.o")
 done
 
+pv_objects=()
+for lib in "${PV_LIBS[@]}"; do
+    assemble "lib/$lib.s" "build/lib_$lib.o"
+    pv_objects+=("build/lib_$lib.o")
+done
+
 mm_objects=()
 for lib in "${MM_LIBS[@]}"; do
     assemble "lib/$lib.s" "build/lib_$lib.o"
@@ -68,7 +76,7 @@ done
 for guest in "${GUESTS[@]}"; do
     [[ -f "$guest.s" ]] || die "missing source $guest.s"
     assemble "$guest.s" "build/$guest.o"
-    objects=("build/$guest.o" "${lib_objects[@]}")
+    objects=("build/$guest.o" "${lib_objects[@]}" "${pv_objects[@]}")
     if [[ " ${MM_GUESTS[*]} " == *" $guest "* ]]; then
         objects+=("${mm_objects[@]}")
     fi

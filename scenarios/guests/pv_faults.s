@@ -3,17 +3,21 @@
  *
  * A PV guest has no IDT of its own: it gives the hypervisor a trap table
  * (set_trap_table) of {vector, flags, cs, handler address} entries, and the
- * hypervisor delivers each fault to the registered handler with the
- * hardware frame on the current stack:
+ * hypervisor delivers each fault to the registered handler with Xen's
+ * bounce frame on the current stack:
  *
- *     [rsp + 0]   error code      (only for #DF, #TS, #NP, #SS, #GP, #PF, #AC)
- *     [rsp + 0]   RIP             (+8 when there is an error code)
- *     [rsp + 8]   CS
- *     [rsp + 16]  RFLAGS
- *     [rsp + 24]  RSP
- *     [rsp + 32]  SS
+ *     [rsp + 0]   RCX, [rsp + 8] R11   (what they held when the fault hit)
+ *     [rsp + 16]  error code      (only for #DF, #TS, #NP, #SS, #GP, #PF, #AC)
+ *     [rsp + 16]  RIP             (+8 when there is an error code)
+ *     [rsp + 24]  CS
+ *     [rsp + 32]  RFLAGS
+ *     [rsp + 40]  RSP
+ *     [rsp + 48]  SS
  *
- * so a handler returns with iretq (after dropping the error code).
+ * Each handler starts with BOUNCE_ENTRY (pops rcx and r11: the hardware
+ * frame is left) and returns with BOUNCE_IRET (HYPERVISOR_iret), after
+ * dropping the error code.  Our kernel runs in ring 3, so reading CR2 is a
+ * privileged instruction the hypervisor emulates.
  *
  * The guest raises, in turn:
  *   #DE  "div rcx" with rcx = 0.  A fault: the saved RIP is the div itself;
@@ -91,7 +95,7 @@ pf_rip:         .skip 8
     .globl  _start
 _start:
     mov     [rip + start_info], rsi
-    lea     rax, [rsi + PAGE_SIZE]      /* shared_info: the page after start_info */
+    lea     rax, [rip + shared_info_page]   /* mapped there by xen_entry */
     mov     [rip + vcpu_info], rax      /* vcpu_info[0] is at its start */
 
 /* 1: install the trap table. */
@@ -203,34 +207,37 @@ forget_page_fault:
     mov     [rip + pf_rip], rax
     ret
 
-/* #DE: a fault; [rsp] = RIP of the div.  Record it, then resume after it. */
+/* #DE: a fault; [rsp] (after BOUNCE_ENTRY) = RIP of the div.  Record it, then resume after it. */
 divide_error_handler:
+    BOUNCE_ENTRY
     push    rax
     mov     rax, [rsp + 8]              /* saved RIP (above the pushed rax) */
     mov     [rip + de_rip], rax
     inc     qword ptr [rip + de_count]
     add     qword ptr [rsp + 8], DIV_LEN
     pop     rax
-    iretq
+    BOUNCE_IRET
 
-/* #BP: a trap; [rsp] = RIP after the int3 already. */
+/* #BP: a trap; [rsp] (after BOUNCE_ENTRY) = RIP after the int3 already. */
 int3_handler:
+    BOUNCE_ENTRY
     push    rax
     mov     rax, [rsp + 8]
     mov     [rip + bp_rip], rax
     inc     qword ptr [rip + bp_count]
     pop     rax
-    iretq
+    BOUNCE_IRET
 
-/* #PF: [rsp] = error code, [rsp + 8] = RIP of the faulting instruction. */
+/* #PF: [rsp] (after BOUNCE_ENTRY) = error code, [rsp + 8] = RIP of the faulting instruction. */
 page_fault_handler:
+    BOUNCE_ENTRY
     push    rax
     push    rcx
     mov     rax, [rsp + 16]             /* error code */
     mov     [rip + pf_error], rax
     mov     rax, [rsp + 24]             /* RIP */
     mov     [rip + pf_rip], rax
-    mov     rax, cr2                    /* the faulting address, as hardware has it */
+    mov     rax, cr2                    /* the faulting address (emulated read) */
     mov     [rip + pf_cr2], rax
     mov     rcx, [rip + vcpu_info]      /* ... and as the hypervisor reports it */
     mov     rax, [rcx + VI_ARCH_CR2]
@@ -240,4 +247,4 @@ page_fault_handler:
     pop     rcx
     pop     rax
     add     rsp, 8                      /* drop the error code */
-    iretq
+    BOUNCE_IRET

@@ -6,23 +6,27 @@
  * ABI promises, runs a little arithmetic to check the CPU, and powers off
  * with code 0 if every check passed.
  *
- * At entry: rsi = start_info, rsp = top of the 4-page bootstrap stack,
- * event delivery masked.  The bootstrap region, from VIRT_BASE on:
+ * The kernel runs in ring 3 on Xen's PV ABI.  At entry: rsi = start_info,
+ * rsp = top of the one-page boot stack, event delivery masked.  The
+ * bootstrap region Xen's domain builder lays out, from VIRT_BASE on:
  *
- *     kernel image | mfn_list | start_info | shared_info | page tables | stack | 512 KiB
- *     ^VIRT_BASE     ^_end                                  ^pt_base              ^rsp
+ *     kernel image | mfn_list | start_info | xenstore | console | page tables | stack | padding
+ *     ^VIRT_BASE     ^_end                                        ^pt_base              ^rsp
+ *
+ * (the padding reaches at least 512 KiB past the stack, up to a 4 MiB boundary)
  *
  * Checks (the shutdown code is the number of the first one that failed):
  *   1  start_info.magic is "xen-3.0-x86_64"
  *   2  mfn_list starts right after the image, at _end
  *   3  start_info follows mfn_list, which holds nr_pages 8-byte entries
- *   4  pt_base follows start_info and shared_info
- *   5  the stack (4 pages) follows the nr_pt_frames page-table pages
+ *   4  pt_base follows start_info and the xenstore and console pages
+ *   5  the stack (1 page) follows the nr_pt_frames page-table pages
  *   6  the whole bootstrap region fits in the domain's nr_pages
  *   7  L4[511], the entry that maps VIRT_BASE, is present
  *   8  L4[511] holds the machine frame of one of the page-table pages:
  *      page tables hold MFNs, and mfn_list translates our PFNs to MFNs
- *   9  the hypervisor filled hypercall_page: stub 18 is "mov eax, 18; vmcall"
+ *   9  the hypervisor filled hypercall_page: stub 18 is Xen's
+ *      "push rcx; push r11; mov eax, 18; syscall ..."
  *  10  fib(90) = 2880067194370816120
  *  11  there are 303 primes below 2000 ...
  *  12  ... and their sum is 277050
@@ -35,8 +39,9 @@
     .equ    PRIME_LIMIT,    2000
     .equ    PRIME_COUNT,    303
     .equ    PRIME_SUM,      277050
-    /* bytes of hypercall stub 18: b8 12 00 00 00 (mov eax, 18), 0f 01 c1 (vmcall) */
-    .equ    STUB18_BYTES,   0xc1010f00000012b8
+    /* first bytes of hypercall stub 18: 51 (push rcx), 41 53 (push r11),
+     * b8 12 00 00 00 (mov eax, 18) */
+    .equ    STUB18_BYTES,   0x00000012b8534151
 
     .section .rodata
     .globl  guest_name
@@ -108,18 +113,18 @@ _start:
     add     rsi, [r12 + SI_MFN_LIST]
     CHECK_HEX 3, "start_info address (expected mfn_list + nr_pages * 8, page-rounded)"
 
-/* 4: then shared_info (one page), then the page tables. */
+/* 4: then the xenstore and console pages, then the page tables. */
     mov     rdi, [r12 + SI_PT_BASE]
-    lea     rsi, [r12 + 2 * PAGE_SIZE]
-    CHECK_HEX 4, "start_info.pt_base (expected start_info + 2 pages)"
+    lea     rsi, [r12 + 3 * PAGE_SIZE]
+    CHECK_HEX 4, "start_info.pt_base (expected start_info + 3 pages)"
 
-/* 5: then the stack: rsp at entry = pt_base + (nr_pt_frames + 4) pages. */
+/* 5: then the stack: rsp at entry = pt_base + (nr_pt_frames + 1) pages. */
     mov     rdi, [rip + boot_rsp]
     mov     rsi, [r12 + SI_NR_PT_FRAMES]
     add     rsi, BOOT_STACK_PAGES
     shl     rsi, PAGE_SHIFT
     add     rsi, [r12 + SI_PT_BASE]
-    CHECK_HEX 5, "rsp at entry (expected pt_base + nr_pt_frames + 4 stack pages)"
+    CHECK_HEX 5, "rsp at entry (expected pt_base + nr_pt_frames + 1 stack page)"
 
 /* 6: the region up to 512 KiB after the stack lies within nr_pages. */
     mov     rax, [rip + boot_rsp]
@@ -165,7 +170,7 @@ _start:
 /* 9: the hypercall page was filled before we started. */
     mov     rdi, [rip + hypercall_page + 32 * __HYPERVISOR_console_io]
     mov     rsi, STUB18_BYTES
-    CHECK_HEX 9, "hypercall_page stub 18, first 8 bytes (mov eax, 18; vmcall)"
+    CHECK_HEX 9, "hypercall_page stub 18, first 8 bytes (push rcx; push r11; mov eax, 18)"
 
 /* 10: Fibonacci: (a, b) = (b, a + b), FIB_N times from (0, 1). */
     xor     eax, eax                    /* a = fib(0) */

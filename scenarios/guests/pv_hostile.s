@@ -21,8 +21,8 @@
  *  6  pin a data page that is mapped writable (our .data) as an L1  -EINVAL
  *  7  ... as an L4                                                  -EINVAL
  *  8  map MFN 1, the hypervisor's frame (read-only even)            -EBUSY
- *  9  map the frame after our last one: not ours (the next
- *     domain's in pv-hostile.toml, or free)                         -EBUSY
+ *  9  map the frame after our last one (and our shared_info page):
+ *     not ours (Xen's or the next domain's in pv-hostile.toml)      -EBUSY
  * 10  map a frame beyond the machine's memory                       -EPERM
  * 11  write the hypervisor's L4 slot 256                            -EINVAL
  * 12  ... slot 271                                                  -EINVAL
@@ -743,12 +743,15 @@ attack_xen_slot:
     movzx   r13d, r13b
     ret
 
-/* frame_after_ours() -> rax = 1 + the highest MFN in our mfn_list, which is
- * not ours (fatal if it were). */
+/* frame_after_ours() -> rax = 1 + the highest MFN in our mfn_list or our
+ * shared_info page (which is ours too, outside mfn_list), which is not ours
+ * (fatal if it is in mfn_list). */
 frame_after_ours:
     mov     rdx, [rip + mm_mfn_list]
     mov     rcx, [rip + mm_nr_pages]
-    xor     eax, eax
+    mov     rax, [rip + mm_start_info]
+    mov     rax, [rax + SI_SHARED_INFO]
+    shr     rax, PAGE_SHIFT
 1:  cmp     rax, [rdx + rcx * 8 - 8]
     cmovb   rax, [rdx + rcx * 8 - 8]
     dec     rcx

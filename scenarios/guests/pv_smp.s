@@ -17,7 +17,8 @@
  * sets bit p of shared_info.evtchn_pending; if the port is not masked, the
  * hypervisor sets bit p/64 of evtchn_pending_sel and evtchn_upcall_pending
  * in the vcpu_info of the vCPU the port is bound to, and enters that vCPU's
- * event callback (the upcall) as an interrupt, with evtchn_upcall_mask set.
+ * event callback (the upcall) through a bounce frame, with
+ * evtchn_upcall_mask set; HYPERVISOR_iret clears it again.
  * An IPI port bound by vCPU X notifies vCPU X, so "send an IPI to X" means
  * "send on X's port".  A pending bit is one bit: two sends before the
  * handler runs make one event.  So a sender waits until the receiver's
@@ -84,7 +85,7 @@ percpu0:    .skip PERCPU_SIZE
 percpu1:    .skip PERCPU_SIZE
 counter:    .skip 8                     /* incremented by both vCPUs */
 start_info: .skip 8
-shared_info: .skip 8                    /* mapped at start_info + 1 page */
+shared_info: .skip 8                    /* where xen_entry mapped it */
     .balign 8
 vcpu1_context: .skip VCPU_GUEST_CONTEXT_SIZE    /* for VCPUOP_initialise */
     .balign PAGE_SIZE
@@ -99,7 +100,7 @@ vcpu1_stack_top:
     .globl  _start
 _start:
     mov     [rip + start_info], rsi
-    lea     rax, [rsi + PAGE_SIZE]
+    lea     rax, [rip + shared_info_page]   /* mapped there by xen_entry */
     mov     [rip + shared_info], rax
     PRINT   "vcpu0: binding event channels, then starting vcpu1"
 
@@ -201,12 +202,10 @@ start_vcpu1:
     lea     rax, [rip + vcpu1_stack_top]
     mov     [rdi + VGC_RSP], rax
     mov     [rdi + VGC_KERNEL_SP], rax
-    mov     qword ptr [rdi + VGC_KERNEL_SS], KERNEL_DS
-    mov     qword ptr [rdi + VGC_RFLAGS], 0x2   /* IF clear, reserved bit 1 set */
-    mov     word ptr [rdi + VGC_CS], KERNEL_CS
-    mov     word ptr [rdi + VGC_SS], KERNEL_DS
-    mov     word ptr [rdi + VGC_DS], KERNEL_DS
-    mov     word ptr [rdi + VGC_ES], KERNEL_DS
+    mov     qword ptr [rdi + VGC_KERNEL_SS], FLAT_KERNEL_SS
+    mov     qword ptr [rdi + VGC_RFLAGS], 0x2   /* reserved bit 1 (Xen sets IF) */
+    mov     word ptr [rdi + VGC_CS], FLAT_KERNEL_CS    /* Xen's flat ring-3 selectors; */
+    mov     word ptr [rdi + VGC_SS], FLAT_KERNEL_SS    /* DS and ES stay null */
     lea     rax, [rip + upcall_vcpu1]
     mov     [rdi + VGC_EVENT_CALLBACK], rax
     /* ctrlreg[3]: the machine address of our L4, which vCPU1 shares.
@@ -456,14 +455,17 @@ arm_timer:
 /* The event upcall.                                                        */
 /* ======================================================================== */
 
-/* Entered like an interrupt: the frame (SS, RSP, RFLAGS, CS, RIP) on the
- * current stack and evtchn_upcall_mask = 1.  Event callbacks are per vCPU,
- * so each vCPU has its own entry, which only says whose percpu block to use. */
+/* Entered through Xen's bounce frame (RCX, R11, RIP, CS, RFLAGS, RSP, SS on
+ * the current stack) with evtchn_upcall_mask = 1.  Event callbacks are per
+ * vCPU, so each vCPU has its own entry, which only says whose percpu block
+ * to use. */
 upcall_vcpu0:
+    BOUNCE_ENTRY
     push    rbx
     lea     rbx, [rip + percpu0]
     jmp     event_upcall
 upcall_vcpu1:
+    BOUNCE_ENTRY
     push    rbx
     lea     rbx, [rip + percpu1]
     jmp     event_upcall
@@ -506,8 +508,7 @@ event_upcall:
     lock inc qword ptr [rbx + PC_IPIS]  /* the sender is watching this */
     jmp     1b
 
-3:  mov     byte ptr [r12 + VI_UPCALL_MASK], 0      /* 6. events on again */
-    pop     r12
+3:  pop     r12                         /* 6. events on again: HYPERVISOR_iret */
     pop     r11
     pop     r10
     pop     r9
@@ -518,7 +519,7 @@ event_upcall:
     pop     rcx
     pop     rax
     pop     rbx
-    iretq
+    BOUNCE_IRET                         /* the frame's IF is set: unmasks */
 
 /* on_timer(rbx = percpu): count the tick; re-arm until T ticks. */
 on_timer:

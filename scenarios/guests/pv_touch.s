@@ -8,15 +8,12 @@
  * path sustains.  (A PV guest cannot map new pages without mmu_update, so it
  * walks what the domain builder mapped for it.)
  *
- * To make every round miss, the guest empties its TLB before each round by
- * reloading CR3 with the value it holds: the machine address of our L4.
- * In Xen, a PV kernel's "mov cr3" traps and is emulated as a switch to the
- * same base pointer, which flushes the TLB; hvlab runs the guest at CPL 0,
- * so the emulated CPU takes the write itself and just flushes, without an
- * exit.  (The translation always comes from the base pointer the
- * hypervisor holds for the vCPU, never from the CPU's CR3.)  The hypervisor
- * flushes nothing while one vCPU keeps its pCPU, so without the reload
- * only the first round would miss.
+ * To make every round miss, the guest empties its TLB before each round
+ * with mmuext_op(MMUEXT_TLB_FLUSH_LOCAL), as Linux on Xen does (a "mov cr3"
+ * would do too, but in ring 3 it is a #GP the hypervisor emulates: two
+ * exits, a read and a write, instead of one hypercall).  The hypervisor
+ * flushes nothing while one vCPU keeps its pCPU, so without the flush only
+ * the first round would miss.
  *
  * Nothing writes the first qword of any page of the region during the
  * rounds, so every round must read exactly the same data: each round folds
@@ -35,6 +32,11 @@
     .section .rodata
     .globl  guest_name
 guest_name: .asciz "pv_touch"
+
+    .balign 8
+flush_op:                               /* struct mmuext_op: flush our TLB */
+    .long   MMUEXT_TLB_FLUSH_LOCAL, 0
+    .quad   0, 0
 
     .section .text.entry, "ax"
     .globl  _start
@@ -86,8 +88,11 @@ _start:
  * pages from r12 on; return rax = checksum of what was read.  Registers
  * only, no stores. */
 touch_region:
-    mov     rax, cr3                    /* flush the TLB: same CR3 again */
-    mov     cr3, rax
+    lea     rdi, [rip + flush_op]       /* mmuext_op(&flush_op, 1, NULL, DOMID_SELF) */
+    mov     esi, 1
+    xor     edx, edx
+    mov     r10d, DOMID_SELF
+    HYPERCALL mmuext_op
     mov     rsi, r12
     mov     rcx, r13
     xor     eax, eax

@@ -34,8 +34,17 @@ def test_a_live_scenario_at_a_time_agrees_with_its_saved_image(capsys):
     live = _rows(capsys, str(SCENARIOS / "pv-smp.toml"), "--at", "2ms")
     stored = _rows(capsys, str(IMAGE))
     key = ("pfn", "type", "type_count", "pinned", "validated")
-    assert [tuple(r[k] for k in key) for r in live] == [tuple(r[k] for k in key)
-                                                       for r in stored]
+
+    def state(row: dict[str, str]) -> tuple[str, ...]:
+        # A type whose count fell to 0 is no one's (any use may retype the frame): the
+        # live domain keeps it, as Xen does (e.g. the .bss page whose mapping xen_entry
+        # gave to shared_info), an image carries none
+        if row["type"] != "none" and row["type_count"] == "0" and row["pinned"] == "0":
+            return (row["pfn"], "none", "0", "0", "0")
+        return tuple(row[k] for k in key)
+
+    assert [state(r) for r in live] == [state(r) for r in stored]
+    assert sum(r["type"] != "none" for r in stored) > 10  # tables and mapped pages
     assert main(["image", "frames", str(IMAGE)]) == 0
     assert json.loads(capsys.readouterr().out)["frames"] == len(stored)
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hypervisor.core.elf import load_kernel
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
 from hypervisor.images import ImageError, image_info, image_make, image_verify
 from hypervisor.images.domains import restore_domain
 from hypervisor.images.make import workload_kernel
 from hypervisor.lib.errors import HvlabError
-from hypervisor.pv.builder import plan_layout
+from hypervisor.pv.linux.domain import load_plan
+from hypervisor.pv.linux.layout import plan_start_of_day
 from hypervisor.stream import (
     OpaqueRecord,
     PageDataRecord,
@@ -26,7 +26,7 @@ from hypervisor.stream import (
     open_image_for_read,
     open_image_for_write,
 )
-from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD
+from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD, HVLAB_MACHINE_FRAMES_RECORD
 
 MIB = 1 << 20
 SMALL = 16 * MIB
@@ -50,8 +50,10 @@ def images(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
 
 def bootstrap_tables() -> tuple[int, int]:
     """(pfn of the builder's L4, number of its tables) for the small guest."""
-    layout = plan_layout(load_kernel(workload_kernel()), SMALL_PAGES)
-    return layout.pt_pfn, 4  # one L4, L3, L2 and L1 cover a 16 MiB guest's region
+    layout = plan_start_of_day(load_plan(workload_kernel()), SMALL_PAGES)
+    # Xen's start of day maps 4 MiB: one L4, L3 and L2 and two L1s
+    assert layout.nr_pt_frames == 5
+    return layout.pt_pfn, layout.nr_pt_frames
 
 
 def rewrite(src: Path, dst: Path, edit: Callable[[PageDataRecord], list[PageDataRecord]],
@@ -59,12 +61,13 @@ def rewrite(src: Path, dst: Path, edit: Callable[[PageDataRecord], list[PageData
     """Copy an image record by record; `edit` returns what replaces each PAGE_DATA,
     `hvlab` the HVLAB_DOMAIN body (None: leave the record out)."""
     with open_image_for_read(src) as f, open_image_for_write(dst) as g:
-        reader = StreamReader(f, keep=frozenset({HVLAB_DOMAIN_RECORD}))
+        reader = StreamReader(f, keep=frozenset({HVLAB_DOMAIN_RECORD,
+                                                 HVLAB_MACHINE_FRAMES_RECORD}))
         head = reader.domain_header
         w = StreamWriter(g, head.type, xen_major=head.xen_major, xen_minor=head.xen_minor)
         for record in reader:
             if isinstance(record, OpaqueRecord):
-                body = hvlab(record.body)
+                body = hvlab(record.body) if record.type == HVLAB_DOMAIN_RECORD else record.body
                 if body is not None:
                     w.write_record(record.type, body)
             elif isinstance(record, PageDataRecord):
@@ -109,14 +112,14 @@ def test_info_histogram_pins_and_vcpus_of_a_dense_image(images):
     out = io.StringIO()
     info = image_info(path, as_json=True, out=out)
     assert json.loads(out.getvalue()) == info
-    l4_pfn, _ = bootstrap_tables()
+    l4_pfn, boot_tables = bootstrap_tables()
     assert info["domain_type"] == "pv" and info["build"] == "4.19"
     assert info["nr_pages"] == SMALL_PAGES == info["pages_in_stream"]
-    # The builder's tree (one table per level, its L4 pinned) plus the dense map:
-    # 4096 pfns in 8 full L1s, one L2, one L3, and a pinned L4.
-    assert made["tables_added"] == {"L1": 8, "L2": 1, "L3": 1, "L4": 1}
+    # The builder's tree (an L4, L3 and L2 and two L1s for Xen's 4 MiB, its L4 pinned)
+    # plus the dense map: 4096 pfns in 8 full L1s, one L2, one L3, and a pinned L4.
+    assert made["tables_added"] == {"L1": 8, "L2": 1, "L3": 1, "L4": 1} and boot_tables == 5
     types = info["page_types"]
-    assert types["L1TAB"] == 9 and types["L2TAB"] == 2 and types["L3TAB"] == 2
+    assert types["L1TAB"] == 10 and types["L2TAB"] == 2 and types["L3TAB"] == 2
     assert types["L4TAB_PIN"] == 2 and "L4TAB" not in types
     assert info["pins"] == {"L1": 0, "L2": 0, "L3": 0, "L4": 2, "total": 2}
     assert sum(types.values()) == SMALL_PAGES
@@ -128,7 +131,8 @@ def test_info_histogram_pins_and_vcpus_of_a_dense_image(images):
     assert info["hvlab_domain"]["name"] == "pv-dense-16M"
     assert info["hvlab_domain"]["virtual_ns"] == made["run_virtual_ns"]
     names = [r["type"] for r in info["records"]]
-    assert names[0] == "X86_PV_INFO" and names[-1] == "END" and "HVLAB_DOMAIN" in names
+    # optional records the reader skips (HVLAB_MACHINE_FRAMES) are tallied after END
+    assert names[0] == "X86_PV_INFO" and "END" in names and "HVLAB_DOMAIN" in names
     assert sum(r["bytes"] for r in info["records"]) + 40 == info["stream_bytes"]
 
 
@@ -139,7 +143,7 @@ def test_info_of_a_compressed_linux_like_image(images):
     assert info["compressed"] and info["file_bytes"] < info["stream_bytes"]
     # init_mm (the builder's L4, now with the direct map) and 4 processes x 2 L4s.
     assert info["pins"]["L4"] == 9 == 1 + made["pins_added"]
-    assert info["page_tables"]["L1"] == 1 + made["tables_added"]["L1"]
+    assert info["page_tables"]["L1"] == 2 + made["tables_added"]["L1"]  # + the builder's
     assert "L4 9" in text.getvalue() and "pv-linux-like-16M" in text.getvalue()
 
 
@@ -171,7 +175,8 @@ def test_verify_passes_generated_images(images, layout):
     assert result["pins"] == 1 + made["pins_added"]
     assert result["cr3_refs"] == 1
     assert result["tables_validated"] == result["page_tables"]
-    assert result["tables_validated"] == 4 + sum(made["tables_added"].values())
+    assert result["tables_validated"] == (bootstrap_tables()[1]
+                                          + sum(made["tables_added"].values()))
 
 
 def test_verify_names_the_page_table_that_maps_itself_writable(images, tmp_path):
@@ -209,8 +214,11 @@ def test_verify_refuses_bad_flags_and_hypervisor_slots(images, tmp_path):
     l4, l4_offset = first_page_of_type(src, Pfinfo.L4TAB_PIN)
     step = tmp_path / "pcd.img"
 
+    slots: list[int] = []
+
     def uncached(entries: np.ndarray) -> None:
-        entries[3] |= np.uint64(0x10)  # PCD: not for a PV guest without I/O memory
+        slots.append(int(np.flatnonzero(entries)[0]))  # its first present entry
+        entries[slots[0]] |= np.uint64(0x10)  # PCD: not for a PV guest without I/O memory
 
     rewrite(src, step, edit_page(l1, uncached))
     bad = tmp_path / "both.img"
@@ -219,7 +227,7 @@ def test_verify_refuses_bad_flags_and_hypervisor_slots(images, tmp_path):
     assert (f"record PAGE_DATA at offset {l4_offset:#x}: L4 pfn {l4:#x} slot 260 is not zero: "
             "slots 256-271 belong to the hypervisor") in problems
     assert any(p.startswith(f"record PAGE_DATA at offset {l1_offset:#x}: pfn {l1:#x} (L1TAB) "
-                            "slot 3 has flags 0x10") for p in problems)
+                            f"slot {slots[0]} has flags 0x10") for p in problems)
 
 
 def _extra_record(pfns: list[int]):

@@ -19,10 +19,11 @@ from hypervisor.liveupdate import strategies
 from hypervisor.liveupdate.handover import (
     changed_domains,
     frames_in_use,
+    handed_over_pages,
     read_handover,
     write_handover,
 )
-from hypervisor.liveupdate.orchestrator import UpdatePlan, live_update
+from hypervisor.liveupdate.orchestrator import UpdatePlan, install_handed_over, live_update
 from hypervisor.liveupdate.proof import ProofFailed, compare_types, type_state
 from hypervisor.liveupdate.strategies.base import (
     SWEEP_BUDGET_PTES,
@@ -30,7 +31,7 @@ from hypervisor.liveupdate.strategies.base import (
     StrategyError,
     UpdateSettings,
 )
-from hypervisor.pv.restore import install_domain
+from hypervisor.pv.linux.backends import BackendPoll
 from hypervisor.runner import boot_scenario
 from hypervisor.scenario import load_scenario
 from tests import SCENARIOS
@@ -56,6 +57,8 @@ def handed_over(workdir: Path, name: str, to: str = "4.12", scenario: str = "pv-
     handovers = read_handover(workdir)
     for domid, ho in enumerate(handovers):
         new.claim_frames(ho.p2m, domid)
+        # the hypervisor pages it owns (shared_info), as the orchestrator gives them back
+        new.frame_table.assign(handed_over_pages(ho.meta), domid)
     return NewBuild(new, handovers, settings, build, ahead, changed, {}, {}), before
 
 
@@ -80,7 +83,9 @@ def test_a_blackout_strategy_rebuilds_the_old_builds_type_state(name, tmp_path):
     if name == "full-walk":
         assert counters["blackout_pages_validated"] > 0 and counters["blackout_refs_taken"] > 0
     elif name == "transfer":
-        assert counters["frames_translated"] == sum(ho.p2m.size for ho in nb.handovers)
+        # every frame of the domain and the hypervisor pages it owns (shared_info)
+        assert counters["frames_translated"] == sum(ho.p2m.size + handed_over_pages(ho.meta).size
+                                                    for ho in nb.handovers)
         assert counters["translator"] == "type_info_4_19_to_4_12"
     else:  # validated before the pause in a table of its own: copied in the blackout
         assert counters["frames_copied"] > 0 and counters["domains_redone"] == 0
@@ -115,13 +120,15 @@ def test_lazy_leaves_the_blackout_empty_and_completes_after_the_resume(tmp_path)
     assert lazy.rebuild(nb) == {} and not lazy.proves_types_at_resume
     for ho in nb.handovers:
         bases = {vid: (c.ctrlreg[3] >> 12, c.ctrlreg[1] >> 12) for vid, c in ho.contexts.items()}
-        dom = install_domain(nb.hv, ho.meta, ho.p2m, ho.contexts, bases)
+        dom = install_handed_over(nb.hv, ho, bases)
         lazy.domain_installed(nb, dom, ho)
         assert all(v.mmu.pending_typing is not None for v in dom.vcpus)
     assert nb.counters["blackout_pages_validated"] > 0  # the RIP/RSP paths, in the blackout
-    assert nb.hv.slice_hooks  # the sweeper runs after each slice until all is validated
+    backends = [h for h in nb.hv.slice_hooks if isinstance(h, BackendPoll)]  # the rings'
+    assert len(nb.hv.slice_hooks) > len(backends)  # the sweeper runs after each slice until
+    # all is validated
     nb.hv.finish_background_work()
-    assert differences(nb, before) == [] and not nb.hv.slice_hooks
+    assert differences(nb, before) == [] and nb.hv.slice_hooks == backends
 
 
 def test_recipe_a_new_strategy_is_one_module(tmp_path, monkeypatch):

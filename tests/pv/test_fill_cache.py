@@ -140,7 +140,7 @@ def test_a_page_table_hypercall_empties_every_vcpus_cache() -> None:
     hypervisor never sees: no vCPU of the domain may keep walks from before."""
     from hypervisor.core.hypercalls import HYPERVISOR_MMUEXT_OP, call
     from hypervisor.mm.frametable import DOMID_SELF
-    from hypervisor.pv.hypercalls import PV_HYPERCALLS
+    from hypervisor.pv.xen.hypercalls import PV_HYPERCALLS
     from hypervisor.runner import boot_scenario
     from hypervisor.scenario import load_scenario
     from tests import SCENARIOS

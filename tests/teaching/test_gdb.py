@@ -17,12 +17,14 @@ import pytest
 from emulator.engine import PhysicalCpu
 from emulator.gdbstub import REGISTERS, GdbStub, Resume, Stop, target_xml
 from hypervisor.cli import main
+from hypervisor.core.elf import load_kernel
 from hypervisor.debug.gdb import GdbSession
 from hypervisor.runner import boot_scenario, describe, run_scenario
 from hypervisor.scenario import load_scenario
 from tests import ROOT
 
 GUESTS = ROOT / "scenarios" / "guests"
+CHECK_VALUE = load_kernel(GUESTS / "pv_hello.elf").symbols["check_value"]
 GDB = shutil.which("gdb")
 needs_gdb = pytest.mark.skipif(GDB is None, reason="gdb is not installed")
 
@@ -67,11 +69,13 @@ def test_gdb_breaks_reads_steps_and_the_guest_finishes_as_without_it():
     result, _ = _finish(proc)
 
     assert "Breakpoint 1, check_value () at lib/check.s:34" in out  # debug info (-g)
-    assert re.search(r"^rip\s+0xffffffff8000152f\s+0xffffffff8000152f <check_value>", out, re.M)
-    assert re.search(r"^rsp\s+0xffffffff8000eff8", out, re.M)
-    assert re.search(r"^cr3\s+0x[0-9a-f]+", out, re.M) and re.search(r"^cs\s+0x8\b", out, re.M)
-    assert re.search(r"=> 0xffffffff8000152f <check_value>:\s+push\s+%rbx\n"
-                     r"\s+0xffffffff80001530 <check_value\+1>:\s+push\s+%r12", out)
+    assert re.search(rf"^rip\s+{CHECK_VALUE:#x}\s+{CHECK_VALUE:#x} <check_value>", out, re.M)
+    assert re.search(r"^rsp\s+0xffffffff8000eff8", out, re.M)  # Xen's boot stack, one call in
+    # a kernel in ring 3 on Xen's flat selector
+    assert re.search(r"^cr3\s+0x[0-9a-f]+", out, re.M) and re.search(r"^cs\s+0xe033\b", out,
+                                                                      re.M)
+    assert re.search(rf"=> {CHECK_VALUE:#x} <check_value>:\s+push\s+%rbx\n"
+                     rf"\s+{CHECK_VALUE + 1:#x} <check_value\+1>:\s+push\s+%r12", out)
     assert "check_value () at lib/check.s:35" in out  # stepi ran exactly `push rbx`
     assert "hello vCPU 0" in out  # the vCPU as a thread
     assert out.count("Breakpoint 1, check_value ()") == 2  # the second check
@@ -92,7 +96,9 @@ def test_gdb_watchpoint_physical_memory_and_exit_status():
     result, _ = _finish(proc)
 
     assert "Hardware watchpoint 1: *(long *)&start_info" in out
-    assert re.search(r"Old value = 0\nNew value = -2147463168", out)  # rsi = start_info
+    start_info = boot_scenario(load_scenario(ROOT / "scenarios" / "pv-hello.toml")).domains[
+        0].start_info_va - (1 << 64)  # rsi = start_info, as gdb prints a long
+    assert re.search(rf"Old value = 0\nNew value = {start_info}", out)
     virt, phys = re.findall(r":\s+((?:0x[0-9a-f]{2}\s*){4})\n", out)[:2]
     assert virt == phys  # VIRT_BASE maps pseudo-physical frame 0
     assert "memory addresses are now guest-physical" in out
@@ -163,7 +169,7 @@ def _scripted_run(decide, scenario: str = "pv-hello.toml") -> tuple[dict, _Scrip
 
 
 def _break_and_step(session: GdbSession, script: _Script) -> None:
-    check_value = 0xFFFF_FFFF_8000_152F
+    check_value = CHECK_VALUE
     session.insert_point("software", check_value, 1)
     serve = script.serve
 
@@ -182,7 +188,7 @@ def test_debug_stops_leave_the_run_unchanged_in_process():
     plain = _without_wall(run_scenario(load_scenario(ROOT / "scenarios" / "pv-hello.toml")))
     result, script = _scripted_run(_break_and_step)
     rips = [rip for _, rip in script.stops[:5]]
-    assert rips[1:4] == [0xFFFF_FFFF_8000_152F, 0xFFFF_FFFF_8000_1530, 0xFFFF_FFFF_8000_1532]
+    assert rips[1:4] == [CHECK_VALUE, CHECK_VALUE + 1, CHECK_VALUE + 3]  # push rbx, push r12
     assert _without_wall(result) == plain
 
 
@@ -195,11 +201,11 @@ def test_a_planted_miscount_of_stopped_instructions_is_caught(monkeypatch):
 
 def test_registers_written_by_gdb_reach_the_guest():
     def at_first_check(session: GdbSession, script: _Script) -> None:
-        session.insert_point("software", 0xFFFF_FFFF_8000_152F, 1)  # check_value
+        session.insert_point("software", CHECK_VALUE, 1)
 
         def serve(stop: Stop) -> Resume:
             regs = session.read_registers(1)
-            if regs["rip"] == 0xFFFF_FFFF_8000_152F:  # check 1: the start_info magic
+            if regs["rip"] == CHECK_VALUE:  # check 1: the start_info magic
                 session.write_register(1, "rdi", regs["rdi"] + 1)
                 return Resume("detach")
             return Resume("continue")

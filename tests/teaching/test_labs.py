@@ -251,8 +251,8 @@ def test_live_update_planted_mistakes(tmp_path):
     measured = (SOLUTIONS / "live-update" / "measurement.toml").read_text()
     work = _copy(tmp_path, "live-update", {
         "strategy.py": ignoring,
-        "measurement.toml": measured.replace("lazy_downtime_ns = 4344678",
-                                             "lazy_downtime_ns = 4346678")})
+        "measurement.toml": measured.replace("lazy_downtime_ns = 4350418",
+                                             "lazy_downtime_ns = 4352418")})
     result = check_lab("live-update", work)
     assert _failed(result) == {"a refused root stops the update",
                                "measurement.toml: lazy's modelled downtime"}

@@ -24,42 +24,23 @@ from hypervisor.core.hypervisor import Hypervisor, until_done
 from hypervisor.core.vcpu import RUNNABLE, Vcpu
 from hypervisor.lib.errors import HvlabError
 from hypervisor.mm.errors import errno_name
+from hypervisor.pv.builder import init_hypercall_page
 from hypervisor.pv.linux.backends import BackendPoll, Backends
 from hypervisor.pv.linux.console_ring import ConsoleRing
 from hypervisor.pv.linux.initramfs import build_initramfs_file
 from hypervisor.pv.linux.kernel_image import KernelImageError, read_kernel_elf
-from hypervisor.pv.linux.layout import build_start_of_day, init_shared_info
+from hypervisor.pv.linux.layout import build_start_of_day, init_shared_info, plan_start_of_day
 from hypervisor.pv.linux.xen_notes import KernelLoadPlan, XenNotesError, plan_kernel_load
 from hypervisor.pv.linux.xenstore import Xenstore
+from hypervisor.pv.policy import pv_policy
 from hypervisor.pv.xen.grant_table import create_grant_table
 from hypervisor.pv.xen.mmu import XenAbiMmu
-from hypervisor.pv.xen.policy import xen_pv_policy
 from hypervisor.pv.xen.poll import wake_pollers
 from hypervisor.pv.xen.state import XenVcpu
 
 CONSOLE_EVTCHN = 1  # the ports the backends use, allocated before the guest runs
 STORE_EVTCHN = 2
 VCPU_TIME_OFFSET = 32
-BZIMAGE_MAGIC_OFFSET, BZIMAGE_MAGIC = 0x202, b"HdrS"
-
-
-def uses_xen_abi(kernel_path: str | Path) -> bool:
-    """A kernel built for Xen's PV ABI at CPL 3: a bzImage, or an ELF with Xen notes and no
-    HYPERCALL_PAGE (hvlab's own guests have neither and keep the CPL-0 ABI)."""
-    try:
-        with open(kernel_path, "rb") as f:
-            head = f.read(BZIMAGE_MAGIC_OFFSET + 4)
-    except OSError:
-        return False  # the loader that runs next names the problem
-    if head[BZIMAGE_MAGIC_OFFSET:] == BZIMAGE_MAGIC:
-        return True
-    if head[:4] != b"\x7fELF":
-        return False
-    try:
-        plan = plan_kernel_load(Path(kernel_path).read_bytes(), str(kernel_path))
-    except XenNotesError:
-        return False
-    return plan.notes.hypercall_page is None
 
 
 def load_plan(kernel_path: str | Path) -> KernelLoadPlan:
@@ -91,15 +72,21 @@ def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memo
         raise HvlabError(f"domain {name}: busybox {busybox}: {err.strerror}") from None
     nr_pages = memory // PAGE_SIZE
     domid = len(hv.domains)
-    policy = xen_pv_policy(hv)
-    xen_gdt_ma, m2p_mas = policy.support.xen_pages()
+    policy = pv_policy(hv)
+    # Frames in the order a restore takes them (the domain's, shared_info, Xen's pages):
+    # a domain saved and restored on a fresh machine gets the same machine frames.
+    plan_start_of_day(plan, nr_pages, len(initrd))  # a domain too small: refused before
+    frames = hv.frames.alloc(nr_pages, f"domain {name}'s memory")
     shared_info = hv.frames.alloc_one(f"domain {name}'s shared_info")
+    xen_gdt_ma, m2p_mas = policy.support.xen_pages()
     hv.frame_table.assign(np.array([shared_info], dtype=np.uint64), domid)
     grant_table = create_grant_table(hv, domid, name)  # Xen makes it with the domain
     built = build_start_of_day(hv.memory, hv.frames, hv.frame_table, hv.typing, domid, plan,
                                nr_pages, initrd, cmdline, shared_info * PAGE_SIZE,
-                               STORE_EVTCHN, CONSOLE_EVTCHN)
+                               STORE_EVTCHN, CONSOLE_EVTCHN, p2m=frames)
     p2m = built.p2m
+    if plan.notes.hypercall_page is not None:
+        init_hypercall_page(hv.memory, p2m, plan.virt_base, plan.notes.hypercall_page)
     hv.m2p[p2m.astype(np.int64)] = np.arange(p2m.size, dtype=np.uint64)
     policy.support.refresh_m2p()
     rc = until_done(lambda: hv.typing.get_root_ref(built.l4_mfn, domid))
@@ -109,7 +96,8 @@ def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memo
     layout = built.layout
     dom = Domain(domid, name, policy, p2m, shared_info,
                  start_info_va=layout.va(layout.start_info_pfn), virt_base=layout.virt_base,
-                 kernel_file=Path(kernel_path).resolve().name)
+                 kernel_file=Path(kernel_path).resolve().name,
+                 guest_os=plan.notes.guest_os or "")
     dom.grant_table = grant_table
     page = hv.memory.frame_u8(shared_info)
     init_shared_info(page)
@@ -130,7 +118,8 @@ def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memo
                                         lambda: dom.events.set_pending(CONSOLE_EVTCHN)), store)
     hv.slice_hooks.append(BackendPoll(dom))
     for vid in range(vcpus):
-        v = Vcpu(dom, vid, XenAbiMmu(hv.memory, xen_gdt_ma, m2p_mas), xen=XenVcpu())
+        v = Vcpu(dom, vid, XenAbiMmu(hv.memory, xen_gdt_ma, m2p_mas,
+                              cache_walks=hv.seams.writable_mapping is None), xen=XenVcpu())
         dom.vcpus.append(v)
         hv.scheduler.place(v)
     hv.domains.append(dom)
@@ -143,13 +132,14 @@ def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memo
 
 def install_linux_domain(hv: Hypervisor, name: str, p2m: np.ndarray, shared_info: int,
                          start_info_va: int, virt_base: int, nr_vcpus: int,
-                         console_pfn: int, xenstore_pfn: int, kernel_file: str) -> Domain:
+                         console_pfn: int, xenstore_pfn: int, kernel_file: str,
+                         guest_os: str = "") -> Domain:
     """A restored Linux PV domain of claimed, typed frames: its event channels over the
     hypervisor's shared_info page, its backends on the rings, CPL-3 vCPUs (not started)."""
     domid = len(hv.domains)
-    policy = xen_pv_policy(hv)
+    policy = pv_policy(hv)
     dom = Domain(domid, name, policy, p2m, shared_info, start_info_va=start_info_va,
-                 virt_base=virt_base, kernel_file=kernel_file)
+                 virt_base=virt_base, kernel_file=kernel_file, guest_os=guest_os)
     dom.evtchn = EventChannels(domid, nr_vcpus, hv.memory.frame_u8(shared_info),
                                kick=dom.wake_vcpu, peer=hv.evtchn_of,
                                pollers=lambda port: wake_pollers(dom, port))
@@ -161,7 +151,8 @@ def install_linux_domain(hv: Hypervisor, name: str, p2m: np.ndarray, shared_info
     hv.slice_hooks.append(BackendPoll(dom))
     xen_gdt_ma, m2p_mas = policy.support.xen_pages()
     for vid in range(nr_vcpus):
-        v = Vcpu(dom, vid, XenAbiMmu(hv.memory, xen_gdt_ma, m2p_mas), xen=XenVcpu())
+        v = Vcpu(dom, vid, XenAbiMmu(hv.memory, xen_gdt_ma, m2p_mas,
+                              cache_walks=hv.seams.writable_mapping is None), xen=XenVcpu())
         dom.vcpus.append(v)
         hv.scheduler.place(v)
     hv.domains.append(dom)

@@ -443,15 +443,18 @@ def _write_pfns(memory: HostMemory, p2m: np.ndarray, first_pfn: int, data: bytes
 def build_start_of_day(memory: HostMemory, allocator: FrameAllocator, frames: FrameTable,
                        typing: PageTyping, domid: int, plan: KernelLoadPlan, nr_pages: int,
                        initrd: bytes, cmdline: str, shared_info_ma: int,
-                       store_evtchn: int = 0, console_evtchn: int = 0) -> BuiltStartOfDay:
-    """Give the domain `nr_pages` frames, lay out its start of day in them and pin its L4.
+                       store_evtchn: int = 0, console_evtchn: int = 0,
+                       p2m: np.ndarray | None = None) -> BuiltStartOfDay:
+    """Give the domain `nr_pages` frames (or `p2m`'s, allocated by the caller), lay out its
+    start of day in them and pin its L4.
 
     The table entries are written as Xen's validation leaves them (adjust_guest_lNe
     applied: hvlab's typing rules never rewrite entries) and the pin runs through
     hvlab's typeref code, so a refusal means the layout breaks Xen's rules.
     """
     layout = plan_start_of_day(plan, nr_pages, len(initrd))
-    p2m = allocator.alloc(nr_pages, f"domain {domid}'s memory")
+    if p2m is None:
+        p2m = allocator.alloc(nr_pages, f"domain {domid}'s memory")
     frames.assign(p2m, domid)
     for mfn in p2m.tolist():
         memory.zero_frame(mfn)

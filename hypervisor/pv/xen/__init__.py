@@ -1,7 +1,5 @@
 """Xen's 64-bit PV ABI at CPL 3: the guest kernel and its users both run in ring 3.
 
-Used for domains whose kernel asks for it through its ELF notes (a Linux
-kernel: no HYPERCALL_PAGE note, a bare `syscall` is the hypercall);
-hvlab's own PV guests keep the CPL-0 ABI (docs/pv-abi.md lists the
-departures).
+The one PV ABI of hvlab, for Linux and hvlab's own guests alike (docs/pv-abi.md,
+which also lists the departures from Xen).
 """

@@ -1,9 +1,10 @@
-"""The hypercalls of a CPL-3 PV guest: Xen's numbers, arguments and errno values.
+"""The PV hypercall table (`PV_HYPERCALLS`): Xen's numbers, arguments and errno values.
 
-A kernel-mode `syscall` is the hypercall (rax the number; rdi, rsi, rdx, r10,
-r8 the arguments). Hypercalls hvlab's CPL-0 guests use too come from
-hypervisor/core/hypercalls.py; this table adds and replaces what the full
-ABI needs (public/xen.h, vcpu.h, memory.h, callback.h, physdev.h).
+A kernel-mode `syscall` (its hypercall page's stub) is the hypercall (rax the
+number; rdi, rsi, rdx, r10, r8 the arguments). Handlers shared with HVM guests
+come from hypervisor/core/hypercalls.py, the PV MMU's from
+hypervisor/pv/hypercalls.py; this table adds and replaces what Xen's PV ABI
+needs (public/xen.h, vcpu.h, memory.h, callback.h, physdev.h).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 
 from emulator.paging import ADDR_MASK, P
 from hypervisor.core import hypercalls as core
-from hypervisor.core.hypercalls import GuestAccessError
+from hypervisor.core.hypercalls import GuestAccessError, Hypercall
 from hypervisor.lib.errno import EFAULT, EINVAL, ENOENT, ENOSYS, EPERM, ETIME
 from hypervisor.pv import hypercalls as pvcalls
 from hypervisor.pv.hypercalls import VcpuMmuContext
@@ -127,6 +128,7 @@ def mmuext_op(hv: Hypervisor, v: Vcpu, ops: int, count: int, done_ptr: int, fore
         if rc:
             break
         done = i + 1
+    pvcalls.forget_cached_walks(v.domain)
     if done_ptr:
         hv.copy_to_guest(v, done_ptr, struct.pack("<I", done))
     return rc
@@ -310,6 +312,15 @@ def callback_op(hv: Hypervisor, v: Vcpu, cmd: int, arg: int, *_: int) -> int:
     return 0
 
 
+def set_callbacks(hv: Hypervisor, v: Vcpu, event: int, failsafe: int, syscall: int,
+                  *_: int) -> int:
+    """HYPERVISOR_set_callbacks (x86-64): the three callbacks at once, as CALLBACKOP_register
+    of each with no flags."""
+    v.event_callback, v.failsafe_callback, v.syscall_callback = event, failsafe, syscall
+    xen_state(v).syscall_masks_events = False
+    return 0
+
+
 def vcpu_op(hv: Hypervisor, v: Vcpu, cmd: int, vcpu_id: int, arg: int, *_: int) -> int:
     dom = v.domain
     if not 0 <= vcpu_id < len(dom.vcpus):
@@ -390,54 +401,60 @@ def console_io(hv: Hypervisor, v: Vcpu, cmd: int, count: int, buf: int, *_: int)
     return core.console_io(hv, v, cmd, count, buf)
 
 
+HVLAB_GUEST_OS = "hvlab"  # the GUEST_OS note of hvlab's own kernels
+
+
 def sched_op(hv: Hypervisor, v: Vcpu, cmd: int, arg: int, *rest: int) -> int:
     """As hvlab's core, except that SCHEDOP_shutdown's argument is Xen's: the reason only
-    (hvlab's own guests append a verdict code; a Linux guest's next word is not one),
-    plus SCHEDOP_poll (pv/xen/poll.py)."""
+    (a kernel whose GUEST_OS note is "hvlab" appends its verdict code: hvlab's departure;
+    a Linux guest's next word is not one), plus SCHEDOP_poll (pv/xen/poll.py)."""
     if cmd == core.SCHEDOP_SHUTDOWN:
-        reason = struct.unpack("<I", hv.copy_from_guest(v, arg, 4))[0]
-        hv.shutdown_domain(v.domain, reason, 0)
+        verdict = v.domain.guest_os == HVLAB_GUEST_OS
+        reason, *code = struct.unpack("<II" if verdict else "<I",
+                                      hv.copy_from_guest(v, arg, 8 if verdict else 4))
+        hv.shutdown_domain(v.domain, reason, code[0] if code else 0)
         return 0
     if cmd == SCHEDOP_POLL:
         return do_poll(hv, v, arg)
     return core.sched_op(hv, v, cmd, arg, *rest)
 
 
-TABLE: dict[int, tuple[str, Handler]] = {
-    core.HYPERVISOR_SET_TRAP_TABLE: ("set_trap_table", pvcalls.set_trap_table),
-    core.HYPERVISOR_MMU_UPDATE: ("mmu_update", pvcalls.mmu_update),
-    HYPERVISOR_SET_GDT: ("set_gdt", set_gdt),
-    HYPERVISOR_STACK_SWITCH: ("stack_switch", stack_switch),
-    HYPERVISOR_FPU_TASKSWITCH: ("fpu_taskswitch", fpu_taskswitch),
-    HYPERVISOR_SET_DEBUGREG: ("set_debugreg", set_debugreg),
-    HYPERVISOR_GET_DEBUGREG: ("get_debugreg", get_debugreg),
-    HYPERVISOR_UPDATE_DESCRIPTOR: ("update_descriptor", update_descriptor),
-    HYPERVISOR_MEMORY_OP: ("memory_op", memory_op),
-    HYPERVISOR_MULTICALL: ("multicall", multicall),
-    HYPERVISOR_UPDATE_VA_MAPPING: ("update_va_mapping", update_va_mapping),
-    core.HYPERVISOR_SET_TIMER_OP: ("set_timer_op", core.set_timer_op),
-    core.HYPERVISOR_XEN_VERSION: ("xen_version", xen_version),
-    core.HYPERVISOR_CONSOLE_IO: ("console_io", console_io),
-    HYPERVISOR_GRANT_TABLE_OP: ("grant_table_op", grant_table_op),
-    HYPERVISOR_VM_ASSIST: ("vm_assist", vm_assist),
-    HYPERVISOR_IRET: ("iret", iret),
-    core.HYPERVISOR_VCPU_OP: ("vcpu_op", vcpu_op),
-    HYPERVISOR_SET_SEGMENT_BASE: ("set_segment_base", set_segment_base),
-    core.HYPERVISOR_MMUEXT_OP: ("mmuext_op", mmuext_op),
-    core.HYPERVISOR_SCHED_OP: ("sched_op", sched_op),
-    HYPERVISOR_CALLBACK_OP: ("callback_op", callback_op),
-    HYPERVISOR_EVENT_CHANNEL_OP: ("event_channel_op", event_channel_op),
-    HYPERVISOR_PHYSDEV_OP: ("physdev_op", physdev_op),
+PV_HYPERCALLS: dict[int, Hypercall] = {
+    core.HYPERVISOR_SET_TRAP_TABLE: Hypercall("set_trap_table", pvcalls.set_trap_table),
+    core.HYPERVISOR_MMU_UPDATE: Hypercall("mmu_update", pvcalls.mmu_update),
+    HYPERVISOR_SET_GDT: Hypercall("set_gdt", set_gdt),
+    core.HYPERVISOR_SET_CALLBACKS: Hypercall("set_callbacks", set_callbacks),
+    HYPERVISOR_STACK_SWITCH: Hypercall("stack_switch", stack_switch),
+    HYPERVISOR_FPU_TASKSWITCH: Hypercall("fpu_taskswitch", fpu_taskswitch),
+    HYPERVISOR_SET_DEBUGREG: Hypercall("set_debugreg", set_debugreg),
+    HYPERVISOR_GET_DEBUGREG: Hypercall("get_debugreg", get_debugreg),
+    HYPERVISOR_UPDATE_DESCRIPTOR: Hypercall("update_descriptor", update_descriptor),
+    HYPERVISOR_MEMORY_OP: Hypercall("memory_op", memory_op),
+    HYPERVISOR_MULTICALL: Hypercall("multicall", multicall),
+    HYPERVISOR_UPDATE_VA_MAPPING: Hypercall("update_va_mapping", update_va_mapping),
+    core.HYPERVISOR_SET_TIMER_OP: Hypercall("set_timer_op", core.set_timer_op),
+    core.HYPERVISOR_XEN_VERSION: Hypercall("xen_version", xen_version),
+    core.HYPERVISOR_CONSOLE_IO: Hypercall("console_io", console_io),
+    HYPERVISOR_GRANT_TABLE_OP: Hypercall("grant_table_op", grant_table_op),
+    HYPERVISOR_VM_ASSIST: Hypercall("vm_assist", vm_assist),
+    HYPERVISOR_IRET: Hypercall("iret", iret),
+    core.HYPERVISOR_VCPU_OP: Hypercall("vcpu_op", vcpu_op),
+    HYPERVISOR_SET_SEGMENT_BASE: Hypercall("set_segment_base", set_segment_base),
+    core.HYPERVISOR_MMUEXT_OP: Hypercall("mmuext_op", mmuext_op),
+    core.HYPERVISOR_SCHED_OP: Hypercall("sched_op", sched_op),
+    HYPERVISOR_CALLBACK_OP: Hypercall("callback_op", callback_op),
+    HYPERVISOR_EVENT_CHANNEL_OP: Hypercall("event_channel_op", event_channel_op),
+    HYPERVISOR_PHYSDEV_OP: Hypercall("physdev_op", physdev_op),
 }
 
 
 def call(hv: Hypervisor, v: Vcpu, number: int, args: tuple[int, ...]) -> int:
-    entry = TABLE.get(number)
+    entry = PV_HYPERCALLS.get(number)
     if entry is None:
         return -ENOSYS
-    xen_state(v).hypercalls[entry[0]] += 1
+    xen_state(v).hypercalls[entry.name] += 1
     try:
-        return entry[1](hv, v, *args)
+        return entry.handler(hv, v, *args)
     except GuestAccessError:
         return -EFAULT
 

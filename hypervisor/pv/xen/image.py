@@ -116,6 +116,7 @@ def linux_meta(hv: Hypervisor, dom: Domain, page_entries: list[list[int]]
         "grant_entries": [e[:2] + [e[2], e[3] - 1] for e in page_entries if e[3] > 0],
         "grant_table": grant_table_meta(hv, dom),
         "kernel_file": dom.kernel_file,
+        "guest_os": dom.guest_os,
     }
 
 
@@ -265,6 +266,20 @@ def _list_pfns(hv: Hypervisor, dom: Domain, root_ma: int, vaddr: int) -> np.ndar
 
 
 # ----------------------------------------------------------------- restoring
+def localise_p2m_root(shared_info: bytes, old_p2m: np.ndarray, new_p2m: np.ndarray) -> bytes:
+    """shared_info with arch.p2m_cr3 (the machine address of the L4 the guest published
+    for its P2M list) moved to the new machine's frame of the same pfn."""
+    page = bytearray(shared_info)
+    cr3 = int.from_bytes(page[ARCH_P2M_CR3:ARCH_P2M_CR3 + 8], "little")
+    if cr3:
+        hits = np.flatnonzero(old_p2m == np.uint64(cr3 >> 12))
+        if hits.size == 0:
+            raise ValueError(f"arch.p2m_cr3 {cr3:#x} is not a frame of the domain")
+        new = int(new_p2m[int(hits[0])]) << 12 | cr3 & 0xFFF
+        page[ARCH_P2M_CR3:ARCH_P2M_CR3 + 8] = new.to_bytes(8, "little")
+    return bytes(page)
+
+
 def restore_xen_vcpu(v: Vcpu, ctx: VcpuGuestContext, extra: dict[str, Any],
                      local_frame) -> XenVcpu:
     """The XenVcpu a restored vCPU continues with (`local_frame`: image pfn -> MFN)."""

@@ -13,9 +13,9 @@ Xen's reserved range (L4 slots 256-271) shows the guest two things:
 
 from __future__ import annotations
 
-from emulator.engine import PERM_R, PERM_W, PERM_X
+from emulator.engine import PERM_R
 from emulator.memory import HostMemory
-from emulator.paging import Translation, WalkFault, fill_direct, walk_direct
+from emulator.paging import Translation, WalkFault, walk_direct
 from hypervisor.pv.mmu import HYPERVISOR_END, HYPERVISOR_START, PvMmu
 
 RO_MPT_VIRT_START = 0xFFFF_8000_0000_0000
@@ -26,8 +26,9 @@ GDT_LIMIT = GDT_PAGES * 4096 - 1
 
 
 class XenAbiMmu(PvMmu):
-    def __init__(self, memory: HostMemory, xen_gdt_ma: int, m2p_mas: tuple[int, ...]) -> None:
-        super().__init__(memory, xen_gdt_ma)
+    def __init__(self, memory: HostMemory, xen_gdt_ma: int, m2p_mas: tuple[int, ...],
+                 cache_walks: bool = True) -> None:
+        super().__init__(memory, xen_gdt_ma, cache_walks)
         self.m2p_mas = m2p_mas  # machine addresses of the read-only M2P's pages
         self.user_mode = False
         self.guest_gdt: tuple[int, ...] = ()  # mfns of set_gdt's frames
@@ -42,15 +43,10 @@ class XenAbiMmu(PvMmu):
                                             | (16 if access == "fetch" else 0), 4)
                 return None
             return ma, PERM_R
-        if self.pending_typing is not None:  # a lazy live update: PvMmu's guarded walk
-            return super().translate(gva, access)
-        self.fills += 1
-        result = fill_direct(self._u64, self.active_root, gva, access)
-        if isinstance(result, WalkFault):
-            self.last_fault = result
-            return None
-        ma, writable, executable, dirty = result  # as PvMmu's perms: W once dirty
-        return ma, PERM_R | (PERM_W if writable and dirty else 0) | (PERM_X if executable else 0)
+        # PvMmu's: a lazy live update's guarded walk, else the fast fill from the active
+        # root with its upper levels cached (ptwr writes only L1 entries, which every
+        # fill reads afresh; page-table hypercalls forget the cache)
+        return super().translate(gva, access)
 
     def _xen_page(self, gva: int) -> int | None:
         page = (gva - RO_MPT_VIRT_START) >> 12

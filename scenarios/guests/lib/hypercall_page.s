@@ -1,11 +1,11 @@
 /*
  * hypercall_page.s: the page the hypervisor fills with hypercall stubs.
  *
- * The ELF symbol `hypercall_page` tells the domain builder where this page
- * is.  Before the guest starts, the hypervisor writes at offset 32*N the stub
- * for hypercall N:  mov eax, N; vmcall; ret.  The guest calls
- * hypercall_page + 32*N (see the HYPERCALL macro in xen.inc) and never needs
- * to know which instruction the hypervisor traps on.
+ * A PV kernel's HYPERCALL_PAGE note (lib/xen_notes.s), an HVM kernel's ELF
+ * symbol `hypercall_page`, tells the builder where this page is.  Before the
+ * guest starts, the hypervisor writes at 32*N the stub for hypercall N (Xen's
+ * `syscall` stub for a PV kernel, mov eax, N; vmcall; ret for HVM).  The guest
+ * calls hypercall_page + 32*N (HYPERCALL in xen.inc), whatever the stub is.
  *
  * The linker script puts this section first, at VIRT_BASE.
  */

@@ -7,12 +7,13 @@
  * library gives the guest what it needs for that:
  *
  *   mm_init(rdi = start_info)        learn the bootstrap layout; put every pfn
- *                                    after the bootstrap region in the pool
+ *                                    the bootstrap tables do not map in the pool
  *   frame_alloc() -> rax = pfn, rdx = mfn     a free frame (fatal if none)
  *   frame_free(rdi = pfn)            back to the pool (last freed, first reused)
  *   pfn_to_mfn(rdi) -> rax           mfn_list[pfn]
  *   mfn_to_pfn(rdi) -> rax           our pfn of that mfn, or -1 if not ours
- *   bootstrap_va(rdi = mfn) -> rax   its address in the bootstrap region, or 0
+ *   bootstrap_va(rdi = mfn) -> rax   its address in the bootstrap region (up to
+ *                                    512 KiB past the stack), or 0
  *
  * Hypercalls (each one request; rax = 0 or -errno; the hypervisor's `done`
  * count is compared with the result, mismatches counted in mm_done_errors):
@@ -59,7 +60,7 @@
     .bss
     .balign 8
     .globl  mm_start_info, mm_mfn_list, mm_nr_pages, mm_l4_va, mm_l4_mfn
-    .globl  mm_kl3_mfn, mm_kl2_mfn, mm_kl1_mfn, mm_first_free_pfn
+    .globl  mm_kl3_mfn, mm_kl2_mfn, mm_kl1_mfn, mm_first_free_pfn, mm_region_end_pfn
     .globl  mm_pool_count, mm_done, mm_done_errors, mm_probe_error, mm_probe_cr2
 mm_start_info:      .skip 8
 mm_mfn_list:        .skip 8         /* u64 mfn[nr_pages] */
@@ -69,7 +70,8 @@ mm_l4_mfn:          .skip 8
 mm_kl3_mfn:         .skip 8         /* the bootstrap L3, L2, L1 that map VIRT_BASE */
 mm_kl2_mfn:         .skip 8
 mm_kl1_mfn:         .skip 8
-mm_first_free_pfn:  .skip 8         /* first pfn after the bootstrap region */
+mm_region_end_pfn:  .skip 8         /* first pfn after the bootstrap region */
+mm_first_free_pfn:  .skip 8         /* first pfn the bootstrap tables leave unmapped */
 mm_pool_count:      .skip 8
 mm_done:            .skip 8         /* u32 `done` of the last hypercall */
 mm_done_errors:     .skip 8         /* calls whose `done` did not match rc */
@@ -96,8 +98,11 @@ mm_init:
     mov     rax, [rbx + SI_NR_PAGES]
     mov     [rip + mm_nr_pages], rax
 
-    /* The bootstrap region ends 512 KiB after the 4-page stack, which
-     * follows the nr_pt_frames page tables at pt_base. */
+    /* The bootstrap region ends 512 KiB after the one-page stack, which
+     * follows the nr_pt_frames page tables at pt_base; Xen's builder maps
+     * on up to the next 4 MiB boundary.  Pool frames must be mapped
+     * nowhere (a frame that becomes a page table may not be writable), so
+     * the pool starts there. */
     mov     rax, [rbx + SI_NR_PT_FRAMES]
     add     rax, BOOT_STACK_PAGES
     shl     rax, PAGE_SHIFT
@@ -105,13 +110,18 @@ mm_init:
     add     rax, BOOT_PADDING
     mov     rcx, VIRT_BASE
     sub     rax, rcx
+    mov     rdx, rax
+    or      rdx, BOOT_MAP_ALIGN - 1
+    inc     rdx
+    shr     rdx, PAGE_SHIFT
+    mov     [rip + mm_first_free_pfn], rdx
     shr     rax, PAGE_SHIFT
-    mov     [rip + mm_first_free_pfn], rax
+    mov     [rip + mm_region_end_pfn], rax
     cmp     rax, MM_WINDOW_SLOT
     jbe     1f
     STR     rdi, "mm_init: the bootstrap region reaches the window slots"
     jmp     mm_fatal
-1:  cmp     rax, [rip + mm_nr_pages]
+1:  cmp     rdx, [rip + mm_nr_pages]
     jbe     1f
     STR     rdi, "mm_init: the bootstrap region is larger than nr_pages"
     jmp     mm_fatal
@@ -136,6 +146,19 @@ mm_init:
     mov     esi, KERNEL_L2_INDEX
     call    next_table
     mov     [rip + mm_kl1_mfn], rax
+
+    /* The windows start empty: Xen's bootstrap tables map their slots (the
+     * padding up to 4 MiB), and a window must fault until it is mapped. */
+    xor     r12d, r12d
+2:  mov     edi, r12d
+    call    kunmap
+    test    rax, rax
+    jz      3f
+    STR     rdi, "mm_init: the hypervisor refused to empty a window"
+    jmp     mm_fatal
+3:  inc     r12d
+    cmp     r12d, MM_WINDOWS
+    jb      2b
 
     /* The pool: every pfn from first_free on, lowest on top of the stack. */
     mov     rcx, [rip + mm_nr_pages]
@@ -203,7 +226,7 @@ mfn_to_pfn:
     .globl  bootstrap_va
 bootstrap_va:
     mov     rdx, [rip + mm_mfn_list]
-    mov     rcx, [rip + mm_first_free_pfn]
+    mov     rcx, [rip + mm_region_end_pfn]
     xor     eax, eax
 1:  cmp     rax, rcx
     jae     2f
@@ -485,10 +508,11 @@ probe_faulted:
     xor     edx, edx
     ret
 
-/* #PF: [rsp] = error code, [rsp + 8] = RIP.  A probe resumes at
- * probe_faulted; anything else is a bug of the guest: fatal. */
+/* #PF: [rsp] = error code, [rsp + 8] = RIP (after BOUNCE_ENTRY).  A probe
+ * resumes at probe_faulted; anything else is a bug of the guest: fatal. */
     .globl  mm_page_fault_handler
 mm_page_fault_handler:
+    BOUNCE_ENTRY
     push    rax
     push    rcx
     cmp     qword ptr [rip + mm_probe_active], 0
@@ -509,7 +533,7 @@ mm_page_fault_handler:
     pop     rcx
     pop     rax
     add     rsp, 8                          /* drop the error code */
-    iretq
+    BOUNCE_IRET
 1:  call    con_begin
     STR     rdi, "unexpected page fault at rip "
     call    con_str

@@ -4,8 +4,8 @@
  * Goal: print "hello, hvlab", print "sum 1..100 = " followed by the sum
  * computed by a loop, and power off with shutdown code 42.
  *
- * At entry: rsi = start_info, rsp = top of a 4-page stack, interrupts
- * (event delivery) masked.  The library linked in gives you:
+ * Your kernel runs in ring 3 on Xen's PV ABI (docs/pv-abi.md).  At entry:
+ * rsi = start_info, rsp = top of the boot stack, event delivery masked.  The library linked in gives you:
  *     PRINT "text"            one console line "<guest_name>: text"
  *     con_begin / con_str (rdi = string) / con_dec (rdi = number) / con_end
  *                             build one line piece by piece

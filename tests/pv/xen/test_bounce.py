@@ -7,8 +7,8 @@ import struct
 import pytest
 
 from hypervisor.core.vcpu import TrapEntry
+from hypervisor.pv.policy import pv_policy
 from hypervisor.pv.xen.bounce import IRET_FRAME, BounceError, bounce, hypervisor_iret
-from hypervisor.pv.xen.policy import xen_pv_policy
 from tests.pv.xen.guest import ENTRY, boot
 
 
@@ -27,7 +27,7 @@ def test_a_page_fault_from_kernel_mode_bounces_with_xens_frame(tmp_path):
     cpu.set_reg("rcx", 0x1111)
     cpu.set_reg("r11", 0x2222)
     rsp = cpu.reg("rsp")
-    xen_pv_policy(hv).support.inject(cpu, v, 14, 0x2, ENTRY + 7, ENTRY + 7, cr2=0xDEAD_B000)
+    pv_policy(hv).support.inject(cpu, v, 14, 0x2, ENTRY + 7, ENTRY + 7, cr2=0xDEAD_B000)
     new_rsp = cpu.reg("rsp")
     assert new_rsp == (rsp & ~0xF) - 8 * 8
     frame = struct.unpack("<8Q", hv.copy_from_guest(v, new_rsp, 64))
@@ -74,3 +74,53 @@ def test_iret_to_user_mode_without_a_user_root_is_refused(tmp_path):
     with pytest.raises(BounceError, match="without a user page table"):
         hypervisor_iret(hv, cpu, v)
     assert v.xen.kernel_mode
+
+
+def _run_pv_faults() -> dict:
+    from hypervisor.runner import boot_scenario, describe
+    from hypervisor.scenario import load_scenario
+    from tests import SCENARIOS
+
+    scenario = load_scenario(SCENARIOS / "pv-faults.toml")
+    hv = boot_scenario(scenario)
+    stop = hv.run(100_000)  # 100 us: pv_faults is done in 20 us; a broken one stops here
+    (dom,) = describe(hv, scenario, stop, 0.0)["domains"]
+    hv.teardown()
+    return dom
+
+
+def test_own_guests_take_faults_through_bounce_and_iret_and_planted_bugs_show(monkeypatch):
+    """pv_faults handles #DE, #BP and #PF on Xen's bounce frame and returns with
+    HYPERVISOR_iret (lib BOUNCE_ENTRY/BOUNCE_IRET): it passes its checks, and a frame
+    with two words swapped, or an iret reading its frame one word off, breaks it."""
+    from hypervisor.pv.xen import hypercalls as pv_calls
+    from hypervisor.pv.xen import support
+
+    def passed(dom: dict) -> bool:
+        return dom["shutdown"] is not None and dom["shutdown"] == {"reason": "poweroff", "code": 0,
+                                   "virtual_ns": dom["shutdown"]["virtual_ns"]}
+
+    good = _run_pv_faults()
+    assert passed(good), good["console"]
+    assert good["xen_pv"]["bounces"] == 7 and good["xen_pv"]["hypercalls"]["iret"] == 7
+
+    real_bounce = support.bounce
+
+    def swapped_frame(hv, cpu, v, handler, **kwargs):
+        real_bounce(hv, cpu, v, handler, **kwargs)
+        rsp = cpu.reg("rsp")  # R11 and the word after it (error code or RIP) swapped
+        r11, after = struct.unpack("<QQ", hv.copy_from_guest(v, rsp + 8, 16))
+        hv.copy_to_guest(v, rsp + 8, struct.pack("<QQ", after, r11))
+
+    monkeypatch.setattr(support, "bounce", swapped_frame)
+    assert not passed(_run_pv_faults())  # a crash, a failed check or no end in time
+    monkeypatch.undo()
+
+    real_iret = pv_calls.hypervisor_iret
+
+    def iret_one_word_off(hv, cpu, v):
+        cpu.set_reg("rsp", cpu.reg("rsp") + 8)
+        return real_iret(hv, cpu, v)
+
+    monkeypatch.setattr(pv_calls, "hypervisor_iret", iret_one_word_off)
+    assert not passed(_run_pv_faults())

@@ -6,11 +6,11 @@ import struct
 
 import numpy as np
 
-from hypervisor.pv.linux.domain import uses_xen_abi
+from hypervisor.pv.policy import pv_policy
 from hypervisor.pv.xen.cpuid_policy import cpuid
 from hypervisor.pv.xen.mmu import GDT_VA
-from hypervisor.pv.xen.policy import xen_pv_policy
-from tests.pv.xen.guest import ENTRY, Asm, boot, kernel_elf
+from tests import ROOT
+from tests.pv.xen.guest import ENTRY, Asm, boot
 
 MSG = b"hello from ring 3\n"
 
@@ -140,11 +140,41 @@ def test_cpuid_policy_hides_what_pv_linux_must_not_use():
     assert struct.pack("<III", *cpuid(0x4000_0000, 0)[1:]) == b"XenVMMXenVMM"
 
 
-def test_only_kernels_without_a_hypercall_page_take_xen_abi(tmp_path):
-    path = tmp_path / "k.elf"
-    path.write_bytes(kernel_elf(b"\xf4"))
-    assert uses_xen_abi(path)
-    assert not uses_xen_abi("scenarios/guests/pv_hello.elf")
+def test_a_kernel_without_xen_notes_is_no_pv_kernel(tmp_path, capsys):
+    """One PV ABI: a PV domain's kernel needs Xen's ELF notes (an HVM kernel has none)."""
+    from hypervisor.cli import main
+
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(f'[machine]\npcpus = 1\nmemory = "16M"\n[[domain]]\nname = "a"\n'
+                        f'kernel = "{ROOT / "scenarios/guests/hvm_crash.elf"}"\n'
+                        f'memory = "4M"\n[limits]\nvirtual_time = "1ms"\n')
+    assert main(["run", str(scenario)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no Xen ELF notes: not a PV kernel" in err
+
+
+def test_own_guest_hypercall_page_holds_xens_ring3_stubs():
+    """The builder wrote Xen's stubs (pv_ring3_init_hypercall_page) where the kernel's
+    HYPERCALL_PAGE note says: a `syscall` stub per number, iret's pushing rax too."""
+    from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+
+    from hypervisor.runner import boot_scenario
+    from hypervisor.scenario import load_scenario
+    from tests import SCENARIOS
+
+    hv = boot_scenario(load_scenario(SCENARIOS / "pv-hello.toml"))
+    cpu = hv.switch_to(0, hv.domains[0].vcpus[0])
+    page = cpu.read_virtual(0xFFFF_FFFF_8000_0000, 4096)  # hypercall_page: kernel.ld's first
+    md = Cs(CS_ARCH_X86, CS_MODE_64)
+
+    def stub(n: int) -> list[str]:
+        code = page[32 * n:32 * n + 32]
+        return [f"{i.mnemonic} {i.op_str}".strip() for i in md.disasm(code, 0)][:7]
+
+    assert stub(18) == ["push rcx", "push r11", "mov eax, 0x12", "syscall", "pop r11",
+                        "pop rcx", "ret"]
+    assert stub(23)[:5] == ["push rcx", "push r11", "push rax", "mov eax, 0x17", "syscall"]
+    assert stub(23)[5] == "int3" and page[-1] == 0xCC
 
 
 def test_the_direct_walk_agrees_with_the_reference_walk(tmp_path):
@@ -196,7 +226,7 @@ def test_the_xenstore_ring_answers_a_kick_on_its_event_channel(tmp_path):
 
 def test_teardown_releases_xens_pages(tmp_path):
     hv = boot(tmp_path, bytes.fromhex("f4"))
-    own = xen_pv_policy(hv).support.own_frames()
+    own = pv_policy(hv).support.own_frames()
     assert own.size > 1 and not hv.frames.free[own.astype(np.int64)].any()
     hv.teardown()
     assert hv.frames.free[own.astype(np.int64)].all()
