@@ -66,8 +66,9 @@ def count_l1(mem2d, tables, acc, nr_frames, disallow, spill):
     increment per slot straight into a counter array far larger than the
     caches misses on nearly every entry. So the entries are first sorted by
     slot >> WINDOW_BITS into `spill` (each bucket a fixed share of it, the
-    slot's offset in its window as uint16), then counted bucket by bucket,
-    each in a window of `acc` that stays in cache. An entry whose bucket is
+    slot's offset in its window as uint16), then counted bucket by bucket
+    into one window-sized counter that stays in cache, which is then added
+    to that bucket's stretch of `acc` in order. An entry whose bucket is
     full is counted straight away (the result is the same, only slower).
     """
     limit = np.uint64(nr_frames)
@@ -76,30 +77,40 @@ def count_l1(mem2d, tables, acc, nr_frames, disallow, spill):
     buckets = max((acc.size + _WINDOW - 1) >> WINDOW_BITS, 1)
     share = spill.size // buckets
     fill = np.arange(buckets) * share  # next free place of each bucket
+    end = fill + share
+    usable = _PRESENT | disallow
     for i in range(tables.size):
         row = mem2d[tables[i]]
         for j in range(row.size):
             e = row[j]
-            if (e & _PRESENT) == 0:
-                continue
-            if (e & disallow) != 0:
-                bad_flags += 1
-                continue
             mfn = (e >> _MFN_SHIFT) & _MFN_MASK
-            if mfn >= limit:
-                beyond += 1
+            # One test for the common case; the rare entries are told apart after.
+            if (e & usable) != _PRESENT or mfn >= limit:
+                if (e & _PRESENT) == 0:
+                    continue
+                if (e & disallow) != 0:
+                    bad_flags += 1
+                else:
+                    beyond += 1
                 continue
             slot = (mfn << _ONE) | ((e >> _RW_SHIFT) & _ONE)
             b = slot >> _WINDOW_SHIFT
-            if fill[b] < (b + 1) * share:
-                spill[fill[b]] = np.uint16(slot & _WINDOW_MASK)
-                fill[b] += 1
+            f = fill[b]
+            if f < end[b]:
+                spill[f] = np.uint16(slot & _WINDOW_MASK)
+                fill[b] = f + 1
             else:
                 acc[slot] += 1
+    # Each bucket counts into one small window reused for all (hot in cache,
+    # unlike a fresh stretch of acc), then goes into acc in one sequential sweep.
+    window = np.zeros(_WINDOW, acc.dtype)
     for b in range(buckets):
-        window = acc[b << WINDOW_BITS:]
         for k in range(b * share, fill[b]):
             window[spill[k]] += 1
+        base = b << WINDOW_BITS
+        for s in range(min(acc.size - base, _WINDOW)):
+            acc[base + s] += window[s]
+            window[s] = 0
     return bad_flags, beyond
 
 

@@ -112,7 +112,9 @@ def _planted(old: str, new: str):
 @pytest.mark.parametrize("old,new", [
     ("for j in range(row.size):", "for j in range(row.size - 1):"),  # misses an entry
     ("for k in range(b * share, fill[b]):", "for k in range(b * share + 1, fill[b]):"),
-    ("window = acc[b << WINDOW_BITS:]", "window = acc[(b << WINDOW_BITS) + 1:]"),
+    ("acc[base + s] += window[s]", "acc[base + s + 1] += window[s]"),
+    ("for s in range(min(acc.size - base, _WINDOW)):",
+     "for s in range(min(acc.size - base, _WINDOW) - 1):"),
 ])
 def test_a_planted_off_by_one_in_count_l1_is_caught(old, new) -> None:
     mutant = _planted(old, new)
