@@ -239,13 +239,11 @@ class _Scratch:
     At 64 GiB a pass counts into 134 MB, buckets through 42 MB and marks 17 MB
     of frames: allocated afresh, their first touch (page faults, zeroing) cost
     more than the work. `take(name, ...)` hands out the kept buffer of that
-    name (or a fresh one) and `give_back` keeps it again. "counter" buffers
-    must come back all zero (`apply_refs` leaves them so); a pass that fails
-    simply does not give its counter back. Thread-safe: a second concurrent
-    pass gets fresh buffers.
+    name (or a fresh one) and `give_back` keeps it again. A buffer's old
+    contents are garbage: the reference counter is overwritten by the pass
+    that takes it (`_Pass._settle`). Thread-safe: a second concurrent pass
+    gets fresh buffers.
     """
-
-    ZEROED = ("counter",)
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -255,7 +253,7 @@ class _Scratch:
         with self._lock:
             buf = self._kept.pop(name, None)
         if buf is None or buf.size < size or buf.dtype != dtype:
-            return np.zeros(size, dtype) if name in self.ZEROED else np.empty(size, dtype)
+            return np.empty(size, dtype)
         return buf[:size]
 
     def give_back(self, name: str, buf: np.ndarray) -> None:
@@ -327,9 +325,12 @@ class _Pass:
                                    np.uint64(PGC_COUNT_MASK), self.mine)
         self.owner = frames.owner
         # References taken in the pass: acc[2m] general-only, acc[2m+1] general
-        # and writable, so one np.add.at counts an L1 entry of either kind.
+        # and writable. acc starts as garbage: the references of the upper
+        # levels wait in `pending` until the L1 count has overwritten it.
         self.acc: np.ndarray = _SCRATCH.take("counter", 2 * n, np.uint32)
         self.counted = 0
+        self.pending: list[np.ndarray] = []
+        self.settled = False
         # Frame -> level it is validated at in this pass (0: none); the key of its
         # first (validating) reference is in the sorted claim_mfns/claim_keys.
         self.claim = np.zeros(self.n, dtype=np.int8)
@@ -362,8 +363,23 @@ class _Pass:
     def _count(self, slots: np.ndarray) -> None:
         """One reference per accumulator slot in `slots` (int64)."""
         self._reserve(slots.size)
-        # (a 1 of the accumulator's own type: a Python int takes numpy's slow path)
-        np.add.at(self.acc, slots, self.acc.dtype.type(1))
+        if self.settled:
+            # (a 1 of the accumulator's own type: a Python int takes numpy's slow path)
+            np.add.at(self.acc, slots, self.acc.dtype.type(1))
+        else:
+            self.pending.append(slots)
+
+    def _settle(self, overwritten: bool = False) -> None:
+        """Make acc hold the pass's counts: clear it (unless the L1 count has
+        just `overwritten` it), then count the pending references."""
+        if self.settled:
+            return
+        if not overwritten:
+            self.acc.fill(0)
+        self.settled = True
+        pending, self.pending = self.pending, []
+        for slots in pending:
+            np.add.at(self.acc, slots, self.acc.dtype.type(1))
 
     def _general_refs(self, mfns: np.ndarray) -> None:
         self._count(2 * mfns)
@@ -394,6 +410,7 @@ class _Pass:
                 below = refs[level - 1]
                 refs[level - 1] = (np.concatenate([below[0], down[0]]),
                                    np.concatenate([below[1], down[1]]))
+        self._settle()  # (a pass with no L1 table to validate)
         self._check_linear()
         _SCRATCH.give_back("mine", self.mine)
         outcome = self._outcome()
@@ -506,8 +523,11 @@ class _Pass:
         self._reserve(entries)
         k = kernels()
         spill = _SCRATCH.take("spill", k.spill_capacity(entries, self.acc.size), np.uint16)
+        # (the first and only L1 count of a pass: it overwrites acc)
         bad_flags, out_of_range = k.count_l1(self.mem2d, np.ascontiguousarray(tables, np.int64),
-                                             self.acc, self.n, np.uint64(dis), spill)
+                                             self.acc, self.n, np.uint64(dis), spill,
+                                             not self.settled)
+        self._settle(overwritten=True)
         _SCRATCH.give_back("spill", spill)
         self.clock.lap("count")
         if bad_flags:
@@ -654,7 +674,7 @@ def _apply(frames: FrameTable, d: _Delta) -> None:
     kernels().apply_refs(d.refs, frames.count_info, frames.type_info,
                          np.uint64(layout.count_mask),
                          np.uint64(layout.encode(PageType.WRITABLE, 0, validated=True)))
-    _SCRATCH.give_back("counter", d.refs)  # apply_refs left it zero
+    _SCRATCH.give_back("counter", d.refs)
     m = d.typed_mfns
     if m.size:
         ti = frames.type_info[m]
