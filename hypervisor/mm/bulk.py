@@ -248,6 +248,7 @@ class _Scratch:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._kept: dict[str, np.ndarray] = {}
+        self._clear: dict[str, np.ndarray] = {}
 
     def take(self, name: str, size: int, dtype: type) -> np.ndarray:
         with self._lock:
@@ -255,6 +256,23 @@ class _Scratch:
         if buf is None or buf.size < size or buf.dtype != dtype:
             return np.empty(size, dtype)
         return buf[:size]
+
+    def take_clear(self, name: str, size: int, dtype: type) -> np.ndarray:
+        """Like `take`, but all zero: a kept buffer given back with
+        `give_back_clear`, or a fresh one."""
+        with self._lock:
+            buf = self._clear.pop(name, None)
+        if buf is None or buf.size < size or buf.dtype != dtype:
+            return np.zeros(size, dtype)
+        return buf[:size]
+
+    def give_back_clear(self, name: str, buf: np.ndarray) -> None:
+        """Keep `buf` for `take_clear`: the caller has cleared it (where it
+        wrote, which is far cheaper than the page faults of a fresh one)."""
+        base = buf if buf.base is None else buf.base
+        if isinstance(base, np.ndarray) and base.ndim == 1 and base.dtype == buf.dtype:
+            with self._lock:
+                self._clear[name] = base
 
     def give_back(self, name: str, buf: np.ndarray) -> None:
         base = buf if buf.base is None else buf.base
@@ -276,10 +294,13 @@ class _Scratch:
             buf = self.take(name, size, dtype)
             buf.fill(0)  # the first touch happens here, not in a pass
             self.give_back(name, buf)
+        for name, dtype in (("types", np.uint8), ("typed", np.bool_), ("claim", np.int8)):
+            self.give_back_clear(name, self.take_clear(name, nr_frames, dtype))
 
     def release(self) -> None:
         with self._lock:
             self._kept.clear()
+            self._clear.clear()
 
 
 _SCRATCH = _Scratch()
@@ -312,11 +333,11 @@ class _Pass:
         # Type and "typed" of every frame, decoded where the word is non-zero.
         self.nonzero = np.flatnonzero(frames.type_info) if nonzero is None else nonzero
         words = frames.type_info[self.nonzero]
-        zero_type = int(layout.type_of(np.zeros(1, np.uint64))[0])
-        self.t0 = (np.zeros(n, np.uint8) if zero_type == 0
+        self.zero_type = zero_type = int(layout.type_of(np.zeros(1, np.uint64))[0])
+        self.t0 = (_SCRATCH.take_clear("types", n, np.uint8) if zero_type == 0
                    else np.full(n, zero_type, np.uint8))
         self.t0[self.nonzero] = layout.type_of(words)
-        self.typed0 = np.zeros(n, dtype=bool)
+        self.typed0 = _SCRATCH.take_clear("typed", n, np.bool_)
         self.typed0[self.nonzero] = (words & np.uint64(layout.count_mask)) != 0
         # Frames this domain may reference: its own, allocated.
         # (Kept for the next pass; given back when this pass is done with it.)
@@ -333,7 +354,7 @@ class _Pass:
         self.settled = False
         # Frame -> level it is validated at in this pass (0: none); the key of its
         # first (validating) reference is in the sorted claim_mfns/claim_keys.
-        self.claim = np.zeros(self.n, dtype=np.int8)
+        self.claim = _SCRATCH.take_clear("claim", n, np.int8)
         self.claim_mfns = np.empty(0, np.int64)
         self.claim_keys = np.empty(0, np.int64)
         self.fail_keys: list[np.ndarray] = []
@@ -413,9 +434,20 @@ class _Pass:
         self._settle()  # (a pass with no L1 table to validate)
         self._check_linear()
         _SCRATCH.give_back("mine", self.mine)
+        self._give_back_cleared()
         outcome = self._outcome()
         self.clock.lap("check")
         return outcome
+
+    def _give_back_cleared(self) -> None:
+        """Clear the per-frame arrays where this pass set them; keep them."""
+        self.typed0[self.nonzero] = False
+        _SCRATCH.give_back_clear("typed", self.typed0)
+        self.claim[self.claim_mfns] = 0
+        _SCRATCH.give_back_clear("claim", self.claim)
+        if self.zero_type == 0:
+            self.t0[self.nonzero] = 0
+            _SCRATCH.give_back_clear("types", self.t0)
 
     def _root_refs(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         r = len(self.roots)
