@@ -295,7 +295,9 @@ class _Scratch:
             buf.fill(0)  # the first touch happens here, not in a pass
             self.give_back(name, buf)
         for name, dtype in (("types", np.uint8), ("typed", np.bool_), ("claim", np.int8)):
-            self.give_back_clear(name, self.take_clear(name, nr_frames, dtype))
+            buf = self.take_clear(name, nr_frames, dtype)
+            buf.fill(0)  # (np.zeros maps its pages only when they are first written)
+            self.give_back_clear(name, buf)
 
     def release(self) -> None:
         with self._lock:
@@ -556,7 +558,8 @@ class _Pass:
         k = kernels()
         spill = _SCRATCH.take("spill", k.spill_capacity(entries, self.acc.size), np.uint16)
         # (the first and only L1 count of a pass: it overwrites acc)
-        bad_flags, out_of_range = k.count_l1(self.mem2d, np.ascontiguousarray(tables, np.int64),
+        bad_flags, out_of_range = k.count_l1(np.ascontiguousarray(self.mem2d),
+                                             np.ascontiguousarray(tables, np.int64),
                                              self.acc, self.n, np.uint64(dis), spill,
                                              not self.settled)
         self._settle(overwritten=True)
