@@ -295,8 +295,10 @@ class _Scratch:
             buf = self.take(name, size, dtype)
             buf.fill(0)  # the first touch happens here, not in a pass
             self.give_back(name, buf)
-        for name, dtype in (("types", np.uint8), ("typed", np.bool_), ("claim", np.int8)):
-            buf = self.take_clear(name, nr_frames, dtype)
+        per_frame: tuple[tuple[str, type], ...] = (
+            ("types", np.uint8), ("typed", np.bool_), ("claim", np.int8))
+        for name, kind in per_frame:
+            buf = self.take_clear(name, nr_frames, kind)
             buf.fill(0)  # (np.zeros maps its pages only when they are first written)
             self.give_back_clear(name, buf)
 
