@@ -4,7 +4,7 @@
 (pinning the same roots in the same order), but in passes over whole levels
 at once: read every entry of every table to validate at level L, mask the
 present ones, check their flags, extract the MFNs, count the references, then
-go down a level. A 64 GiB guest (16.8 M L1 entries) takes about 0.15 s.
+go down a level. A 64 GiB guest (16.8 M L1 entries) takes about 0.12 s of CPU.
 
 The reference visits entries depth first, and three rules depend on that order:
 which of two conflicting references types a frame first, whether the target of
@@ -25,10 +25,11 @@ are read, classified and counted in one compiled pass (`bulk_kernels.count_l1`,
 which buckets the references so that counting stays in cache), and the counts
 go into the frame table in another (`bulk_kernels.apply_refs`); the upper
 levels are few and stay numpy. The big per-pass buffers (reference counter,
-bucket buffer, the domain's frame mask) are kept for the next pass and call,
-and `prepare` can fault them in ahead of time, so that a validation does not
-pay their first touch. The frame table is decoded only where its words are
-non-zero, and the checks look at candidate frames only. `BulkResult.phases`
+bucket buffer, the domain's frame mask, the per-frame type and claim arrays)
+are kept for the next pass and call, and `prepare` can fault them in ahead
+of time, so that a validation does not pay their first touch. The frame
+table is decoded only where its words are non-zero, and the checks look at
+candidate frames only. `BulkResult.phases`
 says where the time went.
 """
 
@@ -239,24 +240,40 @@ class _Scratch:
     At 64 GiB a pass counts into 134 MB, buckets through 42 MB and marks 17 MB
     of frames: allocated afresh, their first touch (page faults, zeroing) cost
     more than the work. `take(name, ...)` hands out the kept buffer of that
-    name (or a fresh one) and `give_back` keeps it again. "counter" buffers
-    must come back all zero (`apply_refs` leaves them so); a pass that fails
-    simply does not give its counter back. Thread-safe: a second concurrent
-    pass gets fresh buffers.
+    name (or a fresh one) and `give_back` keeps it again. A buffer's old
+    contents are garbage: the reference counter is overwritten by the pass
+    that takes it (`_Pass._settle`). Thread-safe: a second concurrent pass
+    gets fresh buffers.
     """
-
-    ZEROED = ("counter",)
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._kept: dict[str, np.ndarray] = {}
+        self._clear: dict[str, np.ndarray] = {}
 
     def take(self, name: str, size: int, dtype: type) -> np.ndarray:
         with self._lock:
             buf = self._kept.pop(name, None)
         if buf is None or buf.size < size or buf.dtype != dtype:
-            return np.zeros(size, dtype) if name in self.ZEROED else np.empty(size, dtype)
+            return np.empty(size, dtype)
         return buf[:size]
+
+    def take_clear(self, name: str, size: int, dtype: type) -> np.ndarray:
+        """Like `take`, but all zero: a kept buffer given back with
+        `give_back_clear`, or a fresh one."""
+        with self._lock:
+            buf = self._clear.pop(name, None)
+        if buf is None or buf.size < size or buf.dtype != dtype:
+            return np.zeros(size, dtype)
+        return buf[:size]
+
+    def give_back_clear(self, name: str, buf: np.ndarray) -> None:
+        """Keep `buf` for `take_clear`: the caller has cleared it (where it
+        wrote, which is far cheaper than the page faults of a fresh one)."""
+        base = buf if buf.base is None else buf.base
+        if isinstance(base, np.ndarray) and base.ndim == 1 and base.dtype == buf.dtype:
+            with self._lock:
+                self._clear[name] = base
 
     def give_back(self, name: str, buf: np.ndarray) -> None:
         base = buf if buf.base is None else buf.base
@@ -278,10 +295,17 @@ class _Scratch:
             buf = self.take(name, size, dtype)
             buf.fill(0)  # the first touch happens here, not in a pass
             self.give_back(name, buf)
+        per_frame: tuple[tuple[str, type], ...] = (
+            ("types", np.uint8), ("typed", np.bool_), ("claim", np.int8))
+        for name, kind in per_frame:
+            buf = self.take_clear(name, nr_frames, kind)
+            buf.fill(0)  # (np.zeros maps its pages only when they are first written)
+            self.give_back_clear(name, buf)
 
     def release(self) -> None:
         with self._lock:
             self._kept.clear()
+            self._clear.clear()
 
 
 _SCRATCH = _Scratch()
@@ -314,11 +338,11 @@ class _Pass:
         # Type and "typed" of every frame, decoded where the word is non-zero.
         self.nonzero = np.flatnonzero(frames.type_info) if nonzero is None else nonzero
         words = frames.type_info[self.nonzero]
-        zero_type = int(layout.type_of(np.zeros(1, np.uint64))[0])
-        self.t0 = (np.zeros(n, np.uint8) if zero_type == 0
+        self.zero_type = zero_type = int(layout.type_of(np.zeros(1, np.uint64))[0])
+        self.t0 = (_SCRATCH.take_clear("types", n, np.uint8) if zero_type == 0
                    else np.full(n, zero_type, np.uint8))
         self.t0[self.nonzero] = layout.type_of(words)
-        self.typed0 = np.zeros(n, dtype=bool)
+        self.typed0 = _SCRATCH.take_clear("typed", n, np.bool_)
         self.typed0[self.nonzero] = (words & np.uint64(layout.count_mask)) != 0
         # Frames this domain may reference: its own, allocated.
         # (Kept for the next pass; given back when this pass is done with it.)
@@ -327,12 +351,15 @@ class _Pass:
                                    np.uint64(PGC_COUNT_MASK), self.mine)
         self.owner = frames.owner
         # References taken in the pass: acc[2m] general-only, acc[2m+1] general
-        # and writable, so one np.add.at counts an L1 entry of either kind.
+        # and writable. acc starts as garbage: the references of the upper
+        # levels wait in `pending` until the L1 count has overwritten it.
         self.acc: np.ndarray = _SCRATCH.take("counter", 2 * n, np.uint32)
         self.counted = 0
+        self.pending: list[np.ndarray] = []
+        self.settled = False
         # Frame -> level it is validated at in this pass (0: none); the key of its
         # first (validating) reference is in the sorted claim_mfns/claim_keys.
-        self.claim = np.zeros(self.n, dtype=np.int8)
+        self.claim = _SCRATCH.take_clear("claim", n, np.int8)
         self.claim_mfns = np.empty(0, np.int64)
         self.claim_keys = np.empty(0, np.int64)
         self.fail_keys: list[np.ndarray] = []
@@ -362,8 +389,23 @@ class _Pass:
     def _count(self, slots: np.ndarray) -> None:
         """One reference per accumulator slot in `slots` (int64)."""
         self._reserve(slots.size)
-        # (a 1 of the accumulator's own type: a Python int takes numpy's slow path)
-        np.add.at(self.acc, slots, self.acc.dtype.type(1))
+        if self.settled:
+            # (a 1 of the accumulator's own type: a Python int takes numpy's slow path)
+            np.add.at(self.acc, slots, self.acc.dtype.type(1))
+        else:
+            self.pending.append(slots)
+
+    def _settle(self, overwritten: bool = False) -> None:
+        """Make acc hold the pass's counts: clear it (unless the L1 count has
+        just `overwritten` it), then count the pending references."""
+        if self.settled:
+            return
+        if not overwritten:
+            self.acc.fill(0)
+        self.settled = True
+        pending, self.pending = self.pending, []
+        for slots in pending:
+            np.add.at(self.acc, slots, self.acc.dtype.type(1))
 
     def _general_refs(self, mfns: np.ndarray) -> None:
         self._count(2 * mfns)
@@ -394,11 +436,23 @@ class _Pass:
                 below = refs[level - 1]
                 refs[level - 1] = (np.concatenate([below[0], down[0]]),
                                    np.concatenate([below[1], down[1]]))
+        self._settle()  # (a pass with no L1 table to validate)
         self._check_linear()
         _SCRATCH.give_back("mine", self.mine)
+        self._give_back_cleared()
         outcome = self._outcome()
         self.clock.lap("check")
         return outcome
+
+    def _give_back_cleared(self) -> None:
+        """Clear the per-frame arrays where this pass set them; keep them."""
+        self.typed0[self.nonzero] = False
+        _SCRATCH.give_back_clear("typed", self.typed0)
+        self.claim[self.claim_mfns] = 0
+        _SCRATCH.give_back_clear("claim", self.claim)
+        if self.zero_type == 0:
+            self.t0[self.nonzero] = 0
+            _SCRATCH.give_back_clear("types", self.t0)
 
     def _root_refs(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         r = len(self.roots)
@@ -506,8 +560,12 @@ class _Pass:
         self._reserve(entries)
         k = kernels()
         spill = _SCRATCH.take("spill", k.spill_capacity(entries, self.acc.size), np.uint16)
-        bad_flags, out_of_range = k.count_l1(self.mem2d, np.ascontiguousarray(tables, np.int64),
-                                             self.acc, self.n, np.uint64(dis), spill)
+        # (the first and only L1 count of a pass: it overwrites acc)
+        bad_flags, out_of_range = k.count_l1(np.ascontiguousarray(self.mem2d),
+                                             np.ascontiguousarray(tables, np.int64),
+                                             self.acc, self.n, np.uint64(dis), spill,
+                                             not self.settled)
+        self._settle(overwritten=True)
         _SCRATCH.give_back("spill", spill)
         self.clock.lap("count")
         if bad_flags:
@@ -654,7 +712,7 @@ def _apply(frames: FrameTable, d: _Delta) -> None:
     kernels().apply_refs(d.refs, frames.count_info, frames.type_info,
                          np.uint64(layout.count_mask),
                          np.uint64(layout.encode(PageType.WRITABLE, 0, validated=True)))
-    _SCRATCH.give_back("counter", d.refs)  # apply_refs left it zero
+    _SCRATCH.give_back("counter", d.refs)
     m = d.typed_mfns
     if m.size:
         ti = frames.type_info[m]

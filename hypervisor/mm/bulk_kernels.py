@@ -33,8 +33,10 @@ _MFN_MASK = np.uint64((1 << MFN_FIELD_BITS) - 1)
 
 # Reference counters are uint32 until they could overflow, then uint64.
 _COUNTERS = ("uint32", "uint64")
-_COUNT_L1 = [f"UniTuple(int64, 2)(uint64[:, :], int64[::1], {acc}[::1], int64, uint64, "
-             f"uint16[::1])" for acc in _COUNTERS]
+# (memory as a C-contiguous 2-D array: a row's entries are then adjacent for
+# the compiler too, which reads them faster than through a general stride)
+_COUNT_L1 = [f"UniTuple(int64, 2)(uint64[:, ::1], int64[::1], {acc}[::1], int64, uint64, "
+             f"uint16[::1], boolean)" for acc in _COUNTERS]
 _APPLY = [f"void({acc}[::1], uint64[::1], uint64[::1], uint64, uint64)" for acc in _COUNTERS]
 _UNOWNED = [f"int64[::1]({acc}[::1], int64[::1])" for acc in _COUNTERS]
 _MARK_OWNED = "int64[::1](int32[::1], uint64[::1], int64, uint64, boolean[::1])"
@@ -54,8 +56,12 @@ def spill_capacity(entries: int, nr_slots: int) -> int:
 
 
 @numba.njit(_COUNT_L1, cache=True, nogil=True)
-def count_l1(mem2d, tables, acc, nr_frames, disallow, spill):
+def count_l1(mem2d, tables, acc, nr_frames, disallow, spill, overwrite):
     """Count the references of the L1 entries of `tables` into `acc`.
+
+    With `overwrite`, acc's old contents do not matter: every slot ends
+    holding exactly its count (so that nobody has to clear acc beforehand);
+    without, the counts are added to what acc holds.
 
     For each present entry with no `disallow` flag whose MFN is below
     `nr_frames`: acc[2 * mfn + rw] += 1 (rw: the entry's writable bit).
@@ -66,8 +72,9 @@ def count_l1(mem2d, tables, acc, nr_frames, disallow, spill):
     increment per slot straight into a counter array far larger than the
     caches misses on nearly every entry. So the entries are first sorted by
     slot >> WINDOW_BITS into `spill` (each bucket a fixed share of it, the
-    slot's offset in its window as uint16), then counted bucket by bucket,
-    each in a window of `acc` that stays in cache. An entry whose bucket is
+    slot's offset in its window as uint16), then counted bucket by bucket
+    into one window-sized counter that stays in cache, which is then added
+    to that bucket's stretch of `acc` in order. An entry whose bucket is
     full is counted straight away (the result is the same, only slower).
     """
     limit = np.uint64(nr_frames)
@@ -76,30 +83,49 @@ def count_l1(mem2d, tables, acc, nr_frames, disallow, spill):
     buckets = max((acc.size + _WINDOW - 1) >> WINDOW_BITS, 1)
     share = spill.size // buckets
     fill = np.arange(buckets) * share  # next free place of each bucket
+    end = fill + share
+    usable = _PRESENT | disallow
     for i in range(tables.size):
         row = mem2d[tables[i]]
         for j in range(row.size):
             e = row[j]
-            if (e & _PRESENT) == 0:
-                continue
-            if (e & disallow) != 0:
-                bad_flags += 1
-                continue
             mfn = (e >> _MFN_SHIFT) & _MFN_MASK
-            if mfn >= limit:
-                beyond += 1
+            # One test for the common case; the rare entries are told apart after.
+            if (e & usable) != _PRESENT or mfn >= limit:
+                if (e & _PRESENT) == 0:
+                    continue
+                if (e & disallow) != 0:
+                    bad_flags += 1
+                else:
+                    beyond += 1
                 continue
             slot = (mfn << _ONE) | ((e >> _RW_SHIFT) & _ONE)
             b = slot >> _WINDOW_SHIFT
-            if fill[b] < (b + 1) * share:
-                spill[fill[b]] = np.uint16(slot & _WINDOW_MASK)
-                fill[b] += 1
+            f = fill[b]
+            if f < end[b]:
+                spill[f] = np.uint16(slot & _WINDOW_MASK)
+                fill[b] = f + 1
             else:
+                if overwrite:  # from here on acc is added to: clear it once
+                    acc[:] = 0
+                    overwrite = False
                 acc[slot] += 1
+    # Each bucket counts into one small window reused for all (hot in cache,
+    # unlike a fresh stretch of acc), then goes into acc in one sequential sweep.
+    window = np.zeros(_WINDOW, acc.dtype)
     for b in range(buckets):
-        window = acc[b << WINDOW_BITS:]
         for k in range(b * share, fill[b]):
             window[spill[k]] += 1
+        base = b << WINDOW_BITS
+        top = min(acc.size - base, _WINDOW)
+        if overwrite:  # a store, not a read-modify-write, of acc
+            for s in range(top):
+                acc[base + s] = window[s]
+                window[s] = 0
+        else:
+            for s in range(top):
+                acc[base + s] += window[s]
+                window[s] = 0
     return bad_flags, beyond
 
 
@@ -109,15 +135,12 @@ def apply_refs(acc, count_info, type_info, count_mask, writable_word):
 
     acc[2m] general-only and acc[2m + 1] writable references of frame m: both
     go into count_info[m]; a frame with writable references becomes
-    writable_word | (its type count + those references). `acc` is left all
-    zero, so that it can count the next pass without a fresh (page-faulting)
-    allocation.
+    writable_word | (its type count + those references). `acc` is only
+    read: the next pass overwrites it (`count_l1(..., overwrite=True)`).
     """
     for m in range(count_info.size):
         ro = np.uint64(acc[2 * m])
         rw = np.uint64(acc[2 * m + 1])
-        acc[2 * m] = 0
-        acc[2 * m + 1] = 0
         count_info[m] += ro + rw
         if rw != 0:
             type_info[m] = ((type_info[m] & count_mask) + rw) | writable_word
@@ -158,8 +181,9 @@ def warm_up() -> None:
     first call in a process also initialises numba's runtime (~30 ms here)."""
     for dtype in (np.uint32, np.uint64):
         acc = np.zeros(4, dtype)
-        count_l1(np.zeros((1, 512), np.uint64), np.zeros(1, np.int64), acc, 2, _ONE,
-                 np.zeros(64, np.uint16))
+        for overwrite in (False, True):
+            count_l1(np.zeros((1, 512), np.uint64), np.zeros(1, np.int64), acc, 2, _ONE,
+                     np.zeros(64, np.uint16), overwrite)
         referenced_unowned(acc, np.zeros(1, np.int64))
         apply_refs(acc, np.zeros(2, np.uint64), np.zeros(2, np.uint64), _ONE, _ONE)
     mark_owned(np.zeros(2, np.int32), np.zeros(2, np.uint64), 1, _ONE, np.zeros(2, np.bool_))

@@ -286,3 +286,37 @@ def test_phases_account_for_the_run() -> None:
                                                 "check", "write_back"}
     assert result.phases["count"] > 0 and result.phases["write_back"] > 0
     assert sum(result.phases.values()) <= elapsed
+
+
+@pytest.mark.parametrize("leave_dirty", ["typed", "claim"])
+def test_a_kept_per_frame_array_left_dirty_is_caught(monkeypatch, leave_dirty) -> None:
+    """The per-frame arrays a pass keeps for the next one must come back clear.
+    A dirty "typed" array makes bulk and the reference disagree; a dirty
+    "claim" array is still exact (clashes go to the reference), but hands
+    roots to the slow reference that a clean run decides in bulk."""
+    import hypervisor.mm.bulk as bulk_module
+
+    trees = [_random(ALL_BUILDS[0], seed, 0.2, 0.3) for seed in range(12)]
+    clean = [_both(make)[1][3].reference_roots for make in trees]
+    kept = {"typed": "typed0", "claim": "claim"}[leave_dirty]
+    real = bulk_module._Pass._give_back_cleared
+
+    def dirty(self) -> None:
+        real(self)
+        mine = bulk_module._SCRATCH.take_clear(leave_dirty, self.n, getattr(self, kept).dtype)
+        mine[:] = 1  # what a pass that forgot to clear would hand on
+        bulk_module._SCRATCH.give_back_clear(leave_dirty, mine)
+
+    monkeypatch.setattr(bulk_module._Pass, "_give_back_cleared", dirty)
+    caught = 0
+    try:
+        for make, clean_reference_roots in zip(trees, clean, strict=True):
+            ref, bulk = _both(make)
+            try:
+                _assert_same(ref, bulk)
+                assert bulk[3].reference_roots == clean_reference_roots
+            except AssertionError:
+                caught += 1
+    finally:
+        bulk_module.release_buffers()  # no dirty buffer outlives the test
+    assert caught > 0
