@@ -1,6 +1,7 @@
 """`hvlab bench linux`: Debian's Linux 6.1 booting as a PV domU, from entry to poweroff.
 
-One run of scenarios/linux-pv.toml (run scenarios/linux/fetch.sh first):
+One run of scenarios/linux-pv.toml, or of the scenario given (`--scenario`, e.g.
+scenarios/linux-pv-smp.toml), after scenarios/linux/fetch.sh:
 guest instructions, TLB fills, hypercalls by kind, privileged instructions
 emulated, ptwr emulations, bounces, wall and CPU time and MIPS (on a shared
 machine the process's CPU time is the wall time it would take alone), and how
@@ -41,11 +42,13 @@ def run_linux_bench(as_json: bool, scenario_path: Path = SCENARIO) -> dict:
     run = describe(hv, scenario, stop, wall)
     dom = run["domains"][0]
     result = {
+        "scenario": scenario_path.name,
         "kernel": dom["xen_pv"]["kernel"],
         "reached": reached(dom["console"]),
         "shutdown": dom["shutdown"],
         "crash_report": dom["crash_report"],
         "instructions": run["instructions"],
+        "vcpu_instructions": [v["instructions"] for v in dom["vcpus"]],
         "virtual_ns": run["virtual_ns"],
         "tlb_fills": run["tlb_fills"],
         "exits": run["exits"],

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from hypervisor.lib.errno import EEXIST, EINVAL, ENOSPC, ENOSYS, ESRCH
+from hypervisor.lib.errno import EEXIST, EINVAL, ENOENT, ENOSPC, ENOSYS, ESRCH
 
 # event_channel_op commands (public/event_channel.h)
 EVTCHNOP_BIND_INTERDOMAIN = 0
@@ -25,9 +25,14 @@ EVTCHNOP_CLOSE = 3
 EVTCHNOP_SEND = 4
 EVTCHNOP_ALLOC_UNBOUND = 6
 EVTCHNOP_BIND_IPI = 7
+EVTCHNOP_BIND_VCPU = 8
 EVTCHNOP_UNMASK = 9
 
 VIRQ_TIMER = 0
+VIRQ_DEBUG = 1
+VIRQ_XENOPROF = 7
+VIRQ_XENPMU = 13
+PER_VCPU_VIRQS = frozenset({VIRQ_TIMER, VIRQ_DEBUG, VIRQ_XENOPROF, VIRQ_XENPMU})
 NR_VIRQS = 24
 DOMID_SELF = 0x7FF0
 
@@ -132,12 +137,15 @@ class EventChannels:
         shared_info: np.ndarray,
         kick: Callable[[int], None],
         peer: Callable[[int], EventChannels | None],
+        pollers: Callable[[int], None] | None = None,
     ) -> None:
         self.domid = domid
         self.nr_vcpus = nr_vcpus
         self.bits = SharedInfoBits(shared_info)
         self.kick = kick
         self.peer = peer
+        # told of every port that becomes pending, masked or not (SCHEDOP_poll's wake-up)
+        self.pollers = pollers
         self.state = EventChannelState()
 
     # ------------------------------------------------------------ save/restore
@@ -159,6 +167,7 @@ class EventChannels:
             EVTCHNOP_SEND: self._op_send,
             EVTCHNOP_ALLOC_UNBOUND: self._op_alloc_unbound,
             EVTCHNOP_BIND_IPI: self._op_bind_ipi,
+            EVTCHNOP_BIND_VCPU: self._op_bind_vcpu,
             EVTCHNOP_UNMASK: self._op_unmask,
         }.get(cmd)
         if handler is None:
@@ -167,7 +176,7 @@ class EventChannels:
 
     ARG_SIZES = {EVTCHNOP_BIND_INTERDOMAIN: 12, EVTCHNOP_BIND_VIRQ: 12, EVTCHNOP_CLOSE: 4,
                  EVTCHNOP_SEND: 4, EVTCHNOP_ALLOC_UNBOUND: 8, EVTCHNOP_BIND_IPI: 8,
-                 EVTCHNOP_UNMASK: 4}
+                 EVTCHNOP_BIND_VCPU: 8, EVTCHNOP_UNMASK: 4}
 
     def _op_bind_interdomain(self, arg: bytes, _v: int) -> tuple[int, bytes | None]:
         remote_dom, remote_port, _ = struct.unpack("<HxxII", arg)
@@ -185,6 +194,10 @@ class EventChannels:
         vcpu, _ = struct.unpack("<II", arg)
         rc = self.bind_ipi(vcpu)
         return (rc, None) if rc < 0 else (0, struct.pack("<II", vcpu, rc))
+
+    def _op_bind_vcpu(self, arg: bytes, _v: int) -> tuple[int, bytes | None]:
+        port, vcpu = struct.unpack("<II", arg)
+        return self.bind_vcpu(port, vcpu), None
 
     def _op_alloc_unbound(self, arg: bytes, _v: int) -> tuple[int, bytes | None]:
         dom, remote_dom, _ = struct.unpack("<HHI", arg)
@@ -245,6 +258,8 @@ class EventChannels:
     def bind_virq(self, virq: int, vcpu: int) -> int:
         if not (0 <= virq < NR_VIRQS) or not (0 <= vcpu < self.nr_vcpus):
             return -EINVAL
+        if virq not in PER_VCPU_VIRQS and vcpu != 0:
+            return -EINVAL  # a global VIRQ is bound on vCPU 0 (then moved by bind_vcpu)
         if (vcpu, virq) in self.state.virq_ports:
             return -EEXIST
         port = self._get_free_port()
@@ -263,12 +278,27 @@ class EventChannels:
         self.state.ports[port] = Port(IPI, notify_vcpu=vcpu)
         return port
 
+    def bind_vcpu(self, port: int, vcpu: int) -> int:
+        """Xen's evtchn_bind_vcpu: which vCPU a port notifies (unbound, interdomain and
+        global-VIRQ ports only; IPIs and per-vCPU VIRQs stay where they were bound)."""
+        if not 0 <= vcpu < self.nr_vcpus:
+            return -ENOENT
+        if not self._valid(port):
+            return -EINVAL
+        p = self.state.ports[port]
+        if p.state in (UNBOUND, INTERDOMAIN) or (p.state == VIRQ
+                                                  and p.virq not in PER_VCPU_VIRQS):
+            # a global VIRQ stays vCPU 0's to raise (Xen's virq_to_evtchn); it notifies `vcpu`
+            self.state.ports[port] = replace(p, notify_vcpu=vcpu)
+            return 0
+        return -EINVAL
+
     def close(self, port: int) -> int:
         if not self._valid(port):
             return -EINVAL
         p = self.state.ports[port]
         if p.state == VIRQ:
-            del self.state.virq_ports[(p.notify_vcpu, p.virq)]
+            del self.state.virq_ports[(p.notify_vcpu if p.virq in PER_VCPU_VIRQS else 0, p.virq)]
         elif p.state == INTERDOMAIN:
             remote = self if p.remote_dom == self.domid else self.peer(p.remote_dom)
             if remote is not None:
@@ -319,11 +349,10 @@ class EventChannels:
         vcpu = self.state.ports.get(port, Port()).notify_vcpu
         if b.test_and_set(b.PENDING, port):
             return
-        if b.test(b.MASK, port):
-            return
-        if b.test_and_set_sel(vcpu, port // 64):
-            return
-        self._mark_events_pending(vcpu)
+        if not b.test(b.MASK, port) and not b.test_and_set_sel(vcpu, port // 64):
+            self._mark_events_pending(vcpu)
+        if self.pollers is not None:
+            self.pollers(port)
 
     def _mark_events_pending(self, vcpu: int) -> None:
         self.bits.set_upcall_pending(vcpu, True)

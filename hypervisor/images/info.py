@@ -32,6 +32,7 @@ from hypervisor.stream.hvm_records import HVM_SAVE_CPU, HvmHwCpu
 from hypervisor.stream.vcpu_context import VGCF_ONLINE
 
 from .common import HVLAB_DOMAIN_NAME, ImageError, file_size, read_image, record_name
+from .pt_stats import PageTableStats
 
 _LEVEL_NAMES = ("L1", "L2", "L3", "L4")
 
@@ -47,6 +48,7 @@ class _Tally:
     vcpus: list[dict[str, Any]] = field(default_factory=list)
     tsc: dict[str, int] | None = None
     hvlab: dict[str, Any] | None = None
+    page_tables: PageTableStats = field(default_factory=PageTableStats)
 
     def count(self, name: str, size: int) -> None:
         entry = self.records.setdefault(name, [0, 0])
@@ -86,11 +88,13 @@ def image_info(path: str | os.PathLike[str], as_json: bool = False,
 
 def _take(tally: _Tally, record: object, path: str | os.PathLike[str]) -> None:
     match record:
-        case PageDataRecord(pfns=pfns, types=types):
+        case PageDataRecord(pfns=pfns, types=types, pages=pages):
             tally.types += np.bincount(types, minlength=16)
             tally.max_pfn = max(tally.max_pfn, int(pfns.max()))
+            tally.page_tables.add_page_data(pfns, types, pages)
         case X86PvP2mFramesRecord(end_pfn=end):
             tally.p2m_end = end
+            tally.page_tables.nr_pages = end + 1
         case X86PvVcpuBasicRecord(vcpu_id=vid):
             ctx = record.guest_context()
             tally.vcpus.append({
@@ -101,6 +105,9 @@ def _take(tally: _Tally, record: object, path: str | os.PathLike[str]) -> None:
                 "cr3_pfn": ctx.ctrlreg[3] >> 12,
                 "user_cr3_pfn": ctx.user_table,
             })
+            if ctx.ctrlreg[3]:
+                tally.page_tables.add_cr3(ctx.ctrlreg[3] >> 12)
+            tally.page_tables.add_cr3(ctx.user_table)
         case HvmContextRecord(blob=blob):
             for entry in iter_hvm_context(blob):
                 if entry.typecode == HVM_SAVE_CPU:
@@ -166,6 +173,7 @@ def _summarise(t: _Tally, path: str | os.PathLike[str], size_on_disk: int, strea
         "page_types": types,
         "page_tables": {**tables, "total": sum(tables.values())},
         "pins": {**pins, "total": sum(pins.values())},
+        "page_table_stats": t.page_tables.summary(),
         "vcpus": {"count": len(t.vcpus), "online": sum(v["online"] for v in t.vcpus),
                   "list": t.vcpus},
         "tsc": t.tsc,
@@ -201,6 +209,8 @@ def print_info(info: dict[str, Any], out: TextIO) -> None:
       + f"  (total {tables['total']:,})\n")
     w("pins        " + "  ".join(f"{lvl} {pins[lvl]:,}" for lvl in _LEVEL_NAMES)
       + f"  (total {pins['total']:,})\n")
+    if info["page_table_stats"] is not None:
+        _print_page_table_stats(info["page_table_stats"], w)
     vcpus = info["vcpus"]
     w(f"vcpus       {vcpus['count']} ({vcpus['online']} online)\n")
     for v in vcpus["list"]:
@@ -218,3 +228,22 @@ def print_info(info: dict[str, Any], out: TextIO) -> None:
         w(f"hvlab       {', '.join(parts)}\n")
         if hv.get("console_last_line"):
             w(f"console     ...{hv['console_last_line']}\n")
+
+
+def _print_page_table_stats(s: dict[str, Any], w: Any) -> None:
+    present, mean = s["present_entries"], s["entries_per_table"]
+    w("entries     " + "  ".join(f"{lvl} {present[lvl]:,}" for lvl in _LEVEL_NAMES)
+      + f"  present (total {present['total']:,}); per table "
+      + "  ".join(f"{lvl} {mean[lvl]:.1f}" for lvl in _LEVEL_NAMES) + "\n")
+    empty = s["empty_tables"]
+    w("empty       " + "  ".join(f"{lvl} {empty[lvl]:,}" for lvl in _LEVEL_NAMES)
+      + f"  tables with no present entry (total {empty['total']:,})\n")
+    r = s["roots"]
+    w(f"roots       {r['total']:,} L4 roots: {r['kernel']:,} kernel, {r['user']:,} user "
+      f"({r['pinned']:,} pinned, {r['cr3_not_pinned']:,} CR3s not pinned)\n")
+    w(f"L1 entries  {s['l1_present']:,} present, {s['writable_mappings']:,} writable, "
+      f"{s['table_mappings']:,} map page tables; {s['mapped_frames']:,} frames mapped\n")
+    w(f"linear      {s['linear_entries']:,} entries onto tables of their own level, "
+      f"{s['self_maps']:,} self-maps"
+      + (f"; {s['beyond_domain']:,} entries map pfns beyond the domain" if s["beyond_domain"]
+         else "") + "\n")

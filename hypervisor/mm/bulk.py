@@ -1,11 +1,10 @@
 """Vectorised reconstruction of a PV domain's typerefs from its roots.
 
 `bulk_validate` writes exactly the frame table `PageTyping.apply_roots` would
-(pinning the same roots in the same order), but in numpy passes over whole
-levels at once: gather every entry of every table to validate at level L, mask
-the present ones, check their flags, extract the MFNs, bincount the references,
-then go down a level. A 64 GiB guest (16.8 M L1 entries) takes well under a
-second.
+(pinning the same roots in the same order), but in passes over whole levels
+at once: read every entry of every table to validate at level L, mask the
+present ones, check their flags, extract the MFNs, count the references, then
+go down a level. A 64 GiB guest (16.8 M L1 entries) takes about 0.15 s.
 
 The reference visits entries depth first, and three rules depend on that order:
 which of two conflicting references types a frame first, whether the target of
@@ -21,20 +20,25 @@ different levels (its contents would be read at both). Then the first root
 involved is handed to the reference implementation, which decides it exactly;
 that only happens for trees the rules refuse anyway.
 
-Cost: the bulk of a large guest is its L1 entries, read once in chunks of
-`_L1_CHUNK` tables (a view of host memory, not a copy, when the tables are
-consecutive frames). Apart from the per-frame reference counter, no pass
-allocates a temporary the size of the frame table: the frame table is decoded
-only where its words are non-zero, the per-frame masks are built chunk by
-chunk, and the checks look at candidate frames only. `BulkResult.phases` says
-where the time went.
+Cost: the bulk of a large guest is its L1 entries (16.8 M at 64 GiB). They
+are read, classified and counted in one compiled pass (`bulk_kernels.count_l1`,
+which buckets the references so that counting stays in cache), and the counts
+go into the frame table in another (`bulk_kernels.apply_refs`); the upper
+levels are few and stay numpy. The big per-pass buffers (reference counter,
+bucket buffer, the domain's frame mask) are kept for the next pass and call,
+and `prepare` can fault them in ahead of time, so that a validation does not
+pay their first touch. The frame table is decoded only where its words are
+non-zero, and the checks look at candidate frames only. `BulkResult.phases`
+says where the time went.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import numpy as np
 
@@ -57,18 +61,16 @@ _ROOT_SHIFT = 40
 _LEVEL_BITS = 10
 _MAX_ROOTS = 1 << (63 - _ROOT_SHIFT)
 _NO_KEY = np.iinfo(np.int64).max
-_U1, _U11, _U12 = np.uint64(1), np.uint64(11), np.uint64(12)
-_ONE = np.uint64(1)
+_U12 = np.uint64(12)
 _MFN_MASK = np.uint64((1 << MFN_FIELD_BITS) - 1)
-_MFN_MASK2 = np.uint64(((1 << MFN_FIELD_BITS) - 1) << 1)
-# L1 tables per vectorised step: 1 M entries (8 MiB), so temporaries stay small.
+# L1 tables per vectorised step of the (rare) refusal scans: 1 M entries (8 MiB),
+# so temporaries stay small.
 _L1_CHUNK = 2048
-_APPLY_CHUNK = 1 << 20
 # The reference counter is uint32 until a pass has counted more references than
 # that could hold; then it is widened to uint64 (exact either way, and half the
 # memory and page faults in practice).
 _WIDEN_AT = np.iinfo(np.uint32).max
-PHASES = ("setup", "gather", "classify", "count", "check", "write_back")
+PHASES = ("setup", "classify", "count", "check", "write_back")
 
 _GUEST_L4_SLOTS = np.ones(ENTRIES_PER_TABLE, dtype=bool)
 _GUEST_L4_SLOTS[XEN_L4_FIRST_SLOT : XEN_L4_LAST_SLOT + 1] = False
@@ -86,9 +88,13 @@ class BulkResult:
     passes: int = 0
     reference_roots: int = 0  # roots decided by the reference implementation
     # Seconds per phase (PHASES), summed over the passes: setup (checks, decoding
-    # the frame table), gather (reading table entries), classify (present, flags,
-    # targets), count (reference counting), check (refusals), write_back.
+    # the frame table, marking the domain's frames), classify (the L4-L2
+    # entries: present, flags, targets), count (the L1 entries: read, classified
+    # and counted in one compiled pass), check (refusals), write_back.
     phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    # The same in CPU seconds of the calling thread (on a shared machine the
+    # wall times include other processes' turns).
+    cpu_phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
     @property
     def ok(self) -> bool:
@@ -111,14 +117,15 @@ class _Delta:
 class _Clock:
     """Charges the time since the last lap to a phase."""
 
-    def __init__(self, phases: dict[str, float]) -> None:
-        self.phases = phases
-        self.last = time.perf_counter()
+    def __init__(self, phases: dict[str, float], cpu_phases: dict[str, float]) -> None:
+        self.phases, self.cpu_phases = phases, cpu_phases
+        self.last, self.last_cpu = time.perf_counter(), time.thread_time()
 
     def lap(self, phase: str) -> None:
-        now = time.perf_counter()
+        now, now_cpu = time.perf_counter(), time.thread_time()
         self.phases[phase] += now - self.last
-        self.last = now
+        self.cpu_phases[phase] += now_cpu - self.last_cpu
+        self.last, self.last_cpu = now, now_cpu
 
 
 @dataclass
@@ -142,12 +149,12 @@ def bulk_validate(
     if len(roots) >= _MAX_ROOTS:
         raise BulkPreconditionError(f"{len(roots)} roots: at most {_MAX_ROOTS - 1} fit a key")
     result = BulkResult(failures=[])
-    clock = _Clock(result.phases)
-    _check_preconditions(frames, mem, domid)
+    clock = _Clock(result.phases, result.cpu_phases)
+    nonzero: np.ndarray | None = _check_preconditions(frames, mem, domid)
     start = 0
     while start < len(roots):
         batch = roots[start:]
-        outcome = _Pass(mem, frames, domid, batch, clock).run()
+        outcome = _Pass(mem, frames, domid, batch, clock, nonzero).run()
         result.passes += 1
         if outcome.delta is not None:
             _apply(frames, outcome.delta)
@@ -155,12 +162,14 @@ def bulk_validate(
             break
         bad = outcome.failed_root
         if bad > 0:  # everything before the failing root is clean: apply it
-            prefix = _Pass(mem, frames, domid, batch[:bad], clock).run()
+            # (a failed pass changed nothing: its non-zero words still hold)
+            prefix = _Pass(mem, frames, domid, batch[:bad], clock, nonzero).run()
             result.passes += 1
             if prefix.delta is None:
                 raise MmError("bulk validation: a clean prefix failed on its own")
             _apply(frames, prefix.delta)
             clock.lap("write_back")
+        nonzero = None  # the frame table has changed (or may, by the reference)
         root = batch[bad]
         rc = outcome.rc
         if outcome.use_reference:
@@ -183,12 +192,15 @@ def _reference_root(mem: np.ndarray, frames: FrameTable, domid: int, root: Root)
     return rc
 
 
-def _check_preconditions(frames: FrameTable, mem: np.ndarray, domid: int) -> None:
+def _check_preconditions(frames: FrameTable, mem: np.ndarray, domid: int) -> np.ndarray:
+    """Raise BulkPreconditionError if bulk cannot start; else the frames with a
+    non-zero type_info word."""
     frames.check_mem(mem)
     layout = frames.layout
     # A zero word is no type, count 0, no flags (in every build): only the
     # non-zero words need a look.
-    nz = np.flatnonzero(frames.type_info)
+    nonzero = np.flatnonzero(frames.type_info)
+    nz = nonzero
     ti = frames.type_info[nz[frames.owner[nz] == domid]]
     busy = np.uint64((1 << layout.partial_bit) | (1 << layout.locked_bit))
     if ti.size and int(np.bitwise_or.reduce(ti & busy)):
@@ -201,6 +213,7 @@ def _check_preconditions(frames: FrameTable, mem: np.ndarray, domid: int) -> Non
     stale = (types >= PageType.L1) & (types <= PageType.L4) & (layout.count_of(ti) == 0)
     if stale.any() and layout.validated_of(ti[stale]).any():
         raise BulkPreconditionError(f"domain {domid} has page tables validated at type count 0")
+    return nonzero
 
 
 def _first_per_frame(mfns: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -212,11 +225,85 @@ def _first_per_frame(mfns: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np
     return m[first], k[first]
 
 
+def kernels() -> ModuleType:
+    """`mm.bulk_kernels`, imported on first use: importing numba and loading the
+    compiled kernels takes ~0.4 s, which only a bulk validation should pay."""
+    from hypervisor.mm import bulk_kernels
+
+    return bulk_kernels
+
+
+class _Scratch:
+    """The big buffers of a pass, kept for the next pass and the next call.
+
+    At 64 GiB a pass counts into 134 MB, buckets through 42 MB and marks 17 MB
+    of frames: allocated afresh, their first touch (page faults, zeroing) cost
+    more than the work. `take(name, ...)` hands out the kept buffer of that
+    name (or a fresh one) and `give_back` keeps it again. "counter" buffers
+    must come back all zero (`apply_refs` leaves them so); a pass that fails
+    simply does not give its counter back. Thread-safe: a second concurrent
+    pass gets fresh buffers.
+    """
+
+    ZEROED = ("counter",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: dict[str, np.ndarray] = {}
+
+    def take(self, name: str, size: int, dtype: type) -> np.ndarray:
+        with self._lock:
+            buf = self._kept.pop(name, None)
+        if buf is None or buf.size < size or buf.dtype != dtype:
+            return np.zeros(size, dtype) if name in self.ZEROED else np.empty(size, dtype)
+        return buf[:size]
+
+    def give_back(self, name: str, buf: np.ndarray) -> None:
+        base = buf if buf.base is None else buf.base
+        if not isinstance(base, np.ndarray) or base.ndim != 1 or base.dtype != buf.dtype:
+            return
+        with self._lock:
+            kept = self._kept.get(name)
+            if kept is None or kept.size < base.size:
+                self._kept[name] = base
+
+    def prepare(self, nr_frames: int, l1_entries: int) -> None:
+        """Allocate and touch the buffers a pass over `nr_frames` frames needs;
+        load and warm up the kernels."""
+        kernels().warm_up()
+        spill = kernels().spill_capacity(l1_entries, 2 * nr_frames)
+        for name, size, dtype in (("counter", 2 * nr_frames, np.uint32),
+                                  ("spill", spill, np.uint16),
+                                  ("mine", nr_frames, np.bool_)):
+            buf = self.take(name, size, dtype)
+            buf.fill(0)  # the first touch happens here, not in a pass
+            self.give_back(name, buf)
+
+    def release(self) -> None:
+        with self._lock:
+            self._kept.clear()
+
+
+_SCRATCH = _Scratch()
+
+
+def prepare(nr_frames: int, l1_entries: int) -> None:
+    """Load the compiled kernels and pre-fault the buffers bulk validation of
+    `l1_entries` L1 entries over `nr_frames` frames will use (e.g. while a live
+    update still copies memory), so that the validation itself pays neither."""
+    _SCRATCH.prepare(nr_frames, l1_entries)
+
+
+def release_buffers() -> None:
+    """Drop the buffers kept between calls (the memory goes back to the system)."""
+    _SCRATCH.release()
+
+
 class _Pass:
     """One depth-first-equivalent pass over `roots`, from the current frame table."""
 
     def __init__(self, mem: np.ndarray, frames: FrameTable, domid: int,
-                 roots: Sequence[Root], clock: _Clock) -> None:
+                 roots: Sequence[Root], clock: _Clock, nonzero: np.ndarray | None) -> None:
         self.frames = frames
         self.mem2d = frames.check_mem(mem)
         self.domid = domid
@@ -225,7 +312,7 @@ class _Pass:
         self.n = n = frames.nr_frames
         layout = frames.layout
         # Type and "typed" of every frame, decoded where the word is non-zero.
-        self.nonzero = np.flatnonzero(frames.type_info)
+        self.nonzero = np.flatnonzero(frames.type_info) if nonzero is None else nonzero
         words = frames.type_info[self.nonzero]
         zero_type = int(layout.type_of(np.zeros(1, np.uint64))[0])
         self.t0 = (np.zeros(n, np.uint8) if zero_type == 0
@@ -233,19 +320,15 @@ class _Pass:
         self.t0[self.nonzero] = layout.type_of(words)
         self.typed0 = np.zeros(n, dtype=bool)
         self.typed0[self.nonzero] = (words & np.uint64(layout.count_mask)) != 0
-        # Frames this domain may reference: its own, allocated (built in
-        # chunks: no frame-table-sized temporary).
-        self.mine = np.empty(n, dtype=bool)
-        count_mask = np.uint64(PGC_COUNT_MASK)
-        for start in range(0, n, _APPLY_CHUNK):
-            stop = min(start + _APPLY_CHUNK, n)
-            np.logical_and(frames.owner[start:stop] == domid,
-                           (frames.count_info[start:stop] & count_mask) != 0,
-                           out=self.mine[start:stop])
+        # Frames this domain may reference: its own, allocated.
+        # (Kept for the next pass; given back when this pass is done with it.)
+        self.mine = _SCRATCH.take("mine", n, np.bool_)
+        self.not_mine = kernels().mark_owned(frames.owner, frames.count_info, domid,
+                                   np.uint64(PGC_COUNT_MASK), self.mine)
         self.owner = frames.owner
         # References taken in the pass: acc[2m] general-only, acc[2m+1] general
         # and writable, so one np.add.at counts an L1 entry of either kind.
-        self.acc: np.ndarray = np.zeros(2 * n, dtype=np.uint32)
+        self.acc: np.ndarray = _SCRATCH.take("counter", 2 * n, np.uint32)
         self.counted = 0
         # Frame -> level it is validated at in this pass (0: none); the key of its
         # first (validating) reference is in the sorted claim_mfns/claim_keys.
@@ -270,11 +353,15 @@ class _Pass:
         ok = (mfns >= 0) & (mfns < self.n)
         return ok & self.mine[np.where(ok, mfns, 0)]
 
-    def _count(self, slots: np.ndarray) -> None:
-        """One reference per accumulator slot in `slots` (int64)."""
-        self.counted += slots.size
+    def _reserve(self, references: int) -> None:
+        """Make room for up to `references` more counts (widening the counter if needed)."""
+        self.counted += references
         if self.counted > _WIDEN_AT and self.acc.dtype != np.uint64:
             self.acc = self.acc.astype(np.uint64)
+
+    def _count(self, slots: np.ndarray) -> None:
+        """One reference per accumulator slot in `slots` (int64)."""
+        self._reserve(slots.size)
         # (a 1 of the accumulator's own type: a Python int takes numpy's slow path)
         np.add.at(self.acc, slots, self.acc.dtype.type(1))
 
@@ -308,6 +395,7 @@ class _Pass:
                 refs[level - 1] = (np.concatenate([below[0], down[0]]),
                                    np.concatenate([below[1], down[1]]))
         self._check_linear()
+        _SCRATCH.give_back("mine", self.mine)
         outcome = self._outcome()
         self.clock.lap("check")
         return outcome
@@ -412,51 +500,23 @@ class _Pass:
 
     def _l1_entries(self, tables: np.ndarray, tkeys: np.ndarray) -> None:
         dis = disallow_mask(1)
-        limit = 2 * self.n
-        out_of_range = False
-        clock = self.clock
-        # Reused per chunk: no fresh 8 MiB temporaries (and their page faults).
-        slot_buf = np.empty(_L1_CHUNK * ENTRIES_PER_TABLE, np.uint64)
-        bit_buf = np.empty_like(slot_buf)
-        clock.lap("classify")  # the upper levels
-        for start in range(0, tables.size, _L1_CHUNK):
-            e = _rows(self.mem2d, tables[start : start + _L1_CHUNK])
-            clock.lap("gather")
-            any_bits = int(np.bitwise_or.reduce(e, axis=None))
-            if not any_bits & PTE_PRESENT:
-                continue
-            if int(np.bitwise_and.reduce(e, axis=None)) & PTE_PRESENT and not any_bits & dis:
-                flat = e.reshape(-1)  # all present, no bad flags: the common case
-            else:
-                ok = (e & np.uint64(PTE_PRESENT)) != 0
-                if any_bits & dis:
-                    bad = ok & ((e & np.uint64(dis)) != 0)
-                    rows, cols = np.nonzero(bad)
-                    self._fail(tkeys[start + rows] | (cols.astype(np.int64) + 1), -EINVAL)
-                    ok &= ~bad
-                flat = e[ok]
-            # 2 * mfn + rw: the accumulator slot of this entry's references.
-            slot, bit = slot_buf[: flat.size], bit_buf[: flat.size]
-            np.right_shift(flat, _U11, out=slot)
-            np.bitwise_and(slot, _MFN_MASK2, out=slot)
-            np.right_shift(flat, _U1, out=bit)
-            np.bitwise_and(bit, _ONE, out=bit)
-            np.bitwise_or(slot, bit, out=slot)
-            # No MFN exceeds the OR of all of them: only look closer when that could.
-            if slot.size and (any_bits >> 12) & int(_MFN_MASK) >= self.n and \
-                    int(slot.max()) >= limit:
-                out_of_range = True
-                slot = slot[slot < limit]
-            clock.lap("classify")
-            self._count(slot.view(np.int64))
-            clock.lap("count")
-
+        self.clock.lap("classify")  # the upper levels
+        # Read, classified and counted in one compiled pass (bulk_kernels).
+        entries = tables.size * ENTRIES_PER_TABLE
+        self._reserve(entries)
+        k = kernels()
+        spill = _SCRATCH.take("spill", k.spill_capacity(entries, self.acc.size), np.uint16)
+        bad_flags, out_of_range = k.count_l1(self.mem2d, np.ascontiguousarray(tables, np.int64),
+                                             self.acc, self.n, np.uint64(dis), spill)
+        _SCRATCH.give_back("spill", spill)
+        self.clock.lap("count")
+        if bad_flags:
+            self._fail(self._l1_bad_flag_keys(tables, tkeys), -EINVAL)
         if out_of_range:
             keys, target, _ = self._l1_scan(tables, tkeys, lambda t, rw: t >= self.n)
             self._fail(keys, np.where(target == INVALID_MFN_IN_PTE, -EINVAL, -EPERM))
         # Referenced frames that are not the domain's: free, someone else's, I/O.
-        others = np.flatnonzero(~self.mine)
-        hit = others[(self.acc[2 * others] != 0) | (self.acc[2 * others + 1] != 0)]
+        hit = kernels().referenced_unowned(self.acc, self.not_mine)
         if hit.size:
             refused = np.zeros(self.n, dtype=bool)
             refused[hit] = True
@@ -466,6 +526,16 @@ class _Pass:
                                                    & np.uint64(PGC_COUNT_MASK)) != 0)
             self._fail(keys, np.where(io, -EPERM, -EBUSY))
         self._writable_conflicts(tables, tkeys)
+
+    def _l1_bad_flag_keys(self, tables: np.ndarray, tkeys: np.ndarray) -> np.ndarray:
+        """Keys of the present L1 entries with a flag Xen disallows."""
+        out = []
+        dis = np.uint64(disallow_mask(1))
+        for start in range(0, tables.size, _L1_CHUNK):
+            e = self.mem2d[tables[start : start + _L1_CHUNK]]
+            rows, cols = np.nonzero(((e & np.uint64(PTE_PRESENT)) != 0) & ((e & dis) != 0))
+            out.append(tkeys[start + rows] | (cols.astype(np.int64) + 1))
+        return np.concatenate(out)
 
     def _l1_scan(self, tables: np.ndarray, tkeys: np.ndarray, want
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -574,44 +644,17 @@ class _Pass:
         )
 
 
-def _rows(mem2d: np.ndarray, tables: np.ndarray) -> np.ndarray:
-    """The entries of `tables` (sorted, unique): a view when they are consecutive frames."""
-    first = int(tables[0])
-    if int(tables[-1]) - first == tables.size - 1:
-        return mem2d[first : first + tables.size]
-    return mem2d[tables]
-
-
 def _apply(frames: FrameTable, d: _Delta) -> None:
     """Write one successful pass into the frame table."""
     layout = frames.layout
-    # Per chunk: general references (both kinds) into count_info; writable data
-    # frames typed at count 0 (validated at once) or counted up. Either way the
-    # word becomes writable|validated|(count + added): a frame with writable
-    # references already is exactly that. Chunks keep the temporaries small.
-    fresh_word = np.uint64(layout.encode(PageType.WRITABLE, 0, validated=True))
-    count_mask = np.uint64(layout.count_mask)
-    pairs = d.refs.reshape(-1, 2)
-    # Reused per chunk, so the loop allocates (and page-faults) nothing.
-    both = np.empty(_APPLY_CHUNK, np.uint64)
-    new = np.empty(_APPLY_CHUNK, np.uint64)
-    has_rw = np.empty(_APPLY_CHUNK, bool)
-    for start in range(0, frames.nr_frames, _APPLY_CHUNK):
-        chunk = pairs[start : start + _APPLY_CHUNK]
-        ro, rw = chunk[:, 0], chunk[:, 1]
-        size = ro.size
-        ci = frames.count_info[start : start + size]
-        np.add(ro, rw, out=both[:size], dtype=np.uint64)
-        ci += both[:size]
-        np.not_equal(rw, 0, out=has_rw[:size])
-        if not has_rw[:size].any():
-            continue
-        ti = frames.type_info[start : start + size]
-        np.bitwise_and(ti, count_mask, out=new[:size])
-        new[:size] += rw
-        new[:size] |= fresh_word
-        np.copyto(ti, new[:size], where=has_rw[:size])
-
+    # General references (both kinds) into count_info; writable data frames
+    # typed at count 0 (validated at once) or counted up. Either way the word
+    # becomes writable|validated|(count + added): a frame with writable
+    # references already is exactly that. One compiled pass over the frames.
+    kernels().apply_refs(d.refs, frames.count_info, frames.type_info,
+                         np.uint64(layout.count_mask),
+                         np.uint64(layout.encode(PageType.WRITABLE, 0, validated=True)))
+    _SCRATCH.give_back("counter", d.refs)  # apply_refs left it zero
     m = d.typed_mfns
     if m.size:
         ti = frames.type_info[m]

@@ -9,15 +9,20 @@ students never edit hvlab's sources, and a grader sees exactly what ran.
 
 Each check is worth one point; a failing check says what went wrong in the
 student's terms. A check that could not run because an earlier one failed
-fails too and says why. `--dir` grades a copy of a lab folder (the tests grade
+fails too and says why. Every call into the student's code (its import too)
+has a CPU-time limit, so an endless loop fails its check instead of hanging
+the grader. `--dir` grades a copy of a lab folder (the tests grade
 reference solutions and planted mistakes that way); the scenarios and
 hvlab's own files always come from the shipped lab.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,6 +35,9 @@ from hypervisor.lib.errors import HvlabError
 
 LABS_ROOT = Path(__file__).resolve().parents[2] / "scenarios" / "labs"
 SCENARIOS = LABS_ROOT.parent
+# CPU seconds one call into a student's code may take: hvlab's own rules take microseconds,
+# so only an endless (or hopelessly slow) loop reaches it.
+STUDENT_CALL_CPU_S = 10.0
 
 
 class LabError(HvlabError):
@@ -73,7 +81,7 @@ class Lab:
             fn = getattr(module, name, None)
             if not callable(fn):
                 raise StudentCodeError(f"{filename} defines no function {name}()")
-            found.append(fn)
+            found.append(_time_limited(fn, f"{name}()"))
         return found
 
     @contextmanager
@@ -104,6 +112,39 @@ def _student_frame(err: BaseException, work: Path) -> str:
     return where
 
 
+@contextmanager
+def cpu_time_limit(what: str) -> Iterator[None]:
+    """StudentCodeError if the block runs longer than STUDENT_CALL_CPU_S of CPU time.
+
+    SIGPROF counts this process's CPU time, so a loaded machine does not fail a
+    correct solution. Signals reach only the main thread: elsewhere (a grader
+    run from a worker thread) the block runs without a limit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    seconds = STUDENT_CALL_CPU_S
+
+    def expired(_signum: int, _frame: object) -> None:
+        raise StudentCodeError(f"{what} was still running after {seconds:g} s of CPU time "
+                               "(an endless loop?)")
+
+    previous = signal.signal(signal.SIGPROF, expired)
+    signal.setitimer(signal.ITIMER_PROF, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
+
+
+def _time_limited(fn: Callable[..., Any], what: str) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with cpu_time_limit(what):
+            return fn(*args, **kwargs)
+    return call
+
+
 def load_student_module(path: Path) -> ModuleType:
     if not path.is_file():
         raise StudentCodeError(f"{path.name} is missing from {path.parent}")
@@ -112,7 +153,8 @@ def load_student_module(path: Path) -> ModuleType:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
+        with cpu_time_limit(f"importing {path.name}"):
+            spec.loader.exec_module(module)
     except SyntaxError as err:
         raise StudentCodeError(f"{path.name} line {err.lineno}: syntax error: {err.msg}") from None
     except Exception as err:  # noqa: BLE001 - anything the student's module does on import

@@ -83,6 +83,17 @@ def _check_consistent(r: dict, mem_bytes: int, build: str, seed: int) -> None:
     assert list(r["bulk_phases_s"]) == list(PHASES)
     assert all(v >= 0 for v in r["bulk_phases_s"].values())
     assert sum(r["bulk_phases_s"].values()) <= r["bulk_s"]
+    # The same in CPU seconds, for the run with the least CPU time.
+    assert list(r["bulk_phases_cpu_s"]) == list(PHASES)
+    assert sum(r["bulk_phases_cpu_s"].values()) <= r["bulk_cpu_s"] + 1e-3
+    assert len(r["bulk_cpu_runs_s"]) == r["repeats"]
+    assert r["bulk_cpu_s"] == min(r["bulk_cpu_runs_s"]) > 0 and r["floor_cpu_s"] > 0
+    assert r["bulk_vs_floor_cpu"] == pytest.approx(r["bulk_cpu_s"] / r["floor_cpu_s"])
+    assert r["bulk_median_vs_floor"] >= r["bulk_vs_floor"]
+    # Compiling (or loading) the kernels and faulting in the buffers happen
+    # before the first timed run, and are reported on their own.
+    assert r["compile_s"] > 0 and r["prepare_s"] > 0
+    assert isinstance(r["compiled_from_cache"], bool)
 
 
 def test_small_guest_fields_are_complete_and_consistent() -> None:
@@ -113,7 +124,8 @@ def test_readable_table() -> None:
     lines = {line.split("  ")[0]: line for line in text.splitlines()}
     for name in ("guest", "present PTEs", "layout", "bulk", "reference", "equal on sample",
                  "scan (gather+count)", "memory floor", "bulk phases", "bulk cold vs warm",
-                 "bulk vs reference", "bulk vs floor", "bulk vs scan", "peak RSS"):
+                 "bulk vs reference", "bulk vs floor", "bulk vs floor (CPU)",
+                 "compile / prepare", "bulk vs scan", "peak RSS"):
         assert name in lines, name
     assert lines["equal on sample"].endswith("yes")
     assert f"{r['ptes']:,}" in lines["present PTEs"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from hypervisor.teaching import labs
 from hypervisor.teaching.labs import LABS_ROOT, check_lab
 from tests import ROOT
 
@@ -159,6 +160,22 @@ def test_typeref_rule_planted_mistakes(tmp_path, body, failing, says):
     result = check_lab("typeref-rule", work)
     assert _failed(result) == failing
     assert any(says in c["detail"] for c in result["checks"] if not c["passed"])
+
+
+def test_an_endless_loop_fails_its_checks_instead_of_hanging(tmp_path, monkeypatch):
+    monkeypatch.setattr(labs, "STUDENT_CALL_CPU_S", 0.2)
+    work = _copy(tmp_path, "typeref-rule", {
+        "rule.py": "def writable_mapping(typing, mfn):\n    while True:\n        pass\n"})
+    result = check_lab("typeref-rule", work)
+    assert result["score"] == 1, result  # only "rule.py loads"
+    assert "still running after 0.2 s of CPU time" in _detail(
+        result, "a data page may be mapped writable")
+    assert "(an endless loop?)" in _detail(
+        result, "pv-hostile: every attack refused with Xen's error code")
+    loading = _copy(tmp_path / "l", "typeref-rule", {"rule.py": "while True:\n    pass\n"})
+    result = check_lab("typeref-rule", loading)
+    assert result["score"] == 0
+    assert "importing rule.py was still running" in _detail(result, "rule.py loads")
 
 
 def test_typeref_rule_broken_file_names_the_line(tmp_path):

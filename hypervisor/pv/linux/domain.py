@@ -18,7 +18,7 @@ import numpy as np
 
 from emulator.addr import PAGE_SIZE
 from hypervisor.core.domain import Domain
-from hypervisor.core.evtchn import EventChannels
+from hypervisor.core.evtchn import MAX_LEGACY_VCPUS, EventChannels
 from hypervisor.core.hypervisor import Hypervisor, until_done
 from hypervisor.core.vcpu import RUNNABLE, Vcpu
 from hypervisor.lib.errors import HvlabError
@@ -32,6 +32,7 @@ from hypervisor.pv.linux.xen_notes import KernelLoadPlan, XenNotesError, plan_ke
 from hypervisor.pv.linux.xenstore import Xenstore
 from hypervisor.pv.xen.mmu import XenAbiMmu
 from hypervisor.pv.xen.policy import xen_pv_policy
+from hypervisor.pv.xen.poll import wake_pollers
 from hypervisor.pv.xen.state import XenVcpu
 
 CONSOLE_EVTCHN = 1  # the ports the backends use, allocated before the guest runs
@@ -79,8 +80,8 @@ def toolstack_nodes(name: str, domid: int, memory: int, vcpus: int) -> dict[str,
 
 def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memory: int,
                         vcpus: int, cmdline: str, busybox: str | Path | None) -> Domain:
-    if vcpus != 1:
-        raise HvlabError(f"domain {name}: a Linux PV domain runs on 1 vCPU in hvlab so far")
+    if not 1 <= vcpus <= MAX_LEGACY_VCPUS:  # each has a vcpu_info slot in shared_info
+        raise HvlabError(f"domain {name}: vcpus must be 1..{MAX_LEGACY_VCPUS}, got {vcpus}")
     plan = load_plan(kernel_path)
     try:
         initrd = build_initramfs_file(busybox) if busybox is not None else b""
@@ -113,7 +114,7 @@ def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memo
         page[at:at + 32] = np.frombuffer(struct.pack("<IIQQIbB2x", 2, 0, 0, 0, 0x8000_0000, 1,
                                                      0), np.uint8)
     dom.evtchn = EventChannels(domid, vcpus, page, kick=dom.wake_vcpu,
-                               peer=hv.evtchn_of)
+                               peer=hv.evtchn_of, pollers=lambda port: wake_pollers(dom, port))
     ports = [dom.evtchn.alloc_unbound(0) for _ in range(2)]
     assert ports == [CONSOLE_EVTCHN, STORE_EVTCHN]
     console_page = hv.memory.frame_u8(int(p2m[layout.console_pfn]))
@@ -146,7 +147,8 @@ def install_linux_domain(hv: Hypervisor, name: str, p2m: np.ndarray, shared_info
     dom = Domain(domid, name, policy, p2m, shared_info, start_info_va=start_info_va,
                  virt_base=virt_base, kernel_file=kernel_file)
     dom.evtchn = EventChannels(domid, nr_vcpus, hv.memory.frame_u8(shared_info),
-                               kick=dom.wake_vcpu, peer=hv.evtchn_of)
+                               kick=dom.wake_vcpu, peer=hv.evtchn_of,
+                               pollers=lambda port: wake_pollers(dom, port))
     console_page = hv.memory.frame_u8(int(p2m[console_pfn]))
     store = Xenstore(hv.memory.frame_u8(int(p2m[xenstore_pfn])), domid,
                      lambda: dom.events.set_pending(STORE_EVTCHN))

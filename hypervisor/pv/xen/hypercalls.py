@@ -17,21 +17,27 @@ import numpy as np
 from emulator.paging import ADDR_MASK, P
 from hypervisor.core import hypercalls as core
 from hypervisor.core.hypercalls import GuestAccessError
-from hypervisor.lib.errno import EFAULT, EINVAL, ENOENT, ENOSYS, EPERM
+from hypervisor.lib.errno import EFAULT, EINVAL, ENOENT, ENOSYS, EPERM, ETIME
 from hypervisor.pv import hypercalls as pvcalls
 from hypervisor.pv.hypercalls import VcpuMmuContext
 from hypervisor.pv.mmu_ops import (
     MMU_NORMAL_PT_UPDATE,
     MMUEXT_NEW_BASEPTR,
     MMUEXT_SET_LDT,
+    FlushKind,
+    TlbFlush,
     do_mmu_update,
     do_mmuext_op,
 )
 from hypervisor.pv.vcpu import finish_pending_typing
 from hypervisor.pv.xen.bounce import hypervisor_iret, xen_state
+from hypervisor.pv.xen.descriptors import fix_descriptor, fix_gdt_frames
 from hypervisor.pv.xen.grant_table import grant_table_op
 from hypervisor.pv.xen.mmu import RO_MPT_VIRT_START, XEN_GDT_PAGE
+from hypervisor.pv.xen.poll import do_poll
 from hypervisor.pv.xen.state import FLAT_KERNEL_SS, VALID_VM_ASSISTS
+from hypervisor.pv.xen.vcpu_init import initialise_xen_vcpu
+from hypervisor.stream.vcpu_context import VcpuGuestContext
 
 if TYPE_CHECKING:
     from hypervisor.core.hypervisor import Hypervisor
@@ -69,6 +75,7 @@ VCPUOP_REGISTER_RUNSTATE_MEMORY_AREA = 5
 VCPUOP_SET_PERIODIC_TIMER, VCPUOP_STOP_PERIODIC_TIMER = 6, 7
 VCPUOP_SET_SINGLESHOT_TIMER, VCPUOP_STOP_SINGLESHOT_TIMER = 8, 9
 VCPUOP_REGISTER_VCPU_INFO = 10
+VCPU_SSHOTTMR_FUTURE = 1
 VCPUOP_REGISTER_VCPU_TIME_MEMORY_AREA = 13
 
 CALLBACKOP_REGISTER, CALLBACKOP_UNREGISTER = 0, 1
@@ -79,10 +86,11 @@ CALLBACKF_MASK_EVENTS = 1
 SEGBASE_FS, SEGBASE_GS_USER, SEGBASE_GS_KERNEL, SEGBASE_GS_USER_SEL = 0, 1, 2, 3
 PHYSDEVOP_SET_IOPL = 6
 EVTCHNOP_SEND = 4
-EVTCHNOP_BIND_VCPU = 8
 EVTCHNOP_INIT_CONTROL = 11
+SCHEDOP_POLL = 3
 EVTCHNOP_SET_PRIORITY = 13
-UVMF_FLUSHTYPE_MASK = 3
+UVMF_FLUSHTYPE_MASK, UVMF_INVLPG = 3, 2
+UVMF_LOCAL, UVMF_ALL = 0, 4  # else the flags hold a vCPU bitmap's address
 
 MULTICALL_ENTRY = struct.Struct("<8Q")  # op, result, args[6]
 MAX_MULTICALLS = 512
@@ -126,14 +134,25 @@ def mmuext_op(hv: Hypervisor, v: Vcpu, ops: int, count: int, done_ptr: int, fore
 
 def update_va_mapping(hv: Hypervisor, v: Vcpu, va: int, val: int, flags: int,
                       *_: int) -> int:
-    """The L1 entry mapping `va` in the current kernel tables := val, then flush."""
+    """The L1 entry mapping `va` in the current kernel tables := val, then flush here, on
+    every pCPU (UVMF_ALL) or where the vCPUs of a bitmap run (UVMF_MULTI)."""
     entry_ma = l1_entry_ma(hv, v, va)
     if entry_ma is None:
         return -EINVAL
     finish_pending_typing(v.domain)
-    rc, _done = do_mmu_update(VcpuMmuContext(hv, v), [[entry_ma | MMU_NORMAL_PT_UPDATE, val]])
-    if rc == 0 and flags & UVMF_FLUSHTYPE_MASK:
-        _cpu(hv, v).flush_tlb()
+    ctx = VcpuMmuContext(hv, v)
+    rc, _done = do_mmu_update(ctx, [[entry_ma | MMU_NORMAL_PT_UPDATE, val]])
+    if rc or not flags & UVMF_FLUSHTYPE_MASK:
+        return rc
+    page = va if flags & UVMF_FLUSHTYPE_MASK == UVMF_INVLPG else None
+    where = flags & ~UVMF_FLUSHTYPE_MASK
+    if where == UVMF_LOCAL:
+        ctx.flush_tlb(TlbFlush(FlushKind.LOCAL, va=page))
+    elif where == UVMF_ALL:
+        ctx.flush_tlb(TlbFlush(FlushKind.ALL, va=page))
+    else:  # a pointer to a vCPU bitmap (read as Xen does: -EFAULT if it cannot be)
+        hv.copy_from_guest(v, where, 8)
+        ctx.flush_tlb(TlbFlush(FlushKind.MULTI, va=page, vcpumask=where))
     return rc
 
 
@@ -174,6 +193,7 @@ def set_gdt(hv: Hypervisor, v: Vcpu, frame_list: int, entries: int, *_: int) -> 
     owner = hv.frame_table.owner_of
     if any(f >= hv.memory.nr_frames or owner(f) != v.domain.domid for f in frames):
         return -EINVAL
+    fix_gdt_frames(hv.memory.u64, frames, entries)
     x = xen_state(v)
     x.gdt_frames, x.gdt_entries = tuple(frames), entries
     v.mmu.guest_gdt = x.gdt_frames  # type: ignore[attr-defined]
@@ -206,11 +226,12 @@ def get_debugreg(hv: Hypervisor, v: Vcpu, reg: int, *_: int) -> int:
 
 
 def update_descriptor(hv: Hypervisor, v: Vcpu, ma: int, desc: int, *_: int) -> int:
-    """Write one descriptor into a frame of the domain (its GDT or LDT pages)."""
+    """Write one descriptor into a frame of the domain (its GDT or LDT pages), with
+    Xen's DPL fix-up (pv/xen/descriptors.py)."""
     mfn = ma >> 12
     if ma & 7 or mfn >= hv.memory.nr_frames or hv.frame_table.owner_of(mfn) != v.domain.domid:
         return -EINVAL
-    hv.memory.u64[ma >> 3] = np.uint64(desc)
+    hv.memory.u64[ma >> 3] = np.uint64(fix_descriptor(desc))
     return 0
 
 
@@ -294,20 +315,28 @@ def vcpu_op(hv: Hypervisor, v: Vcpu, cmd: int, vcpu_id: int, arg: int, *_: int) 
     if not 0 <= vcpu_id < len(dom.vcpus):
         return -ENOENT
     target = dom.vcpus[vcpu_id]
+    if cmd == core.VCPUOP_INITIALISE:
+        ctx = VcpuGuestContext.unpack(hv.copy_from_guest(v, arg, VcpuGuestContext.SIZE))
+        return initialise_xen_vcpu(hv, target, ctx)
     if cmd == VCPUOP_REGISTER_RUNSTATE_MEMORY_AREA:
         xen_state(target).runstate_area = struct.unpack("<Q", hv.copy_from_guest(v, arg, 8))[0]
         return 0
-    if cmd in (VCPUOP_STOP_PERIODIC_TIMER, VCPUOP_STOP_SINGLESHOT_TIMER):
-        if cmd == VCPUOP_STOP_SINGLESHOT_TIMER:
-            target.timer_deadline_ns = None
-        return 0
+    if cmd == VCPUOP_STOP_PERIODIC_TIMER:
+        return 0  # no periodic timer runs (set_periodic_timer is refused)
     if cmd == VCPUOP_SET_PERIODIC_TIMER:
         return -ENOSYS  # Linux stops it and uses the one-shot timer
+    if cmd in (VCPUOP_SET_SINGLESHOT_TIMER, VCPUOP_STOP_SINGLESHOT_TIMER) and target is not v:
+        return -EINVAL  # as Xen: a vCPU sets and stops only its own one-shot timer
+    if cmd == VCPUOP_STOP_SINGLESHOT_TIMER:
+        target.timer_deadline_ns = None
+        return 0
     if cmd == VCPUOP_SET_SINGLESHOT_TIMER:
-        deadline, _flags = struct.unpack("<QI", hv.copy_from_guest(v, arg, 12))
-        # a deadline already past fires at once (VCPU_SSHOTTMR_future is not asked for)
-        target.timer_deadline_ns = max(deadline - dom.time_offset, hv.vcpu_time(dom)
-                                       - dom.time_offset)
+        deadline, flags = struct.unpack("<QI", hv.copy_from_guest(v, arg, 12))
+        now = hv.vcpu_time(dom) - dom.time_offset
+        if flags & VCPU_SSHOTTMR_FUTURE and deadline - dom.time_offset < now:
+            return -ETIME
+        # a deadline already past fires at once
+        target.timer_deadline_ns = max(deadline - dom.time_offset, now)
         return 0
     if cmd == VCPUOP_REGISTER_VCPU_INFO:
         mfn, offset = struct.unpack("<QI", hv.copy_from_guest(v, arg, 12))
@@ -326,8 +355,6 @@ def vcpu_op(hv: Hypervisor, v: Vcpu, cmd: int, vcpu_id: int, arg: int, *_: int) 
 def event_channel_op(hv: Hypervisor, v: Vcpu, cmd: int, arg: int, *rest: int) -> int:
     if cmd in (EVTCHNOP_INIT_CONTROL, EVTCHNOP_SET_PRIORITY):
         return -ENOSYS  # FIFO ABI absent: Linux uses the 2-level one
-    if cmd == EVTCHNOP_BIND_VCPU:
-        return 0  # one notify vCPU per port is all hvlab's 2-level model keeps
     rc = core.event_channel_op(hv, v, cmd, arg, *rest)
     if cmd == EVTCHNOP_SEND and v.domain.backends is not None:
         v.domain.backends.kick()
@@ -365,11 +392,14 @@ def console_io(hv: Hypervisor, v: Vcpu, cmd: int, count: int, buf: int, *_: int)
 
 def sched_op(hv: Hypervisor, v: Vcpu, cmd: int, arg: int, *rest: int) -> int:
     """As hvlab's core, except that SCHEDOP_shutdown's argument is Xen's: the reason only
-    (hvlab's own guests append a verdict code; a Linux guest's next word is not one)."""
+    (hvlab's own guests append a verdict code; a Linux guest's next word is not one),
+    plus SCHEDOP_poll (pv/xen/poll.py)."""
     if cmd == core.SCHEDOP_SHUTDOWN:
         reason = struct.unpack("<I", hv.copy_from_guest(v, arg, 4))[0]
         hv.shutdown_domain(v.domain, reason, 0)
         return 0
+    if cmd == SCHEDOP_POLL:
+        return do_poll(hv, v, arg)
     return core.sched_op(hv, v, cmd, arg, *rest)
 
 

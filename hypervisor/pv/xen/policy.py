@@ -13,6 +13,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from hypervisor.pv.policy import PvPolicy
+from hypervisor.pv.xen.poll import stop_polling
 from hypervisor.pv.xen.priv_ops import answer_cpuid
 from hypervisor.pv.xen.support import XenPvSupport
 
@@ -30,6 +31,22 @@ class XenPvPolicy(PvPolicy):
     def __init__(self, hv: Hypervisor) -> None:
         super().__init__(hv)
         self.support = XenPvSupport(hv)
+
+    def enter(self, cpu: PhysicalCpu, v: Vcpu, now: int, budget: int) -> int:
+        if v.xen.polling:  # woken by an event, not by the poll: the poll is over
+            stop_polling(v)
+        return super().enter(cpu, v, now, budget)
+
+    def on_time(self, v: Vcpu, now: int) -> None:
+        super().on_time(v, now)
+        deadline = v.xen.poll_deadline_ns
+        if deadline is not None and deadline <= now:
+            stop_polling(v)  # SCHEDOP_poll's timeout
+            v.wake()
+
+    def next_deadline(self, v: Vcpu) -> int | None:
+        deadlines = [d for d in (v.timer_deadline_ns, v.xen.poll_deadline_ns) if d is not None]
+        return min(deadlines) if deadlines else None
 
     def handle_exit(self, cpu: PhysicalCpu, v: Vcpu, exit_: Exit) -> bool:
         self.support.handle(cpu, v, exit_)

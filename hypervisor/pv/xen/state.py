@@ -46,6 +46,9 @@ class XenVcpu:
     gdt_entries: int = 0
     runstate_area: int = 0  # VCPUOP_register_runstate_memory_area
     vcpu_info_ma: int | None = None  # VCPUOP_register_vcpu_info (None: shared_info's slot)
+    polling: bool = False  # blocked in SCHEDOP_poll (pv/xen/poll.py)
+    poll_ports: frozenset[int] | None = None  # the one port polled; None: any port
+    poll_deadline_ns: int | None = None  # the poll's timeout, hypervisor time
     debugregs: dict[int, int] = field(default_factory=lambda: {6: 0xFFFF_0FF0, 7: 0x400})
     privops: int = 0  # privileged instructions emulated
     forced_cpuids: int = 0

@@ -36,6 +36,7 @@ from emulator.exits import (
 from emulator.paging import PF_USER, WalkFault
 from hypervisor.pv.xen import priv_ops
 from hypervisor.pv.xen.bounce import BounceError, bounce
+from hypervisor.pv.xen.descriptors import loadable_at_cpl3
 from hypervisor.pv.xen.hypercalls import HYPERVISOR_IRET, call
 from hypervisor.pv.xen.mmu import GDT_VA
 from hypervisor.pv.xen.ptwr import try_ptwr
@@ -117,8 +118,8 @@ class XenPvSupport:
         self.hv.start_vcpu_with(v, setup)
 
     def resume_vcpu(self, v: Vcpu, regs: dict[str, int], cpu_cr4: int) -> None:
-        """A restored vCPU at CPL 3 with its saved registers (its XenVcpu, roots and
-        mode already set): as start_vcpu, but every register is the saved one."""
+        """A restored or VCPUOP_initialise'd vCPU at CPL 3 with the given registers (its
+        XenVcpu, roots and mode already set): as start_vcpu, but every register given."""
         x = v.xen
         assert x is not None
         v.mmu.user_mode = not x.kernel_mode  # type: ignore[attr-defined]
@@ -129,12 +130,28 @@ class XenPvSupport:
             cpu.set_reg("cr3", v.roots.kernel_ma)
             cpu.set_reg("cr0", 0x8005_0033)
             cpu.set_descriptor_table("gdtr", GDT_VA, 16 * 4096 - 1)
-            cpu.enter_ring3(regs["rip"], regs["rsp"], regs["rflags"], regs["cs"], regs["ss"])
+            # the CPU loads the selectors' descriptors (a 32-bit user CS stays 32-bit);
+            # one it could not load at CPL 3 is entered on Xen's flat ones, the selector
+            # value kept (Xen would fault on it at the guest's first instruction)
+            cs, ss = regs["cs"], regs["ss"]
+            if not (self._loadable(x, cs, code=True) and self._loadable(x, ss, code=False)):
+                cs, ss = FLAT_KERNEL_CS, FLAT_KERNEL_SS
+            cpu.enter_ring3(regs["rip"], regs["rsp"], regs["rflags"], cs, ss)
             for name, value in regs.items():
-                if name not in ("cs", "ss"):
-                    cpu.set_reg(name, value)
+                cpu.set_reg(name, value)
 
         self.hv.start_vcpu_with(v, setup)
+
+    def _loadable(self, x: XenVcpu, selector: int, code: bool) -> bool:
+        """Whether `iretq` at CPL 3 can load `selector` (Xen's page or the guest's GDT)."""
+        index = selector >> 3
+        if selector >= XEN_GDT_FIRST_SELECTOR:
+            desc = XEN_DESCRIPTORS.get(selector & ~7 | 3)
+        elif index < x.gdt_entries and index // 512 < len(x.gdt_frames) and index:
+            desc = int(self.hv.memory.u64[x.gdt_frames[index // 512] * 512 + index % 512])
+        else:
+            return False
+        return desc is not None and selector & 4 == 0 and loadable_at_cpl3(desc, code)
 
     # --------------------------------------------------------------- exits
     def handle(self, cpu: PhysicalCpu, v: Vcpu, exit_: Exit) -> None:

@@ -73,9 +73,10 @@ def kernel_elf(code: bytes) -> bytes:
     return elf64(segments, linux_like_notes(entry=ENTRY, mod_start_pfn=True), TEXT_PADDR)
 
 
-def boot(tmp_path: Path, code: bytes, memory: int = 8 << 20) -> Hypervisor:
+def boot(tmp_path: Path, code: bytes, memory: int = 8 << 20, vcpus: int = 1,
+         pcpus: int = 1) -> Hypervisor:
     path = tmp_path / "kernel.elf"
     path.write_bytes(kernel_elf(code))
-    hv = Hypervisor(MachineConfig(1, 32 << 20))
-    create_linux_domain(hv, "tiny", path, memory, 1, "console=hvc0", None)
+    hv = Hypervisor(MachineConfig(pcpus, 32 << 20))
+    create_linux_domain(hv, "tiny", path, memory, vcpus, "console=hvc0", None)
     return hv
