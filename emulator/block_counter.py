@@ -23,9 +23,8 @@ with a one-instruction block there. The per-instruction hook had counted the
 instructions up to and including that write, and counts the write again in
 the new block; a block that starts inside the last one (at its start, too)
 and ends before the last one did can only be such a restart (a branch into
-a block, or back to its start, translates to the same end), so the hook
-stops before it, and the engine settles the last block's count up to the
-write and runs the write alone, as QEMU would have.
+a block, or back to its start, translates to the same end), so the hook stops before it and the engine
+settles the last block's count up to the write.
 
 Code changes under the same (pc, size) (Linux patching retpolines into
 `lfence; jmp *%rax`, another process's code at the same address) may change
@@ -120,13 +119,6 @@ def instruction_offsets(code: bytes, size: int) -> tuple[int, ...]:
     if end < size and (not offsets or offsets[-1] < end):
         offsets.append(end)  # an undecodable instruction ends the block
     return tuple(offsets)
-
-
-def instruction_length(code: bytes) -> int:
-    """The length of the instruction `code` starts with (0: undecodable)."""
-    for _offset, length, _mnemonic, _ops in _decoder().disasm_lite(code, 0, 1):
-        return length
-    return 0
 
 
 class BlockCounter:

@@ -86,13 +86,7 @@ from unicorn import (
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uclib
 
-from emulator.block_counter import (
-    HELD_RESTART,
-    HELD_UNKNOWN,
-    MAX_INSTRUCTION,
-    BlockCounter,
-    instruction_length,
-)
+from emulator.block_counter import HELD_RESTART, HELD_UNKNOWN, BlockCounter
 from emulator.disasm import data_addresses
 from emulator.exits import (
     BudgetExhausted,
@@ -391,16 +385,6 @@ class PhysicalCpu:
                     raise RuntimeError(f"a block restarting at {rip:#x} is not inside the last one")
                 block.executed = exact
                 block.block_pc, block.block_size = rip, 0
-                if int(block.executed) >= int(block.limit):
-                    block.stopped = 1
-                    return
-                # QEMU would run the write alone, in a block of its own: so do we
-                # (undecodable: it cannot have written; QEMU's #UD comes in a block of its own)
-                length = instruction_length(blocks.read_code(rip, MAX_INSTRUCTION) or b"")
-                if length:
-                    self._run_to(rip, rip + length, 1)
-                    if self._exit is not None:
-                        return
                 continue
             if held == HELD_UNKNOWN:
                 # translated again, unicorn tells the block's count
@@ -424,14 +408,8 @@ class PhysicalCpu:
         offsets = blocks.offsets(pc, size)
         if offsets is None or len(offsets) <= count:
             raise RuntimeError(f"cannot count the instructions of the block at {pc:#x}")
-        self._run_to(pc, pc + offsets[count], count)
-
-    def _run_to(self, pc: int, end: int, count: int) -> None:
-        """Run from `pc` to `end`, `count` instructions, in a block translated to stop there."""
-        blocks = self.blocks
-        assert blocks is not None
-        blocks.learn(pc, end - pc, count)  # true of any block that ends there
-        self.counter.block.block_size = 0  # a shorter block here is no restart
+        end = pc + offsets[count]
+        blocks.learn(pc, offsets[count], count)  # true of any block that ends there
         blocks.ignore_translations = True  # the stop at `end` is no instruction
         self.uc.ctl_set_exits([end])
         self._retranslate(pc)
