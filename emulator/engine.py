@@ -13,16 +13,8 @@ cope (measured; docs/design.md §2):
   binding's exception handling done here (an exception stops the run and
   `emu_start` raises it). A guest's own `mov cr3`/`invlpg` flush unicorn's TLB
   without telling us; `flush_tlb` also tells the MMU (`Mmu.flush`).
-- Instruction budgets come from a native *block* hook (block_counter.py): exact
-  counts at one native call per translated block. A run that stops inside a
-  block (a fault, an exit, `rdtsc` asking the time) has its count settled by
-  decoding the block up to RIP, from the bytes the TLB maps (the fill hook
-  remembers which machine page it gave each virtual page); a block that would
-  overrun the budget stops before it starts and runs again translated to end
-  exactly at the budget (unicorn's exit address, set for that run only).
-  Debugging, tracing and MMIO need a stop after any instruction: engines that
-  use them go back to the per-instruction counting hook (native_counter.py),
-  the cost of unicorn's own `count=`.
+- Instruction budgets come from a native counting hook (native_counter.py):
+  exact executed-instruction counts at the cost of unicorn's own `count=`.
 - `vmcall` is an invalid instruction to unicorn: the invalid-instruction hook
   decodes it, steps over it and stops the run as a `Hypercall` exit.
 - `hlt` makes `emu_start` return normally, just like an exhausted budget; the
@@ -86,7 +78,6 @@ from unicorn import (
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uclib
 
-from emulator.block_counter import HELD_RESTART, HELD_UNKNOWN, BlockCounter
 from emulator.disasm import data_addresses
 from emulator.exits import (
     BudgetExhausted,
@@ -102,7 +93,7 @@ from emulator.exits import (
     Syscall,
 )
 from emulator.memory import HostMemory
-from emulator.native_counter import NativeCounter, remove_native_hook
+from emulator.native_counter import NativeCounter
 
 # The raw TLB-fill callback: (uc handle, vaddr, access, uc_tlb_entry*, user data).
 _TLB_FILL_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
@@ -144,8 +135,6 @@ _EFER_MSR = 0xC000_0080
 # (inside the hypervisor's reserved L4 slots) and only while it runs.
 RING3_ENTRY_VA = 0xFFFF_87FF_FFFF_F000
 _IRETQ = b"\x48\xcf"
-# ...and its machine address: far above any host memory or MMIO window
-ENGINE_PAGE_MA = 1 << 44
 _RING0_CS, _RING0_SS = 0x08, 0x10
 _KERNEL_GS_BASE_MSR = 0xC000_0102
 
@@ -209,12 +198,7 @@ class PhysicalCpu:
         self.tlb_fills = 0
 
         self.counter = NativeCounter()
-        # virtual page -> the machine page the last fill gave it (what QEMU translated)
-        self._tlb_pages: dict[int, int] = {}
-        self._emulating = False
-        self._entry_ma = ENGINE_PAGE_MA
-        self._entering_ring3 = False
-        self._probing = self._probe_missed = False
+        self.counter.install(uc)
         self._add_tlb_fill_hook()
         uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
         uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
@@ -222,12 +206,10 @@ class PhysicalCpu:
         uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
         self._add_rdtsc_hooks()
-        uc.mem_map(self._entry_ma, 0x1000, UC_PROT_READ | UC_PROT_EXEC)
-        self._warm_up()
-        self.blocks: BlockCounter | None = BlockCounter(self.counter, self._read_mapped_code)
-        self.blocks.install(uc)
         self._pristine = uc.context_save()
         self._pristine_ring3 = None  # the CPL-3 context, once `enter_ring3` made it
+        self._entry_ma = -(-memory.size // 0x1000) * 0x1000
+        self._entering_ring3 = False
         self.tsc: Callable[[], int] = lambda: 0
         # a debugger's stop handler: called outside emu_start, returns to resume
         self.on_debug_stop: Callable[[DebugStop], None] | None = None
@@ -235,25 +217,7 @@ class PhysicalCpu:
         self._interrupt_requested = False
         self.stepping: Callable[[], bool] | None = None
         self._step_ran = False
-
-    def _warm_up(self) -> None:
-        """Run `jmp .+2; hlt` from the engine's private page, before any counting hook.
-
-        Unicorn tells the edge-generated hook about a new block only once a
-        block has run to its end on the engine (`hlt` never returns to the loop
-        that notes it); after this every translation is told (block_counter.py).
-        No guest instruction is counted and no fill is.
-        """
-        saved = self.uc.context_save()
-        self.uc.mem_write(self._entry_ma, b"\xeb\x00\xf4")
-        self._entering_ring3 = True
-        try:
-            self.uc.emu_start(RING3_ENTRY_VA, 0)
-        finally:
-            self._entering_ring3 = False
-            self.uc.context_restore(saved)
-            self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
-            self.uc.ctl_flush_tb()  # type: ignore[attr-defined]  # untyped in 2.1.4
+        self._probing = self._probe_missed = False
 
     def _add_tlb_fill_hook(self) -> None:
         uc = self.uc
@@ -266,7 +230,6 @@ class PhysicalCpu:
                     return False
                 if translate_for._entering_ring3 and vaddr >> 12 == RING3_ENTRY_VA >> 12:
                     entry[0], entry[1] = translate_for._entry_ma, PERM_R | PERM_X
-                    translate_for._tlb_pages[vaddr >> 12] = translate_for._entry_ma >> 12
                     return True
                 kind = _ACCESS_KIND.get(access, READ)
                 translate_for.tlb_fills += 1
@@ -277,7 +240,6 @@ class PhysicalCpu:
                     return False
                 translate_for._pending_fill_fault = None
                 entry[0], entry[1] = result  # uc_tlb_entry: u64 paddr, u32 perms (+ padding)
-                translate_for._tlb_pages[vaddr >> 12] = result[0] >> 12
                 return True
             except BaseException as err:  # what the binding's wrapper does
                 if uc._hook_exception is None:  # type: ignore[attr-defined]
@@ -306,11 +268,7 @@ class PhysicalCpu:
     # ----------------------------------------------------------------- running
     @property
     def executed(self) -> int:
-        """Instructions started on this pCPU since it was created (exact inside a run too)."""
-        if self._emulating and self.blocks is not None:
-            exact = self.blocks.count_through(self.reg("rip"))
-            if exact is not None:
-                return exact
+        """Instructions started on this pCPU since it was created."""
         return self.counter.executed
 
     def run(self, budget: int) -> Exit:
@@ -326,7 +284,12 @@ class PhysicalCpu:
                 self.counter.block.limit = min(self.counter.block.limit, self.executed
                                                + (0 if self._step_ran else 1))
             started = self.executed
-            self._emulate()
+            rip = self.uc.reg_read(X.UC_X86_REG_RIP)
+            try:
+                self.uc.emu_start(rip, 0)
+            except UcError as err:
+                if self._exit is None:
+                    self._exit = self._explain_error(err)
             if stepping and self.executed > started:
                 self._step_ran = True
             stop = self._take_debug_stop(stepping and self.executed < limit)
@@ -347,119 +310,6 @@ class PhysicalCpu:
         if self.counter.budget_ran_out:
             return BudgetExhausted(rip)
         return Halt(rip)
-
-    def _emu_start(self, rip: int) -> None:
-        self._emulating = True
-        try:
-            self.uc.emu_start(rip, 0)
-        except UcError as err:
-            if self._exit is None:
-                self._exit = self._explain_error(err)
-        finally:
-            self._emulating = False
-
-    def _emulate(self) -> None:
-        """Run until an exit, hlt or the budget: one emu_start, or more in block mode."""
-        blocks = self.blocks
-        if blocks is None:
-            self._emu_start(self.uc.reg_read(X.UC_X86_REG_RIP))
-            return
-        block = self.counter.block
-        unknown = -1
-        while True:
-            self._emu_start(self.uc.reg_read(X.UC_X86_REG_RIP))
-            held, block.held = block.held, 0
-            pc, size = int(block.block_pc), int(block.block_size)
-            if not held:
-                if self._exit is not None:  # it stopped inside the block: count exactly
-                    exact = blocks.count_through(self._exit.rip)
-                    if exact is not None:
-                        block.executed = exact
-                self._forget_doubtful_counts()
-                return
-            if held == HELD_RESTART:
-                # the last block was left at the instruction where the new one starts
-                rip = self.uc.reg_read(X.UC_X86_REG_RIP)
-                exact = blocks.count_through(rip)
-                if exact is None:
-                    raise RuntimeError(f"a block restarting at {rip:#x} is not inside the last one")
-                block.executed = exact
-                block.block_pc, block.block_size = rip, 0
-                continue
-            if held == HELD_UNKNOWN:
-                # translated again, unicorn tells the block's count
-                if unknown == pc:
-                    raise RuntimeError(f"unicorn never told the count of the block at {pc:#x}")
-                unknown = pc
-                blocks.flush_wanted = True
-                self._forget_doubtful_counts()
-                continue
-            remaining = int(block.limit) - int(block.executed)
-            if remaining > 0:
-                self._run_block_head(pc, size, remaining)
-            block.stopped = 1
-            self._forget_doubtful_counts()
-            return
-
-    def _run_block_head(self, pc: int, size: int, count: int) -> None:
-        """Run the first `count` instructions of the block at `pc` (fewer than it holds)."""
-        blocks = self.blocks
-        assert blocks is not None
-        offsets = blocks.offsets(pc, size)
-        if offsets is None or len(offsets) <= count:
-            raise RuntimeError(f"cannot count the instructions of the block at {pc:#x}")
-        end = pc + offsets[count]
-        blocks.learn(pc, offsets[count], count)  # true of any block that ends there
-        blocks.ignore_translations = True  # the stop at `end` is no instruction
-        self.uc.ctl_set_exits([end])
-        self._retranslate(pc)
-        try:
-            self._emu_start(pc)
-        finally:
-            self.uc.ctl_set_exits([])
-            blocks.ignore_translations = False
-            self._retranslate(pc)
-        if self._exit is not None:
-            exact = blocks.count_through(self._exit.rip)
-            if exact is not None:
-                self.counter.block.executed = exact
-
-    def _forget_doubtful_counts(self) -> None:
-        blocks = self.blocks
-        if blocks is not None and blocks.flush_wanted:
-            blocks.clear()
-            self.flush_translations()
-
-    def _read_mapped_code(self, gva: int, size: int) -> bytes | None:
-        out = b""
-        while size > 0:
-            page = self._tlb_pages.get(gva >> 12)
-            if page is None:
-                return None
-            chunk = min(size, 0x1000 - (gva & 0xFFF))
-            ma = (page << 12) + (gva & 0xFFF)
-            if page == self._entry_ma >> 12:  # the engine's own page, outside host memory
-                out += bytes(self.uc.mem_read(ma, chunk))
-            else:
-                out += self.memory.read(ma, chunk)
-            gva += chunk
-            size -= chunk
-        return out
-
-    def count_every_instruction(self) -> None:
-        """Leave block counting for the per-instruction hook (debugging, tracing, MMIO)."""
-        blocks = self.blocks
-        if blocks is None:
-            return
-        self._probing = True  # deleting a hook drops its blocks: no fills for that
-        try:
-            for handle in blocks.handles:
-                remove_native_hook(self.uc, handle)
-        finally:
-            self._probing = False
-        self.blocks = None
-        self.counter.install(self.uc)
-        self.flush_translations()
 
     def _take_debug_stop(self, step_may_end: bool) -> DebugStop | None:
         stop, self._debug_stop = self._debug_stop, None
@@ -587,6 +437,7 @@ class PhysicalCpu:
         CPL-3 state that later fault scrubs reload. `syscall` becomes an exit.
         """
         if self._pristine_ring3 is None:
+            self.uc.mem_map(self._entry_ma, 0x1000, UC_PROT_READ | UC_PROT_EXEC)
             self.uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
         frame = struct.pack("<5Q", rip, cs, rflags, rsp, ss)
         self.uc.mem_write(self._entry_ma, _IRETQ.ljust(0x100, b"\xcc") + frame)
@@ -744,7 +595,6 @@ class PhysicalCpu:
         is not passed on: unicorn reports nonsense for instructions it cannot
         decode (vmcall), so callers decode with capstone from RIP.
         """
-        self.count_every_instruction()
         self.uc.hook_add(UC_HOOK_CODE, lambda _uc, address, _size, _ud: callback(address),
                          None, begin, end)
         self.flush_translations()  # code translated before the hook would bypass it
@@ -753,8 +603,6 @@ class PhysicalCpu:
     def stop_before(self, begin: int, end: int, should_stop: Callable[[int], bool]) -> int:
         """Stop before any instruction at a guest-virtual address in [begin, end] for
         which `should_stop(address)` says so; returns a handle for `remove_hook`."""
-        self.count_every_instruction()
-
         def on_code(uc: Uc, address: int, _size: int, _ud) -> None:
             if self._debug_stop is None and should_stop(address):
                 self._uncount_stopped_instruction()
@@ -790,7 +638,6 @@ class PhysicalCpu:
         An instruction that exits (a hypercall, hlt) counts as the step; the stop
         then comes before the next instruction, whenever that runs.
         """
-        self.count_every_instruction()
         self.stepping = active
         self._step_ran = False
 
@@ -804,8 +651,6 @@ class PhysicalCpu:
 
     def stop_after_write(self, begin_ma: int, end_ma: int) -> int:
         """Stop after an instruction that writes machine addresses [begin_ma, end_ma]."""
-        self.count_every_instruction()
-
         def on_write(_uc: Uc, _access: int, address: int, _size: int, _value: int,
                      _ud) -> None:
             if self._debug_stop is None:
@@ -829,8 +674,6 @@ class PhysicalCpu:
     def map_mmio(self, base: int, size: int,
                  read: Callable[[int, int], int], write: Callable[[int, int, int], None]) -> None:
         """Machine-address window whose accesses go to a device model."""
-        self.count_every_instruction()
-
         def on_read(_uc, offset, sz, _ud):
             return read(offset, sz)
 

@@ -28,36 +28,6 @@ import mmap
 from unicorn import UC_HOOK_CODE, UcError
 from unicorn.unicorn_py3.unicorn import uclib
 
-
-def add_native_hook(uc, kind: int, entry: int, user_data: int) -> int:
-    """Register machine code at `entry` as a hook of `kind` on every address; its handle."""
-    handle = ctypes.c_size_t()
-    rc = uclib.uc_hook_add(
-        uc._uch, ctypes.byref(handle), kind, ctypes.c_void_p(entry),
-        ctypes.c_void_p(user_data), ctypes.c_uint64(1), ctypes.c_uint64(0),
-    )
-    if rc != 0:
-        raise UcError(rc)
-    return handle.value
-
-
-def remove_native_hook(uc, handle: int) -> None:
-    rc = uclib.uc_hook_del(uc._uch, ctypes.c_size_t(handle))
-    if rc != 0:
-        raise UcError(rc)
-
-
-def executable_page(code: bytes) -> int:
-    """The address of a new executable page holding `code` (kept for the process's life)."""
-    prot = mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC
-    page = mmap.mmap(-1, mmap.PAGESIZE, prot=prot)
-    page.write(code)
-    _PAGES.append(page)
-    return ctypes.addressof(ctypes.c_char.from_buffer(page))
-
-
-_PAGES: list[mmap.mmap] = []
-
 _CODE = bytes.fromhex("488b01" "483b4108" "7307" "48ffc0" "488901" "c3" "c6411801" "ff6110")
 
 
@@ -67,19 +37,13 @@ class _CounterBlock(ctypes.Structure):
         ("limit", ctypes.c_uint64),
         ("stop_fn", ctypes.c_void_p),
         ("stopped", ctypes.c_uint8),
-        # used by the block counter (block_counter.py) only
-        ("table", ctypes.c_void_p),
-        ("mask", ctypes.c_uint64),
-        ("block_pc", ctypes.c_uint64),
-        ("block_base", ctypes.c_uint64),
-        ("block_size", ctypes.c_uint64),
-        ("held", ctypes.c_uint8),
     ]
 
 
 class NativeCounter:
     """Counts executed instructions of one engine and stops it at a limit."""
 
+    _page: mmap.mmap | None = None
     _entry: int = 0
 
     def __init__(self) -> None:
@@ -89,13 +53,23 @@ class NativeCounter:
 
     @classmethod
     def _code_address(cls) -> int:
-        if not cls._entry:
-            cls._entry = executable_page(_CODE)
+        if cls._page is None:
+            prot = mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC
+            page = mmap.mmap(-1, mmap.PAGESIZE, prot=prot)
+            page.write(_CODE)
+            cls._page = page
+            cls._entry = ctypes.addressof(ctypes.c_char.from_buffer(page))
         return cls._entry
 
-    def install(self, uc) -> int:
+    def install(self, uc) -> None:
         """Add the counting hook to engine `uc` (before any code is translated)."""
-        return add_native_hook(uc, UC_HOOK_CODE, self.entry, self.user_data)
+        handle = ctypes.c_size_t()
+        rc = uclib.uc_hook_add(
+            uc._uch, ctypes.byref(handle), UC_HOOK_CODE, ctypes.c_void_p(self.entry),
+            ctypes.c_void_p(self.user_data), ctypes.c_uint64(1), ctypes.c_uint64(0),
+        )
+        if rc != 0:
+            raise UcError(rc)
 
     @property
     def user_data(self) -> int:
