@@ -9,7 +9,11 @@ CR3s as MFNs (nothing is normalised). For the `transfer` strategy,
 `HVLAB_TYPEINFO` records carry every frame's type_info, count_info and linear
 count in the *old* build's layout, as runs of pfns with equal rows (most of a
 guest's RAM is alike: a data page mapped writable once). Everything else Xen's records do not hold
-is in `HVLAB_DOMAIN` (as in saved images).
+is in `HVLAB_DOMAIN` (as in saved images). A CPL-3 domain's (Linux) vCPU state is
+in X86_PV_VCPU_BASIC as in a saved image (set_gdt's frames as PFNs, the one thing
+normalised); the hypervisor pages a PV domain owns outside its P2M (its shared_info
+under the CPL-3 ABI, grant frames) stay in place, listed in `HVLAB_DOMAIN`'s
+`kept_pages` with their type state in the old layout.
 A manifest (JSON) names the streams and the machine-level state.
 
 The bulk of a PV domain's hand-over (P2M frames, ownership runs, page-table
@@ -43,11 +47,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from emulator.addr import PAGE_SIZE
 from hypervisor.core.hypervisor import TSC_KHZ
 from hypervisor.hvm.ept import INVALID_MFN
 from hypervisor.hvm.image import HVM_PARAM_PAE_ENABLED, hvm_handover_state
 from hypervisor.hvm.p2m import P2M, P2MError, P2MState
-from hypervisor.lib.errors import HvlabError
+from hypervisor.lib.errors import HvlabError, SaveError
 from hypervisor.lib.extents import runs_of
 from hypervisor.pv.save import (
     classify_pages,
@@ -56,6 +61,7 @@ from hypervisor.pv.save import (
     table_pfinfo,
     vcpu_context,
 )
+from hypervisor.pv.xen import image as xen_image
 from hypervisor.stream import (
     DomainType,
     EndRecord,
@@ -124,11 +130,45 @@ class DomainHandover:
 
 def frames_in_use(dom: Domain) -> np.ndarray:
     """The host frames a domain keeps across an update: its RAM and, for HVM, the
-    posted-interrupt descriptors (hardware keeps posting into them)."""
+    posted-interrupt descriptors (hardware keeps posting into them); for PV, the
+    hypervisor pages it owns (`kept_pages`)."""
     if dom.hvm is None:
-        return dom.p2m
+        return np.concatenate([dom.p2m, kept_pages(dom)])
     mfns = dom.p2m[dom.p2m != INVALID_MFN]
     return np.append(mfns, np.uint64(dom.hvm.posted_mfn))
+
+
+def kept_pages(dom: Domain) -> np.ndarray:
+    """Hypervisor pages a PV domain owns outside its P2M, kept in place with their
+    contents: a CPL-3 domain's shared_info page (Xen's, not a guest frame) and its
+    grant-table frames. The guest maps them, so they carry its general references."""
+    pages = [] if dom.hvm is not None or not xen_image.is_xen_abi(dom) else [dom.shared_info_mfn]
+    if dom.grant_table is not None:
+        pages += dom.grant_table.frames
+    return np.array(pages, dtype=np.uint64)
+
+
+def kept_pages_meta(hv: Hypervisor, dom: Domain) -> dict[str, Any]:
+    """HVLAB_DOMAIN's `kept_pages` part (machine frames: memory stays in place), with each
+    page's type state in the old build's layout (for `transfer`)."""
+    pages = kept_pages(dom).astype(np.int64)
+    ft = hv.frame_table
+    table = dom.grant_table
+    return {
+        "shared_info_mfn": int(dom.shared_info_mfn) if xen_image.is_xen_abi(dom) else None,
+        "grant_table": None if table is None else {
+            "max_frames": table.max_frames, "frames": list(table.frames),
+            "version": table.version},
+        # [mfn, type_info, count_info, linear count] per page
+        "type_state": [[int(m), int(ft.type_info[m]), int(ft.count_info[m]),
+                        int(ft.linear_pt_count[m])] for m in pages.tolist()],
+    }
+
+
+def handed_over_pages(meta: dict[str, Any]) -> np.ndarray:
+    """The hypervisor pages a PV hand-over keeps in place (`kept_pages`, as mfns)."""
+    kept = meta.get("kept_pages") or {}
+    return np.array([row[0] for row in kept.get("type_state", [])], dtype=np.uint64)
 
 
 def write_precopy(hv: Hypervisor, directory: Path) -> tuple[dict[int, str], dict[str, int]]:
@@ -199,6 +239,7 @@ def write_handover(hv: Hypervisor, directory: Path, with_type_state: bool,
         path = directory / f"dom{dom.domid}.stream"
         ahead = (precopied or {}).get(dom.domid)
         changed = logged[hv.frame_table.owner[logged] == dom.domid]
+        changed = changed[np.isin(changed, dom.p2m)]  # hypervisor pages go in kept_pages
         with path.open("wb") as f:
             written, entries = _write_domain(f, hv, dom, with_type_state, ahead, changed)
         counters["handover_bytes"] += written
@@ -222,7 +263,7 @@ def _pv_writer(f, hv: Hypervisor) -> StreamWriter:
 
 def _write_frames(w: StreamWriter, hv: Hypervisor, dom: Domain) -> int:
     """X86_PV_P2M_FRAMES and the ownership runs; returns how many runs."""
-    w.write_x86_pv_p2m_frames(0, dom.nr_pages - 1, p2m_frame_pfns(hv, dom))
+    w.write_x86_pv_p2m_frames(0, dom.nr_pages - 1, _p2m_list_pfns(hv, dom))
     runs = runs_of(dom.p2m)
     if runs is None:  # fragmented: every frame its own run (correct, only larger)
         runs = np.stack([np.arange(dom.nr_pages), dom.p2m.astype(np.int64),
@@ -232,6 +273,21 @@ def _write_frames(w: StreamWriter, hv: Hypervisor, dom: Domain) -> int:
         w.write_record(HVLAB_FRAMES_RECORD,
                        _COUNT.pack(len(chunk)) + chunk.astype("<u8").tobytes())
     return len(runs)
+
+
+def _p2m_list_pfns(hv: Hypervisor, dom: Domain) -> np.ndarray:
+    """The pfns of the guest's P2M list. Early in a Linux boot, before Linux published
+    its own list in shared_info (a save refuses then), the live list is still the one
+    start_info names: nothing is rewritten in place, so the record only names it."""
+    try:
+        return p2m_frame_pfns(hv, dom)
+    except SaveError:
+        start_info = hv.memory.read(xen_image.start_info_ma(dom), 1168)
+        # placed at INIT_P2M (outside the initial mapping), start_info names its first pfn
+        first = int.from_bytes(start_info[1152:1160], "little")
+        if not first:
+            first = (int.from_bytes(start_info[104:112], "little") - dom.virt_base) // PAGE_SIZE
+        return np.arange(first, first + -(-dom.nr_pages * 8 // PAGE_SIZE), dtype=np.uint64)
 
 
 def _write_tables(w: StreamWriter, hv: Hypervisor, dom: Domain,
@@ -274,9 +330,14 @@ def _write_domain(f, hv: Hypervisor, dom: Domain, with_type_state: bool,
                            _COUNT.pack(len(chunk)) + chunk.astype("<u8").tobytes())
     for v in dom.vcpus:
         if v.context is not None:
-            w.write_x86_pv_vcpu_basic(v.vcpu_id, vcpu_context(hv, v, normalise=False))
+            ctx = vcpu_context(hv, v, normalise=False)
+            if v.xen is not None:  # set_gdt's frames as PFNs, as a restore reads them
+                nr = len(v.xen.gdt_frames)
+                ctx.gdt_frames[:nr] = [int(hv.m2p[f]) for f in ctx.gdt_frames[:nr]]
+            w.write_x86_pv_vcpu_basic(v.vcpu_id, ctx)
     state = domain_state(hv, dom)
     state["build"] = hv.build
+    state["kept_pages"] = kept_pages_meta(hv, dom)
     if ahead is not None:
         state["precopy"] = {"stream": ahead}
     w.write_record(HVLAB_DOMAIN_RECORD, json.dumps(state).encode())

@@ -53,6 +53,8 @@ from hypervisor.liveupdate.handover import (
     HandoverError,
     changed_domains,
     frames_in_use,
+    handed_over_pages,
+    kept_pages,
     read_handover,
     read_precopy,
     state_counts,
@@ -65,6 +67,7 @@ from hypervisor.liveupdate.proof import (
     blackout_posts,
     capture,
     compare_types,
+    proof_frames,
     type_state,
     verify,
 )
@@ -77,7 +80,8 @@ from hypervisor.liveupdate.strategies.base import (
     UpdateSettings,
 )
 from hypervisor.mm.incremental import IncrementalTyping
-from hypervisor.pv.restore import install_domain
+from hypervisor.pv.restore import install_domain, install_xen_abi_domain
+from hypervisor.pv.xen.grant_table import GrantTable
 
 PHASES = ("pause", "save", "teardown", "restore", "typerefs", "resume")
 
@@ -135,9 +139,6 @@ def check_plan(hv: Hypervisor, plan: UpdatePlan) -> Strategy:
         if dom.kind not in ("pv", "hvm"):
             raise UpdateError(f"domain {dom.name}: live update of {dom.kind} domains is not "
                               "supported")
-        if any(v.xen is not None for v in dom.vcpus):  # its Xen-PV state is not handed over
-            raise UpdateError(f"domain {dom.name}: live update of a domain on Xen's PV ABI at "
-                              "CPL 3 (Linux) is not supported yet")
     return strategy_named(plan.strategy)
 
 
@@ -250,6 +251,10 @@ def _prepare(hv: Hypervisor, plan: UpdatePlan, workdir: Path, temporary: bool) -
         tables = StagedTables.empty(hv.memory.nr_frames, plan.to_build, touch=True)
         for domid, name in precopied.items():
             tables.claim(sent[name].p2m, domid)
+            # the hypervisor pages it owns, as they are now (restore adds any made since)
+            pages = kept_pages(hv.domains[domid])
+            tables.allocator.mark_used(pages)
+            tables.frame_table.assign(pages, domid)
         staged = StagedBuild(tables, sent, set(precopied))
     wall["stage_wall_s"] = time.perf_counter() - started
 
@@ -279,6 +284,7 @@ class Blackout:
     ahead: Any  # the strategy's work before the pause
     changed: set[int]
     in_use: list[np.ndarray]  # per domid
+    kept: list[np.ndarray]  # per domid: hypervisor pages it owns, in place (kept_pages)
     machine: MachineConfig
     now: int
     old_build: str
@@ -367,6 +373,7 @@ def _blackout(hv: Hypervisor, plan: UpdatePlan, prepared: Prepared, phases: _Pha
     blackout = Blackout(
         plan, phases, counters, report, prepared.workdir, before, prepared.ahead,
         changed_domains(hv), [frames_in_use(d) for d in hv.domains],
+        [kept_pages(d) for d in hv.domains],
         hv.machine, hv.now, hv.build, started, prepared.staged, hv.seams,
         temporary_workdir=prepared.temporary)
     memory = hv.memory
@@ -397,8 +404,9 @@ def _complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict
         claimed = staged.claimed if staged is not None else set()
         typing.clear()
         typing.update(staged.typing if staged is not None else {})
-        new = Hypervisor(bo.machine, plan.to_build, memory,
-                         in_use=[f for d, f in enumerate(bo.in_use) if d not in claimed],
+        # a staged domain's frames are marked already, but not pages it gained since
+        in_use = [f if d not in claimed else bo.kept[d] for d, f in enumerate(bo.in_use)]
+        new = Hypervisor(bo.machine, plan.to_build, memory, in_use=in_use,
                          staged=staged.tables if staged is not None else None,
                          seams=bo.seams)
         new.now = bo.now
@@ -411,6 +419,11 @@ def _complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict
             if ho.kind == "pv" and domid not in claimed:
                 key = "late_staging_runs" if "precopy" in ho.meta else "ownership_runs"
                 counters[key] += new.claim_frames(ho.p2m, domid)
+            if ho.kind == "pv":  # hypervisor pages it owns (shared_info, grant frames)
+                pages = handed_over_pages(ho.meta)
+                pages = pages[new.frame_table.owner[pages.astype(np.int64)] != domid]
+                new.frame_table.assign(pages, domid)
+                counters["ownership_runs"] += int(pages.size)
         counters["frames_claimed"] = int(sum(ho.p2m.size for ho in handovers))  # (unpriced)
         # the new build's frame table, unless it was set up before the pause
         counters["frame_table_rows"] = 0 if report["before_pause"] else memory.nr_frames
@@ -440,7 +453,7 @@ def _complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict
                 continue  # EPT is rebuilt from the P2M whatever the strategy
             bases = {vid: (ctx.ctrlreg[3] >> 12, ctx.user_table or 0)
                      for vid, ctx in ho.contexts.items()}
-            dom = install_domain(new, ho.meta, ho.p2m, ho.contexts, bases)
+            dom = install_handed_over(new, ho, bases)
             strategy.domain_installed(nb, dom, ho)
 
     _retrying(phases, "resume", resume)
@@ -475,10 +488,29 @@ def _complete_update(bo: Blackout, memory: HostMemory) -> tuple[Hypervisor, dict
     def prove(dom) -> list[str]:
         """A domain's type state now against the old build's (strategies that finish
         after the resume call this when they do)."""
-        return compare_types(dom.name, bo.before.types[dom.domid], type_state(new, dom.p2m))
+        return compare_types(dom.name, bo.before.types[dom.domid],
+                             type_state(new, proof_frames(dom)))
 
     strategy.resumed(nb, report, prove)
     return new, report
+
+
+def install_handed_over(hv: Hypervisor, ho: DomainHandover,
+                        bases: dict[int, tuple[int, int]]):
+    """A handed-over PV domain in the new build, its memory and hypervisor pages in
+    place: a CPL-3 domain (Linux) with its Xen vCPU state and backends, and any
+    domain's grant table."""
+    kept = ho.meta.get("kept_pages") or {}
+    if "linux" in ho.meta:
+        dom = install_xen_abi_domain(hv, ho.meta, ho.p2m, int(kept["shared_info_mfn"]),
+                                     ho.contexts, bases, ho.meta["name"])
+    else:
+        dom = install_domain(hv, ho.meta, ho.p2m, ho.contexts, bases)
+    table = kept.get("grant_table")
+    if table is not None:
+        dom.grant_table = GrantTable(table["max_frames"], list(table["frames"]),
+                                     table["version"])
+    return dom
 
 
 def _devices_catch_up(hv: Hypervisor) -> None:

@@ -7,6 +7,12 @@ gfn, the whole P2M (mfn, type, access, log-dirty), what the EPT grants each gfn
 (read from its tables: a rebuilt EPT must grant what the old one did),
 registers and each vCPU's `HvmVcpuState` field by field (hypervisor/hvm/vcpu.py),
 its vLAPIC with PIR folded into IRR (on a copy: neither side is changed).
+For PV domains the hypervisor pages they own (a CPL-3 domain's shared_info,
+grant frames) are hashed and type-checked with their RAM, and a CPL-3
+domain's Xen state is compared field by field (`XenView`): each vCPU's
+XenVcpu (mode, kernel stack, the other mode's GS base, CR4, assists, GDT
+frames, counters) and MMU mode, the console ring's and xenstore's State, the
+grant table, the shared_info frame and the P2M.
 After the update the same is read from the new build (type state decoded
 from *its* layout) and compared field by field. Any difference is a loud
 failure.
@@ -14,6 +20,7 @@ failure.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +29,7 @@ import numpy as np
 from emulator.irqsource import InterruptSourceState
 from emulator.memory import HostMemory
 from hypervisor.core.vcpu import Vcpu, VcpuState
+from hypervisor.liveupdate.handover import kept_pages
 
 if TYPE_CHECKING:
     from hypervisor.core.hypervisor import Hypervisor
@@ -65,6 +73,63 @@ def type_state(hv: Hypervisor, mfns: np.ndarray) -> dict[str, np.ndarray]:
             "linear": ft.linear_pt_count[mfns].astype(np.int64)}
 
 
+def proof_frames(dom) -> np.ndarray:
+    """A PV domain's frames the proof hashes and type-checks: its RAM in pfn order, then
+    the hypervisor pages it owns (`kept_pages`)."""
+    return np.concatenate([dom.p2m, kept_pages(dom)])
+
+
+@dataclass
+class XenView:
+    """A CPL-3 (Xen-PV ABI) domain's state beyond memory, vCPU registers and events."""
+
+    vcpus: dict[int, Any]  # vcpu_id -> a copy of its XenVcpu
+    mmu_modes: dict[int, tuple[bool, tuple[int, ...]]]  # user mode, guest GDT frames
+    console_ring: Any  # ConsoleRingState
+    xenstore: Any  # XenstoreState
+    grant_table: tuple[int, tuple[int, ...], int] | None  # max frames, frames, version
+    shared_info_mfn: int
+    p2m: bytes
+
+
+def xen_view(dom) -> XenView | None:
+    if not any(v.xen is not None for v in dom.vcpus):
+        return None
+    b = dom.backends
+    table = dom.grant_table
+    return XenView(
+        {v.vcpu_id: _xen_vcpu(v.xen) for v in dom.vcpus},
+        {v.vcpu_id: (v.mmu.user_mode, tuple(v.mmu.guest_gdt)) for v in dom.vcpus},
+        b.console.save() if b is not None else None,
+        b.xenstore.save() if b is not None and b.xenstore is not None else None,
+        None if table is None else (table.max_frames, tuple(table.frames), table.version),
+        int(dom.shared_info_mfn), dom.p2m.tobytes())
+
+
+def _xen_vcpu(x: Any) -> Any:
+    """A copy of a XenVcpu; debug registers never set count as 0 (a restore lists all)."""
+    out = copy.deepcopy(x)
+    out.debugregs = {i: x.debugregs.get(i, 0) for i in (0, 1, 2, 3, 6, 7)}
+    return out
+
+
+def _compare_xen(name: str, old: XenView | None, new: XenView | None) -> list[str]:
+    if old is None or new is None:
+        return [] if old is new else [f"{name}: Xen PV ABI state present on one side only"]
+    problems = []
+    for vid, before in old.vcpus.items():
+        after = new.vcpus.get(vid)
+        differ = [f.name for f in fields(before)
+                  if after is None or getattr(after, f.name) != getattr(before, f.name)]
+        if differ:
+            problems.append(f"{name}/v{vid}: Xen vCPU state differs: {', '.join(differ)}")
+    others = [f.name for f in fields(XenView)
+              if f.name != "vcpus" and getattr(old, f.name) != getattr(new, f.name)]
+    if others:
+        problems.append(f"{name}: Xen domain state differs: {', '.join(others)}")
+    return problems
+
+
 @dataclass
 class Snapshot:
     hashes: dict[int, np.ndarray] = field(default_factory=dict)
@@ -72,6 +137,7 @@ class Snapshot:
     vcpus: dict[tuple[int, int], VcpuState] = field(default_factory=dict)
     evtchn: dict[int, Any] = field(default_factory=dict)
     hvm: dict[int, dict[str, Any]] = field(default_factory=dict)
+    xen: dict[int, XenView | None] = field(default_factory=dict)
 
 
 def hvm_view(hv: Hypervisor, dom) -> dict[str, Any]:
@@ -157,7 +223,8 @@ def compare_types(name: str, old: dict[str, np.ndarray],
         bad = np.flatnonzero(now[key] != before)
         if bad.size:
             problems.append(f"{name}: type state '{key}' differs on {bad.size} frames, "
-                            f"first pfn {bad[0]}: {before[bad[0]]} -> {now[key][bad[0]]}")
+                            f"first frame #{bad[0]} (pfn order, then hypervisor pages): "
+                            f"{before[bad[0]]} -> {now[key][bad[0]]}")
     return problems
 
 
@@ -169,10 +236,12 @@ def capture(hv: Hypervisor) -> Snapshot:
         if dom.hvm is not None:
             snap.hvm[dom.domid] = hvm_view(hv, dom)
             continue
-        snap.hashes[dom.domid] = frame_hashes(hv.memory, dom.p2m)
-        snap.types[dom.domid] = type_state(hv, dom.p2m)
+        frames = proof_frames(dom)
+        snap.hashes[dom.domid] = frame_hashes(hv.memory, frames)
+        snap.types[dom.domid] = type_state(hv, frames)
         ev = dom.events.save()
         snap.evtchn[dom.domid] = (ev.ports, ev.virq_ports)
+        snap.xen[dom.domid] = xen_view(dom)
     return snap
 
 
@@ -192,18 +261,27 @@ def verify(before: Snapshot, hv: Hypervisor, check_types: bool = True) -> dict[s
             checks["frames_hashed"] += view["hashes"].size
             checks["hvm_domains"] = checks.get("hvm_domains", 0) + 1
             continue
-        hashes = frame_hashes(hv.memory, dom.p2m)
-        differ = np.flatnonzero(hashes != before.hashes[dom.domid])
+        frames = proof_frames(dom)
+        hashes = frame_hashes(hv.memory, frames)
         checks["frames_hashed"] += hashes.size
-        if differ.size:
-            problems.append(f"{dom.name}: {differ.size} frames changed, first pfn {differ[0]}")
-        if check_types:
-            problems += compare_types(dom.name, before.types[dom.domid],
-                                      type_state(hv, dom.p2m))
-            checks["frames_type_checked"] += dom.nr_pages
+        if hashes.size != before.hashes[dom.domid].size:
+            problems.append(f"{dom.name}: {before.hashes[dom.domid].size} frames before, "
+                            f"{hashes.size} after")
+        else:
+            differ = np.flatnonzero(hashes != before.hashes[dom.domid])
+            if differ.size:
+                problems.append(f"{dom.name}: {differ.size} frames changed, first frame "
+                                f"#{differ[0]} (pfn order, then hypervisor pages)")
+        if check_types and hashes.size == before.hashes[dom.domid].size:
+            problems += compare_types(dom.name, before.types[dom.domid], type_state(hv, frames))
+            checks["frames_type_checked"] += frames.size
         ev = dom.events.save()
         if (ev.ports, ev.virq_ports) != before.evtchn[dom.domid]:
             problems.append(f"{dom.name}: event-channel table differs")
+        xen_now = xen_view(dom)
+        if xen_now is not None or before.xen.get(dom.domid) is not None:
+            checks["xen_domains"] = checks.get("xen_domains", 0) + 1
+            problems += _compare_xen(dom.name, before.xen.get(dom.domid), xen_now)
     return {"ok": not problems, "checks": checks, "problems": problems}
 
 

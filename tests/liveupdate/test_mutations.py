@@ -10,6 +10,7 @@ gets an entry here together with what catches it.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,29 @@ def lazy_proves_when_validation_completes() -> None:
     _updated(hv, UpdatePlan("4.12", "lazy", sweep_budget_ptes=512))
 
 
+def cpl3_update_proves() -> None:
+    """A guest on Xen's PV ABI at CPL 3 (as Linux), updated mid-run by every strategy."""
+    from tests.liveupdate.test_cpl3_update import cpl3_guest_mid_run
+
+    for strategy in names():
+        with tempfile.TemporaryDirectory() as tmp:
+            hv = cpl3_guest_mid_run(Path(tmp))
+            _updated(hv, UpdatePlan("4.12", strategy))
+
+
+def table_writes_during_lazy_validate_first() -> None:
+    """A ptwr write and an update_va_mapping into an L1 table the lazy update has not
+    validated yet: each validates first, then does what it does without an update."""
+    from tests.liveupdate.test_cpl3_update import table_write_during_lazy
+
+    for how in ("ptwr", "update_va_mapping"):
+        with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
+            out = table_write_during_lazy(Path(tmp), how, mp)
+            assert out["seen"][:1] == [False], f"{how}: the table was validated already"
+            assert out["entry"] == out["value"], f"{how}: the table write was refused"
+            assert out["dom"].shutdown.reason == "poweroff", out["dom"].crash_report
+
+
 # --------------------------------------------------------------------- mutations
 def _writable_page_tables(monkeypatch) -> None:
     monkeypatch.setattr(LazyDomain, "may_map_writable", lambda self, mfn: True)
@@ -247,6 +271,33 @@ def _sweeper_skips_a_table(monkeypatch) -> None:
     monkeypatch.setattr(IncrementalTyping, "_needs_validation", but_one)
 
 
+def _handover_drops(field: str):
+    """The hand-over loses one field of a CPL-3 vCPU's Xen state (vcpu_guest_context)."""
+    def plant(monkeypatch) -> None:
+        from hypervisor.pv.xen import image as xen_image
+
+        fill = xen_image.fill_vcpu_context
+
+        def fill_but_drop(ctx, *args, **kwargs):
+            fill(ctx, *args, **kwargs)
+            setattr(ctx, field, 0)
+
+        monkeypatch.setattr(xen_image, "fill_vcpu_context", fill_but_drop)
+
+    return plant
+
+
+def _no_validation_before(module_name: str):
+    """A page-table write path forgets the lazy update's validation (the seam is skipped)."""
+    def plant(monkeypatch) -> None:
+        import importlib
+
+        module = importlib.import_module(module_name)
+        monkeypatch.setattr(module, "finish_pending_typing", lambda domain: None)
+
+    return plant
+
+
 @dataclass(frozen=True)
 class Mutation:
     name: str
@@ -276,6 +327,17 @@ MUTATIONS = [
              "type state"),
     Mutation("the lazy sweeper skips a table", _sweeper_skips_a_table,
              lazy_proves_when_validation_completes, ProofFailed, "lazy typeref"),
+    Mutation("the hand-over drops a CPL-3 vCPU's user GS base", _handover_drops("gs_base_user"),
+             cpl3_update_proves, ProofFailed, "Xen vCPU state differs: gs_base_inactive"),
+    Mutation("the hand-over drops a CPL-3 vCPU's kernel stack", _handover_drops("kernel_sp"),
+             cpl3_update_proves, ProofFailed, "Xen vCPU state differs: kernel_sp"),
+    Mutation("ptwr writes into a table lazy has not validated",
+             _no_validation_before("hypervisor.pv.xen.ptwr"),
+             table_writes_during_lazy_validate_first, AssertionError, "ptwr: the table write"),
+    Mutation("update_va_mapping into a table lazy has not validated",
+             _no_validation_before("hypervisor.pv.xen.hypercalls"),
+             table_writes_during_lazy_validate_first, AssertionError,
+             "update_va_mapping: the table write"),
 ]
 IDS = [m.name for m in MUTATIONS]
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hypervisor.lib.errors import HvlabError
-from hypervisor.liveupdate.handover import PFN_MASK, DomainHandover
+from hypervisor.liveupdate.handover import PFN_MASK, DomainHandover, handed_over_pages
 from hypervisor.mm.builds import PageType
 from hypervisor.mm.frametable import DOMID_INVALID, FrameTable
 from hypervisor.mm.rebuild import rebuild_from_roots
@@ -108,7 +108,7 @@ class Strategy:
         """`rebuild` failed half way and starts over: every PV domain back to bare ownership."""
         for domid, ho in enumerate(nb.handovers):
             if ho.kind == "pv":
-                clear_types(nb.hv.frame_table, ho.p2m, domid)
+                clear_types(nb.hv.frame_table, owned_frames(ho), domid)
 
     def domain_installed(self, nb: NewBuild, dom: Domain, ho: DomainHandover) -> None:
         """A handed-over PV domain exists in the new build; its vCPUs have not run."""
@@ -191,6 +191,11 @@ def full_walk_domain(hv: Hypervisor, domid: int, ho: DomainHandover) -> dict[str
         raise StrategyError(f"domain {ho.meta['name']}: the old build's page tables failed "
                             f"revalidation: {first}")
     return typed_work(hv.frame_table, ho.p2m.astype(np.int64))
+
+
+def owned_frames(ho: DomainHandover) -> np.ndarray:
+    """A handed-over PV domain's frames: its RAM, then the hypervisor pages it owns."""
+    return np.concatenate([ho.p2m, handed_over_pages(ho.meta)])
 
 
 def clear_types(frames: FrameTable, p2m: np.ndarray, domid: int) -> None:

@@ -13,7 +13,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hypervisor.lib.extents import runs_of
-from hypervisor.liveupdate.handover import DomainHandover, start_type_log
+from hypervisor.liveupdate.handover import (
+    DomainHandover,
+    handed_over_pages,
+    kept_pages,
+    start_type_log,
+)
 from hypervisor.liveupdate.strategies.base import (
     NewBuild,
     StagedState,
@@ -22,6 +27,7 @@ from hypervisor.liveupdate.strategies.base import (
     UpdateSettings,
     clear_types,
     full_walk_domain,
+    owned_frames,
     typed_work,
 )
 from hypervisor.mm.builds import PageType, get_build
@@ -85,8 +91,8 @@ def prevalidate(old: Hypervisor, new_build: str, staged: FrameTable | None = Non
     for dom in old.domains:
         if dom.hvm is not None:
             continue  # no PV page types to prepare
-        if staged is None:
-            frames.assign(dom.p2m, dom.domid)
+        if staged is None:  # (staged tables own them already)
+            frames.assign(np.concatenate([dom.p2m, kept_pages(dom)]), dom.domid)
         pins = old.frame_table.pinned(dom.p2m.astype(np.int64))
         roots = [Root(int(m), int(old.frame_table.page_type(int(m))), True)
                  for m in dom.p2m[pins]]
@@ -114,15 +120,17 @@ def install_prevalidated(hv: Hypervisor, handovers: list[DomainHandover], prep: 
         if domid in changed or domid not in prep.domains:
             counters["domains_redone"] += 1
             if in_place:
-                clear_types(ft, ho.p2m, domid)
+                clear_types(ft, owned_frames(ho), domid)
             for key, value in full_walk_domain(hv, domid, ho).items():
                 counters[f"blackout_{key}"] = counters.get(f"blackout_{key}", 0) + value
             continue
         if in_place:
             continue
         runs = runs_of(ho.p2m)
-        selections = ([slice(first, first + count) for _, first, count in runs.tolist()]
-                      if runs is not None else [ho.p2m.astype(np.int64)])
+        selections: list[slice | np.ndarray] = (
+            [slice(first, first + count) for _, first, count in runs.tolist()]
+            if runs is not None else [ho.p2m.astype(np.int64)])
+        selections.append(handed_over_pages(ho.meta).astype(np.int64))  # shared_info, grants
         for rows in selections:  # contiguous runs copy at memory speed
             for name in ("type_info", "count_info", "owner", "nr_validated_ptes",
                          "partial_flags", "linear_pt_count"):

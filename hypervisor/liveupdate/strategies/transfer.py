@@ -99,6 +99,15 @@ def install_translated(hv: Hypervisor, handovers: list[DomainHandover], old_buil
                 column = getattr(ft, name)
                 column[rows] = values[pfns].astype(column.dtype)
         translated += ho.p2m.size
+        # the hypervisor pages it owns (shared_info, grant frames): their general references
+        kept = np.array((ho.meta.get("kept_pages") or {}).get("type_state", []),
+                        np.uint64).reshape(-1, 4)
+        if kept.size:
+            mfns = kept[:, 0].astype(np.int64)
+            ft.type_info[mfns] = translate(kept[:, 1]).astype(ft.type_info.dtype)
+            ft.count_info[mfns] = kept[:, 2].astype(ft.count_info.dtype)
+            ft.linear_pt_count[mfns] = kept[:, 3].astype(ft.linear_pt_count.dtype)
+            translated += len(kept)
     return {"frames_translated": translated, "translator": translate.__name__}  # type: ignore
 
 

@@ -143,6 +143,10 @@ def _hashable(value: Any) -> Any:
 
 def xenstore_from_json(raw: dict[str, Any]) -> XenstoreState:
     fields = {name: _from_jsonable(value) for name, value in raw.items()}
+    # JSON has no tuples: the watches' (path, token) and the transactions' (generation,
+    # tree) pairs come back as lists; they are tuples in the State, exactly
+    fields["watches"] = [tuple(w) for w in fields.get("watches", [])]
+    fields["transactions"] = {k: tuple(v) for k, v in fields.get("transactions", {}).items()}
     return XenstoreState(**fields)
 
 

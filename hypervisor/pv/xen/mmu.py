@@ -68,4 +68,6 @@ class XenAbiMmu(PvMmu):
         return self.roots.user_ma if self.user_mode else self.roots.kernel_ma
 
     def lookup(self, gva: int, access: str) -> Translation | WalkFault:
+        if self.pending_typing is not None:  # a lazy live update: what the walk uses first
+            self.pending_typing.validate_walk(self.memory.u64, self.active_root, gva)
         return walk_direct(self._u64, self.active_root, gva, access)

@@ -7,7 +7,10 @@ table of the domain. One instruction is decoded (capstone) and emulated: mov,
 xchg, cmpxchg, and, or with the table entry as destination, naturally
 aligned, 1 to 8 bytes merged into the 8-byte entry. The new entry goes
 through mmu_update's checks (the typeref rules: get_page_from_l1e, the old
-entry's reference dropped). Anything else is the guest's own #PF.
+entry's reference dropped). Anything else is the guest's own #PF. During a
+lazy live update's shadow period the domain's tables are validated first
+(`finish_pending_typing`, as before any page-table hypercall): a table not
+typed yet in the new build is an L1 all the same.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from emulator.paging import PF_FETCH, PF_PRESENT, PF_RSVD, PF_WRITE, WalkFault, 
 from hypervisor.mm.builds import PageType
 from hypervisor.pv.hypercalls import VcpuMmuContext
 from hypervisor.pv.mmu_ops import MMU_NORMAL_PT_UPDATE, do_mmu_update
+from hypervisor.pv.vcpu import finish_pending_typing
 from hypervisor.pv.xen.priv_ops import SUBREGISTERS, read_operand_reg, write_operand_reg
 from hypervisor.pv.xen.state import VMASST_TYPE_WRITABLE_PAGETABLES
 
@@ -45,8 +49,12 @@ def try_ptwr(hv: Hypervisor, cpu: PhysicalCpu, v: Vcpu, gva: int, error_code: in
     if isinstance(t, WalkFault):
         return False
     mfn = t.ma >> 12
-    if (hv.frame_table.page_type(mfn) != PageType.L1
-            or hv.frame_table.owner_of(mfn) != v.domain.domid):
+    if hv.frame_table.owner_of(mfn) != v.domain.domid:
+        return False
+    # a lazy live update still validating: the table may not be typed yet in this build,
+    # so validate first, as every page-table hypercall does
+    finish_pending_typing(v.domain)
+    if hv.frame_table.page_type(mfn) != PageType.L1:
         return False
     rip = cpu.reg("rip")
     try:

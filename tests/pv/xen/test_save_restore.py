@@ -96,16 +96,6 @@ def test_a_cpl3_guest_saved_mid_run_restores_and_ends_as_the_unsaved_run(tmp_pat
     assert other.check_typerefs(dom) == []
 
 
-def test_live_update_refuses_a_cpl3_domain_before_pausing_it(tmp_path):
-    from hypervisor.liveupdate.orchestrator import UpdateError, UpdatePlan, check_plan
-
-    hv = boot(tmp_path, _program())
-    with pytest.raises(UpdateError, match="Xen's PV ABI at CPL 3"):
-        check_plan(hv, UpdatePlan(hv.build, "full-walk"))
-    assert hv.run(10**9) == "shutdown"  # untouched: it runs on to its end
-    assert hv.domains[0].console_text() == "before\nafter\n"
-
-
 def test_a_guest_that_has_not_published_its_p2m_is_refused_and_nothing_is_written(tmp_path):
     hv = boot(tmp_path, _program(publish=False))
     hv.run(100_000)
