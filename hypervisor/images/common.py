@@ -12,7 +12,7 @@ import numpy.typing as npt
 from hypervisor.lib.errors import HvlabError
 from hypervisor.stream import Pfinfo, StreamError, StreamReader, open_image_for_read
 from hypervisor.stream.framing import record_type_name
-from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD
+from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD, HVLAB_MACHINE_FRAMES_RECORD
 
 HVLAB_DOMAIN_NAME = "HVLAB_DOMAIN"
 
@@ -49,7 +49,9 @@ def pfinfo_name(value: int) -> str:
 
 
 def record_name(rtype: int) -> str:
-    """Record type name for reports: Xen's names, and HVLAB_DOMAIN for hvlab's own."""
+    """Record type name for reports: Xen's names, and hvlab's own records' in an image."""
+    if rtype == HVLAB_MACHINE_FRAMES_RECORD:
+        return "HVLAB_MACHINE_FRAMES"
     return HVLAB_DOMAIN_NAME if rtype == HVLAB_DOMAIN_RECORD else record_type_name(rtype)
 
 

@@ -15,7 +15,7 @@ from hypervisor.lib.errors import RestoreError, SaveError
 from hypervisor.pv.restore import restore_pv_domain
 from hypervisor.pv.save import save_pv_domain
 from hypervisor.stream import DomainType, StreamError, StreamReader, open_image_for_read
-from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD
+from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD, HVLAB_MACHINE_FRAMES_RECORD
 
 if TYPE_CHECKING:
     from hypervisor.core.domain import Domain
@@ -46,7 +46,8 @@ def restore_domain(hv: Hypervisor, path: str | Path, name: str | None = None) ->
     path = Path(path)
     try:
         with open_image_for_read(path) as f:
-            reader = StreamReader(f, keep=frozenset({HVLAB_DOMAIN_RECORD}))
+            reader = StreamReader(f, keep=frozenset({HVLAB_DOMAIN_RECORD,
+                                                     HVLAB_MACHINE_FRAMES_RECORD}))
             restore = RESTORERS.get(reader.domain_header.type)
             if restore is None:
                 raise RestoreError(f"{path}: domain header: only x86 PV and HVM images can be "

@@ -108,6 +108,7 @@ class _State:
     pfn_record: np.ndarray | None = None  # index into record_offsets per pfn
     record_offsets: list[int] = field(default_factory=list)  # PAGE_DATA offsets
     memory: HostMemory | None = None  # scratch: pfn p at mfn p + 1
+    frames: FrameTable | None = None  # scratch: what validating the tables left
     p2m_list: np.ndarray | None = None
     p2m_offset: int = 0
     pins: list[_RootInfo] = field(default_factory=list)
@@ -146,7 +147,26 @@ def image_verify(path: str | os.PathLike[str], out: TextIO | None = None) -> dic
     image is not an exception (the CLI exits 2 when not ok). ImageError only
     for a file that cannot be opened at all, or a domain too large to check.
     """
-    out = sys.stdout if out is None else out
+    result, _st = _verify(path)
+    _print(result, sys.stdout if out is None else out)
+    return result
+
+
+def image_typerefs(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per pfn of a PV image: page type (0 when unreferenced), type count and pin, as
+    validating the image's own tables from its pins and CR3s leaves them: the typerefs
+    recomputed from the image alone. ImageError if the image does not verify."""
+    result, st = _verify(path)
+    if not result["ok"] or st.frames is None:
+        raise ImageError(f"{path}: does not verify: {(result['problems'] or ['no tables'])[0]}")
+    layout = st.frames.layout
+    ti = st.frames.type_info[1:]
+    counts = layout.count_of(ti).astype(np.int64)
+    types = np.where(counts > 0, layout.type_of(ti), 0).astype(np.uint8)
+    return types, counts, st.frames.pinned()[1:]
+
+
+def _verify(path: str | os.PathLike[str]) -> tuple[dict[str, Any], _State]:
     st = _State(path=os.fspath(path))
     try:
         f = open_image_for_read(path)
@@ -189,8 +209,7 @@ def image_verify(path: str | os.PathLike[str], out: TextIO | None = None) -> dic
         "cr3_refs": len(st.cr3s),
         **stats,
     }
-    _print(result, out)
-    return result
+    return result, st
 
 
 def _print(result: dict[str, Any], out: TextIO) -> None:
@@ -439,7 +458,7 @@ def _check_end_of_stream(st: _State) -> None:
 
 def _validate_tables(st: _State) -> dict[str, Any]:
     assert st.memory is not None and st.nr_pages is not None and st.pfn_type is not None
-    frames = FrameTable(st.nr_pages + 1, get_build(st.build))
+    frames = st.frames = FrameTable(st.nr_pages + 1, get_build(st.build))
     # What FrameTable.assign does to fresh rows (allocated, the allocation's
     # reference, owned, untyped), without its np.unique: numpy 2's hash-based
     # unique takes ~1 us per element, 15 s for a 64 GiB guest.

@@ -1,7 +1,8 @@
 """Restoring a PV domain from a migration-stream v2 image (docs/images.md).
 
 All or nothing: the image is read record by record into freshly allocated
-frames; page tables are *localised* (PFN -> new MFN); then, as Xen's restore
+frames (a CPL-3 image's own frames again when they are free: HVLAB_MACHINE_FRAMES,
+pv/xen/image.py); page tables are *localised* (PFN -> new MFN); then, as Xen's restore
 does, the pinned tables are pinned through get_page_type, which validates
 every table reachable from them, and each vCPU's CR3 takes its reference.
 Any problem raises `RestoreError` naming the record and its offset, after
@@ -46,7 +47,7 @@ from hypervisor.stream import (
     X86TscInfoRecord,
     check_pfns,
 )
-from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD
+from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD, HVLAB_MACHINE_FRAMES_RECORD
 from hypervisor.stream.plain import from_plain
 from hypervisor.stream.vcpu_context import VGCF_ONLINE, VcpuGuestContext
 
@@ -72,7 +73,9 @@ class _Pending:
     vcpus: dict[int, tuple[VcpuGuestContext, int]] = field(default_factory=dict)
     tsc_nsec: int | None = None
     hvlab: dict[str, Any] | None = None
-    shared_info_frame: int | None = None  # a CPL-3 domain's: a hypervisor page
+    # a CPL-3 domain's hypervisor pages, claimed: shared_info, then its grant frames
+    hypervisor_pages: list[int] = field(default_factory=list)
+    in_place: bool = False  # on the machine frames it was saved from
 
 
 def restore_pv_domain(hv: Hypervisor, reader: StreamReader, path: Path,
@@ -105,7 +108,7 @@ def _apply(hv: Hypervisor, st: _Pending, record, domid: int, path: Path) -> None
                 raise _fail(path, "X86_PV_INFO", record.offset,
                             f"only 64-bit 4-level guests (got width {width}, {levels} levels)")
         case X86PvP2mFramesRecord(start_pfn=start, end_pfn=end, p2m_pfns=pfns):
-            if st.p2m is not None:
+            if st.seen is not None:
                 raise _fail(path, "X86_PV_P2M_FRAMES", record.offset, "a second P2M_FRAMES")
             if start != 0 or end < 0:
                 raise _fail(path, "X86_PV_P2M_FRAMES", record.offset,
@@ -119,10 +122,12 @@ def _apply(hv: Hypervisor, st: _Pending, record, domid: int, path: Path) -> None
                 raise _fail(path, "X86_PV_P2M_FRAMES", record.offset,
                             "a P2M list frame lies beyond the domain")
             st.p2m_list_pfns = pfns.astype(np.int64)
-            st.p2m = hv.frames.alloc(st.nr_pages, f"restored domain {path.name}")
-            hv.claim_frames(st.p2m, domid)
             st.seen = np.zeros(st.nr_pages, dtype=bool)
+        case OpaqueRecord(type=rtype, body=body) if rtype == HVLAB_MACHINE_FRAMES_RECORD:
+            _place(hv, st, body, record.offset, domid, path)
         case PageDataRecord():
+            if st.seen is not None and st.p2m is None:
+                _allocate(hv, st, domid, path)
             _load_pages(hv, st, record, path)
         case SharedInfoRecord(page=page):
             st.shared_info = bytes(page)
@@ -140,6 +145,46 @@ def _apply(hv: Hypervisor, st: _Pending, record, domid: int, path: Path) -> None
                     raise ValueError(f"version {st.hvlab.get('version')}")
             except (ValueError, AttributeError) as err:
                 raise _fail(path, "HVLAB_DOMAIN", record.offset, f"unreadable: {err}") from None
+
+
+def _allocate(hv: Hypervisor, st: _Pending, domid: int, path: Path) -> None:
+    """Fresh frames for the domain, wherever the allocator has them."""
+    st.p2m = hv.frames.alloc(st.nr_pages, f"restored domain {path.name}")
+    hv.claim_frames(st.p2m, domid)
+
+
+def _place(hv: Hypervisor, st: _Pending, body: bytes, offset: int, domid: int,
+           path: Path) -> None:
+    """The machine frames the image was saved from: claim them if all are free, else
+    relocate, which an image saved before its P2M list was published refuses."""
+    name = "HVLAB_MACHINE_FRAMES"
+    if st.seen is None or st.p2m is not None:
+        raise _fail(path, name, offset, "must come after X86_PV_P2M_FRAMES, before PAGE_DATA")
+    try:
+        raw = json.loads(body)
+        p2m = xen_image.machine_frames_p2m(raw, st.nr_pages)
+        pages = np.array([int(m) for m in raw["hypervisor_pages"]], dtype=np.int64)
+        relocatable = bool(raw["relocatable"])
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise _fail(path, name, offset, f"unreadable: {err}") from None
+    wanted = np.concatenate((p2m, pages))
+    inside = (wanted > 0) & (wanted < hv.frames.nr_frames)
+    busy = ~inside
+    busy[inside] = ~hv.frames.free[wanted[inside]]
+    if not busy.any() and np.unique(wanted).size == wanted.size:
+        hv.frames.mark_used(wanted)
+        st.p2m = p2m.astype(np.uint64)
+        hv.claim_frames(st.p2m, domid)
+        st.hypervisor_pages = pages.tolist()
+        hv.frame_table.assign(pages.astype(np.uint64), domid)
+        st.in_place = True
+    elif relocatable:
+        _allocate(hv, st, domid, path)
+    else:
+        raise _fail(path, name, offset,
+                    "saved before the guest published its P2M list in shared_info, so it restores "
+                    f"only onto the machine frames it was saved from, and {int(busy.sum())} of "
+                    f"them are in use or beyond this machine's {hv.frames.nr_frames} frames")
 
 
 def _load_pages(hv: Hypervisor, st: _Pending, record: PageDataRecord, path: Path) -> None:
@@ -184,8 +229,11 @@ def _localise(pages: np.ndarray, st: _Pending, record: PageDataRecord, path: Pat
 
 
 def _finish(hv: Hypervisor, st: _Pending, domid: int, path: Path, name: str | None) -> Domain:
-    if st.p2m is None:
+    if st.seen is None:
         raise RestoreError(f"{path}: the image has no X86_PV_P2M_FRAMES record")
+    if st.p2m is None:
+        _allocate(hv, st, domid, path)
+    assert st.p2m is not None
     if st.hvlab is None:
         raise RestoreError(f"{path}: no HVLAB_DOMAIN record: hvlab needs its start_info and "
                            f"shared_info pfns (docs/images.md)")
@@ -206,16 +254,9 @@ def _finish(hv: Hypervisor, st: _Pending, domid: int, path: Path, name: str | No
     # The guest's own copies of machine addresses: its P2M list and start_info.
     _rewrite_p2m_list(hv, st)
     start_info_ma = int(st.p2m[meta["start_info_pfn"]]) * PAGE_SIZE
-    if linux:  # Xen's shared_info page, mapped again where the guest had it
-        shared_info_mfn = st.shared_info_frame = int(hv.frames.alloc_one("restored "
-                                                                         "shared_info"))
-        hv.frame_table.assign(np.array([shared_info_mfn], dtype=np.uint64), domid)
-        for pfn, slot, flags in linux.get("shared_info_entries", []):
-            if not 0 <= pfn < st.nr_pages or not 0 <= slot < 512:
-                raise RestoreError(f"{path}: record HVLAB_DOMAIN: a shared_info mapping "
-                                   f"outside the domain's tables")
-            hv.memory.u64[int(st.p2m[pfn]) * 512 + slot] = np.uint64(
-                flags & ~ADDR_MASK | shared_info_mfn << 12)
+    if linux:  # Xen's shared_info and grant frames, mapped again where the guest had them
+        _hypervisor_pages(hv, st, linux, domid, path)
+        shared_info_mfn = st.hypervisor_pages[0]
         for offset, key in ((56, "xenstore_pfn"), (72, "console_pfn")):
             hv.memory.write_u64(start_info_ma + offset, int(st.p2m[linux[key]]))
     else:
@@ -254,17 +295,52 @@ def _finish(hv: Hypervisor, st: _Pending, domid: int, path: Path, name: str | No
         raise _fail(path, record, offset, f"{what} failed validation ({errno_name(failure.rc)})")
     contexts = {vid: ctx for vid, (ctx, _) in st.vcpus.items()}
     if linux:
-        assert st.shared_info_frame is not None
-        return install_xen_abi_domain(hv, meta, st.p2m, st.shared_info_frame, contexts, bases,
-                                      name or meta.get("name") or path.stem)
+        return install_xen_abi_domain(hv, meta, st.p2m, st.hypervisor_pages[0], contexts, bases,
+                                      name or meta.get("name") or path.stem,
+                                      grant_frames=st.hypervisor_pages[1:])
     return install_domain(hv, meta, st.p2m, contexts, bases, name or meta.get("name") or path.stem)
+
+
+def _hypervisor_pages(hv: Hypervisor, st: _Pending, linux: dict[str, Any], domid: int,
+                      path: Path) -> None:
+    """shared_info and the grant frames: the saved frames (claimed in place) or fresh ones,
+    the grant frames' contents, and every entry that mapped one of them."""
+    assert st.p2m is not None
+    grants = linux.get("grant_table") or {"frames": []}
+    wanted = 1 + len(grants["frames"])
+    if not st.hypervisor_pages:
+        pages = hv.frames.alloc(wanted, "restored shared_info and grant frames")
+        st.hypervisor_pages = [int(m) for m in pages]
+        hv.frame_table.assign(pages, domid)
+    if len(st.hypervisor_pages) != wanted:
+        raise RestoreError(f"{path}: records HVLAB_MACHINE_FRAMES and HVLAB_DOMAIN disagree "
+                           f"on the number of grant frames")
+    for mfn, content in zip(st.hypervisor_pages[1:], grants["frames"], strict=True):
+        hv.memory.frame_u8(mfn)[:] = np.frombuffer(bytes.fromhex(content), np.uint8) \
+            if content is not None else 0
+    for pfn, slot, flags, page in hypervisor_page_mappings(linux):
+        if not (0 <= pfn < st.nr_pages and 0 <= slot < 512 and 0 <= page < wanted):
+            raise RestoreError(f"{path}: record HVLAB_DOMAIN: a mapping of a hypervisor page "
+                               "outside the domain's tables")
+        hv.memory.u64[int(st.p2m[pfn]) * 512 + slot] = np.uint64(
+            flags & ~ADDR_MASK | st.hypervisor_pages[page] << 12)
+
+
+def hypervisor_page_mappings(linux: dict[str, Any]) -> list[tuple[int, int, int, int]]:
+    """(table pfn, slot, entry flags, page: 0 shared_info, 1 + n grant frame n) of every
+    entry that mapped a hypervisor page when the domain was saved."""
+    mappings = [(e[0], e[1], e[2], 0) for e in linux.get("shared_info_entries", [])]
+    return mappings + [(e[0], e[1], e[2], 1 + e[3]) for e in linux.get("grant_entries", [])]
 
 
 def install_xen_abi_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray,
                            shared_info: int, contexts: dict[int, VcpuGuestContext],
-                           bases: dict[int, tuple[int, int]], name: str) -> Domain:
-    """A restored CPL-3 (Linux) domain: Xen's vCPU state, its backends, its events."""
+                           bases: dict[int, tuple[int, int]], name: str,
+                           grant_frames: list[int] | None = None) -> Domain:
+    """A restored CPL-3 (Linux) domain: Xen's vCPU state, its backends, its events, and
+    its grant table when `grant_frames` (claimed, filled) are given."""
     from hypervisor.pv.linux.domain import install_linux_domain  # loads the Linux parts
+    from hypervisor.pv.xen.grant_table import GrantTable
 
     linux = meta["linux"]
     raw_vcpus = meta.get("vcpus", [])  # each with its "xen" part (xen_image.xen_vcpu_meta)
@@ -279,6 +355,10 @@ def install_xen_abi_domain(hv: Hypervisor, meta: dict[str, Any], p2m: np.ndarray
 
     support = xen_pv_policy(hv).support
     support.refresh_m2p()
+    grants = linux.get("grant_table")
+    if grants is not None and grant_frames is not None:
+        dom.grant_table = GrantTable(grants["max_frames"], list(grant_frames),
+                                     grants["version"])
     _restore_common(hv, dom, meta)
     assert dom.backends is not None and dom.backends.xenstore is not None
     dom.backends.console.restore(xen_image.console_from_json(linux["console_ring"]))
@@ -387,6 +467,6 @@ def _undo(hv: Hypervisor, st: _Pending) -> None:
     if st.p2m is not None:
         hv.unclaim_frames(st.p2m)
         st.p2m = None
-    if st.shared_info_frame is not None:
-        hv.unclaim_frames(np.array([st.shared_info_frame], dtype=np.uint64))
-        st.shared_info_frame = None
+    if st.hypervisor_pages:
+        hv.unclaim_frames(np.array(st.hypervisor_pages, dtype=np.uint64))
+        st.hypervisor_pages = []

@@ -28,7 +28,7 @@ from hypervisor.mm.builds import PageType
 from hypervisor.pv.vcpu import save_pv_vcpu
 from hypervisor.pv.xen import image as xen_image
 from hypervisor.stream import DomainType, Pfinfo, StreamWriter, open_image_for_write
-from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD
+from hypervisor.stream.hvlab_records import HVLAB_DOMAIN_RECORD, HVLAB_MACHINE_FRAMES_RECORD
 from hypervisor.stream.hvlab_records import PAGE_DATA_BATCH as BATCH
 from hypervisor.stream.plain import to_plain
 from hypervisor.stream.vcpu_context import (
@@ -148,7 +148,7 @@ def vcpu_context(hv: Hypervisor, v, normalise: bool = True) -> VcpuGuestContext:
 
 
 def domain_state(hv: Hypervisor, dom: Domain,
-                 shared_info_entries: list[list[int]] | None = None) -> dict[str, Any]:
+                 page_entries: list[list[int]] | None = None) -> dict[str, Any]:
     """hvlab's own state that Xen's records do not carry (the HVLAB_DOMAIN record)."""
     ev = dom.events.save()
     xen_abi = xen_image.is_xen_abi(dom)
@@ -173,7 +173,7 @@ def domain_state(hv: Hypervisor, dom: Domain,
     if xen_abi:
         for v, entry in zip(dom.vcpus, state["vcpus"], strict=True):
             entry["xen"] = xen_image.xen_vcpu_meta(hv, v, hv.read_vcpu_registers(v))
-        state["linux"] = xen_image.linux_meta(hv, dom, shared_info_entries or [])
+        state["linux"] = xen_image.linux_meta(hv, dom, page_entries or [])
     return state
 
 
@@ -195,16 +195,21 @@ def save_pv_domain(hv: Hypervisor, dom: Domain, path: str | Path) -> dict[str, A
     stats: dict[str, int | float] = {"pages": nr_pages, "data_pages": 0, "xalloc_pages": 0,
                                      "page_tables": 0, "pins": 0}
     p2m_frames = p2m_frame_pfns(hv, dom)
-    si_entries = (xen_image.shared_info_entries(hv, dom, np.flatnonzero(classes.levels))
-                  if xen_image.is_xen_abi(dom) else [])
-    si_by_pfn: dict[int, list[int]] = {}
-    for pfn, slot, _flags in si_entries:
-        si_by_pfn.setdefault(pfn, []).append(slot)
+    xen_abi = xen_image.is_xen_abi(dom)
+    page_entries = (xen_image.hypervisor_page_entries(hv, dom, np.flatnonzero(classes.levels))
+                    if xen_abi else [])
+    hidden: dict[int, list[int]] = {}  # table pfn -> slots mapping a hypervisor page
+    for pfn, slot, _flags, _page in page_entries:
+        hidden.setdefault(pfn, []).append(slot)
     major, minor = hv.build_version
     with open_image_for_write(path) as f:
         w = StreamWriter(f, DomainType.X86_PV, xen_major=major, xen_minor=minor)
         w.write_x86_pv_info(8, 4)
         w.write_x86_pv_p2m_frames(0, nr_pages - 1, p2m_frames)
+        if xen_abi:  # where it lived: a restore puts it back there if it can
+            published = xen_image.linear_p2m_pfns(hv, dom) is not None
+            w.write_record(HVLAB_MACHINE_FRAMES_RECORD, json.dumps(
+                xen_image.machine_frames(dom, relocatable=published)).encode())
         for start in range(0, nr_pages, BATCH):
             stop = min(start + BATCH, nr_pages)
             batch_mfns = mfns[start:stop]
@@ -220,8 +225,8 @@ def save_pv_domain(hv: Hypervisor, dom: Domain, path: str | Path) -> dict[str, A
             is_table = levels[keep] > 0
             if is_table.any():
                 data[is_table] = normalise_tables(data[is_table], levels[keep][is_table], hv.m2p)
-            for row, kept_pfn in enumerate(np.flatnonzero(keep) + start if si_by_pfn else ()):
-                for slot in si_by_pfn.get(int(kept_pfn), ()):  # shared_info: not present here
+            for row, kept_pfn in enumerate(np.flatnonzero(keep) + start if hidden else ()):
+                for slot in hidden.get(int(kept_pfn), ()):  # hypervisor pages: not present
                     data[row].view(np.uint64)[slot] = 0
             w.write_page_data(np.arange(start, stop, dtype=np.uint64), types, data)
             stats["data_pages"] += int(keep.sum())
@@ -234,7 +239,7 @@ def save_pv_domain(hv: Hypervisor, dom: Domain, path: str | Path) -> dict[str, A
                 w.write_x86_pv_vcpu_basic(v.vcpu_id, vcpu_context(hv, v))
         w.write_x86_tsc_info(0, TSC_KHZ, hv.now + dom.time_offset, 0)
         w.write_record(HVLAB_DOMAIN_RECORD,
-                       json.dumps(domain_state(hv, dom, si_entries)).encode())
+                       json.dumps(domain_state(hv, dom, page_entries)).encode())
         w.write_end()
         stats["bytes"] = w.offset
     stats["wall_s"] = round(time.perf_counter() - started, 6)
@@ -243,14 +248,15 @@ def save_pv_domain(hv: Hypervisor, dom: Domain, path: str | Path) -> dict[str, A
 
 def p2m_frame_pfns(hv: Hypervisor, dom: Domain) -> np.ndarray:
     """The pfns of the pages holding the guest's P2M list: the one Linux published in
-    shared_info, else start_info.mfn_list."""
+    shared_info, else the one start_info.mfn_list names."""
     if xen_image.is_xen_abi(dom):
-        linear = xen_image.linear_p2m_pfns(hv, dom)
-        if linear is None:
-            raise SaveError(f"domain {dom.name} has not published its P2M list in shared_info "
-                            "yet (arch.p2m_cr3): Linux is still building it, early in boot, "
-                            "and Xen's saver refuses such a guest too; save it later")
-        return linear
+        try:
+            linear = xen_image.linear_p2m_pfns(hv, dom)
+            if linear is not None:
+                return linear
+            return xen_image.start_info_p2m_pfns(hv, dom, dom.vcpus[0].roots.kernel_ma)
+        except ValueError as err:
+            raise SaveError(f"domain {dom.name}: its P2M list cannot be read: {err}") from None
     start_info = hv.memory.read(int(dom.p2m[(dom.start_info_va - dom.virt_base) // PAGE_SIZE])
                                 * PAGE_SIZE, 112)
     first = (int.from_bytes(start_info[104:112], "little") - dom.virt_base) // PAGE_SIZE

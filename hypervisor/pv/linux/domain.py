@@ -4,9 +4,10 @@ The kernel file (a bzImage or its ELF) is placed by its Xen notes; the
 start of day is Xen's (layout.py), pinned through hvlab's typerefs; the
 shared_info page is a hypervisor frame the domain owns (Xen's
 share_xen_page_with_guest), mapped by the guest itself through the machine
-address start_info gives it. The console ring's event channel is port 1,
-xenstore's port 2 (an in-memory store on the ring, xenstore.py); both
-backends run when the guest sends on an event channel and after every slice.
+address start_info gives it; so are its grant frames (grant_table.py).
+The console ring's event channel is port 1, xenstore's port 2 (an in-memory
+store on the ring, xenstore.py); both backends run when the guest sends on an
+event channel and after every slice.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from hypervisor.pv.linux.kernel_image import KernelImageError, read_kernel_elf
 from hypervisor.pv.linux.layout import build_start_of_day, init_shared_info
 from hypervisor.pv.linux.xen_notes import KernelLoadPlan, XenNotesError, plan_kernel_load
 from hypervisor.pv.linux.xenstore import Xenstore
+from hypervisor.pv.xen.grant_table import create_grant_table
 from hypervisor.pv.xen.mmu import XenAbiMmu
 from hypervisor.pv.xen.policy import xen_pv_policy
 from hypervisor.pv.xen.poll import wake_pollers
@@ -93,6 +95,7 @@ def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memo
     xen_gdt_ma, m2p_mas = policy.support.xen_pages()
     shared_info = hv.frames.alloc_one(f"domain {name}'s shared_info")
     hv.frame_table.assign(np.array([shared_info], dtype=np.uint64), domid)
+    grant_table = create_grant_table(hv, domid, name)  # Xen makes it with the domain
     built = build_start_of_day(hv.memory, hv.frames, hv.frame_table, hv.typing, domid, plan,
                                nr_pages, initrd, cmdline, shared_info * PAGE_SIZE,
                                STORE_EVTCHN, CONSOLE_EVTCHN)
@@ -107,6 +110,7 @@ def create_linux_domain(hv: Hypervisor, name: str, kernel_path: str | Path, memo
     dom = Domain(domid, name, policy, p2m, shared_info,
                  start_info_va=layout.va(layout.start_info_pfn), virt_base=layout.virt_base,
                  kernel_file=Path(kernel_path).resolve().name)
+    dom.grant_table = grant_table
     page = hv.memory.frame_u8(shared_info)
     init_shared_info(page)
     for vid in range(vcpus):  # pvclock: a 1 GHz TSC that counts virtual ns (mul 2^31, shift 1)

@@ -5,15 +5,26 @@ holds the mode (VGCF_in_kernel), kernel_ss/sp, the GS bases of both modes,
 the guest's CR0.TS and CR4, set_gdt's frames (as PFNs), vm_assist and the
 syscall callback's event mask. What only hvlab keeps (virtual IOPL, the
 runstate area, where vcpu_info was registered, the backends' State, the
-console and xenstore pfns) goes in the optional HVLAB_DOMAIN record.
+console and xenstore pfns, the grant table) goes in the optional HVLAB_DOMAIN
+record.
 
-Two things differ from hvlab's own guests, both as Xen's toolstack has them:
-- the guest's P2M list is the one Linux built for itself (shared_info's
-  arch.p2m_cr3 / p2m_vaddr), not start_info's, which Linux frees; a restore
-  writes the new MFNs into those frames;
-- shared_info is a hypervisor page, not a guest frame: the entries mapping
-  it are not present in the image (as after Linux's own pre-suspend unmap)
-  and listed in HVLAB_DOMAIN; a restore maps the new page there.
+Three things differ from hvlab's own guests, the first two as Xen's toolstack
+has them:
+- the guest's P2M list is the one Linux published in shared_info
+  (arch.p2m_cr3 / p2m_vaddr); before it has, the list start_info.mfn_list
+  names (the builder's, or Linux's new one once it points there);
+- shared_info and the grant frames are hypervisor pages, not guest frames:
+  the entries mapping them are not present in the image (as after Linux's own
+  pre-suspend unmap and gnttab_suspend) and listed in HVLAB_DOMAIN; a restore
+  maps the new pages there, with the grant frames' contents;
+- Xen saves a PV guest only at its suspend point, where it holds no machine
+  frame number outside its P2M list and page tables. hvlab saves at any
+  instruction: a pending multicall batch, a register or the P2M list Linux is
+  still building may hold MFNs no rewrite can find. So the optional
+  HVLAB_MACHINE_FRAMES record says where every pfn and hypervisor page lived;
+  a restore puts them back on those very frames when they are free (nothing
+  to rewrite, nothing stale), else relocates as Xen does, which an image
+  saved before the P2M list was published refuses (`relocatable` false).
 """
 
 from __future__ import annotations
@@ -38,7 +49,7 @@ if TYPE_CHECKING:
 # shared_info's arch_shared_info (x86-64): after vcpu_info[32], the event bitmaps, wallclock
 ARCH_P2M_CR3, ARCH_P2M_VADDR = 3112, 3120
 # start_info (x86-64)
-SI_STORE_MFN, SI_CONSOLE_MFN = 56, 72
+SI_STORE_MFN, SI_CONSOLE_MFN, SI_MFN_LIST = 56, 72, 104
 
 
 def is_xen_abi(dom: Domain) -> bool:
@@ -86,7 +97,7 @@ def start_info_ma(dom: Domain) -> int:
     return int(dom.p2m[(dom.start_info_va - dom.virt_base) // PAGE_SIZE]) * PAGE_SIZE
 
 
-def linux_meta(hv: Hypervisor, dom: Domain, shared_info_entries: list[list[int]]
+def linux_meta(hv: Hypervisor, dom: Domain, page_entries: list[list[int]]
                ) -> dict[str, Any]:
     """The HVLAB_DOMAIN part of a CPL-3 domain: backends and where its rings are."""
     si = start_info_ma(dom)
@@ -99,7 +110,11 @@ def linux_meta(hv: Hypervisor, dom: Domain, shared_info_entries: list[list[int]]
         "console_ring": {"pending_input": console.pending_input.decode("latin-1"),
                          "drained": console.drained, "ring_errors": console.ring_errors},
         "xenstore": xenstore_to_json(store),
-        "shared_info_entries": shared_info_entries,  # [table pfn, slot, entry flags]
+        # [table pfn, slot, entry flags]: entries mapping shared_info
+        "shared_info_entries": [e[:3] for e in page_entries if e[3] == 0],
+        # [table pfn, slot, entry flags, grant frame]: entries mapping a grant frame
+        "grant_entries": [e[:2] + [e[2], e[3] - 1] for e in page_entries if e[3] > 0],
+        "grant_table": grant_table_meta(hv, dom),
         "kernel_file": dom.kernel_file,
     }
 
@@ -155,32 +170,86 @@ def console_from_json(raw: dict[str, Any]) -> ConsoleRingState:
                             raw["ring_errors"])
 
 
-def shared_info_entries(hv: Hypervisor, dom: Domain, table_pfns: np.ndarray
-                        ) -> list[list[int]]:
-    """Every present entry of the domain's tables that maps its shared_info page."""
+def hypervisor_pages(dom: Domain) -> list[int]:
+    """The hypervisor pages a CPL-3 domain maps: shared_info, then its grant frames."""
+    table = dom.grant_table
+    return [int(dom.shared_info_mfn)] + ([] if table is None else list(table.frames))
+
+
+def hypervisor_page_entries(hv: Hypervisor, dom: Domain, table_pfns: np.ndarray
+                            ) -> list[list[int]]:
+    """Every present entry of the domain's tables that maps one of its hypervisor pages:
+    [table pfn, slot, entry flags, index in hypervisor_pages()]."""
+    pages = np.array(hypervisor_pages(dom), dtype=np.uint64)
     tables = hv.memory.u64.reshape(-1, 512)[dom.p2m[table_pfns].astype(np.int64)]
     present = (tables & np.uint64(P)) != 0
     target = (tables & np.uint64(ADDR_MASK)) >> np.uint64(12)
-    hits = np.argwhere(present & (target == np.uint64(dom.shared_info_mfn)))
-    return [[int(table_pfns[i]), int(slot), int(tables[i, slot] & ~np.uint64(ADDR_MASK))]
-            for i, slot in hits]
+    hits = np.argwhere(present & np.isin(target, pages))
+    return [[int(table_pfns[i]), int(slot), int(tables[i, slot] & ~np.uint64(ADDR_MASK)),
+             int(np.flatnonzero(pages == target[i, slot])[0])] for i, slot in hits]
+
+
+def grant_table_meta(hv: Hypervisor, dom: Domain) -> dict[str, Any] | None:
+    """The grant table's size, version and frames' contents (hex; null: all zero)."""
+    table = dom.grant_table
+    if table is None:
+        return None
+    contents = []
+    for mfn in table.frames:
+        page = hv.memory.frame_u8(mfn)
+        contents.append(page.tobytes().hex() if page.any() else None)
+    return {"max_frames": table.max_frames, "version": table.version, "frames": contents}
+
+
+def machine_frames(dom: Domain, relocatable: bool) -> dict[str, Any]:
+    """The HVLAB_MACHINE_FRAMES record: where every pfn (runs of [pfn, mfn, count]) and
+    every hypervisor page lived, and whether the guest may be relocated at all."""
+    p2m = dom.p2m.astype(np.int64)
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(p2m) != 1) + 1)) if p2m.size else p2m
+    counts = np.diff(np.concatenate((starts, [p2m.size])))
+    return {"relocatable": relocatable,
+            "pfn_runs": [[int(s), int(p2m[s]), int(c)] for s, c in zip(starts, counts,
+                                                                      strict=True)],
+            "hypervisor_pages": hypervisor_pages(dom)}
+
+
+def machine_frames_p2m(raw: dict[str, Any], nr_pages: int) -> np.ndarray:
+    """The saved pfn -> mfn map from HVLAB_MACHINE_FRAMES (ValueError if it is not one)."""
+    p2m = np.full(nr_pages, -1, dtype=np.int64)
+    for pfn, mfn, count in raw["pfn_runs"]:
+        if not (0 <= pfn and pfn + count <= nr_pages and count > 0 and mfn >= 0):
+            raise ValueError(f"run {pfn}+{count} lies outside the domain's {nr_pages} pages")
+        p2m[pfn:pfn + count] = np.arange(mfn, mfn + count)
+    if (p2m < 0).any():
+        raise ValueError(f"pfn {int(np.flatnonzero(p2m < 0)[0])} has no machine frame")
+    return p2m
 
 
 def linear_p2m_pfns(hv: Hypervisor, dom: Domain) -> np.ndarray | None:
     """The pfns of the frames of the guest's P2M list, found as Xen's saver finds them:
     the linear list the guest published in shared_info (arch.p2m_cr3, p2m_vaddr).
-    None before it has: Linux is then still copying MFNs into the list it builds
-    (xen_rebuild_p2m_list), copies no restore on other frames could correct."""
+    None before it has."""
     page = hv.memory.frame_u8(dom.shared_info_mfn)
     cr3 = int(page[ARCH_P2M_CR3:ARCH_P2M_CR3 + 8].view(np.uint64)[0])
     vaddr = int(page[ARCH_P2M_VADDR:ARCH_P2M_VADDR + 8].view(np.uint64)[0])
     if not cr3 or not vaddr:
         return None
+    return _list_pfns(hv, dom, cr3 & ADDR_MASK, vaddr)
+
+
+def start_info_p2m_pfns(hv: Hypervisor, dom: Domain, root_ma: int) -> np.ndarray:
+    """The pfns of the P2M list start_info.mfn_list names, through the tables at `root_ma`:
+    the builder's list, which is the guest's P2M until Linux points mfn_list at its own."""
+    mfn_list = int(hv.memory.u64[(start_info_ma(dom) + SI_MFN_LIST) // 8])
+    return _list_pfns(hv, dom, root_ma, mfn_list)
+
+
+def _list_pfns(hv: Hypervisor, dom: Domain, root_ma: int, vaddr: int) -> np.ndarray:
     nr_frames = -(-dom.nr_pages * 8 // PAGE_SIZE)
     u64 = hv.memory.u64
     pfns = np.empty(nr_frames, dtype=np.uint64)
     for i in range(nr_frames):
-        va, table = vaddr + i * PAGE_SIZE, cr3 & ADDR_MASK
+        va, table = vaddr + i * PAGE_SIZE, root_ma
         for level in (4, 3, 2, 1):
             entry = int(u64[table // 8 + (va >> (3 + 9 * level) & 0x1FF)])
             if not entry & P:
@@ -190,6 +259,8 @@ def linear_p2m_pfns(hv: Hypervisor, dom: Domain) -> np.ndarray | None:
                 table += va & 0x1F_F000
                 break
         pfns[i] = hv.m2p[table >> 12]
+    if (pfns >= dom.nr_pages).any():
+        raise ValueError("the P2M list is mapped on frames outside the domain's P2M")
     return pfns
 
 

@@ -40,20 +40,13 @@ def grant_guest() -> Asm:
     return asm
 
 
-def _boot(tmp_path, code: bytes):
-    # Linux domains get no grant table yet (save/restore do not carry its frames): add one
-    hv = boot(tmp_path, code)
-    hv.domains[0].grant_table = gt.create_grant_table(hv, 0, "tiny")
-    return hv
-
-
 def _read(hv, asm: Asm, label: str, size: int) -> bytes:
     return hv.copy_from_guest(hv.domains[0].vcpus[0], ENTRY + asm.labels[label], size)
 
 
 def test_a_ring3_kernel_sizes_sets_up_and_maps_its_grant_table(tmp_path):
     asm = grant_guest()
-    hv = _boot(tmp_path, asm.bytes())
+    hv = boot(tmp_path, asm.bytes())
     dom = hv.domains[0]
     table = dom.grant_table
     assert len(table.frames) == gt.INITIAL_NR_GRANT_FRAMES and table.version == 0
@@ -88,7 +81,7 @@ class _Guest:
 
 
 def test_errors_are_xens(tmp_path):
-    hv = _boot(tmp_path, Asm().shutdown(0).bytes())
+    hv = boot(tmp_path, Asm().shutdown(0).bytes())
     v = hv.domains[0].vcpus[0]
     table = hv.domains[0].grant_table
     g = _Guest(hv)
