@@ -138,8 +138,10 @@ def aborted_update_reports_what_it_checked() -> None:
     assert proof["checks"].get("domains") == len(hv.domains), f"domains not checked: {proof}"
     assert proof["checks"]["vcpus"] == len(hv.domains[0].vcpus)
     assert proof["ok"] and "old build" in proof["subject"], proof
-    # its pages and the hypervisor page it owns (shared_info)
-    assert proof["checks"]["frames_hashed"] == hv.domains[0].nr_pages + 1
+    # its pages and the hypervisor pages it owns (shared_info, its grant frames)
+    dom = hv.domains[0]
+    assert dom.grant_table is not None and dom.grant_table.frames
+    assert proof["checks"]["frames_hashed"] == dom.nr_pages + 1 + len(dom.grant_table.frames)
 
 
 def transfer_proves() -> None:
