@@ -346,7 +346,7 @@ def run_revalidate_bench(
             raise RevalidateBenchError(f"{name} {value!r} is not an integer in {low}..{high}")
     out = sys.stdout if out is None else out
 
-    with progress(3 + repeats, f"bench revalidate {_size(mem_bytes)}", quiet) as advance:
+    with progress(3 + repeats, f"bench revalidate {size_text(mem_bytes)}", quiet) as advance:
         # guest.frames stays fresh (ownership only): every bulk run starts from a copy.
         guest = lay_out_guest(guest_pages, build, seed, nr_processes)
         advance("laid out")
@@ -438,7 +438,8 @@ def run_revalidate_bench(
     return result
 
 
-def _size(n_bytes: int) -> str:
+def size_text(n_bytes: int) -> str:
+    """2 GiB, 256 MiB or 4096 B: a memory size as people write it."""
     for unit, shift in (("GiB", 30), ("MiB", 20)):
         if n_bytes >= 1 << shift:
             return f"{n_bytes / (1 << shift):g} {unit}"
@@ -449,9 +450,9 @@ def format_table(r: dict[str, Any]) -> str:
     """The readable form of a result."""
     levels = ", ".join(f"{k.upper()} {v:,}" for k, v in r["ptes_by_level"].items())
     sample = ("the whole guest" if r["reference_sample_is_guest"]
-              else f"a separate {_size(r['reference_sample_pages'] * PAGE_SIZE)} guest")
+              else f"a separate {size_text(r['reference_sample_pages'] * PAGE_SIZE)} guest")
     rows = [
-        ("guest", f"{_size(r['mem_bytes'])} PV, Linux-like, {r['nr_processes']} processes: "
+        ("guest", f"{size_text(r['mem_bytes'])} PV, Linux-like, {r['nr_processes']} processes: "
                   f"{r['guest_pages']:,} pages, {r['page_table_frames']:,} page tables"),
         ("present PTEs", f"{r['ptes']:,} ({levels})"),
         ("layout", f"{r['layout_s']:.3f} s"),

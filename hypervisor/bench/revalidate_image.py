@@ -33,6 +33,7 @@ from hypervisor.bench.revalidate import (
     RevalidateMismatchError,
     memory_floor,
     scan_page_tables,
+    size_text,
 )
 from hypervisor.images.common import ImageError
 from hypervisor.images.page_tables import DOMID, ImageTables, load_image_tables
@@ -237,20 +238,13 @@ def run_revalidate_image_bench(path: str, build: str, as_json: bool, out: TextIO
     return result
 
 
-def _size(n_bytes: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20)):
-        if n_bytes >= 1 << shift:
-            return f"{n_bytes / (1 << shift):g} {unit}"
-    return f"{n_bytes} B"
-
-
 def format_table(r: dict[str, Any]) -> str:
     """The readable form of a result."""
     levels = ", ".join(f"{k.upper()} {v:,}" for k, v in r["ptes_by_level"].items())
     sample = ("every root" if r["reference_sample_is_guest"]
               else f"a sample of {r['reference_sample_roots']} of the {r['roots']} roots")
     rows = [
-        ("image", f"{r['image']}: {_size(r['mem_bytes'])} PV, {r['guest_pages']:,} pages, "
+        ("image", f"{r['image']}: {size_text(r['mem_bytes'])} PV, {r['guest_pages']:,} pages, "
                   f"{r['page_table_frames']:,} page tables, {r['roots']} roots "
                   f"({r['pins']} pins)"),
         ("present PTEs", f"{r['ptes']:,} ({levels})"),
