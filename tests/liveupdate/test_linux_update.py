@@ -2,10 +2,10 @@
 passes, the console is byte-identical to the run without an update, poweroff code 0.
 
 Slow (a whole Linux run each, ~1 min of CPU): `python -m pytest -m slow
-tests/liveupdate/test_linux_update.py`. Ten runs in all: the run without an update
+tests/liveupdate/test_linux_update.py`. Twelve runs in all: the run without an update
 once, the four strategies in the middle of the page-table workload, one strategy at
 each of three other points (boot before init, fork/exit churn, mid-execve; the times
-come from a trace, listed in the scenario), and --exec for two strategies. The
+come from a trace, listed in the scenario), and --exec for every strategy. The
 default suite covers the same code with a tiny CPL-3 guest (test_cpl3_update.py).
 """
 
@@ -82,7 +82,7 @@ def test_other_points(at, strategy, baseline, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["transfer", "lazy"])
+@pytest.mark.parametrize("strategy", ["full-walk", "transfer", "lazy", "prevalidate"])
 def test_with_exec(strategy, baseline):
     done = subprocess.run([sys.executable, "-m", "hypervisor.cli", "update", str(SCENARIO),
                            "--strategy", strategy, "--json", "--exec"],
