@@ -10,6 +10,7 @@ the deterministic columns do not depend on how the grid ran.
 from __future__ import annotations
 
 import sys
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -81,10 +82,17 @@ def _import_dask():
 
 def _dask_rows(todo: list[Run], address: str | None, workers: int) -> Iterator[dict[str, Any]]:
     distributed = _import_dask()
-    cluster = None
+    from dask import config as dask_config
+
+    cluster = scratch = config = None
     if address == "local":
+        # Dask's workers keep lock files in a scratch folder (/tmp/dask-scratch-space by
+        # default): give them one of ours, removed with the cluster.
+        scratch = tempfile.TemporaryDirectory(prefix="hvlab-dask-")
+        config = dask_config.set({"temporary-directory": scratch.name})  # scheduler, nannies
         cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1,
-                                           processes=True, dashboard_address=None)
+                                           processes=True, dashboard_address=None,
+                                           local_directory=scratch.name)
         address = cluster.scheduler_address
     try:
         with distributed.Client(address, timeout="20s") as client:
@@ -97,3 +105,7 @@ def _dask_rows(todo: list[Run], address: str | None, workers: int) -> Iterator[d
     finally:
         if cluster is not None:
             cluster.close()
+        if config is not None:
+            config.__exit__(None, None, None)  # the caller's dask configuration again
+        if scratch is not None:
+            scratch.cleanup()

@@ -227,9 +227,12 @@ def test_costs_measure_gives_this_machines_figures():
 
 def test_a_sweep_submits_to_a_running_scheduler_by_its_address(grid, tmp_path):
     distributed = pytest.importorskip("distributed")
+    dask = pytest.importorskip("dask")
     out = tmp_path / "out.csv"
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                                  dashboard_address=None) as cluster:
+    scratch = {"temporary-directory": str(tmp_path / "dask")}  # not /tmp/dask-scratch-space
+    with dask.config.set(scratch), distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
+            local_directory=str(tmp_path / "dask")) as cluster:
         summary = run_sweep(grid, out, dask=cluster.scheduler_address, quiet=True)
     assert summary["done"] == 2
     rows = read_rows(out)
