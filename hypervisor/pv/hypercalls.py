@@ -1,5 +1,5 @@
 """PV hypercalls the PV table (hypervisor/pv/xen/hypercalls.py) takes from here:
-set_trap_table, vcpu_op's up/down/is_up, and the PV MMU's mmu_update and
+set_trap_table and the PV MMU's mmu_update and
 mmuext_op, whose semantics are in `hypervisor/pv/mmu_ops.py`; here they are
 decoded from the guest's request arrays and given the calling vCPU's MMU
 context.
@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hypervisor.core.hypercalls import VCPUOP_DOWN, VCPUOP_IS_UP, VCPUOP_UP
-from hypervisor.core.vcpu import DOWN, RUNNABLE, TrapEntry, Vcpu
-from hypervisor.lib.errno import EINVAL, ENOENT, ENOSYS
+from hypervisor.core.vcpu import TrapEntry, Vcpu
+from hypervisor.lib.errno import EINVAL
 from hypervisor.pv.mmu_ops import FlushKind, TlbFlush, do_mmu_update, do_mmuext_op
 from hypervisor.pv.vcpu import finish_pending_typing, set_base_pointer
 
@@ -43,28 +42,6 @@ def set_trap_table(hv: Hypervisor, v: Vcpu, table: int, *_: int) -> int:
         return -EINVAL
     v.trap_table.update(entries)
     return 0
-
-
-def vcpu_op(hv: Hypervisor, v: Vcpu, cmd: int, vcpu_id: int, arg: int, *_: int) -> int:
-    """up, down, is_up (initialise and the rest: hypervisor/pv/xen/hypercalls.py)."""
-    dom = v.domain
-    if not 0 <= vcpu_id < len(dom.vcpus):
-        return -ENOENT
-    target = dom.vcpus[vcpu_id]
-    if cmd == VCPUOP_UP:
-        if target.context is None:
-            return -EINVAL
-        if target.runstate == DOWN:
-            target.runstate = RUNNABLE
-        return 0
-    if cmd == VCPUOP_DOWN:
-        target.runstate = DOWN
-        if target is v:
-            v.yield_requested = True
-        return 0
-    if cmd == VCPUOP_IS_UP:
-        return int(target.runstate != DOWN)
-    return -ENOSYS
 
 
 class VcpuMmuContext:

@@ -18,6 +18,7 @@ import numpy as np
 from emulator.paging import ADDR_MASK, P
 from hypervisor.core import hypercalls as core
 from hypervisor.core.hypercalls import GuestAccessError, Hypercall
+from hypervisor.core.vcpu import DOWN, RUNNABLE
 from hypervisor.lib.errno import EFAULT, EINVAL, ENOENT, ENOSYS, EPERM, ETIME
 from hypervisor.pv import hypercalls as pvcalls
 from hypervisor.pv.hypercalls import VcpuMmuContext
@@ -77,7 +78,6 @@ VCPUOP_SET_PERIODIC_TIMER, VCPUOP_STOP_PERIODIC_TIMER = 6, 7
 VCPUOP_SET_SINGLESHOT_TIMER, VCPUOP_STOP_SINGLESHOT_TIMER = 8, 9
 VCPUOP_REGISTER_VCPU_INFO = 10
 VCPU_SSHOTTMR_FUTURE = 1
-VCPUOP_REGISTER_VCPU_TIME_MEMORY_AREA = 13
 
 CALLBACKOP_REGISTER, CALLBACKOP_UNREGISTER = 0, 1
 CALLBACKTYPE_EVENT, CALLBACKTYPE_FAILSAFE, CALLBACKTYPE_SYSCALL = 0, 1, 2
@@ -358,9 +358,20 @@ def vcpu_op(hv: Hypervisor, v: Vcpu, cmd: int, vcpu_id: int, arg: int, *_: int) 
         xen_state(target).vcpu_info_ma = start
         dom.events.bits.relocate_vcpu_info(vcpu_id, hv.memory.u8[start:start + 64])
         return 0
-    if cmd == VCPUOP_REGISTER_VCPU_TIME_MEMORY_AREA:
-        return -ENOSYS
-    return pvcalls.vcpu_op(hv, v, cmd, vcpu_id, arg)
+    if cmd == core.VCPUOP_UP:
+        if target.context is None:
+            return -EINVAL
+        if target.runstate == DOWN:
+            target.runstate = RUNNABLE
+        return 0
+    if cmd == core.VCPUOP_DOWN:
+        target.runstate = DOWN
+        if target is v:
+            v.yield_requested = True
+        return 0
+    if cmd == core.VCPUOP_IS_UP:
+        return int(target.runstate != DOWN)
+    return -ENOSYS  # incl. register_vcpu_time_memory_area (13): Linux does without it
 
 
 def event_channel_op(hv: Hypervisor, v: Vcpu, cmd: int, arg: int, *rest: int) -> int:
