@@ -18,18 +18,18 @@ from hypervisor.liveupdate.orchestrator import UpdatePlan, live_update, prepare
 from hypervisor.liveupdate.strategies.lazy import lazy_update_of
 from hypervisor.pv.xen import grant_table as gt
 from hypervisor.pv.xen.state import VMASST_TYPE_WRITABLE_PAGETABLES
-from tests.pv.xen.guest import ENTRY, Asm, boot, kernel_elf
+from tests.pv.xen.guest import (
+    LOOPS,
+    SHARED_INFO_VA,
+    Asm,
+    boot,
+    console,
+    kernel_elf,
+    set_kernel_state,
+)
 
 STRATEGIES = ["full-walk", "transfer", "prevalidate", "lazy"]
-KERNEL_GS, USER_GS, KERNEL_SP = 0x1234_5000, 0x5678_0000, 0xABC0_00
-LOOPS = 200_000
-SHARED_INFO_VA = ENTRY + 0x1000  # the kernel image's second page, unused
 PAUSE_AT_NS = 100_000  # inside the loop: "before" written, "after" not
-
-
-def _console(asm: Asm, label: str, text: bytes) -> Asm:
-    return (asm.emit("b8").imm32(18).emit("31ff").emit("be").imm32(len(text))
-            .emit("488d15").rip_rel(label).emit("0f05"))
 
 
 def program() -> bytes:
@@ -42,18 +42,14 @@ def program() -> bytes:
            .emit("48bf").imm64(SHARED_INFO_VA).emit("31d2")
            .emit("b8").imm32(14).emit("0f05")  # update_va_mapping
            .emit("48bf").imm64(SHARED_INFO_VA)
-           .emit("48c787").imm32(3000).imm32(0x5A5A)  # mov qword [rdi + 3000], 0x5a5a
-           .emit("b9").imm32(0xC000_0101).emit("b8").imm32(KERNEL_GS).emit("31d2").emit("0f30")
-           .emit("b9").imm32(0xC000_0102).emit("b8").imm32(USER_GS).emit("31d2").emit("0f30")
-           .hypercall(3, rdi=0xE02B, rsi=KERNEL_SP)  # stack_switch
-           .hypercall(21, rdi=0, rsi=VMASST_TYPE_WRITABLE_PAGETABLES)  # vm_assist enable
-           .emit("0f20e0").emit("480d").imm32(0x10000).emit("0f22e0"))  # cr4 |= FSGSBASE
-    _console(asm, "before", b"before\n")
+           .emit("48c787").imm32(3000).imm32(0x5A5A))  # mov qword [rdi + 3000], 0x5a5a
+    set_kernel_state(asm)
+    console(asm, "before", b"before\n")
     asm.emit("b9").imm32(LOOPS).label("loop").emit("ffc9").emit("75fc")  # dec ecx; jnz loop
     # after the update: the shared_info mapping still reaches what was written there
     asm.emit("48bf").imm64(SHARED_INFO_VA).emit("4881bf").imm32(3000).imm32(0x5A5A)
     asm.emit("7402").emit("0f0b")  # je +2; ud2 (a crash if the page was lost)
-    _console(asm, "after", b"after\n")
+    console(asm, "after", b"after\n")
     return (asm.shutdown(0).label("before").data(b"before\n").label("after").data(b"after\n")
             .bytes())
 

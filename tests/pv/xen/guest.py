@@ -8,6 +8,7 @@ from pathlib import Path
 
 from hypervisor.core.hypervisor import Hypervisor, MachineConfig
 from hypervisor.pv.linux.domain import create_linux_domain
+from hypervisor.pv.xen.state import VMASST_TYPE_WRITABLE_PAGETABLES
 from tests.pv.linux.synthetic import VIRT_BASE, elf64, linux_like_notes
 
 TEXT_PADDR = 0x200000
@@ -65,6 +66,28 @@ class Asm:
         for at, name in self.fixups:
             struct.pack_into("<i", out, at, self.labels[name] - (at + 4))
         return bytes(out)
+
+
+# The CPL-3 kernel state the save/restore and live-update tests carry across
+KERNEL_GS, USER_GS, KERNEL_SP = 0x1234_5000, 0x5678_0000, 0xABC0_00
+LOOPS = 200_000
+SHARED_INFO_VA = ENTRY + 0x1000  # the kernel image's second page, unused
+
+
+def console(asm: Asm, label: str, text: bytes) -> Asm:
+    """console_io write of `text`, kept at `label`."""
+    return (asm.emit("b8").imm32(18).emit("31ff").emit("be").imm32(len(text))
+            .emit("488d15").rip_rel(label).emit("0f05"))
+
+
+def set_kernel_state(asm: Asm) -> Asm:
+    """Both GS bases, the kernel stack (stack_switch), writable page tables, CR4.FSGSBASE."""
+    return (asm
+            .emit("b9").imm32(0xC000_0101).emit("b8").imm32(KERNEL_GS).emit("31d2").emit("0f30")
+            .emit("b9").imm32(0xC000_0102).emit("b8").imm32(USER_GS).emit("31d2").emit("0f30")
+            .hypercall(3, rdi=0xE02B, rsi=KERNEL_SP)  # stack_switch
+            .hypercall(21, rdi=0, rsi=VMASST_TYPE_WRITABLE_PAGETABLES)  # vm_assist enable
+            .emit("0f20e0").emit("480d").imm32(0x10000).emit("0f22e0"))  # cr4 |= FSGSBASE
 
 
 def kernel_elf(code: bytes) -> bytes:

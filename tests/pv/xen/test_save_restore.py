@@ -20,18 +20,21 @@ from hypervisor.pv.xen.image import ARCH_P2M_CR3, ARCH_P2M_VADDR
 from hypervisor.pv.xen.state import VMASST_TYPE_WRITABLE_PAGETABLES
 from hypervisor.stream import StreamReader, X86PvVcpuBasicRecord, open_image_for_read
 from hypervisor.stream.vcpu_context import VGCF_IN_KERNEL
-from tests.pv.xen.guest import ENTRY, Asm, boot
+from tests.pv.xen.guest import (
+    ENTRY,
+    KERNEL_GS,
+    KERNEL_SP,
+    LOOPS,
+    SHARED_INFO_VA,
+    USER_GS,
+    Asm,
+    boot,
+    console,
+    set_kernel_state,
+)
 
-KERNEL_GS, USER_GS, KERNEL_SP = 0x1234_5000, 0x5678_0000, 0xABC0_00
-LOOPS = 200_000
-SHARED_INFO_VA = ENTRY + 0x1000  # the kernel image's second page, unused
 GRANT_VA = ENTRY + 0x2000  # its third page (the program is padded to three), unused
 GRANT_VALUE = 0xC0FFEE
-
-
-def _console(asm: Asm, label: str, text: bytes) -> Asm:
-    return (asm.emit("b8").imm32(18).emit("31ff").emit("be").imm32(len(text))
-            .emit("488d15").rip_rel(label).emit("0f05"))
 
 
 def _publish_p2m(asm: Asm) -> Asm:
@@ -63,17 +66,12 @@ def _program(publish: bool = True, grants: bool = False) -> bytes:
     asm = _publish_p2m(Asm()) if publish else Asm()
     if grants:
         _setup_and_map_grant_frame(asm)
-    asm = (asm
-           .emit("b9").imm32(0xC000_0101).emit("b8").imm32(KERNEL_GS).emit("31d2").emit("0f30")
-           .emit("b9").imm32(0xC000_0102).emit("b8").imm32(USER_GS).emit("31d2").emit("0f30")
-           .hypercall(3, rdi=0xE02B, rsi=KERNEL_SP)  # stack_switch
-           .hypercall(21, rdi=0, rsi=VMASST_TYPE_WRITABLE_PAGETABLES)  # vm_assist enable
-           .emit("0f20e0").emit("480d").imm32(0x10000).emit("0f22e0"))  # cr4 |= FSGSBASE
-    _console(asm, "before", b"before\n")
+    set_kernel_state(asm)
+    console(asm, "before", b"before\n")
     asm.emit("b9").imm32(LOOPS).label("loop").emit("ffc9").emit("75fc")  # dec ecx; jnz loop
     if grants:  # the grant frame, read and written through the guest's own mapping
         asm.emit("48bf").imm64(GRANT_VA).emit("8b07").emit("ffc0").emit("8907")
-    _console(asm, "after", b"after\n")
+    console(asm, "after", b"after\n")
     asm.shutdown(0).label("before").data(b"before\n").label("after").data(b"after\n")
     while len(asm.code) % 8:
         asm.emit("90")
